@@ -1,0 +1,1 @@
+"""Architecture facts, one subpackage per architecture (only x86 today)."""

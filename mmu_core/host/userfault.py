@@ -1,0 +1,66 @@
+"""userfaultfd: missing pages in a registered region are resolved by a handler task.
+
+The model follows the demand-paging selftest: a vCPU whose get_user_pages hits a missing page
+posts a message on the region's channel and sleeps on a per-page completion; a handler task
+reads messages, optionally waits (the selftest's -d delay), and resolves the page with
+UFFDIO_COPY, which populates it with the supplied contents and wakes every waiter. Messages for
+a page already being resolved are not sent twice, as the kernel does not report an address
+again while a fault on it is pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmu_core.host.mm import PAGE_4K, HostMM, Region
+from mmu_core.sim import Channel, Completion, Engine
+
+
+@dataclass(frozen=True)
+class UffdMsg:
+    hva: int
+    write: bool
+
+
+class Userfaultfd:
+    def __init__(self, engine: Engine, mm: HostMM, region: Region) -> None:
+        self.engine = engine
+        self.mm = mm
+        self.region = region
+        self.channel = Channel(engine)
+        self._pending: dict[int, Completion] = {}
+        self.faults = 0
+        self.copies = 0
+        region.userfault = self
+
+    def wait_for(self, hva: int, write: bool) -> int:
+        """Called by a faulting task: report the missing page and sleep until it is copied in."""
+        page = hva & ~0xFFF
+        done = self._pending.get(page)
+        if done is None:
+            done = Completion(self.engine)
+            self._pending[page] = done
+            self.faults += 1
+            self.engine.delay(self.engine.cost.uffd_notify, "userfault")
+            self.channel.put(UffdMsg(page, write))
+        while self.mm.lookup(page) == -1:
+            done.wait("userfault")
+        return self.mm.lookup(hva)
+
+    def read(self) -> UffdMsg:
+        """The handler's read(2) on the uffd: blocks until a fault is reported."""
+        return self.channel.get("uffd_wait")
+
+    def copy(self, hva: int, tag: int) -> int:
+        """UFFDIO_COPY of one page with contents `tag`; wakes the waiters. Returns the pfn."""
+        page = hva & ~0xFFF
+        self.engine.delay(self.engine.cost.uffd_copy, "uffd_copy")
+        level = PAGE_4K if self.region.backing.level != 3 else None
+        pfn = self.mm.lookup(page)
+        if pfn == -1:
+            pfn = self.mm.populate(page, tag=tag, level=level)
+            self.copies += 1
+        done = self._pending.pop(page, None)
+        if done is not None:
+            done.complete()
+        return pfn

@@ -1,0 +1,474 @@
+"""The CPU's page walker: one generic, jitted walk for every paging mode, 1-D or 2-D.
+
+`walk()` serves three callers with the same rules:
+  * the hardware 2-D walk under TDP: guest tables (guest-physical) whose every access, and the
+    final address, is translated through EPT (`XL_EPT`);
+  * the hardware 1-D walk over shadow tables (host-physical, `XL_NONE`), with the register
+    state KVM loads into hardware under shadow paging;
+  * KVM's software walk of the guest's tables (paging_tmpl.h's walk_addr), for the shadow MMU
+    and the emulator, reaching guest memory through memslots and the host page tables
+    (`XL_SLOTS`).
+Paging modes are data (mmu_core.arch.x86.paging); permission rules follow SDM vol. 3A 4.6,
+reserved bits 4.3-4.5, error codes 4.7, and A/D updates follow KVM's software walker: A on
+every level used and D on a written leaf, only when the access succeeds (SDM 4.8 allows it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mmu_core.arch.x86 import ept as E
+from mmu_core.arch.x86 import errcode as EC
+from mmu_core.arch.x86 import paging as P
+
+# --- register block passed to the walker (int64 array) ------------------------------------
+R_MODE = 0
+R_CR3 = 1
+R_FLAGS = 2
+R_PKRU = 3
+R_MAXPHY = 4
+R_PDPTR = 5  # 4 PAE PDPTE registers: 5..8
+R_SIZE = 9
+
+F_WP = 1 << 0  # CR0.WP
+F_NXE = 1 << 1  # EFER.NXE
+F_SMEP = 1 << 2
+F_SMAP = 1 << 3
+F_PKE = 1 << 4
+F_PSE = 1 << 5
+F_AC = 1 << 6  # RFLAGS.AC
+F_USER = 1 << 7  # CPL == 3
+
+# --- how table and final addresses become host-physical ------------------------------------
+XL_NONE = 0  # already host-physical (shadow tables; unit tests of the guest rules)
+XL_EPT = 1  # through EPT rooted at `ept_root` (a pfn)
+XL_SLOTS = 2  # through memslots (rows of `ms`) and the host page tables (`hva_pfn`)
+
+MS_BASE_GFN = 0
+MS_NPAGES = 1
+MS_HVA = 2
+MS_FLAGS = 3
+MS_COLS = 4
+HVA_BASE = 0x7F00_0000_0000
+
+# --- result block (int64 array of OUT_SIZE) --------------------------------------------------
+W_OK = 0
+W_PF = 1  # guest page fault: OUT_CODE is the error code
+W_EPT_VIOLATION = 2  # OUT_ADDR is the gpa, OUT_CODE the exit qualification
+W_EPT_MISCONFIG = 3  # OUT_ADDR is the gpa
+W_NEED_GFN = 4  # XL_SLOTS: the host page behind gfn OUT_ADDR>>12 is not populated
+W_NO_SLOT = 5  # XL_SLOTS: a guest table lies outside every memslot
+
+OUT_STATUS = 0
+OUT_ADDR = 1  # final gpa (W_OK), or the faulting gpa
+OUT_CODE = 2
+OUT_LEVEL = 3  # level of the leaf that mapped the address
+OUT_ATTR = 4  # combined attributes, see A_*
+OUT_HPA = 5  # final host-physical address (W_OK)
+OUT_N = 6  # number of guest entries read
+OUT_ADW = 7  # bit i: entry i had A (or D) newly set by this walk
+OUT_TGPA = 8  # 5 slots: gpa of the entry read at step i (top level first)
+OUT_TPTE = 13  # 5 slots: its value as read (before A/D updates)
+OUT_SIZE = 18
+
+A_USER = 1 << 0  # U/S=1 at every level
+A_WRITABLE = 1 << 1  # R/W=1 at every level
+A_NX = 1 << 2  # XD=1 at some level (only counted when EFER.NXE=1)
+A_DIRTY = 1 << 3  # leaf D bit (after this walk's update)
+A_HOST_R = 1 << 4  # second-dimension permissions (EPT R/W/X; all set without EPT)
+A_HOST_W = 1 << 5
+A_HOST_X = 1 << 6
+A_PKEY_SHIFT = 8
+
+_ADDR_MASK_52 = ((1 << 52) - 1) & ~0xFFF
+
+
+@njit(cache=True)
+def memslot_find(ms: np.ndarray, gfn: int) -> int:
+    """Index of the memslot row containing gfn (rows sorted by base gfn), or -1."""
+    lo, hi = 0, ms.shape[0] - 1
+    while lo <= hi:
+        mid = (lo + hi) >> 1
+        base = ms[mid, MS_BASE_GFN]
+        if gfn < base:
+            hi = mid - 1
+        elif gfn >= base + ms[mid, MS_NPAGES]:
+            lo = mid + 1
+        else:
+            return mid
+    return -1
+
+
+@njit(cache=True)
+def read_entry(pt, pt_slot, hpa, ebytes):
+    slot = pt_slot[hpa >> 12]
+    if slot < 0:
+        return np.uint64(0)
+    word = pt[slot, (hpa & 0xFFF) >> 3]
+    if ebytes == 4:
+        return (word >> np.uint64(32 * ((hpa >> 2) & 1))) & np.uint64(0xFFFFFFFF)
+    return word
+
+
+@njit(cache=True)
+def or_entry(pt, pt_slot, hpa, ebytes, bits):
+    slot = pt_slot[hpa >> 12]
+    idx = (hpa & 0xFFF) >> 3
+    if ebytes == 4:
+        bits = bits << np.uint64(32 * ((hpa >> 2) & 1))
+    pt[slot, idx] = pt[slot, idx] | bits
+
+
+@njit(cache=True)
+def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
+    """Translate gpa through EPT. res: [status, hpa, perms, level]. `need` is EPT_READ/...
+
+    A/D (EPT A/D enabled, as KVM's TDP MMU runs) are set only when the access is allowed.
+    """
+    perm = E.EPT_RWX
+    table = root
+    leaf_level = 0
+    hpa = 0
+    slots = np.empty(5, np.int64)
+    idxs = np.empty(5, np.int64)
+    n = 0
+    for level in range(levels, 0, -1):
+        idx = (gpa >> (12 + 9 * (level - 1))) & 511
+        slot = pt_slot[table]
+        e = pt[slot, idx] if slot >= 0 else np.uint64(0)
+        rwx = int(e) & E.EPT_RWX
+        if rwx == 0:
+            res[0] = W_EPT_VIOLATION
+            res[2] = 0
+            return
+        if (rwx & E.EPT_WRITE) and not (rwx & E.EPT_READ):
+            res[0] = W_EPT_MISCONFIG  # write-only or write+exec: KVM's MMIO SPTEs use this
+            return
+        large = (int(e) & E.EPT_LARGE) != 0
+        if large and level > 3:
+            res[0] = W_EPT_MISCONFIG  # bit 7 is reserved in EPT PML4Es/PML5Es
+            return
+        perm &= rwx
+        slots[n] = slot
+        idxs[n] = idx
+        n += 1
+        if level == 1 or large:
+            mt = (int(e) & E.EPT_MT_MASK) >> E.EPT_MT_SHIFT
+            if mt == 2 or mt == 3 or mt == 7:
+                res[0] = W_EPT_MISCONFIG
+                return
+            size = 1 << (12 + 9 * (level - 1))
+            hpa = (int(e) & _ADDR_MASK_52 & ~(size - 1)) | (gpa & (size - 1))
+            leaf_level = level
+            break
+        table = (int(e) & _ADDR_MASK_52) >> 12
+    if not (perm & need):
+        res[0] = W_EPT_VIOLATION
+        res[2] = perm
+        return
+    if set_ad:
+        for i in range(n):
+            pt[slots[i], idxs[i]] |= np.uint64(E.EPT_ACCESSED)
+        if dirty:
+            pt[slots[n - 1], idxs[n - 1]] |= np.uint64(E.EPT_DIRTY)
+    res[0] = W_OK
+    res[1] = hpa
+    res[2] = perm
+    res[3] = leaf_level
+
+
+@njit(cache=True)
+def _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, need, set_ad, dirty, res):
+    """gpa -> hpa for the walker; res like ept_translate's."""
+    if xl == XL_NONE:
+        res[0] = W_OK
+        res[1] = gpa
+        res[2] = E.EPT_RWX
+        res[3] = 1
+    elif xl == XL_EPT:
+        ept_translate(pt, pt_slot, ept_root, ept_levels, gpa, need, set_ad, dirty, res)
+    else:
+        gfn = gpa >> 12
+        i = memslot_find(ms, gfn)
+        if i < 0:
+            res[0] = W_NO_SLOT
+            return
+        hva = ms[i, MS_HVA] + ((gfn - ms[i, MS_BASE_GFN]) << 12)
+        pfn = hva_pfn[(hva - HVA_BASE) >> 12]
+        if pfn < 0:
+            res[0] = W_NEED_GFN
+            return
+        res[0] = W_OK
+        res[1] = (pfn << 12) | (gpa & 0xFFF)
+        res[2] = E.EPT_RWX
+        res[3] = 1
+
+
+@njit(cache=True)
+def access_fault(attr, acc, flags, has_pkeys, pkey, pkru):
+    """Error-code bits (without P/W/U/ID) and a fault flag for the rules of SDM 4.6.
+
+    Returns 0 when the access is allowed, else PFERR_PRESENT | (PFERR_PK if keys forbid).
+    """
+    user = (flags & F_USER) != 0
+    u_all = (attr & A_USER) != 0
+    w_all = (attr & A_WRITABLE) != 0
+    fault = False
+    if acc == EC.ACC_FETCH:
+        if attr & A_NX:
+            fault = True
+        elif user:
+            fault = not u_all
+        elif (flags & F_SMEP) and u_all:
+            fault = True
+    else:
+        if user:
+            fault = not u_all or (acc == EC.ACC_WRITE and not w_all)
+        else:
+            if u_all and (flags & F_SMAP) and not (flags & F_AC):
+                fault = True
+            if acc == EC.ACC_WRITE and (flags & F_WP) and not w_all:
+                fault = True
+    pk = False
+    if has_pkeys and (flags & F_PKE) and u_all and acc != EC.ACC_FETCH:
+        ad = (pkru >> (2 * pkey)) & 1
+        wd = (pkru >> (2 * pkey + 1)) & 1
+        if ad or (acc == EC.ACC_WRITE and wd and (user or (flags & F_WP))):
+            pk = True
+    code = 0
+    if fault or pk:
+        code = EC.PFERR_PRESENT
+        if pk:
+            code |= EC.PFERR_PK
+    return code
+
+
+@njit(cache=True)
+def access_bits(acc, flags, mode):
+    """The W, U and I/D bits of an error code for this access (SDM 4.7)."""
+    code = 0
+    if acc == EC.ACC_WRITE:
+        code |= EC.PFERR_WRITE
+    if flags & F_USER:
+        code |= EC.PFERR_USER
+    if acc == EC.ACC_FETCH and (
+        (flags & F_SMEP) or ((flags & F_NXE) and mode >= P.MODE_PAE)
+    ):
+        code |= EC.PFERR_FETCH
+    return code
+
+
+@njit(cache=True)
+def _ept_need(acc):
+    if acc == EC.ACC_WRITE:
+        return E.EPT_WRITE
+    if acc == EC.ACC_FETCH:
+        return E.EPT_EXEC
+    return E.EPT_READ
+
+
+@njit(cache=True)
+def _ept_qual(acc, perm, final):
+    q = E.EPT_QUAL_GLA_VALID | (perm << E.EPT_QUAL_PERM_SHIFT)
+    if acc == EC.ACC_WRITE:
+        q |= E.EPT_QUAL_WRITE
+    elif acc == EC.ACC_FETCH:
+        q |= E.EPT_QUAL_FETCH
+    else:
+        q |= E.EPT_QUAL_READ
+    if final:
+        q |= E.EPT_QUAL_GLA_FINAL
+    return q
+
+
+@njit(cache=True)
+def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn, out):
+    """Translate linear address `gva` for access `acc`; fills `out` (see OUT_*)."""
+    mode = regs[R_MODE]
+    flags = regs[R_FLAGS]
+    maxphy = regs[R_MAXPHY]
+    out[OUT_N] = 0
+    out[OUT_ADW] = 0
+    res = np.zeros(4, np.int64)
+    hpas = np.zeros(5, np.int64)
+    base_bits = access_bits(acc, flags, mode)
+    if mode == P.MODE_NONE:
+        gpa = gva & 0xFFFFFFFF
+        attr = A_USER | A_WRITABLE | A_DIRTY
+        leaf_level = 1
+        n = 0
+        ebytes = 8
+        pkey = 0
+    else:
+        levels = P.MODE_LEVELS[mode]
+        ebytes = P.MODE_ENTRY_BYTES[mode]
+        ibits = P.MODE_INDEX_BITS[mode]
+        has_nx = P.MODE_HAS_NX[mode] and (flags & F_NXE) != 0
+        has_pkeys = P.MODE_HAS_PKEYS[mode]
+        phys_mask = (1 << maxphy) - 1
+        rsvd_hi = _ADDR_MASK_52 & ~phys_mask if ebytes == 8 else 0
+        u_all = 1
+        w_all = 1
+        nx_any = 0
+        n = 0
+        level = levels
+        if mode == P.MODE_PAE:
+            idx = (gva >> 30) & 3
+            e = regs[R_PDPTR + idx]
+            out[OUT_TGPA] = (regs[R_CR3] & 0xFFFFFFE0) + idx * 8
+            out[OUT_TPTE] = e
+            hpas[0] = -1  # a register: never written back
+            n = 1
+            if not (e & P.PT_PRESENT):
+                out[OUT_STATUS] = W_PF
+                out[OUT_CODE] = base_bits
+                out[OUT_N] = n
+                return
+            if (e & (P.PDPTE_RSVD_LOW | rsvd_hi)) or e < 0:
+                out[OUT_STATUS] = W_PF
+                out[OUT_CODE] = base_bits | EC.PFERR_PRESENT | EC.PFERR_RSVD
+                out[OUT_N] = n
+                return
+            table = e & _ADDR_MASK_52 & phys_mask
+            level = 2
+        else:
+            table = regs[R_CR3] & (0xFFFFF000 if mode == P.MODE_32 else _ADDR_MASK_52 & phys_mask)
+        while True:
+            shift = 12 + ibits * (level - 1)
+            idx = (gva >> shift) & ((1 << ibits) - 1)
+            pte_gpa = table + idx * ebytes
+            _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, pte_gpa, E.EPT_READ,
+                   False, False, res)
+            if res[0] != W_OK:
+                out[OUT_STATUS] = res[0]
+                out[OUT_ADDR] = pte_gpa
+                out[OUT_CODE] = _ept_qual(EC.ACC_READ, res[2], False)
+                out[OUT_N] = n
+                return
+            hpa = res[1]
+            e = int(read_entry(pt, pt_slot, hpa, ebytes))
+            out[OUT_TGPA + n] = pte_gpa
+            out[OUT_TPTE + n] = e
+            hpas[n] = hpa
+            n += 1
+            out[OUT_N] = n
+            if not (e & P.PT_PRESENT):
+                out[OUT_STATUS] = W_PF
+                out[OUT_CODE] = base_bits
+                return
+            ps = (e & P.PT_PAGE_SIZE) != 0
+            rsvd = 0
+            if ebytes == 8:
+                rsvd = e & rsvd_hi
+                if not has_nx and P.MODE_HAS_NX[mode] and e < 0:
+                    rsvd = 1  # XD is reserved while EFER.NXE=0
+                if ps and level >= 4:
+                    rsvd = 1  # PS is reserved in PML4Es and PML5Es
+                elif ps and level == 3:
+                    rsvd |= e & 0x3FFFE000  # 1G leaf: bits 29:13
+                elif ps and level == 2:
+                    rsvd |= e & 0x1FE000  # 2M leaf: bits 20:13
+            elif ps and level == 2 and (flags & F_PSE):
+                # 4M leaf: bit 21 is reserved; bits 20:13 hold PA bits 39:32 (PSE-36), and
+                # those at or above MAXPHYADDR are reserved too.
+                hi_ok = max(0, min(8, maxphy - 32))
+                rsvd = e & (1 << 21)
+                rsvd |= e & (((1 << 8) - 1) & ~((1 << hi_ok) - 1)) << 13
+            if rsvd:
+                out[OUT_STATUS] = W_PF
+                out[OUT_CODE] = base_bits | EC.PFERR_PRESENT | EC.PFERR_RSVD
+                return
+            u_all &= (e >> 2) & 1
+            w_all &= (e >> 1) & 1
+            if has_nx and e < 0:
+                nx_any = 1
+            leaf = level == 1 or (
+                ps and P.MODE_LARGE_OK[mode, level] and (mode != P.MODE_32 or (flags & F_PSE))
+            )
+            if leaf:
+                size = 1 << shift
+                if mode == P.MODE_32 and level == 2:
+                    base = (e & 0xFFC00000) | (((e >> 13) & 0xFF) << 32)
+                elif mode == P.MODE_32:
+                    base = e & 0xFFFFF000
+                else:
+                    base = e & _ADDR_MASK_52 & phys_mask & ~(size - 1)
+                gpa = base | (gva & (size - 1))
+                leaf_level = level
+                break
+            table = e & (0xFFFFF000 if ebytes == 4 else _ADDR_MASK_52 & phys_mask)
+            level -= 1
+        attr = 0
+        if u_all:
+            attr |= A_USER
+        if w_all:
+            attr |= A_WRITABLE
+        if nx_any:
+            attr |= A_NX
+        pkey = (e >> P.PT_PKEY_SHIFT) & 0xF if has_pkeys else 0
+        fault = access_fault(attr, acc, flags, has_pkeys, pkey, regs[R_PKRU])
+        if fault:
+            out[OUT_STATUS] = W_PF
+            out[OUT_CODE] = base_bits | fault
+            out[OUT_LEVEL] = leaf_level
+            return
+        if e & P.PT_DIRTY or acc == EC.ACC_WRITE:
+            attr |= A_DIRTY
+    # The final address through the second dimension.
+    _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, _ept_need(acc), set_ad,
+           acc == EC.ACC_WRITE, res)
+    if res[0] != W_OK:
+        out[OUT_STATUS] = res[0]
+        out[OUT_ADDR] = gpa
+        out[OUT_CODE] = _ept_qual(acc, res[2], True)
+        return
+    hpa = res[1]
+    hperm = res[2]
+    if set_ad and mode != P.MODE_NONE:
+        # A on every entry used, D on a written leaf; in 2-D each is a write through EPT.
+        for i in range(n):
+            if hpas[i] < 0:
+                continue
+            e = out[OUT_TPTE + i]
+            bits = 0
+            if not (e & P.PT_ACCESSED):
+                bits |= P.PT_ACCESSED
+            if i == n - 1 and acc == EC.ACC_WRITE and not (e & P.PT_DIRTY):
+                bits |= P.PT_DIRTY
+            if bits == 0:
+                continue
+            if xl == XL_EPT:
+                _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, out[OUT_TGPA + i],
+                       E.EPT_WRITE, True, True, res)
+                if res[0] != W_OK:
+                    out[OUT_STATUS] = res[0]
+                    out[OUT_ADDR] = out[OUT_TGPA + i]
+                    out[OUT_CODE] = _ept_qual(EC.ACC_WRITE, res[2], False)
+                    return
+            or_entry(pt, pt_slot, hpas[i], ebytes, np.uint64(bits))
+            out[OUT_ADW] |= 1 << i
+    out[OUT_STATUS] = W_OK
+    out[OUT_ADDR] = gpa
+    out[OUT_CODE] = 0
+    out[OUT_LEVEL] = leaf_level
+    out[OUT_HPA] = hpa
+    if hperm & E.EPT_READ:
+        attr |= A_HOST_R
+    if hperm & E.EPT_WRITE:
+        attr |= A_HOST_W
+    if hperm & E.EPT_EXEC:
+        attr |= A_HOST_X
+    out[OUT_ATTR] = attr | (pkey << A_PKEY_SHIFT)
+
+
+def new_out() -> np.ndarray:
+    return np.zeros(OUT_SIZE, dtype=np.int64)
+
+
+def new_regs() -> np.ndarray:
+    return np.zeros(R_SIZE, dtype=np.int64)
+
+
+EMPTY_MS = np.zeros((0, MS_COLS), dtype=np.int64)
+EMPTY_HVA = np.zeros(0, dtype=np.int64)
