@@ -53,7 +53,6 @@ class Region:
     start: int
     size: int
     backing: Backing
-    userfault: object | None = None  # a userfault.Userfaultfd when registered
     name: str = ""
 
     @property
@@ -77,6 +76,7 @@ class HostMM:
         self.hva_pfn = np.full(0, NO_PFN, dtype=np.int64)
         self.hva_level = np.zeros(0, dtype=np.int8)
         self.notifiers: list[MMUNotifier] = []
+        self._uffds: list[tuple[int, int, object]] = []  # (start, end, Userfaultfd)
         self.stats = MMStats()
 
     # --- address space ------------------------------------------------------------------
@@ -102,6 +102,18 @@ class HostMM:
             if r.start <= hva < r.end:
                 return r
         raise InvalidConfig("hva", f"{hva:#x} is not mapped in the host process")
+
+    def register_userfault(self, start: int, end: int, uffd: object) -> None:
+        """UFFDIO_REGISTER (MISSING mode) of [start, end)."""
+        self.region_of(start)
+        self._uffds.append((start, end, uffd))
+
+    def userfault_of(self, hva: int):
+        """The userfaultfd registered over hva, or None."""
+        for start, end, uffd in self._uffds:
+            if start <= hva < end:
+                return uffd
+        return None
 
     @staticmethod
     def index(hva: int) -> int:
@@ -146,8 +158,7 @@ class HostMM:
         pfn = self.lookup(hva)
         if pfn != NO_PFN:
             return pfn
-        region = self.region_of(hva)
-        if region.userfault is not None:
+        if self.userfault_of(hva) is not None:
             return NO_PFN
         return self.populate(hva)
 

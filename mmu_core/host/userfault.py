@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmu_core.host.mm import PAGE_4K, HostMM, Region
+from mmu_core.host.mm import PAGE_1G, PAGE_4K, HostMM
 from mmu_core.sim import Channel, Completion, Engine
 
 
@@ -23,15 +23,17 @@ class UffdMsg:
 
 
 class Userfaultfd:
-    def __init__(self, engine: Engine, mm: HostMM, region: Region) -> None:
+    def __init__(self, engine: Engine, mm: HostMM, start: int, size: int) -> None:
         self.engine = engine
         self.mm = mm
-        self.region = region
+        self.start = start
+        self.end = start + size
+        self.region = mm.region_of(start)
         self.channel = Channel(engine)
         self._pending: dict[int, Completion] = {}
         self.faults = 0
         self.copies = 0
-        region.userfault = self
+        mm.register_userfault(start, self.end, self)
 
     def wait_for(self, hva: int, write: bool) -> int:
         """Called by a faulting task: report the missing page and sleep until it is copied in."""
@@ -55,7 +57,8 @@ class Userfaultfd:
         """UFFDIO_COPY of one page with contents `tag`; wakes the waiters. Returns the pfn."""
         page = hva & ~0xFFF
         self.engine.delay(self.engine.cost.uffd_copy, "uffd_copy")
-        level = PAGE_4K if self.region.backing.level != 3 else None
+        # UFFDIO_COPY installs small pages, except into hugetlbfs, which only has huge ones.
+        level = PAGE_4K if self.region.backing.level != PAGE_1G else None
         pfn = self.mm.lookup(page)
         if pfn == -1:
             pfn = self.mm.populate(page, tag=tag, level=level)

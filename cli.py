@@ -1,0 +1,227 @@
+"""The `mmu` command: run VMs on a chosen MMU backend and compare configurations.
+
+Thin by design: it parses, calls mmu_core, and renders. Bad input prints one line naming the
+problem and exits 2; a parity failure in `compare` exits 1.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import mmu_core
+from mmu_core import InvalidConfig, MMUError, Params, load_params
+from mmu_core.params import CONFIGURATIONS
+from mmu_core.report.models import CompareReport, DemandPagingReport
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="A pluggable model of the Linux KVM x86 MMU.")
+run_app = typer.Typer(no_args_is_help=True, help="Run a workload on one configuration.")
+compare_app = typer.Typer(no_args_is_help=True,
+                          help="Run a workload on tdp, legacy and shadow; check parity.")
+app.add_typer(run_app, name="run")
+app.add_typer(compare_app, name="compare")
+out = Console()
+err = Console(stderr=True)
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'16M' -> 16 MiB, as the selftests' parse_size does (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidConfig("--bytes-per-vcpu", f"cannot parse size '{text}' (try 64M, 1G, 4096)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _fail(message: str) -> None:
+    err.print(f"mmu: error: {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+# --- info commands ------------------------------------------------------------------------------
+@app.command()
+def backends() -> None:
+    """Installed backends, their versions and the MMU roles they serve."""
+    table = Table("name", "version", "roles", "source", "description")
+    for name, b in sorted(mmu_core.discover().items()):
+        table.add_row(name, b.info.version, ", ".join(r.value for r in b.info.roles), b.source,
+                      b.info.description)
+    out.print(table)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of parameters")]
+
+
+@app.command()
+def params(config: ConfigOpt = None) -> None:
+    """Every module parameter, its value, and where the value came from."""
+    _, sources = load_params(config)
+    table = Table("parameter", "value", "source", "description")
+    for s in sources:
+        table.add_row(s.name, s.value, s.source, s.description)
+    out.print(table)
+
+
+# --- workloads -------------------------------------------------------------------------------------
+VcpusOpt = Annotated[int, typer.Option("-v", "--vcpus", help="number of vCPUs")]
+BytesOpt = Annotated[str, typer.Option("-b", "--bytes-per-vcpu", help="memory per vCPU (64M, 1G)")]
+DelayOpt = Annotated[int, typer.Option("-d", "--uffd-delay-us", help="userfault handler delay, us")]
+BackingOpt = Annotated[str, typer.Option("-s", "--backing", help="anon | thp | hugetlb")]
+ModeOpt = Annotated[str, typer.Option("--mode", help="guest paging: 4level 5level pae 32bit none")]
+UffdOpt = Annotated[bool, typer.Option("--uffd/--no-uffd", help="serve faults with userfaultfd")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed: runs are reproducible from it")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the full report as JSON")]
+
+
+def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed):
+    from mmu_core.workloads.demand_paging import DemandPagingOptions
+
+    size = parse_size(bytes_per_vcpu)
+    return mmu_core.validate(
+        DemandPagingOptions, vcpus=vcpus, bytes_per_vcpu=size, uffd=uffd,
+        uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed,
+    )
+
+
+def _run_one(opts, params: Params, label: str) -> DemandPagingReport:
+    from mmu_core.workloads.demand_paging import run_demand_paging
+
+    with Progress(TextColumn(f"{label:>7}"), BarColumn(), TextColumn("{task.completed}/{task.total} vCPUs"),
+                  TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task(label, total=opts.vcpus)
+        return run_demand_paging(opts, params,
+                                 progress=lambda done, total: bar.update(task, completed=done))
+
+
+@run_app.command("demand-paging")
+def run_demand_paging(
+    vcpus: VcpusOpt = 1,
+    bytes_per_vcpu: BytesOpt = "64M",
+    uffd_delay_us: DelayOpt = 0,
+    backing: BackingOpt = "anon",
+    mode: ModeOpt = "4level",
+    uffd: UffdOpt = True,
+    seed: SeedOpt = 0,
+    backend: Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")] = None,
+    ept: Annotated[bool | None, typer.Option("--ept/--no-ept", help="two-dimensional paging")] = None,
+    config: ConfigOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
+    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed)
+    params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
+    report = _run_one(opts, params, "run")
+    if json:
+        out.print_json(report.model_dump_json())
+        return
+    _render([report])
+
+
+@compare_app.command("demand-paging")
+def compare_demand_paging(
+    vcpus: VcpusOpt = 1,
+    bytes_per_vcpu: BytesOpt = "64M",
+    uffd_delay_us: DelayOpt = 0,
+    backing: BackingOpt = "anon",
+    mode: ModeOpt = "4level",
+    uffd: UffdOpt = True,
+    seed: SeedOpt = 0,
+    json: JsonOpt = False,
+) -> None:
+    """The same workload and seed on tdp, legacy and shadow paging, side by side."""
+    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed)
+    reports = [_run_one(opts, p, name) for name, p in CONFIGURATIONS.items()]
+    identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
+    cmp = CompareReport(workload="demand-paging", runs=reports, identical=identical)
+    if json:
+        out.print_json(cmp.model_dump_json())
+    else:
+        _render(reports)
+        if identical:
+            out.print(f"guest-visible outcomes: [bold green]identical[/] (digest {reports[0].digest[:16]})")
+        else:
+            out.print("guest-visible outcomes: [bold red]DIFFERENT[/] "
+                      + ", ".join(f"{r.configuration}={r.digest[:16]}" for r in reports))
+    if not identical:
+        raise typer.Exit(1)
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:,.3f} ms"
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _render(reports: list[DemandPagingReport]) -> None:
+    r0 = reports[0]
+    out.print(f"demand-paging: {r0.vcpus} vCPUs x {r0.bytes_per_vcpu >> 20} MiB, {r0.backing}, "
+              f"guest {r0.paging_mode}, uffd={'on' if r0.uffd else 'off'}, seed {r0.seed}")
+    table = Table("", *[r.configuration for r in reports])
+
+    def row(label, fn):
+        table.add_row(label, *[fn(r) for r in reports])
+
+    row("backend (ept)", lambda r: f"{r.backend} ({r.params['ept']})")
+    row("verified pages", lambda r: f"{r.pages - r.mismatches}/{r.pages}")
+    row("total guest time", lambda r: _ms(r.total_time_ns))
+    row("demand paging rate", lambda r: f"{r.pages_per_sec:,.0f} pages/s")
+    row("per-vCPU rate (mean)",
+        lambda r: f"{sum(v.pages_per_sec for v in r.per_vcpu) / len(r.per_vcpu):,.0f} pages/s")
+    row("faults", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.faults.items())) or "-")
+    row("exits", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-")
+    row("mappings 4K/2M/1G", lambda r: "/".join(str(v) for v in r.mappings_by_level.values()))
+    row("lock wait share", lambda r: _pct(r.lock_wait_share))
+    for field, label in (("lock_wait_ns", "vCPU lock wait"), ("lock_held_ns", "vCPU lock held"),
+                         ("gup_ns", "vCPU gup+userfault"), ("walk_ns", "vCPU walk"),
+                         ("exit_ns", "vCPU exit"), ("guest_ns", "vCPU guest")):
+        row(label, lambda r, f=field: _ms(getattr(r.time, f)))
+    row("cmpxchg failures", lambda r: str(r.cmpxchg_failures))
+    row("remote TLB flushes", lambda r: str(r.tlb_flushes))
+    row("MMU page-table pages", lambda r: f"{r.memory.page_table_pages} (peak {r.memory.peak_page_table_pages})")
+    row("kvm_mmu_page structs", lambda r: f"{r.memory.mmu_page_structs} ({_kib(r.memory.mmu_page_struct_bytes)})")
+    row("rmap", lambda r: _kib(r.memory.rmap_bytes))
+    row("MMU memory / guest", lambda r: f"{_pct(r.memory.page_table_share)} tables + {_pct(r.memory.metadata_share)} metadata")
+    row("guest digest", lambda r: r.digest[:16])
+    row("wall time", lambda r: f"{r.wall_seconds:.2f} s")
+    row("simulated faults / wall s", lambda r: f"{r.sim_faults_per_wall_sec:,.0f}")
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: typer, with every usage or input error reduced to one line and exit 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.UsageError as exc:
+        err.print(f"mmu: error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except MMUError as exc:
+        err.print(f"mmu: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

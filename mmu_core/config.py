@@ -1,0 +1,83 @@
+"""VM configuration: a frozen pydantic model validated at the boundary, one message per error."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmu_core.errors import InvalidConfig
+from mmu_core.params import Params
+from mmu_core.sim.cost import CostModel
+
+PAGE = 4096
+
+
+class MemslotConfig(BaseModel):
+    """One memslot: guest-physical [gpa, gpa+size) backed by host memory of `backing`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    slot: int = Field(ge=0, lt=32768)
+    as_id: int = Field(0, ge=0, le=1, description="0 normal, 1 SMM")
+    gpa: int = Field(ge=0)
+    size: int = Field(gt=0)
+    backing: str = Field("anon", pattern="^(anon|thp|hugetlb)$")
+    userfault: bool = False
+    readonly: bool = False
+    log_dirty: bool = False
+
+    @field_validator("gpa", "size")
+    @classmethod
+    def _aligned(cls, v: int) -> int:
+        if v % PAGE:
+            raise ValueError(f"{v:#x} is not 4 KiB aligned")
+        return v
+
+
+class VMConfig(BaseModel):
+    """What a VM is created with; `params` is the snapshot of the module parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    vcpus: int = Field(1, ge=1, le=4096)
+    memslots: tuple[MemslotConfig, ...] = ()
+    maxphyaddr: int = Field(46, ge=36, le=52)
+    tlb_entries: int = Field(1024, ge=16)
+    seed: int = 0
+    policy: str = Field("fifo", pattern="^(fifo|random)$")
+    params: Params = Params()
+    cost: CostModel = CostModel()
+
+    @field_validator("tlb_entries")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two")
+        return v
+
+    @model_validator(mode="after")
+    def _slots(self) -> VMConfig:
+        seen: dict[tuple[int, int], MemslotConfig] = {}
+        ranges: dict[int, list[MemslotConfig]] = {0: [], 1: []}
+        for ms in self.memslots:
+            if (ms.as_id, ms.slot) in seen:
+                raise ValueError(f"memslot {ms.slot} defined twice in address space {ms.as_id}")
+            seen[(ms.as_id, ms.slot)] = ms
+            if ms.gpa + ms.size > 1 << self.maxphyaddr:
+                raise ValueError(
+                    f"memslot {ms.slot} ends at {ms.gpa + ms.size:#x}, beyond MAXPHYADDR "
+                    f"({self.maxphyaddr} bits)"
+                )
+            for other in ranges[ms.as_id]:
+                if ms.gpa < other.gpa + other.size and other.gpa < ms.gpa + ms.size:
+                    raise ValueError(f"memslots {other.slot} and {ms.slot} overlap")
+            ranges[ms.as_id].append(ms)
+        return self
+
+
+def validate(model: type[BaseModel], **values: object) -> BaseModel:
+    """Build a model, turning pydantic's report into one InvalidConfig naming the field."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or model.__name__
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidConfig(field, msg) from None

@@ -1,0 +1,127 @@
+"""A guest machine: a VM, the guest's page tables and memory layout, and vCPU tasks.
+
+Layout (guest-physical == guest-linear for data, as the selftests' identity maps):
+  slot 0  page tables, at gpa 0, mapped by the guest at PT_GVA_* for its own PTE stores
+  slot 1  data, at DATA_GPA (1 GiB, so 1 GiB pages can be aligned), optionally userfault
+          registered in per-vCPU ranges (one handler each, like demand_paging_test)
+  MMIO    MMIO_GPA: no memslot; accesses exit to the model's MMIO device
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmu_core.arch.x86 import paging as P
+from mmu_core.config import MemslotConfig, VMConfig
+from mmu_core.guest.pagetables import GuestPageTables, PagingSetup
+from mmu_core.guest.program import new_results
+from mmu_core.host.userfault import Userfaultfd
+from mmu_core.vm.vm import VM, create_vm
+
+DATA_GPA = 1 << 30
+MMIO_GPA = 0xF000_0000
+DATA_SLOT = 1
+PT_SLOT = 0
+
+
+def page_pattern(gfn: int) -> int:
+    """Contents a userfault handler supplies for a page: a fixed function of its gfn."""
+    return ((gfn + 1) * 0x9E37_79B9_7F4A_7C15) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def pt_slot_size(data_pages: int, mode: int) -> int:
+    """Enough 4 KiB pages for the tables mapping the data and the page-table slot itself."""
+    leaf_tables = data_pages // 512 + 2
+    size = (leaf_tables * 2 + 64) * 4096
+    return (size + (2 << 20) - 1) & ~((2 << 20) - 1)
+
+
+@dataclass
+class MachineSpec:
+    vcpus: int
+    data_size: int
+    backing: str = "anon"
+    mode: int = P.MODE_4LEVEL
+    userfault: bool = False
+    data_flags: int = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER
+    map_data: bool = True
+    log_dirty: bool = False
+    smep: bool = False
+    smap: bool = False
+    pke: bool = False
+    wp: bool = True
+
+
+@dataclass
+class Machine:
+    vm: VM
+    spec: MachineSpec
+    pts: GuestPageTables
+    paging: PagingSetup
+    uffds: list[Userfaultfd] = field(default_factory=list)
+
+    @property
+    def data_gva(self) -> int:
+        return DATA_GPA
+
+    def vcpu_region(self, i: int) -> tuple[int, int]:
+        per = self.spec.data_size // self.spec.vcpus
+        return DATA_GPA + i * per, per
+
+    def spawn_uffd_handlers(self, delay_ns: int = 0) -> None:
+        """One handler task per userfaultfd: read a fault, wait `delay_ns`, UFFDIO_COPY."""
+        engine = self.vm.engine
+        for k, uffd in enumerate(self.uffds):
+            engine.spawn(f"uffd{k}", _uffd_handler, engine, uffd, self.vm, delay_ns, daemon=True)
+
+    def run_programs(self, programs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one program per vCPU, concurrently in the engine; returns their results."""
+        results = [new_results(p) for p in programs]
+        for vcpu, prog, res in zip(self.vm.vcpus, programs, results):
+            vcpu.task = self.vm.engine.spawn(f"vcpu{vcpu.id}", vcpu.run, prog, res)
+        self.vm.engine.run()
+        return results
+
+
+def _uffd_handler(engine, uffd: Userfaultfd, vm: VM, delay_ns: int) -> None:
+    while True:
+        msg = uffd.read()
+        if delay_ns:
+            engine.delay(delay_ns, "uffd_delay")
+        slot = vm.memslots[0].find(DATA_GPA >> 12)
+        gfn = slot.base_gfn + ((msg.hva - slot.userspace_addr) >> 12)
+        uffd.copy(msg.hva, page_pattern(gfn))
+
+
+def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
+    """Create the VM (config's memslots are replaced by the layout's) and the guest tables."""
+    data_pages = spec.data_size >> 12
+    pt_size = pt_slot_size(data_pages, spec.mode)
+    slots = (
+        MemslotConfig(slot=PT_SLOT, gpa=0, size=pt_size),
+        MemslotConfig(slot=DATA_SLOT, gpa=DATA_GPA, size=spec.data_size, backing=spec.backing,
+                      log_dirty=spec.log_dirty),
+    )
+    config = config.model_copy(update={"memslots": slots, "vcpus": spec.vcpus})
+    VMConfig.model_validate(config.model_dump())
+    vm = create_vm(config)
+    try:
+        pts = GuestPageTables(vm, spec.mode, 0, pt_size)
+        if spec.map_data and spec.mode != P.MODE_NONE:
+            pts.map_range(DATA_GPA, DATA_GPA, data_pages, spec.data_flags)
+        paging = pts.setup(wp=spec.wp, smep=spec.smep, smap=spec.smap, pke=spec.pke)
+        machine = Machine(vm, spec, pts, paging)
+        if spec.userfault:
+            slot = vm.memslots[0].by_id(DATA_SLOT)
+            per = spec.data_size // spec.vcpus
+            for i in range(spec.vcpus):
+                machine.uffds.append(
+                    Userfaultfd(vm.engine, vm.mm, slot.userspace_addr + i * per, per))
+        for vcpu in vm.vcpus:
+            vcpu.set_paging(paging.cr0, paging.cr4, paging.efer, paging.cr3)
+    except Exception:
+        vm.destroy()
+        raise
+    return machine

@@ -1,0 +1,73 @@
+"""vCPU programs: sequences of guest operations, as numpy rows the jitted CPU loop executes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmu_core.hw import cpu as C
+
+
+class Program:
+    """Builder of one vCPU's operation list."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, gva: int) -> Program:
+        self.rows.append((C.OP_READ, gva, 0))
+        return self
+
+    def write(self, gva: int, value: int) -> Program:
+        self.rows.append((C.OP_WRITE, gva, value))
+        return self
+
+    def fetch(self, gva: int) -> Program:
+        self.rows.append((C.OP_FETCH, gva, 0))
+        return self
+
+    def store_pte(self, entry_gva: int, value: int, entry_bytes: int = 8) -> Program:
+        """The guest writes a paging-structure entry through its own mapping of it."""
+        self.rows.append((C.OP_WPTE if entry_bytes == 8 else C.OP_WPTE32, entry_gva, value))
+        return self
+
+    def load_pte(self, entry_gva: int) -> Program:
+        self.rows.append((C.OP_RPTE, entry_gva, 0))
+        return self
+
+    def invlpg(self, gva: int) -> Program:
+        self.rows.append((C.OP_INVLPG, gva, 0))
+        return self
+
+    def mov_cr3(self, cr3: int) -> Program:
+        self.rows.append((C.OP_MOV_CR3, 0, cr3))
+        return self
+
+    def mov_cr0(self, cr0: int) -> Program:
+        self.rows.append((C.OP_MOV_CR0, 0, cr0))
+        return self
+
+    def mov_cr4(self, cr4: int) -> Program:
+        self.rows.append((C.OP_MOV_CR4, 0, cr4))
+        return self
+
+    def set_cpl(self, cpl: int) -> Program:
+        self.rows.append((C.OP_SET_CPL, 0, cpl))
+        return self
+
+    def set_ac(self, ac: bool) -> Program:
+        self.rows.append((C.OP_SET_AC, 0, int(ac)))
+        return self
+
+    def wrpkru(self, pkru: int) -> Program:
+        self.rows.append((C.OP_WRPKRU, 0, pkru))
+        return self
+
+    def build(self) -> np.ndarray:
+        return C.new_program(self.rows)
+
+
+def new_results(prog: np.ndarray) -> np.ndarray:
+    return np.zeros((len(prog), C.RES_COLS), dtype=np.int64)

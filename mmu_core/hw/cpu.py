@@ -1,0 +1,190 @@
+"""The CPU: runs a vCPU program through the TLB and the page walker until something exits.
+
+`run_ops` is the jitted inner loop. It executes guest operations (rows of a program array)
+and returns to Python only for what real hardware would hand to the hypervisor (EPT
+violation or misconfiguration under TDP, a #PF on the shadow tables under shadow paging) or for
+operations the model handles in Python (INVLPG, MOV to CR0/CR3/CR4, CPL and AC changes). Under
+TDP a guest #PF is delivered by the hardware straight to the guest, with no exit; the guest's
+handler records it and skips the instruction, which is what every program here does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mmu_core.arch.x86 import errcode as EC
+from mmu_core.arch.x86 import paging as P
+from mmu_core.hw import walker as W
+from mmu_core.hw.tlb import TLB_ATTR, TLB_PFN, TLB_VPN
+
+# --- guest operations: rows of (op, gva, value) --------------------------------------------
+OP_READ = 0  # data read; records the page's tag
+OP_WRITE = 1  # data write of `value` (the page's tag)
+OP_FETCH = 2  # instruction fetch; records the tag
+OP_WPTE = 3  # 8-byte store of `value` into a page-table page, at gva
+OP_WPTE32 = 4  # 4-byte store (32-bit paging entries)
+OP_RPTE = 5  # 8-byte load from a page-table page
+OP_INVLPG = 6
+OP_MOV_CR3 = 7
+OP_MOV_CR0 = 8
+OP_MOV_CR4 = 9
+OP_SET_CPL = 10
+OP_SET_AC = 11
+OP_WRPKRU = 12
+OP_NAMES = (
+    "read", "write", "fetch", "wpte", "wpte32", "rpte", "invlpg", "mov_cr3", "mov_cr0",
+    "mov_cr4", "set_cpl", "set_ac", "wrpkru",
+)
+MEM_OPS_END = OP_RPTE  # ops <= this access memory
+
+# --- per-op results: (value, vector, error code) --------------------------------------------
+RES_VALUE = 0
+RES_VECTOR = 1
+RES_CODE = 2
+RES_COLS = 3
+
+# --- exits ----------------------------------------------------------------------------------
+X_NONE = 0  # ran to `end` or out of budget
+X_EPT_VIOLATION = 1
+X_EPT_MISCONFIG = 2
+X_SHADOW_PF = 3  # #PF on the shadow tables (intercepted under shadow paging)
+X_OP = 4  # an operation Python handles
+X_NEED_TABLE = 5  # a page-table store to a frame that has no table contents yet
+X_NAMES = ("none", "ept_violation", "ept_misconfig", "shadow_pf", "op", "need_table")
+
+XI_KIND = 0
+XI_GVA = 1
+XI_GPA = 2
+XI_CODE = 3  # error code or exit qualification
+XI_ACC = 4
+XI_PFN = 5
+XI_SIZE = 6
+
+ST_OPS = 0
+ST_TLB_HITS = 1
+ST_WALKS = 2
+ST_WALK_READS = 3  # paging-structure reads, both dimensions
+ST_GUEST_PF = 4
+ST_SIZE = 5
+
+
+@njit(cache=True)
+def _acc_of(op):
+    if op == OP_WRITE or op == OP_WPTE or op == OP_WPTE32:
+        return EC.ACC_WRITE
+    if op == OP_FETCH:
+        return EC.ACC_FETCH
+    return EC.ACC_READ
+
+
+@njit(cache=True)
+def _host_ok(attr, acc):
+    if acc == EC.ACC_WRITE:
+        return (attr & W.A_HOST_W) != 0
+    if acc == EC.ACC_FETCH:
+        return (attr & W.A_HOST_X) != 0
+    return (attr & W.A_HOST_R) != 0
+
+
+@njit(cache=True)
+def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, root, root_levels, tlb,
+            xinfo, stats, budget):
+    """Run ops [pc, end) until an exit or `budget` ops; returns the next pc.
+
+    `regs` are what the hardware runs with: the guest's own registers under TDP, and KVM's
+    shadow-paging register state (R_CR3 = the shadow root) under shadow paging.
+    """
+    out = np.zeros(W.OUT_SIZE, np.int64)
+    xinfo[XI_KIND] = X_NONE
+    mode = regs[W.R_MODE]
+    has_pkeys = P.MODE_HAS_PKEYS[mode]
+    nmask = tlb.shape[0] - 1
+    xl = W.XL_EPT if tdp else W.XL_NONE
+    done = 0
+    while pc < end and done < budget:
+        op = prog[pc, 0]
+        gva = prog[pc, 1]
+        if op > MEM_OPS_END:
+            xinfo[XI_KIND] = X_OP
+            return pc
+        acc = _acc_of(op)
+        vpn = gva >> 12
+        i = vpn & nmask
+        pfn = -1
+        if tlb[i, TLB_VPN] == vpn + 1:
+            attr = tlb[i, TLB_ATTR]
+            pkey = (attr >> W.A_PKEY_SHIFT) & 0xF
+            ok = (
+                W.access_fault(attr, acc, regs[W.R_FLAGS], has_pkeys, pkey, regs[W.R_PKRU]) == 0
+                and _host_ok(attr, acc)
+                and (acc != EC.ACC_WRITE or (attr & W.A_DIRTY) != 0)
+            )
+            if ok:
+                pfn = tlb[i, TLB_PFN]
+                stats[ST_TLB_HITS] += 1
+            else:
+                tlb[i, TLB_VPN] = 0
+        if pfn < 0:
+            W.walk(pt, pt_slot, regs, gva, acc, True, xl, root, root_levels, W.EMPTY_MS,
+                   W.EMPTY_HVA, out)
+            stats[ST_WALKS] += 1
+            stats[ST_WALK_READS] += out[W.OUT_N] * (root_levels + 1 if tdp else 1) + (
+                root_levels if tdp else 0)
+            st = out[W.OUT_STATUS]
+            if st == W.W_PF:
+                if tdp:
+                    res[pc, RES_VALUE] = 0
+                    res[pc, RES_VECTOR] = EC.PF_VECTOR
+                    res[pc, RES_CODE] = out[W.OUT_CODE]
+                    stats[ST_GUEST_PF] += 1
+                    pc += 1
+                    done += 1
+                    continue
+                xinfo[XI_KIND] = X_SHADOW_PF
+                xinfo[XI_GVA] = gva
+                xinfo[XI_CODE] = out[W.OUT_CODE]
+                xinfo[XI_ACC] = acc
+                return pc
+            if st != W.W_OK:
+                xinfo[XI_KIND] = X_EPT_VIOLATION if st == W.W_EPT_VIOLATION else X_EPT_MISCONFIG
+                xinfo[XI_GVA] = gva
+                xinfo[XI_GPA] = out[W.OUT_ADDR]
+                xinfo[XI_CODE] = out[W.OUT_CODE]
+                xinfo[XI_ACC] = acc
+                return pc
+            pfn = out[W.OUT_HPA] >> 12
+            tlb[i, TLB_VPN] = vpn + 1
+            tlb[i, TLB_PFN] = pfn
+            tlb[i, TLB_ATTR] = out[W.OUT_ATTR]
+        if op == OP_READ or op == OP_FETCH:
+            res[pc, RES_VALUE] = tag[pfn]
+        elif op == OP_WRITE:
+            tag[pfn] = prog[pc, 2]
+        else:
+            slot = pt_slot[pfn]
+            if slot < 0 and op != OP_RPTE:
+                xinfo[XI_KIND] = X_NEED_TABLE
+                xinfo[XI_PFN] = pfn
+                return pc
+            word = (gva & 0xFFF) >> 3
+            if op == OP_RPTE:
+                res[pc, RES_VALUE] = pt[slot, word] if slot >= 0 else 0
+            elif op == OP_WPTE:
+                pt[slot, word] = np.uint64(prog[pc, 2])
+            else:
+                sh = np.uint64(32 * ((gva >> 2) & 1))
+                keep = pt[slot, word] & ~(np.uint64(0xFFFFFFFF) << sh)
+                pt[slot, word] = keep | ((np.uint64(prog[pc, 2]) & np.uint64(0xFFFFFFFF)) << sh)
+        stats[ST_OPS] += 1
+        pc += 1
+        done += 1
+    return pc
+
+
+def new_program(rows: list[tuple[int, int, int]]) -> np.ndarray:
+    prog = np.zeros((max(len(rows), 0), 3), dtype=np.int64)
+    for k, (op, gva, value) in enumerate(rows):
+        # Entries with bit 63 (XD) set are stored as their two's-complement int64 value.
+        prog[k] = (op, gva, value - (1 << 64) if value >= 1 << 63 else value)
+    return prog

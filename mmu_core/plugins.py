@@ -1,0 +1,145 @@
+"""Backend discovery (entry points), validation, and the per-VM choice of backend per role.
+
+A backend is a class published under the entry-point group ``mmu_core.backends``; the in-tree
+TDP and shadow backends are found exactly this way. Validation registers the class in a
+scratch plugin manager: pluggy rejects hookimpls whose arguments do not match a hookspec, and
+we reject unknown hook names and missing required hooks. Selection happens once per VM, from
+its snapshotted parameters: the chosen backend serves the roles it declares, and the shadow
+backend serves the rest (as KVM's TDP MMU falls back to the shadow MMU for nested roles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from mmu_core import hookspecs
+from mmu_core.errors import PluginError
+from mmu_core.params import Params
+from mmu_core.types import BackendInfo, Role
+
+GROUP = "mmu_core.backends"
+FALLBACK = "shadow"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    cls: type
+    info: BackendInfo
+    source: str  # "entry point <dist>" or "registered"
+
+
+_extra: dict[str, type] = {}
+
+
+def register_backend(cls: type) -> None:
+    """Make a backend class available without an entry point (tests, notebooks)."""
+    info = _validate(cls, "registered")
+    _extra[info.name] = cls
+    discover.cache_clear()
+
+
+def unregister_backend(name: str) -> None:
+    _extra.pop(name, None)
+    discover.cache_clear()
+
+
+def _new_pm() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _validate(cls: Any, where: str) -> BackendInfo:
+    pm = _new_pm()
+    try:
+        pm.register(cls, name="candidate")
+        pm.check_pending()
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"backend from {where} does not match the MMU interface: {exc}") from None
+    impls = {name for name in dir(cls) if name.startswith("mmu_")}
+    missing = [name for name in hookspecs.REQUIRED if name not in impls]
+    if missing:
+        raise PluginError(f"backend from {where} lacks required hooks: {', '.join(missing)}")
+    info = pm.hook.mmu_backend_info()
+    if not isinstance(info, BackendInfo):
+        raise PluginError(f"backend from {where}: mmu_backend_info must return a BackendInfo")
+    return info
+
+
+def _cache(fn):
+    memo: dict = {}
+
+    def wrapper():
+        if "v" not in memo:
+            memo["v"] = fn()
+        return memo["v"]
+
+    wrapper.cache_clear = memo.clear  # type: ignore[attr-defined]
+    return wrapper
+
+
+@_cache
+def discover() -> dict[str, Backend]:
+    """Every installed backend by name; two claiming one name is an error."""
+    found: dict[str, Backend] = {}
+    for ep in entry_points(group=GROUP):
+        where = f"entry point '{ep.name}' ({ep.value})"
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken third-party package must not hide the others' names
+            raise PluginError(f"{where} failed to load: {exc}") from None
+        info = _validate(cls, where)
+        _claim(found, Backend(info.name, cls, info, where))
+    for cls in _extra.values():
+        info = _validate(cls, "registered")
+        _claim(found, Backend(info.name, cls, info, "registered"))
+    return found
+
+
+def _claim(found: dict[str, Backend], backend: Backend) -> None:
+    other = found.get(backend.name)
+    if other is not None and other.cls is not backend.cls:
+        raise PluginError(
+            f"two backends claim the name '{backend.name}': {other.source} and {backend.source}"
+        )
+    found[backend.name] = backend
+
+
+def installed_names() -> str:
+    return ", ".join(sorted(discover())) or "(none)"
+
+
+def choose(params: Params) -> dict[Role, Backend]:
+    """The backend for each role, for a VM created with `params`."""
+    backends = discover()
+    if params.backend not in backends:
+        raise PluginError(f"unknown backend '{params.backend}'; installed: {installed_names()}")
+    if FALLBACK not in backends:
+        raise PluginError(f"the fallback backend '{FALLBACK}' is not installed")
+    chosen = backends[params.backend]
+    fallback = backends[FALLBACK]
+    roles: dict[Role, Backend] = {}
+    for role in Role:
+        roles[role] = chosen if role in chosen.info.roles else fallback
+    if not params.ept:
+        roles[Role.DIRECT] = fallback  # no TDP hardware: nobody builds direct tables for L1
+    return roles
+
+
+def build_managers(vm: Any, roles: dict[Role, Backend]) -> dict[Role, pluggy.PluginManager]:
+    """One plugin manager per role, each with that role's backend instance for this VM."""
+    instances: dict[str, Any] = {}
+    managers: dict[Role, pluggy.PluginManager] = {}
+    for role, backend in roles.items():
+        if backend.name not in instances:
+            instances[backend.name] = backend.cls(vm)
+        pm = _new_pm()
+        pm.register(instances[backend.name], name=backend.name)
+        managers[role] = pm
+    vm.backend_instances = instances
+    return managers

@@ -1,0 +1,86 @@
+"""Run reports: pydantic models with one JSON schema; the CLI renders them as tables or JSON."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TimeSplit(Frozen):
+    """Virtual nanoseconds by exclusive category; they add up to `total_ns`."""
+
+    total_ns: int
+    guest_ns: int
+    walk_ns: int
+    exit_ns: int
+    lock_wait_ns: int
+    lock_held_ns: int
+    gup_ns: int  # get_user_pages, incl. waiting for the userfault handler
+    tlb_flush_ns: int
+    other_ns: int
+
+
+class VcpuFigures(Frozen):
+    vcpu: int
+    pages: int
+    time_ns: int
+    pages_per_sec: float
+    time: TimeSplit
+
+
+class MemoryFigures(Frozen):
+    page_table_pages: int
+    page_table_bytes: int
+    peak_page_table_pages: int
+    mmu_page_structs: int
+    mmu_page_struct_bytes: int
+    rmap_bytes: int
+    metadata_bytes: int
+    guest_memory_bytes: int
+    page_table_share: float  # of guest memory
+    metadata_share: float
+
+
+class DemandPagingReport(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    workload: str = "demand-paging"
+    configuration: str  # tdp | legacy | shadow, or the backend name
+    params: dict[str, str]
+    backend: str
+    seed: int
+    vcpus: int
+    bytes_per_vcpu: int
+    backing: str
+    paging_mode: str
+    uffd: bool
+    uffd_delay_ns: int
+    pages: int
+    verified: bool
+    mismatches: int
+    total_time_ns: int  # virtual: the demand-paging phase, first vCPU start to last finish
+    pages_per_sec: float  # overall demand-paging rate, virtual time
+    per_vcpu: list[VcpuFigures]
+    time: TimeSplit  # summed over vCPUs
+    lock_wait_share: float  # of summed vCPU time
+    faults: dict[str, int]  # by outcome
+    exits: dict[str, int]
+    mappings_by_level: dict[str, int]
+    cmpxchg_failures: int
+    tlb_flushes: int
+    memory: MemoryFigures
+    digest: str
+    wall_seconds: float
+    sim_faults_per_wall_sec: float
+    peak_rss_bytes: int
+
+
+class CompareReport(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    workload: str
+    runs: list[DemandPagingReport]
+    identical: bool  # guest-visible digests equal across configurations

@@ -1,0 +1,77 @@
+"""Records that cross the MMU interface: faults, fault results, backend info, memory figures."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(str, enum.Enum):
+    """Which paging structures a backend builds (KVM's kvm_mmu_page_role.direct and friends)."""
+
+    DIRECT = "direct"  # TDP for an L1 guest: gpa -> hpa, one structure per address space
+    SHADOW = "shadow"  # shadow paging: gva -> hpa, following the guest's page tables
+    NESTED = "nested"  # shadowing L1's EPT for an L2 guest
+
+
+class FaultKind(str, enum.Enum):
+    EPT_VIOLATION = "ept_violation"  # gpa-keyed: the direct role
+    EPT_MISCONFIG = "ept_misconfig"  # an MMIO SPTE (or a stale one) was hit
+    SHADOW_PF = "shadow_pf"  # gva-keyed: #PF intercepted under shadow paging
+
+
+class Ret(enum.IntEnum):
+    """What a fault handler did (KVM's RET_PF_*)."""
+
+    FIXED = 0  # a mapping was installed; re-enter the guest
+    SPURIOUS = 1  # the mapping was already there (another vCPU won); re-enter
+    RETRY = 2  # something changed under us (race, notifier); re-enter and fault again
+    EMULATE = 3  # the core must emulate the access (write-tracked page, MMIO)
+    INJECT = 4  # the guest's own tables forbid the access: inject #PF (error_code, cr2)
+
+
+@dataclass
+class PageFault:
+    """One fault handed to mmu_page_fault. Fields a handler may fill are at the end."""
+
+    kind: FaultKind
+    gva: int
+    gpa: int  # for the direct role; for shadow faults the handler computes it
+    error_code: int  # PFERR_* (direct role: derived from the exit qualification, as KVM does)
+    exit_qualification: int = 0
+    write: bool = False
+    fetch: bool = False
+    user: bool = False
+    # Filled by the handler:
+    inject_error_code: int = 0  # with Ret.INJECT
+    mmio: bool = False  # with Ret.EMULATE: the gpa has no memslot
+    level: int = 0  # level of the mapping installed
+    walked_gfns: tuple[int, ...] = field(default=())  # shadow: the guest tables walked
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    version: str
+    roles: tuple[Role, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class MMUMemory:
+    """The MMU's own memory, as the kernel would spend it (bytes)."""
+
+    page_table_pages: int  # EPT / shadow table pages in use (4 KiB each)
+    page_table_bytes: int
+    mmu_page_structs: int  # struct kvm_mmu_page count
+    mmu_page_struct_bytes: int  # at KVM's ~ 200 bytes each (x86-64, 6.x)
+    rmap_bytes: int  # 8 bytes per gfn per level for slots the backend keeps rmaps for
+    peak_page_table_pages: int = 0
+
+    @property
+    def metadata_bytes(self) -> int:
+        return self.mmu_page_struct_bytes + self.rmap_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.page_table_bytes + self.metadata_bytes

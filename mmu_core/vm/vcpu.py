@@ -1,0 +1,316 @@
+"""A vCPU: architectural register state, its TLB, and the loop that runs guest programs.
+
+`Vcpu.run()` is the body of the vCPU's engine task. It enters the jitted CPU loop and handles
+what comes back the way KVM's vcpu_run does: a fault goes to the backend's mmu_page_fault,
+an emulation request to the core emulator, INVLPG/MOV CR to the core and, where shadow paging
+intercepts them, to the backend. Guest-visible results of every operation land in `results`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmu_core.arch.x86 import ept as E
+from mmu_core.arch.x86 import errcode as EC
+from mmu_core.arch.x86 import paging as P
+from mmu_core.errors import GuestError
+from mmu_core.hw import cpu as C
+from mmu_core.hw import walker as W
+from mmu_core.hw.tlb import new_tlb, tlb_flush_all, tlb_flush_va
+from mmu_core.types import FaultKind, PageFault, Ret, Role
+
+if TYPE_CHECKING:
+    from mmu_core.vm.vm import VM
+
+# Requests serviced before the next entry (KVM_REQ_*).
+REQ_TLB_FLUSH = 1 << 0
+REQ_MMU_RELOAD = 1 << 1
+
+_CR0_PAGING_BITS = P.CR0_PG | P.CR0_WP | P.CR0_PE
+_CR4_PAGING_BITS = P.CR4_PAE | P.CR4_PSE | P.CR4_SMEP | P.CR4_SMAP | P.CR4_PKE | P.CR4_LA57
+
+
+def mmio_read_value(gpa: int) -> int:
+    """What the model's MMIO device returns for a read: a fixed function of the address."""
+    return (gpa * 0x9E3779B97F4A7C15) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Vcpu:
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.cr0 = P.CR0_PE | P.CR0_PG | P.CR0_WP
+        self.cr3 = 0
+        self.cr4 = P.CR4_PAE
+        self.efer = P.EFER_LME | P.EFER_LMA | P.EFER_NXE
+        self.pkru = 0
+        self.cpl = 0
+        self.ac = False
+        self.smm = False
+        self.pdptrs = [0, 0, 0, 0]
+        self.tlb = new_tlb(vm.config.tlb_entries)
+        self.requests = 0
+        self.mmu_root: int | None = None
+        self.regs = W.new_regs()
+        self.hwregs = W.new_regs()
+        self.xinfo = np.zeros(C.XI_SIZE, dtype=np.int64)
+        self.hw_stats = np.zeros(C.ST_SIZE, dtype=np.int64)
+        self.exits: dict[str, int] = {}
+        self.faults: dict[str, int] = {}
+        self.mmio: list[tuple[int, int, int, int]] = []  # (op index, gpa, is_write, value)
+        self.task = None
+        self._sync_regs()
+
+    # --- architectural state -------------------------------------------------------------
+    @property
+    def as_id(self) -> int:
+        return 1 if self.smm else 0
+
+    @property
+    def mode(self) -> int:
+        return P.paging_mode(self.cr0, self.cr4, self.efer)
+
+    def set_paging(self, cr0: int, cr4: int, efer: int, cr3: int) -> None:
+        """Set up paging state before the vCPU runs (what a test's setup code does)."""
+        self.cr0, self.cr4, self.efer, self.cr3 = cr0, cr4, efer, cr3
+        if self.mode == P.MODE_PAE:
+            self._load_pdptrs()
+        self._sync_regs()
+        tlb_flush_all(self.tlb)
+        self.mmu_root = None
+
+    def _flags(self, hw: bool) -> int:
+        f = 0
+        if self.cr0 & P.CR0_WP or hw:
+            f |= W.F_WP  # shadow paging runs the hardware with CR0.WP=1 (KVM forces it)
+        if self.efer & P.EFER_NXE or hw:
+            f |= W.F_NXE
+        if self.cr4 & P.CR4_SMEP:
+            f |= W.F_SMEP
+        if self.cr4 & P.CR4_SMAP:
+            f |= W.F_SMAP
+        if self.cr4 & P.CR4_PKE and not hw:
+            f |= W.F_PKE
+        if self.cr4 & P.CR4_PSE:
+            f |= W.F_PSE
+        if self.ac:
+            f |= W.F_AC
+        if self.cpl == 3:
+            f |= W.F_USER
+        return f
+
+    def _sync_regs(self) -> None:
+        r = self.regs
+        r[W.R_MODE] = self.mode
+        r[W.R_CR3] = self.cr3
+        r[W.R_FLAGS] = self._flags(False)
+        r[W.R_PKRU] = self.pkru
+        r[W.R_MAXPHY] = self.vm.config.maxphyaddr
+        r[W.R_PDPTR : W.R_PDPTR + 4] = self.pdptrs
+        h = self.hwregs
+        h[W.R_MODE] = P.MODE_5LEVEL if self.mode == P.MODE_5LEVEL else P.MODE_4LEVEL
+        h[W.R_CR3] = (self.mmu_root or 0) << 12
+        h[W.R_FLAGS] = self._flags(True)
+        h[W.R_PKRU] = 0
+        h[W.R_MAXPHY] = 52
+
+    def _load_pdptrs(self) -> None:
+        """MOV CR3 in PAE mode loads the four PDPTE registers from guest memory (SDM 4.4.1)."""
+        base = self.cr3 & 0xFFFFFFE0
+        self.pdptrs = [self.vm.read_guest_u64(self.as_id, base + 8 * i) for i in range(4)]
+
+    @property
+    def shadowing(self) -> bool:
+        return self.vm.role is not Role.DIRECT
+
+    # --- running ---------------------------------------------------------------------------
+    def flush_tlb(self) -> None:
+        tlb_flush_all(self.tlb)
+
+    def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0) -> None:
+        """Run `prog` to its end; results[i] gets (value, vector, error code) of op i."""
+        vm = self.vm
+        engine = vm.engine
+        cost = engine.cost
+        budget = max(1, cost.quantum // max(1, cost.guest_access))
+        pc, end = start, len(prog)
+        stats = self.hw_stats
+        while pc < end:
+            if self.mmu_root is None:
+                vm.hook.mmu_load(vcpu=self)
+                self._sync_regs()
+            before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
+            pc = C.run_ops(
+                prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
+                self.hwregs if self.shadowing else self.regs, not self.shadowing,
+                self.mmu_root, vm.root_levels(self), self.tlb, self.xinfo, stats, budget,
+            )
+            engine.delay(int(stats[C.ST_OPS] - before_ops) * cost.guest_access, "guest")
+            reads = int(stats[C.ST_WALK_READS] - before_reads)
+            if reads:
+                engine.delay(reads * cost.walk_level, "walk")
+            kind = int(self.xinfo[C.XI_KIND])
+            if kind == C.X_NONE:
+                continue
+            if kind == C.X_OP:
+                pc = self._do_op(prog, pc, results)
+            elif kind == C.X_NEED_TABLE:
+                vm.host.table(int(self.xinfo[C.XI_PFN]))
+            else:
+                pc = self._fault(prog, pc, results, kind)
+
+    def _count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def _fault(self, prog: np.ndarray, pc: int, results: np.ndarray, kind: int) -> int:
+        vm = self.vm
+        x = self.xinfo
+        acc = int(x[C.XI_ACC])
+        if kind == C.X_SHADOW_PF:
+            fault = PageFault(FaultKind.SHADOW_PF, gva=int(x[C.XI_GVA]), gpa=0,
+                              error_code=int(x[C.XI_CODE]))
+        else:
+            qual = int(x[C.XI_CODE])
+            code = 0
+            if qual & (E.EPT_RWX << E.EPT_QUAL_PERM_SHIFT):
+                code |= EC.PFERR_PRESENT
+            fk = FaultKind.EPT_VIOLATION if kind == C.X_EPT_VIOLATION else FaultKind.EPT_MISCONFIG
+            if fk is FaultKind.EPT_MISCONFIG:
+                code |= EC.PFERR_RSVD
+            fault = PageFault(fk, gva=int(x[C.XI_GVA]), gpa=int(x[C.XI_GPA]), error_code=code,
+                              exit_qualification=qual)
+        fault.write = acc == EC.ACC_WRITE or bool(x[C.XI_CODE] & E.EPT_QUAL_WRITE and
+                                                    kind != C.X_SHADOW_PF)
+        fault.fetch = acc == EC.ACC_FETCH
+        fault.user = self.cpl == 3
+        if fault.write:
+            fault.error_code |= EC.PFERR_WRITE
+        self._count(self.exits, fault.kind.value)
+        vm.engine.delay(vm.engine.cost.vm_exit, "exit")
+        ret = vm.hook.mmu_page_fault(vcpu=self, fault=fault)
+        if ret is None:
+            raise GuestError(f"backend returned nothing for {fault.kind.value} at {fault.gva:#x}")
+        self._count(self.faults, Ret(ret).name.lower())
+        if ret == Ret.INJECT:
+            results[pc] = (0, EC.PF_VECTOR, fault.inject_error_code)
+            pc += 1
+        elif ret == Ret.EMULATE:
+            pc = self.emulate(prog, pc, results)
+        vm.engine.delay(vm.engine.cost.vm_entry, "exit")
+        return pc
+
+    # --- emulation ---------------------------------------------------------------------------
+    def emulate(self, prog: np.ndarray, pc: int, results: np.ndarray) -> int:
+        """Perform op `pc` in software, as KVM's emulator does: a software walk of the guest's
+        tables through memslots (setting A/D), then the access itself. Returns the next pc.
+        """
+        vm = self.vm
+        vm.engine.delay(vm.engine.cost.emulate, "exit")
+        op, gva, value = (int(v) for v in prog[pc])
+        acc = C._acc_of(op)
+        out = W.new_out()
+        slots = vm.memslots[self.as_id]
+        while True:
+            W.walk(vm.host.pt, vm.host.pt_slot, self.regs, gva, acc, True, W.XL_SLOTS, 0, 0,
+                   slots.array, vm.mm.hva_pfn, out)
+            st = int(out[W.OUT_STATUS])
+            if st == W.W_NEED_GFN:
+                vm.gfn_to_pfn(self.as_id, int(out[W.OUT_ADDR]) >> 12, acc == EC.ACC_WRITE)
+                continue
+            break
+        for i in range(int(out[W.OUT_N])):
+            if int(out[W.OUT_ADW]) >> i & 1:
+                vm.mark_page_dirty(self.as_id, int(out[W.OUT_TGPA + i]) >> 12)
+        if st == W.W_PF:
+            results[pc] = (0, EC.PF_VECTOR, int(out[W.OUT_CODE]))
+            return pc + 1
+        gpa = int(out[W.OUT_ADDR])
+        slot = slots.find(gpa >> 12)
+        if st == W.W_NO_SLOT and not int(out[W.OUT_CODE]) & E.EPT_QUAL_GLA_FINAL:
+            raise GuestError(f"guest page table at {gpa:#x} lies outside every memslot")
+        if st == W.W_NO_SLOT or (slot is not None and slot.readonly and acc == EC.ACC_WRITE):
+            return self._mmio(pc, gpa, op, value, results)
+        hpa = int(out[W.OUT_HPA])
+        pfn = hpa >> 12
+        host = vm.host
+        if op in (C.OP_READ, C.OP_FETCH):
+            results[pc, C.RES_VALUE] = int(host.tag[pfn])
+        elif op == C.OP_WRITE:
+            host.tag[pfn] = np.uint64(value)
+        elif op == C.OP_RPTE:
+            results[pc, C.RES_VALUE] = host.read_u64(hpa & ~7)
+        else:
+            nbytes = 8 if op == C.OP_WPTE else 4
+            if nbytes == 8:
+                host.write_u64(hpa & ~7, value)
+            else:
+                word = host.read_u64(hpa & ~7)
+                sh = 32 * ((hpa >> 2) & 1)
+                word = (word & ~(0xFFFFFFFF << sh)) | ((value & 0xFFFFFFFF) << sh)
+                host.write_u64(hpa & ~7, word)
+        if acc == EC.ACC_WRITE:
+            vm.mark_page_dirty(self.as_id, gpa >> 12)
+            if op in (C.OP_WPTE, C.OP_WPTE32) and vm.is_tracked(self.as_id, gpa >> 12):
+                vm.hook_all("mmu_track_write", vcpu=self, gpa=gpa,
+                            nbytes=8 if op == C.OP_WPTE else 4, new=value)
+            elif vm.is_tracked(self.as_id, gpa >> 12):
+                vm.hook_all("mmu_track_write", vcpu=self, gpa=gpa, nbytes=8, new=value)
+        return pc + 1
+
+    def _mmio(self, pc: int, gpa: int, op: int, value: int, results: np.ndarray) -> int:
+        write = op in (C.OP_WRITE, C.OP_WPTE, C.OP_WPTE32)
+        self.mmio.append((pc, gpa, int(write), value if write else mmio_read_value(gpa)))
+        self._count(self.exits, "mmio")
+        if not write:
+            results[pc, C.RES_VALUE] = mmio_read_value(gpa)
+        return pc + 1
+
+    # --- operations the core handles ----------------------------------------------------------
+    def _do_op(self, prog: np.ndarray, pc: int, results: np.ndarray) -> int:
+        op, gva, value = (int(v) for v in prog[pc])
+        vm = self.vm
+        intercept = self.shadowing
+        if op == C.OP_INVLPG:
+            tlb_flush_va(self.tlb, gva)
+            if intercept:
+                self._count(self.exits, "invlpg")
+                vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+                vm.hook.mmu_invlpg(vcpu=self, gva=gva)
+        elif op == C.OP_MOV_CR3:
+            self.cr3 = value
+            if self.mode == P.MODE_PAE:
+                self._load_pdptrs()
+            tlb_flush_all(self.tlb)
+            if intercept:
+                self._count(self.exits, "cr3")
+                vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+                self.mmu_root = None
+                vm.hook.mmu_new_cr3(vcpu=self, cr3=value)
+        elif op in (C.OP_MOV_CR0, C.OP_MOV_CR4):
+            old = (self.cr0, self.cr4)
+            if op == C.OP_MOV_CR0:
+                self.cr0 = value
+            else:
+                self.cr4 = value
+            tlb_flush_all(self.tlb)
+            changed = (old[0] ^ self.cr0) & _CR0_PAGING_BITS or (old[1] ^ self.cr4) & _CR4_PAGING_BITS
+            self._count(self.exits, "cr")
+            vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+            if changed:
+                if self.mode == P.MODE_PAE:
+                    self._load_pdptrs()
+                vm.hook_all("mmu_unload", vcpu=self)
+                self.mmu_root = None
+                vm.hook_all("mmu_reset_context", vcpu=self)
+        elif op == C.OP_SET_CPL:
+            self.cpl = value
+        elif op == C.OP_SET_AC:
+            self.ac = bool(value)
+        elif op == C.OP_WRPKRU:
+            self.pkru = value & 0xFFFFFFFF
+        else:
+            raise GuestError(f"unknown guest operation {op} at index {pc}")
+        self._sync_regs()
+        return pc + 1

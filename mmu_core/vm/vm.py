@@ -1,0 +1,341 @@
+"""The VM: memslots, the MMU lock and RCU, host memory, vCPUs, and the backend for its role.
+
+`create_vm()` validates a VMConfig, snapshots the module parameters, chooses the backend for
+each MMU role, and builds everything or nothing: on any error what was built is torn down and
+the typed error propagates. The services backends use (page-table pages, atomic SPTE access,
+gfn -> pfn, remote TLB flushes, dirty logging, write tracking) live here so that every
+backend spends and counts them the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmu_core import plugins
+from mmu_core.config import VMConfig
+from mmu_core.errors import InvalidConfig, MMUError
+from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
+from mmu_core.host.userfault import Userfaultfd
+from mmu_core.params import Params
+from mmu_core.sim import RCU, Engine, RWLock
+from mmu_core.types import Role
+from mmu_core.vm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, Memslots
+from mmu_core.vm.vcpu import Vcpu
+
+
+def create_vm(config: VMConfig, engine: Engine | None = None) -> VM:
+    """Build a VM from a validated config; on failure nothing is left half-built."""
+    vm = VM.__new__(VM)
+    try:
+        vm._build(config, engine)
+    except MMUError:
+        vm._teardown_partial()
+        raise
+    return vm
+
+
+class VM:
+    config: VMConfig
+    params: Params
+
+    def _build(self, config: VMConfig, engine: Engine | None) -> None:
+        self.config = config
+        self.params = config.params  # the snapshot: later parameter changes don't reach us
+        self.engine = engine or Engine(config.seed, config.cost, config.policy)
+        self.host = HostMemory()
+        self.mm = HostMM(self.host)
+        self.mmu_lock = RWLock(self.engine, "mmu_lock")
+        self.rcu = RCU(self.engine)
+        self.memslots = [Memslots(0), Memslots(1)]
+        self.generation = 0
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self._tracked: list[dict[int, int]] = [{}, {}]
+        self.vcpus: list[Vcpu] = []
+        self.backend_instances: dict[str, Any] = {}
+        self.tlb_flushes = 0
+        self.role = Role.DIRECT if self.params.ept else Role.SHADOW
+        self.backends = plugins.choose(self.params)
+        self.managers = plugins.build_managers(self, self.backends)
+        self.hook = self.managers[self.role].hook
+        self.backend_name = self.backends[self.role].name
+        self.mm.notifiers.append(self)
+        self.hook.mmu_init_vm(vm=self)
+        self._alive = True
+        for ms in config.memslots:
+            self.add_memslot(
+                ms.slot, ms.gpa, ms.size, Backing(ms.backing), as_id=ms.as_id,
+                userfault=ms.userfault, readonly=ms.readonly, log_dirty=ms.log_dirty,
+            )
+        for i in range(config.vcpus):
+            vcpu = Vcpu(self, i)
+            self.vcpus.append(vcpu)
+            self.hook.mmu_init_vcpu(vcpu=vcpu)
+
+    def _teardown_partial(self) -> None:
+        if getattr(self, "_alive", False):
+            self.destroy()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def destroy(self) -> None:
+        if not getattr(self, "_alive", False):
+            return
+        self._alive = False
+        for vcpu in self.vcpus:
+            vcpu.mmu_root = None
+        self.hook.mmu_destroy_vm(vm=self)
+
+    def hook_all(self, name: str, **kwargs: Any) -> None:
+        """Call an optional hook on the backend of the VM's role (if it implements it)."""
+        getattr(self.hook, name)(**kwargs)
+
+    def root_levels(self, vcpu: Vcpu) -> int:
+        """Levels of the structure the hardware walks from vcpu.mmu_root."""
+        return 5 if vcpu.mode == 4 else 4
+
+    # --- memslots ------------------------------------------------------------------------------
+    def add_memslot(
+        self, slot_id: int, gpa: int, size: int, backing: Backing = Backing.ANON, *,
+        as_id: int = 0, userfault: bool = False, readonly: bool = False,
+        log_dirty: bool = False,
+    ) -> Memslot:
+        if gpa % 4096 or size % 4096 or size <= 0:
+            raise InvalidConfig("memslot", f"gpa {gpa:#x} and size {size:#x} must be 4 KiB aligned")
+        region = self.mm.mmap(size, backing, name=f"slot{slot_id}")
+        if userfault:
+            Userfaultfd(self.engine, self.mm, region.start, region.size)
+        flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        slot = Memslot(slot_id, as_id, gpa >> 12, size >> 12, region.start, flags)
+        if log_dirty:
+            slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
+        self.memslots[as_id].add(slot)
+        self.generation += 1
+        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=None, new=slot,
+                      change="create")
+        return slot
+
+    def delete_memslot(self, as_id: int, slot_id: int) -> None:
+        slot = self.memslots[as_id].by_id(slot_id)
+        if slot is None:
+            raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
+        self.memslots[as_id].remove(slot)
+        self.generation += 1
+        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=None,
+                      change="delete")
+        if not self.hook.mmu_memslot_changed.get_hookimpls():
+            self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
+
+    def set_dirty_logging(self, as_id: int, slot_id: int, enable: bool) -> None:
+        slot = self.memslots[as_id].by_id(slot_id)
+        if slot is None:
+            raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
+        if enable == slot.log_dirty:
+            return
+        slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
+        self.memslots[as_id].update()
+        self.generation += 1
+        if enable:
+            slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
+            if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
+                self.flush_remote_tlbs()
+        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=slot,
+                      change="flags")
+
+    def get_dirty_log(self, as_id: int, slot_id: int) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG with manual-protect off: fetch, clear, re-protect."""
+        slot = self.memslots[as_id].by_id(slot_id)
+        if slot is None or slot.dirty_bitmap is None:
+            raise InvalidConfig("memslot", f"slot {slot_id} does not log dirty pages")
+        gfns = np.flatnonzero(slot.dirty_bitmap) + slot.base_gfn
+        slot.dirty_bitmap[:] = 0
+        if len(gfns) and self.hook.mmu_clear_dirty_log(vm=self, slot=slot, gfns=gfns):
+            self.flush_remote_tlbs()
+        return gfns
+
+    def memslots_generation(self) -> int:
+        return self.generation
+
+    def gfn_to_memslot(self, as_id: int, gfn: int) -> Memslot | None:
+        return self.memslots[as_id].find(gfn)
+
+    # --- gfn -> pfn (KVM: __gfn_to_pfn_memslot / hva_to_pfn) ------------------------------------
+    def gfn_to_pfn(self, as_id: int, gfn: int, write: bool) -> tuple[int, int, Memslot] | None:
+        """(pfn, host mapping level, slot), or None when no memslot covers gfn (MMIO).
+
+        Runs as get_user_pages would: a missing page in a userfault region blocks the calling
+        task until the region's handler copies it in. Accounted to the "gup" phase.
+        """
+        slot = self.memslots[as_id].find(gfn)
+        if slot is None:
+            return None
+        hva = slot.gfn_to_hva(gfn)
+        cost = self.engine.cost
+        with self.engine.phase("gup"):
+            self.engine.delay(cost.gup_present)
+            pfn = self.mm.lookup(hva)
+            if pfn == NO_PFN:
+                uffd = self.mm.userfault_of(hva)
+                if uffd is not None:
+                    pfn = uffd.wait_for(hva, write)
+                else:
+                    self.engine.delay(cost.host_page_alloc)
+                    pfn = self.mm.populate(hva)
+        return pfn, self.mm.mapping_level(hva), slot
+
+    def max_mapping_level(self, slot: Memslot, gfn: int, host_level: int, max_level: int = 3) -> int:
+        """Largest level at which gfn may be mapped: no larger than the host mapping, and the
+        huge page must lie inside the slot with gfn and hva equally aligned (KVM:
+        kvm_mmu_max_mapping_level and the lpage_info disallow counts)."""
+        level = min(host_level, max_level)
+        while level > 1:
+            pages = 1 << (9 * (level - 1))
+            base = gfn & ~(pages - 1)
+            hva_pg = slot.userspace_addr >> 12
+            aligned = (slot.base_gfn - hva_pg) % pages == 0
+            if aligned and base >= slot.base_gfn and base + pages <= slot.end_gfn:
+                if not (slot.log_dirty or self._tracked_in(slot.as_id, base, base + pages)):
+                    return level
+            level -= 1
+        return 1
+
+    def read_guest_u64(self, as_id: int, gpa: int) -> int:
+        """A host-side read of guest memory (kvm_read_guest), populating if needed."""
+        res = self.gfn_to_pfn_nowait(as_id, gpa >> 12)
+        if res is None:
+            return 0
+        return self.host.read_u64((res << 12) | (gpa & 0xFF8))
+
+    def gfn_to_pfn_nowait(self, as_id: int, gfn: int) -> int | None:
+        slot = self.memslots[as_id].find(gfn)
+        if slot is None:
+            return None
+        hva = slot.gfn_to_hva(gfn)
+        pfn = self.mm.lookup(hva)
+        if pfn == NO_PFN:
+            pfn = self.mm.populate(hva)
+        return pfn
+
+    # --- page-table pages, atomics, flushes -------------------------------------------------
+    def alloc_pt_page(self) -> int:
+        """A zeroed page-table page (its 512 entries are all zero = not present)."""
+        pfn = self.host.alloc(Purpose.MMU_PT)
+        self.host.table(pfn)
+        return pfn
+
+    def free_pt_page(self, pfn: int) -> None:
+        self.host.free(pfn)
+
+    def pt_pages_in_use(self) -> int:
+        return int(self.host.frames_in_use[Purpose.MMU_PT])
+
+    def spte_table(self, pfn: int) -> np.ndarray:
+        return self.host.pt[self.host.pt_slot[pfn]]
+
+    def spte_read(self, pfn: int, idx: int) -> int:
+        """READ_ONCE of an SPTE: a switch point."""
+        self.engine.atomic("read")
+        return int(self.host.pt[self.host.pt_slot[pfn], idx])
+
+    def spte_cmpxchg(self, pfn: int, idx: int, old: int, new: int) -> bool:
+        """try_cmpxchg64 on an SPTE: a switch point; False (and a counted failure) if the SPTE
+        no longer holds `old`."""
+        self.engine.atomic("cmpxchg")
+        table = self.host.pt[self.host.pt_slot[pfn]]
+        if int(table[idx]) != old:
+            self.engine.note_cmpxchg_failure()
+            return False
+        table[idx] = np.uint64(new)
+        return True
+
+    def spte_xchg(self, pfn: int, idx: int, new: int) -> int:
+        self.engine.atomic("xchg")
+        table = self.host.pt[self.host.pt_slot[pfn]]
+        old = int(table[idx])
+        table[idx] = np.uint64(new)
+        return old
+
+    def spte_write(self, pfn: int, idx: int, new: int) -> None:
+        """A plain store, for SPTEs only the lock holder (write mode) can touch."""
+        self.host.pt[self.host.pt_slot[pfn], idx] = np.uint64(new)
+
+    def flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs: every vCPU's TLB is emptied before this returns."""
+        cost = self.engine.cost
+        self.engine.delay(
+            cost.remote_tlb_flush_base + cost.remote_tlb_flush_per_vcpu * len(self.vcpus),
+            "tlb_flush",
+        )
+        for vcpu in self.vcpus:
+            vcpu.flush_tlb()
+        self.tlb_flushes += 1
+
+    def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
+        if self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=start, end=end):
+            self.flush_remote_tlbs()
+
+    def zap_all(self) -> None:
+        if self.hook.mmu_zap_all(vm=self):
+            self.flush_remote_tlbs()
+        for vcpu in self.vcpus:
+            vcpu.mmu_root = None
+
+    # --- dirty logging and write tracking --------------------------------------------------------
+    def mark_page_dirty(self, as_id: int, gfn: int) -> None:
+        slot = self.memslots[as_id].find(gfn)
+        if slot is not None and slot.dirty_bitmap is not None:
+            slot.dirty_bitmap[gfn - slot.base_gfn] = 1
+
+    def track_gfn(self, as_id: int, gfn: int) -> None:
+        """kvm_write_track_add_gfn: guest writes to gfn must exit and be emulated."""
+        t = self._tracked[as_id]
+        t[gfn] = t.get(gfn, 0) + 1
+
+    def untrack_gfn(self, as_id: int, gfn: int) -> None:
+        t = self._tracked[as_id]
+        n = t.get(gfn, 0) - 1
+        if n <= 0:
+            t.pop(gfn, None)
+        else:
+            t[gfn] = n
+
+    def is_tracked(self, as_id: int, gfn: int) -> bool:
+        return gfn in self._tracked[as_id]
+
+    def _tracked_in(self, as_id: int, start: int, end: int) -> bool:
+        t = self._tracked[as_id]
+        if end - start > len(t):
+            return any(start <= g < end for g in t)
+        return any(g in t for g in range(start, end))
+
+    # --- MMU notifier (registered with the host mm) ----------------------------------------------
+    def invalidate_range(self, start: int, end: int, event: str) -> None:
+        self.mmu_invalidate_seq += 1
+        flush = False
+        for as_id in (0, 1):
+            for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end):
+                res = self.hook.mmu_unmap_gfn_range(vm=self, as_id=as_id, start=first, end=last,
+                                                    event=event)
+                if res is None and not self.hook.mmu_unmap_gfn_range.get_hookimpls():
+                    res = self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=first, end=last)
+                flush |= bool(res)
+        if flush:
+            self.flush_remote_tlbs()
+
+    def change_pte(self, hva: int, new_pfn: int) -> None:
+        # Modern KVM ignores change_pte (the invalidation before it already zapped the SPTE).
+        return
+
+    def clear_young(self, start: int, end: int) -> int:
+        young = 0
+        for as_id in (0, 1):
+            for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end):
+                impls = self.hook.mmu_age_gfn_range.get_hookimpls()
+                res = self.hook.mmu_age_gfn_range(vm=self, as_id=as_id, start=first, end=last)
+                young += int(bool(res)) if impls else last - first
+        return young
+
+    # --- figures ---------------------------------------------------------------------------------
+    def memory(self):
+        return self.hook.mmu_memory(vm=self)

@@ -1,0 +1,203 @@
+"""demand_paging_test, modelled: N vCPUs each touch a disjoint region; userfault handlers
+supply the pages.
+
+As in KVM's selftest, each vCPU's region is registered with its own userfaultfd and served by
+its own handler task, which waits `uffd_delay_ns` (the selftest's -d) and resolves the fault
+with UFFDIO_COPY. Each vCPU reads every page of its region once and checks that it got the
+handler's contents for that page. Without userfaults the vCPUs first write a pattern to each
+page and then read it back. All times are virtual; the wall time of the simulation itself is
+reported apart.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mmu_core.arch.x86 import paging as P
+from mmu_core.config import VMConfig
+from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_pattern
+from mmu_core.hw import cpu as C
+from mmu_core.params import Params, configuration_name
+from mmu_core.report.models import DemandPagingReport, MemoryFigures, TimeSplit, VcpuFigures
+from mmu_core.sim.cost import CostModel
+from mmu_core.testing.parity import guest_digest
+
+MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
+BACKING_PAGE = {"anon": 4096, "thp": 2 << 20, "hugetlb": 1 << 30}
+
+
+class DemandPagingOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    vcpus: int = Field(1, ge=1, le=1024, description="-v: number of vCPUs")
+    bytes_per_vcpu: int = Field(64 << 20, gt=0, description="-b: memory per vCPU")
+    uffd: bool = Field(True, description="-u MISSING: serve faults with userfaultfd")
+    uffd_delay_ns: int = Field(0, ge=0, description="-d: handler delay per fault")
+    backing: str = Field("anon", pattern="^(anon|thp|hugetlb)$", description="-s: backing")
+    mode: str = Field("4level", description="guest paging mode")
+    seed: int = 0
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in MODES:
+            raise ValueError(f"unknown paging mode '{v}' (one of {', '.join(MODES)})")
+        return v
+
+    def model_post_init(self, _ctx) -> None:
+        page = BACKING_PAGE[self.backing]
+        if self.bytes_per_vcpu % page:
+            raise ValueError(
+                f"bytes_per_vcpu {self.bytes_per_vcpu} is not a multiple of the {self.backing} "
+                f"page size ({page})")
+        if self.mode in ("32bit", "pae", "none") and DATA_GPA + self.vcpus * self.bytes_per_vcpu > 0xC000_0000:
+            raise ValueError("32-bit guests can address at most 2 GiB of test memory here")
+
+
+def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
+    pages = opts.bytes_per_vcpu >> 12
+    progs = []
+    for i in range(opts.vcpus):
+        gvas = DATA_GPA + i * opts.bytes_per_vcpu + (np.arange(pages, dtype=np.int64) << 12)
+        if opts.uffd:
+            prog = np.zeros((pages, 3), dtype=np.int64)
+            prog[:, 0] = C.OP_READ
+            prog[:, 1] = gvas
+        else:
+            prog = np.zeros((2 * pages, 3), dtype=np.int64)
+            prog[:pages, 0] = C.OP_WRITE
+            prog[:pages, 1] = gvas
+            prog[:pages, 2] = _patterns(gvas)
+            prog[pages:, 0] = C.OP_READ
+            prog[pages:, 1] = gvas
+        progs.append(prog)
+    return progs
+
+
+def _patterns(gvas: np.ndarray) -> np.ndarray:
+    gfns = gvas >> 12
+    return np.array([page_pattern(int(g)) for g in gfns], dtype=np.int64)
+
+
+def _split(stats) -> TimeSplit:
+    ph = dict(stats.phases)
+    known = {"guest", "walk", "exit", "gup", "userfault", "tlb_flush"}
+    return TimeSplit(
+        total_ns=stats.total_ns,
+        guest_ns=ph.get("guest", 0),
+        walk_ns=ph.get("walk", 0),
+        exit_ns=ph.get("exit", 0),
+        lock_wait_ns=stats.lock_wait_ns,
+        lock_held_ns=stats.lock_held_ns,
+        gup_ns=ph.get("gup", 0) + ph.get("userfault", 0),
+        tlb_flush_ns=ph.get("tlb_flush", 0),
+        other_ns=sum(v for k, v in ph.items() if k not in known),
+    )
+
+
+def run_demand_paging(
+    opts: DemandPagingOptions,
+    params: Params,
+    cost: CostModel | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DemandPagingReport:
+    wall0 = time.perf_counter()
+    spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.vcpus * opts.bytes_per_vcpu,
+                       backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd)
+    config = VMConfig(vcpus=opts.vcpus, seed=opts.seed, params=params, cost=cost or CostModel())
+    machine = build_machine(spec, config)
+    vm = machine.vm
+    try:
+        programs = _programs(opts)
+        machine.spawn_uffd_handlers(opts.uffd_delay_ns)
+        results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
+        done = [0]
+
+        def vcpu_body(vcpu, prog, res):
+            vcpu.run(prog, res)
+            done[0] += 1
+            if progress:
+                progress(done[0], opts.vcpus)
+
+        start_ns = vm.engine.now
+        tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
+                 for v, p, r in zip(vm.vcpus, programs, results)]
+        vm.engine.run()
+        total_ns = vm.engine.now - start_ns
+        pages = opts.bytes_per_vcpu >> 12
+        mismatches = 0
+        for i, res in enumerate(results):
+            expect = _patterns(programs[i][-pages:, 1])
+            mismatches += int(np.count_nonzero(res[-pages:, C.RES_VALUE] != expect))
+            mismatches += int(np.count_nonzero(res[:, C.RES_VECTOR]))
+        per_vcpu = []
+        for i, task in enumerate(tasks):
+            st = task.statistics()
+            per_vcpu.append(VcpuFigures(
+                vcpu=i, pages=pages, time_ns=st.total_ns,
+                pages_per_sec=pages / (st.total_ns / 1e9) if st.total_ns else 0.0,
+                time=_split(st)))
+        summed = TimeSplit(**{f: sum(getattr(v.time, f) for v in per_vcpu)
+                              for f in TimeSplit.model_fields})
+        faults: dict[str, int] = {}
+        exits: dict[str, int] = {}
+        for v in vm.vcpus:
+            for k, n in v.faults.items():
+                faults[k] = faults.get(k, 0) + n
+            for k, n in v.exits.items():
+                exits[k] = exits.get(k, 0) + n
+        backend = vm.backend_instances[vm.backend_name]
+        mapped = getattr(backend, "stats", {}).get("mapped", [0, 0, 0, 0])
+        mem = vm.memory()
+        guest_bytes = spec.data_size
+        digest = guest_digest(vm, results)
+        cmpxchg_failures = sum(t.statistics().cmpxchg_failures for t in tasks)
+    finally:
+        vm.destroy()
+    wall = time.perf_counter() - wall0
+    nfaults = sum(faults.values())
+    return DemandPagingReport(
+        configuration=configuration_name(params),
+        params={"ept": str(params.ept).lower(), "backend": params.backend},
+        backend=vm.backend_name,
+        seed=opts.seed,
+        vcpus=opts.vcpus,
+        bytes_per_vcpu=opts.bytes_per_vcpu,
+        backing=opts.backing,
+        paging_mode=opts.mode,
+        uffd=opts.uffd,
+        uffd_delay_ns=opts.uffd_delay_ns,
+        pages=pages * opts.vcpus,
+        verified=mismatches == 0,
+        mismatches=mismatches,
+        total_time_ns=total_ns,
+        pages_per_sec=pages * opts.vcpus / (total_ns / 1e9) if total_ns else 0.0,
+        per_vcpu=per_vcpu,
+        time=summed,
+        lock_wait_share=summed.lock_wait_ns / summed.total_ns if summed.total_ns else 0.0,
+        faults=faults,
+        exits=exits,
+        mappings_by_level={"4K": mapped[1], "2M": mapped[2], "1G": mapped[3]},
+        cmpxchg_failures=cmpxchg_failures,
+        tlb_flushes=vm.tlb_flushes,
+        memory=MemoryFigures(
+            page_table_pages=mem.page_table_pages,
+            page_table_bytes=mem.page_table_bytes,
+            peak_page_table_pages=mem.peak_page_table_pages,
+            mmu_page_structs=mem.mmu_page_structs,
+            mmu_page_struct_bytes=mem.mmu_page_struct_bytes,
+            rmap_bytes=mem.rmap_bytes,
+            metadata_bytes=mem.metadata_bytes,
+            guest_memory_bytes=guest_bytes,
+            page_table_share=mem.page_table_bytes / guest_bytes,
+            metadata_share=mem.metadata_bytes / guest_bytes,
+        ),
+        digest=digest,
+        wall_seconds=wall,
+        sim_faults_per_wall_sec=nfaults / wall if wall else 0.0,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
