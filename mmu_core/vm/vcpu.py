@@ -15,6 +15,7 @@ import numpy as np
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
+from mmu_core.arch.x86 import spte as S
 from mmu_core.errors import GuestError
 from mmu_core.hw import cpu as C
 from mmu_core.hw import walker as W
@@ -114,7 +115,7 @@ class Vcpu:
         h[W.R_CR3] = (self.mmu_root or 0) << 12
         h[W.R_FLAGS] = self._flags(True)
         h[W.R_PKRU] = 0
-        h[W.R_MAXPHY] = 52
+        h[W.R_MAXPHY] = S.HOST_MAXPHYADDR  # so shadow MMIO SPTEs hit a reserved bit
 
     def _load_pdptrs(self) -> None:
         """MOV CR3 in PAE mode loads the four PDPTE registers from guest memory (SDM 4.4.1)."""

@@ -28,7 +28,7 @@ KVM_MMU_PAGE_BYTES = 184
 SHADOWED_TRANSLATION_BYTES = 512 * 8
 
 
-@dataclass
+@dataclass(eq=False)
 class ShadowPage:
     key: R.Key
     pfn: int
