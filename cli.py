@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,9 +43,9 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
-def _fail(message: str) -> None:
-    err.print(f"mmu: error: {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+# typer >= 0.26 carries its own copy of click; its usage-error base class is reached through
+# the public BadParameter rather than a private module.
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 # --- info commands ------------------------------------------------------------------------------
@@ -208,19 +207,18 @@ def _render(reports: list[DemandPagingReport]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer, with every usage or input error reduced to one line and exit 2."""
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(130)
-    except click.UsageError as exc:
+    except _USAGE_ERRORS as exc:
         err.print(f"mmu: error: {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except MMUError as exc:
         err.print(f"mmu: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

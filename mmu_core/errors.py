@@ -26,3 +26,7 @@ class GuestError(MMUError):
 
 class OutOfMemory(MMUError):
     """The simulated host ran out of frames (a configured limit, not the real machine's)."""
+
+
+class BackendError(MMUError):
+    """A backend broke the MMU interface's contract (e.g. its fix never takes effect)."""

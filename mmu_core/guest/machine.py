@@ -22,6 +22,7 @@ from mmu_core.vm.vm import VM, create_vm
 
 DATA_GPA = 1 << 30
 MMIO_GPA = 0xF000_0000
+MMIO_PAGES = 16
 DATA_SLOT = 1
 PT_SLOT = 0
 
@@ -111,6 +112,7 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
         pts = GuestPageTables(vm, spec.mode, 0, pt_size)
         if spec.map_data and spec.mode != P.MODE_NONE:
             pts.map_range(DATA_GPA, DATA_GPA, data_pages, spec.data_flags)
+            pts.map_range(MMIO_GPA, MMIO_GPA, MMIO_PAGES, spec.data_flags)
         paging = pts.setup(wp=spec.wp, smep=spec.smep, smap=spec.smap, pke=spec.pke)
         machine = Machine(vm, spec, pts, paging)
         if spec.userfault:

@@ -42,8 +42,15 @@ class CostModel(BaseModel):
     host_page_alloc: int = Field(1_000, ge=0, description="host page fault: allocate + zero 4 KiB")
     uffd_notify: int = Field(3_000, ge=0, description="userfault message to the handler, wakeup")
     uffd_copy: int = Field(4_000, ge=0, description="UFFDIO_COPY of 4 KiB and waking the waiter")
-    pt_page_alloc: int = Field(300, ge=0, description="a zeroed page-table page from the cache")
-    spte_build: int = Field(20, ge=0, description="computing one SPTE")
+    pt_page_alloc: int = Field(
+        100, ge=0, description="a zeroed page-table page from the per-vCPU cache (topped up "
+        "before the lock is taken, as kvm_mmu_topup_memory_caches does)")
+    spte_build: int = Field(50, ge=0, description="computing one SPTE (make_spte)")
+    spte_write: int = Field(5, ge=0, description="a plain SPTE store under the write lock")
+    sp_hash_lookup: int = Field(
+        60, ge=0, description="kvm_mmu_find_shadow_page: one hash-bucket walk (a cache miss)")
+    rmap_add: int = Field(
+        100, ge=0, description="rmap_add: pte_list_add, often allocating a pte_list_desc")
     emulate: int = Field(2_000, ge=0, description="instruction emulation of one access")
     quantum: int = Field(10_000, ge=1, description="guest time between forced switch points")
 

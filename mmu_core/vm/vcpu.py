@@ -16,7 +16,7 @@ from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
-from mmu_core.errors import GuestError
+from mmu_core.errors import BackendError, GuestError
 from mmu_core.hw import cpu as C
 from mmu_core.hw import walker as W
 from mmu_core.hw.tlb import new_tlb, tlb_flush_all, tlb_flush_va
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 # Requests serviced before the next entry (KVM_REQ_*).
 REQ_TLB_FLUSH = 1 << 0
 REQ_MMU_RELOAD = 1 << 1
+#: a vCPU faulting this often on one operation means the backend's fix does not take
+MAX_FAULTS_PER_OP = 1000
 
 _CR0_PAGING_BITS = P.CR0_PG | P.CR0_WP | P.CR0_PE
 _CR4_PAGING_BITS = P.CR4_PAE | P.CR4_PSE | P.CR4_SMEP | P.CR4_SMAP | P.CR4_PKE | P.CR4_LA57
@@ -130,6 +132,19 @@ class Vcpu:
     def flush_tlb(self) -> None:
         tlb_flush_all(self.tlb)
 
+    def make_request(self, req: int) -> None:
+        """kvm_make_request: serviced before the vCPU next enters the guest."""
+        self.requests |= req
+
+    def _service_requests(self) -> None:
+        req, self.requests = self.requests, 0
+        if req & REQ_TLB_FLUSH:
+            tlb_flush_all(self.tlb)
+        if req & REQ_MMU_RELOAD:
+            tlb_flush_all(self.tlb)
+            self.vm.hook_all("mmu_unload", vcpu=self)
+            self.mmu_root = None
+
     def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0) -> None:
         """Run `prog` to its end; results[i] gets (value, vector, error code) of op i."""
         vm = self.vm
@@ -138,7 +153,10 @@ class Vcpu:
         budget = max(1, cost.quantum // max(1, cost.guest_access))
         pc, end = start, len(prog)
         stats = self.hw_stats
+        stuck_pc, stuck = -1, 0
         while pc < end:
+            if self.requests:
+                self._service_requests()
             if self.mmu_root is None:
                 vm.hook.mmu_load(vcpu=self)
                 self._sync_regs()
@@ -160,6 +178,15 @@ class Vcpu:
             elif kind == C.X_NEED_TABLE:
                 vm.host.table(int(self.xinfo[C.XI_PFN]))
             else:
+                if pc == stuck_pc:
+                    stuck += 1
+                    if stuck > MAX_FAULTS_PER_OP:
+                        raise BackendError(
+                            f"backend '{vm.backend_name}' made no progress: op {pc} "
+                            f"({C.OP_NAMES[int(prog[pc, 0])]} {int(prog[pc, 1]):#x}) faulted "
+                            f"{stuck} times in a row")
+                else:
+                    stuck_pc, stuck = pc, 0
                 pc = self._fault(prog, pc, results, kind)
 
     def _count(self, table: dict[str, int], key: str) -> None:

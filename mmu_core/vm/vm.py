@@ -22,7 +22,7 @@ from mmu_core.params import Params
 from mmu_core.sim import RCU, Engine, RWLock
 from mmu_core.types import Role
 from mmu_core.vm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, Memslots
-from mmu_core.vm.vcpu import Vcpu
+from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, Vcpu
 
 
 def create_vm(config: VMConfig, engine: Engine | None = None) -> VM:
@@ -220,6 +220,7 @@ class VM:
     # --- page-table pages, atomics, flushes -------------------------------------------------
     def alloc_pt_page(self) -> int:
         """A zeroed page-table page (its 512 entries are all zero = not present)."""
+        self.engine.delay(self.engine.cost.pt_page_alloc)
         pfn = self.host.alloc(Purpose.MMU_PT)
         self.host.table(pfn)
         return pfn
@@ -258,6 +259,7 @@ class VM:
 
     def spte_write(self, pfn: int, idx: int, new: int) -> None:
         """A plain store, for SPTEs only the lock holder (write mode) can touch."""
+        self.engine.delay(self.engine.cost.spte_write)
         self.host.pt[self.host.pt_slot[pfn], idx] = np.uint64(new)
 
     def flush_remote_tlbs(self) -> None:
@@ -268,7 +270,7 @@ class VM:
             "tlb_flush",
         )
         for vcpu in self.vcpus:
-            vcpu.flush_tlb()
+            vcpu.make_request(REQ_TLB_FLUSH)
         self.tlb_flushes += 1
 
     def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
@@ -279,7 +281,7 @@ class VM:
         if self.hook.mmu_zap_all(vm=self):
             self.flush_remote_tlbs()
         for vcpu in self.vcpus:
-            vcpu.mmu_root = None
+            vcpu.make_request(REQ_MMU_RELOAD)
 
     # --- dirty logging and write tracking --------------------------------------------------------
     def mark_page_dirty(self, as_id: int, gfn: int) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
+from mmu_core.errors import InvalidConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_pattern
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name
@@ -51,11 +52,12 @@ class DemandPagingOptions(BaseModel):
     def model_post_init(self, _ctx) -> None:
         page = BACKING_PAGE[self.backing]
         if self.bytes_per_vcpu % page:
-            raise ValueError(
-                f"bytes_per_vcpu {self.bytes_per_vcpu} is not a multiple of the {self.backing} "
+            raise InvalidConfig("bytes_per_vcpu", 
+                f"{self.bytes_per_vcpu} is not a multiple of the {self.backing} "
                 f"page size ({page})")
         if self.mode in ("32bit", "pae", "none") and DATA_GPA + self.vcpus * self.bytes_per_vcpu > 0xC000_0000:
-            raise ValueError("32-bit guests can address at most 2 GiB of test memory here")
+            raise InvalidConfig("bytes_per_vcpu",
+                                "32-bit guests can address at most 2 GiB of test memory here")
 
 
 def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:

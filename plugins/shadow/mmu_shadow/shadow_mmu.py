@@ -105,6 +105,7 @@ class ShadowMMU:
 
     def _get_sp(self, key: R.Key) -> ShadowPage:
         """kvm_mmu_get_shadow_page: find in the hash or create (and write-protect the gfn)."""
+        self.vm.engine.delay(self.vm.engine.cost.sp_hash_lookup)
         sp = self.pages.get(key)
         if sp is not None:
             return sp
@@ -232,6 +233,7 @@ class ShadowMMU:
             if slot.log_dirty and not fault.write:
                 map_writable = False
             idx = (fault.gva >> 12) & 511
+            vm.engine.delay(vm.engine.cost.spte_build)
             new = S.make_shadow_leaf_spte(pfn, map_writable, user, nx)
             old = int(vm.spte_table(table)[idx])
             if old != new:
@@ -330,6 +332,7 @@ class ShadowMMU:
                 pfn, _hl, slot = res
                 base = pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
                 writable = not slot.readonly and (not slot.log_dirty or fault.write)
+                vm.engine.delay(vm.engine.cost.spte_build)
                 new = S.make_leaf_spte(base, level, writable, True)
             if old == new:
                 self.stats["spurious"] += 1
@@ -360,6 +363,7 @@ class ShadowMMU:
             del self.rmap[key]
 
     def _add_rmap(self, key: tuple[int, int], table: int, idx: int) -> None:
+        self.vm.engine.delay(self.vm.engine.cost.rmap_add)
         self.rmap.setdefault(key, set()).add((table, idx))
         self.leaf_key[(table, idx)] = key
 

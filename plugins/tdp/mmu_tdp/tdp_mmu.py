@@ -164,6 +164,7 @@ class TdpMMU:
         pfn, _host_level, slot = res
         base_pfn = pfn - (gfn - S.gfn_round_for_level(gfn, level))
         writable = not slot.readonly and (not slot.log_dirty or fault.write)
+        vm.engine.delay(vm.engine.cost.spte_build)
         new = S.make_leaf_spte(base_pfn, level, writable, True)
         if S.is_shadow_present_pte(it.old_spte) and S.spte_to_pfn(it.old_spte) == base_pfn \
                 and S.is_last_spte(it.old_spte, level) \
