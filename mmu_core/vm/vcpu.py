@@ -90,9 +90,12 @@ class Vcpu:
             f |= W.F_WP  # shadow paging runs the hardware with CR0.WP=1 (KVM forces it)
         if self.efer & P.EFER_NXE or hw:
             f |= W.F_NXE
-        if self.cr4 & P.CR4_SMEP:
+        # With paging off there are no user pages to protect; KVM also clears SMEP/SMAP in the
+        # hardware CR4 it runs a non-paging guest with under shadow paging (vmx_set_cr4).
+        paging = self.mode != P.MODE_NONE
+        if self.cr4 & P.CR4_SMEP and paging:
             f |= W.F_SMEP
-        if self.cr4 & P.CR4_SMAP:
+        if self.cr4 & P.CR4_SMAP and paging:
             f |= W.F_SMAP
         if self.cr4 & P.CR4_PKE and not hw:
             f |= W.F_PKE
