@@ -201,7 +201,7 @@ class HostMM:
         self.unmap(hva, 4096, event="swap_out")
 
     def migrate(self, hva: int) -> int:
-        """Move the page to a new frame with the same contents; returns the new pfn."""
+        """Move the page to a new frame with the same contents; returns the new pfn for hva."""
         old = self.lookup(hva)
         if old == NO_PFN:
             return NO_PFN
@@ -209,15 +209,16 @@ class HostMM:
         self._notify("migrate")
         for n in self.notifiers:
             n.invalidate_range(start, end, "migrate")
-        level = self.mapping_level(hva)
-        first = self.index(start)
+        first, npages = self.index(start), (end - start) >> 12
         old_base = int(self.hva_pfn[first])
-        tags = self.memory.tag[old_base : old_base + (end - start) // 4096].copy()
-        self._drop(start, end)
-        new = self.populate(start, level=level)
-        new_base = int(self.hva_pfn[first])
-        self.memory.tag[new_base : new_base + len(tags)] = tags
-        return new + (self.index(hva) - first)
+        new_base = self.memory.alloc(Purpose.GUEST_DATA, npages)  # before freeing: a new frame
+        mem = self.memory
+        mem.tag[new_base : new_base + npages] = mem.tag[old_base : old_base + npages]
+        for off in np.flatnonzero(mem.pt_slot[old_base : old_base + npages] >= 0).tolist():
+            mem.table(new_base + off)[:] = mem.table(old_base + off)
+        mem.free(old_base)
+        self.hva_pfn[first : first + npages] = np.arange(new_base, new_base + npages)
+        return new_base + (self.index(hva) - first)
 
     def ksm_merge(self, hva_keep: int, hva_dup: int) -> None:
         """KSM: the duplicate page now maps the kept page's frame (read-only in the host).
