@@ -102,13 +102,15 @@ def memslot_find(ms: np.ndarray, gfn: int) -> int:
 
 @njit(cache=True)
 def read_entry(pt, pt_slot, hpa, ebytes):
+    """The entry at hpa as an int64 (bit 63 is the sign: numba keeps uint64 unsigned and
+    mixing it with int64 promotes to float, so every entry is converted once, here)."""
     slot = pt_slot[hpa >> 12]
     if slot < 0:
-        return np.uint64(0)
+        return np.int64(0)
     word = pt[slot, (hpa & 0xFFF) >> 3]
     if ebytes == 4:
-        return (word >> np.uint64(32 * ((hpa >> 2) & 1))) & np.uint64(0xFFFFFFFF)
-    return word
+        return np.int64((word >> np.uint64(32 * ((hpa >> 2) & 1))) & np.uint64(0xFFFFFFFF))
+    return np.int64(word)
 
 
 @njit(cache=True)
@@ -136,8 +138,8 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
     for level in range(levels, 0, -1):
         idx = (gpa >> (12 + 9 * (level - 1))) & 511
         slot = pt_slot[table]
-        e = pt[slot, idx] if slot >= 0 else np.uint64(0)
-        rwx = int(e) & E.EPT_RWX
+        e = np.int64(pt[slot, idx]) if slot >= 0 else np.int64(0)
+        rwx = e & E.EPT_RWX
         if rwx == 0:
             res[0] = W_EPT_VIOLATION
             res[2] = 0
@@ -145,7 +147,7 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
         if (rwx & E.EPT_WRITE) and not (rwx & E.EPT_READ):
             res[0] = W_EPT_MISCONFIG  # write-only or write+exec: KVM's MMIO SPTEs use this
             return
-        large = (int(e) & E.EPT_LARGE) != 0
+        large = (e & E.EPT_LARGE) != 0
         if large and level > 3:
             res[0] = W_EPT_MISCONFIG  # bit 7 is reserved in EPT PML4Es/PML5Es
             return
@@ -154,15 +156,15 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
         idxs[n] = idx
         n += 1
         if level == 1 or large:
-            mt = (int(e) & E.EPT_MT_MASK) >> E.EPT_MT_SHIFT
+            mt = (e & E.EPT_MT_MASK) >> E.EPT_MT_SHIFT
             if mt == 2 or mt == 3 or mt == 7:
                 res[0] = W_EPT_MISCONFIG
                 return
             size = 1 << (12 + 9 * (level - 1))
-            hpa = (int(e) & _ADDR_MASK_52 & ~(size - 1)) | (gpa & (size - 1))
+            hpa = (e & _ADDR_MASK_52 & ~(size - 1)) | (gpa & (size - 1))
             leaf_level = level
             break
-        table = (int(e) & _ADDR_MASK_52) >> 12
+        table = (e & _ADDR_MASK_52) >> 12
     if not (perm & need):
         res[0] = W_EPT_VIOLATION
         res[2] = perm
@@ -347,7 +349,7 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
                 out[OUT_N] = n
                 return
             hpa = res[1]
-            e = int(read_entry(pt, pt_slot, hpa, ebytes))
+            e = read_entry(pt, pt_slot, hpa, ebytes)
             out[OUT_TGPA + n] = pte_gpa
             out[OUT_TPTE + n] = e
             hpas[n] = hpa
