@@ -34,7 +34,7 @@ class Path:
             self.regs[W.R_CR3] = self.tables[3] << 12
             self.regs[W.R_PDPTR + ((GVA >> 30) & 3)] = (self.tables[2] << 12) | P.PT_PRESENT
             top = 2
-        else:
+        elif top:
             self.regs[W.R_CR3] = self.tables[top] << 12
         for lv in range(top, 2, -1):
             self.set(lv, (self.tables[lv - 1] << 12) | UPPER)
