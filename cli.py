@@ -194,10 +194,13 @@ def _render(reports: list[DemandPagingReport]) -> None:
         row(label, lambda r, f=field: _ms(getattr(r.time, f)))
     row("cmpxchg failures", lambda r: str(r.cmpxchg_failures))
     row("remote TLB flushes", lambda r: str(r.tlb_flushes))
-    row("MMU page-table pages", lambda r: f"{r.memory.page_table_pages} (peak {r.memory.peak_page_table_pages})")
-    row("kvm_mmu_page structs", lambda r: f"{r.memory.mmu_page_structs} ({_kib(r.memory.mmu_page_struct_bytes)})")
+    row("MMU page-table pages",
+        lambda r: f"{r.memory.page_table_pages} (peak {r.memory.peak_page_table_pages})")
+    row("kvm_mmu_page structs",
+        lambda r: f"{r.memory.mmu_page_structs} ({_kib(r.memory.mmu_page_struct_bytes)})")
     row("rmap", lambda r: _kib(r.memory.rmap_bytes))
-    row("MMU memory / guest", lambda r: f"{_pct(r.memory.page_table_share)} tables + {_pct(r.memory.metadata_share)} metadata")
+    row("MMU memory / guest", lambda r: f"{_pct(r.memory.page_table_share)} tables + "
+        f"{_pct(r.memory.metadata_share)} metadata")
     row("guest digest", lambda r: r.digest[:16])
     row("wall time", lambda r: f"{r.wall_seconds:.2f} s")
     row("simulated faults / wall s", lambda r: f"{r.sim_faults_per_wall_sec:,.0f}")

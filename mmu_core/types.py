@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """Which paging structures a backend builds (KVM's kvm_mmu_page_role.direct and friends)."""
 
     DIRECT = "direct"  # TDP for an L1 guest: gpa -> hpa, one structure per address space
@@ -14,7 +14,7 @@ class Role(str, enum.Enum):
     NESTED = "nested"  # shadowing L1's EPT for an L2 guest
 
 
-class FaultKind(str, enum.Enum):
+class FaultKind(enum.StrEnum):
     EPT_VIOLATION = "ept_violation"  # gpa-keyed: the direct role
     EPT_MISCONFIG = "ept_misconfig"  # an MMIO SPTE (or a stale one) was hit
     SHADOW_PF = "shadow_pf"  # gva-keyed: #PF intercepted under shadow paging

@@ -80,7 +80,7 @@ class Machine:
     def run_programs(self, programs: list[np.ndarray]) -> list[np.ndarray]:
         """Run one program per vCPU, concurrently in the engine; returns their results."""
         results = [new_results(p) for p in programs]
-        for vcpu, prog, res in zip(self.vm.vcpus, programs, results):
+        for vcpu, prog, res in zip(self.vm.vcpus, programs, results, strict=True):
             vcpu.task = self.vm.engine.spawn(f"vcpu{vcpu.id}", vcpu.run, prog, res)
         self.vm.engine.run()
         return results

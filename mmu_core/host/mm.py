@@ -28,7 +28,7 @@ PAGE_4K, PAGE_2M, PAGE_1G = 1, 2, 3  # mapping levels, as KVM's PG_LEVEL_*
 _LEVEL_PAGES = {PAGE_4K: 1, PAGE_2M: 512, PAGE_1G: 512 * 512}
 
 
-class Backing(str, enum.Enum):
+class Backing(enum.StrEnum):
     ANON = "anon"
     THP = "thp"
     HUGETLB = "hugetlb"
@@ -83,7 +83,8 @@ class HostMM:
     def mmap(self, size: int, backing: Backing = Backing.ANON, name: str = "") -> Region:
         page = 4096 * _LEVEL_PAGES[backing.level]
         if size <= 0 or size % page:
-            raise InvalidConfig("size", f"{size} is not a positive multiple of the {backing.value} page size {page}")
+            raise InvalidConfig(
+                "size", f"{size} is not a positive multiple of the {backing.value} page size {page}")
         # Align every region to 2 MiB at least, so that memslots can map huge pages.
         align = max(page, 2 << 20)
         start = (self._next + align - 1) & ~(align - 1)
@@ -172,7 +173,7 @@ class HostMM:
         present = pfns[pfns != NO_PFN]
         # Free whole allocations: a huge page goes when its first frame's hva range is dropped.
         levels = self.hva_level[lo:hi][pfns != NO_PFN]
-        for pfn, level in zip(present.tolist(), levels.tolist()):
+        for pfn, level in zip(present.tolist(), levels.tolist(), strict=True):
             if self.memory.is_allocated(pfn) and _LEVEL_PAGES[level] <= hi - lo:
                 self.memory.free(pfn)
         self.stats.unmapped_pages += len(present)

@@ -16,7 +16,7 @@ import numpy as np
 
 def guest_digest(vm, results: list[np.ndarray]) -> str:
     h = hashlib.sha256()
-    for vcpu, res in zip(vm.vcpus, results):
+    for vcpu, res in zip(vm.vcpus, results, strict=True):
         h.update(b"vcpu%d" % vcpu.id)
         h.update(np.ascontiguousarray(res).tobytes())
         h.update(repr(vcpu.mmio).encode())

@@ -52,10 +52,11 @@ class DemandPagingOptions(BaseModel):
     def model_post_init(self, _ctx) -> None:
         page = BACKING_PAGE[self.backing]
         if self.bytes_per_vcpu % page:
-            raise InvalidConfig("bytes_per_vcpu", 
+            raise InvalidConfig("bytes_per_vcpu",
                 f"{self.bytes_per_vcpu} is not a multiple of the {self.backing} "
                 f"page size ({page})")
-        if self.mode in ("32bit", "pae", "none") and DATA_GPA + self.vcpus * self.bytes_per_vcpu > 0xC000_0000:
+        end = DATA_GPA + self.vcpus * self.bytes_per_vcpu
+        if self.mode in ("32bit", "pae", "none") and end > 0xC000_0000:
             raise InvalidConfig("bytes_per_vcpu",
                                 "32-bit guests can address at most 2 GiB of test memory here")
 
@@ -127,7 +128,7 @@ def run_demand_paging(
 
         start_ns = vm.engine.now
         tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
-                 for v, p, r in zip(vm.vcpus, programs, results)]
+                 for v, p, r in zip(vm.vcpus, programs, results, strict=True)]
         vm.engine.run()
         total_ns = vm.engine.now - start_ns
         pages = opts.bytes_per_vcpu >> 12

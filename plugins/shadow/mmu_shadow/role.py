@@ -105,7 +105,7 @@ def chain_keys(ctx: Context, root_level: int, gva: int, tables: list[int], ptes:
     table_gfn: dict[int, int] = {}
     acc_above: dict[int, int] = {}
     acc = ACC_ALL
-    for i, (tgpa, pte) in enumerate(zip(tables, ptes)):
+    for i, (tgpa, pte) in enumerate(zip(tables, ptes, strict=True)):
         glevel = glevels - i
         table_gfn[glevel] = tgpa >> 12
         acc_above[glevel] = acc
