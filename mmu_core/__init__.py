@@ -7,6 +7,10 @@ This module is the public API: plugins and tools import from here and from the d
 subpackages (`mmu_core.arch.x86`, `mmu_core.hw`, `mmu_core.sim`), nothing else.
 """
 
+from mmu_core import _jitcache
+
+_jitcache.configure()  # before any jitted module is imported
+
 from mmu_core.config import MemslotConfig, VMConfig, validate
 from mmu_core.errors import GuestError, InvalidConfig, MMUError, OutOfMemory, PluginError
 from mmu_core.hookspecs import hookimpl

@@ -123,6 +123,16 @@ def test_random_programs_are_indistinguishable_in_other_modes(mode, ops):
     assert_parity(run_everywhere(spec_for(mode), build(ops, mode)))
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op_strategy, min_size=1, max_size=30), thp=st.booleans())
+def test_random_programs_with_dirty_logging_give_identical_dirty_logs(ops, thp):
+    spec = spec_for(P.MODE_4LEVEL, log_dirty=True)
+    if thp:
+        spec = spec_for(P.MODE_4LEVEL, log_dirty=True, backing="thp")
+        spec.data_size = 2 << 20
+    assert_parity(run_everywhere(spec, build(ops, P.MODE_4LEVEL)))
+
+
 def test_mmio_and_injected_faults_are_reported_identically():
     def program(machine):
         return [Program().read(MMIO_GVA).write(MMIO_GVA + 8, 5).set_cpl(3)

@@ -49,6 +49,7 @@ class MachineSpec:
     data_flags: int = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER
     map_data: bool = True
     log_dirty: bool = False
+    readonly: bool = False
     smep: bool = False
     smap: bool = False
     pke: bool = False
@@ -103,7 +104,7 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
     slots = (
         MemslotConfig(slot=PT_SLOT, gpa=0, size=pt_size),
         MemslotConfig(slot=DATA_SLOT, gpa=DATA_GPA, size=spec.data_size, backing=spec.backing,
-                      log_dirty=spec.log_dirty),
+                      log_dirty=spec.log_dirty, readonly=spec.readonly),
     )
     config = config.model_copy(update={"memslots": slots, "vcpus": spec.vcpus})
     VMConfig.model_validate(config.model_dump())

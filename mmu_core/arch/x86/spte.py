@@ -132,6 +132,31 @@ def make_shadow_leaf_spte(pfn: int, writable: bool, user: bool, nx: bool) -> int
     return spte
 
 
+# Access tracking without A bits (spte.h: SHADOW_ACC_TRACK_SAVED_BITS_SHIFT/MASK): the R and X
+# bits move up to bits 54..56 and are cleared, so the next access faults and restores them.
+SHADOW_ACC_TRACK_SAVED_BITS_SHIFT = 54
+SHADOW_ACC_TRACK_SAVED_MASK = E.EPT_READ | E.EPT_EXEC
+
+
+def is_access_track_spte(spte: int) -> bool:
+    return is_shadow_present_pte(spte) and not spte & E.EPT_RWX
+
+
+def mark_spte_for_access_track(spte: int) -> int:
+    """Make an EPT SPTE fault on its next access, remembering R/X (W is dropped: the write
+    fault path restores it through MMU-writable)."""
+    saved = spte & SHADOW_ACC_TRACK_SAVED_MASK
+    spte &= ~(E.EPT_RWX | E.EPT_ACCESSED | (SHADOW_ACC_TRACK_SAVED_MASK
+                                             << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT))
+    return spte | (saved << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
+
+
+def restore_acc_track_spte(spte: int) -> int:
+    saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_MASK
+    spte &= ~(SHADOW_ACC_TRACK_SAVED_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
+    return spte | saved
+
+
 def _gen_bits(gen: int) -> int:
     gen &= MMIO_SPTE_GEN_MASK
     low = gen & ((1 << MMIO_SPTE_GEN_LOW_BITS) - 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmu_core import BackendInfo, MMUMemory, PageFault, Ret, Role, hookimpl
+from mmu_core import BackendInfo, FaultKind, MMUMemory, PageFault, Ret, Role, hookimpl
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp.ops import collect_tables, zap_leafs_in_range
 from mmu_tdp.tdp_iter import TdpIter
@@ -27,7 +27,8 @@ class TdpMMU:
         self.vm = vm
         self.roots: dict[tuple[int, int], int] = {}  # (as_id, root_level) -> root pfn
         self.root_refs: dict[int, int] = {}
-        self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "spurious": 0,
+        self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "mmio_fast": 0,
+                      "spurious": 0,
                       "tables_linked": 0, "tables_freed": 0, "mapped": [0, 0, 0, 0]}
 
     # --- identity -------------------------------------------------------------------------
@@ -86,6 +87,12 @@ class TdpMMU:
         self.stats["faults"] += 1
         gfn = fault.gpa >> 12
         as_id = vcpu.as_id
+        if fault.kind is FaultKind.EPT_MISCONFIG and self._mmio_spte_is_current(vcpu, gfn):
+            # KVM's handle_mmio_page_fault: a lockless walk finds an MMIO SPTE of the current
+            # memslots generation, so the gfn is still MMIO: emulate without the slow path.
+            fault.mmio = True
+            self.stats["mmio_fast"] += 1
+            return Ret.EMULATE
         # Resolve gfn -> pfn before taking the lock (KVM: kvm_faultin_pfn), remembering the
         # invalidation sequence so a notifier that ran meanwhile makes us retry.
         mmu_seq = vm.mmu_invalidate_seq
@@ -121,6 +128,16 @@ class TdpMMU:
                 return self._retry()
             ret = self._map_target(vcpu, fault, it, res, gfn, goal_level)
         return ret
+
+    def _mmio_spte_is_current(self, vcpu, gfn: int) -> bool:
+        vm = self.vm
+        spte = 0
+        with vm.rcu.read():
+            for it in TdpIter(vm, vcpu.mmu_root, vm.root_levels(vcpu), 1, gfn, gfn + 1):
+                spte = it.old_spte
+        if not S.is_mmio_spte(spte, True):
+            return False
+        return S.get_mmio_spte_generation(spte) == vm.memslots_generation() & S.MMIO_SPTE_GEN_MASK
 
     def _retry(self) -> Ret:
         self.stats["retries"] += 1
