@@ -161,8 +161,9 @@ def mmu_sync_roots(vcpu):
 def mmu_memslot_changed(vm, as_id, old, new, change):
     """A memslot was created, deleted, moved or had its flags changed (``change`` is one of
     "create", "delete", "move", "flags"; ``old``/``new`` are ``Memslot`` or None). Called
-    with no lock held, after the new generation is visible; for delete and move the backend
-    must zap every SPTE of the old range before returning (take the lock as needed).
+    with no lock held, after the new generation is visible. For delete and move the core has
+    already zapped the old range through ``mmu_zap_gfn_range`` and flushed (KVM:
+    kvm_arch_flush_shadow_memslot); this hook is for the backend's own bookkeeping.
     """
 
 
@@ -201,18 +202,20 @@ def mmu_age_gfn_range(vm, as_id, start, end):
 
 
 # --- dirty logging -----------------------------------------------------------------------------
-@hookspec
+@hookspec(firstresult=True)
 def mmu_enable_dirty_log(vm, slot):
     """KVM_MEM_LOG_DIRTY_PAGES was set on ``slot``: from now on every guest write to the slot
     must reach ``vm.mark_page_dirty``, i.e. write-protect (or clear D of) its SPTEs and return
-    True when a flush is needed. No lock held on entry.
+    True when a flush is needed. No lock held on entry. Optional: without it the core zaps
+    the slot's range, after which every first write faults and is logged.
     """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def mmu_clear_dirty_log(vm, slot, gfns):
     """The collector fetched and cleared the dirty bits of ``gfns`` (a numpy array): write-
     protect them again so the next write is logged. Return True if a flush is needed.
+    Optional: without it the core zaps each gfn.
     """
 
 

@@ -89,3 +89,16 @@ def test_smm_address_space_has_its_own_memslots():
         assert np.count_nonzero(res[:, C.RES_VECTOR]) == 0
     finally:
         m.vm.destroy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_moved_memslot_is_reached_at_its_new_address_and_the_old_one_is_mmio(name):
+    m = build_machine(spec_for(P.MODE_NONE), VMConfig(params=CONFIGURATIONS[name]))
+    try:
+        m.run_programs([Program().write(data_gva(0), 9).build()])
+        m.vm.move_memslot(0, DATA_SLOT, 0x8000_0000)
+        res = m.run_programs([Program().read(0x8000_0000).read(data_gva(0)).build()])[0]
+        assert res[0, C.RES_VALUE] == 9
+        assert res[1, C.RES_VALUE] == mmio_read_value(data_gva(0))
+    finally:
+        m.vm.destroy()

@@ -122,10 +122,27 @@ class VM:
             raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
         self.memslots[as_id].remove(slot)
         self.generation += 1
+        self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=None,
                       change="delete")
-        if not self.hook.mmu_memslot_changed.get_hookimpls():
-            self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
+
+    def move_memslot(self, as_id: int, slot_id: int, new_gpa: int) -> None:
+        """KVM_MR_MOVE: same host memory, new guest-physical base."""
+        slot = self.memslots[as_id].by_id(slot_id)
+        if slot is None:
+            raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
+        new_base = new_gpa >> 12
+        if new_gpa % 4096 or any(s is not slot and new_base < s.end_gfn
+                                 and s.base_gfn < new_base + slot.npages
+                                 for s in self.memslots[as_id].slots):
+            raise InvalidConfig("memslot", f"cannot move slot {slot_id} to {new_gpa:#x}")
+        old = Memslot(slot.id, as_id, slot.base_gfn, slot.npages, slot.userspace_addr, slot.flags)
+        slot.base_gfn = new_base
+        self.memslots[as_id].update()
+        self.generation += 1
+        self.zap_gfn_range(as_id, old.base_gfn, old.end_gfn)
+        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=old, new=slot,
+                      change="move")
 
     def set_dirty_logging(self, as_id: int, slot_id: int, enable: bool) -> None:
         slot = self.memslots[as_id].by_id(slot_id)
@@ -138,8 +155,11 @@ class VM:
         self.generation += 1
         if enable:
             slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
-            if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
-                self.flush_remote_tlbs()
+            if self.hook.mmu_enable_dirty_log.get_hookimpls():
+                if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
+                    self.flush_remote_tlbs()
+            else:
+                self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=slot,
                       change="flags")
 
@@ -150,8 +170,18 @@ class VM:
             raise InvalidConfig("memslot", f"slot {slot_id} does not log dirty pages")
         gfns = np.flatnonzero(slot.dirty_bitmap) + slot.base_gfn
         slot.dirty_bitmap[:] = 0
-        if len(gfns) and self.hook.mmu_clear_dirty_log(vm=self, slot=slot, gfns=gfns):
-            self.flush_remote_tlbs()
+        if not len(gfns):
+            return gfns
+        if self.hook.mmu_clear_dirty_log.get_hookimpls():
+            if self.hook.mmu_clear_dirty_log(vm=self, slot=slot, gfns=gfns):
+                self.flush_remote_tlbs()
+        else:
+            flush = False
+            for gfn in gfns.tolist():
+                flush |= bool(self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=gfn,
+                                                          end=gfn + 1))
+            if flush:
+                self.flush_remote_tlbs()
         return gfns
 
     def memslots_generation(self) -> int:

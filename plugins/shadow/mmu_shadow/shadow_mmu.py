@@ -456,22 +456,6 @@ class ShadowMMU:
             self._free_all()
         return False
 
-    @hookimpl
-    def mmu_memslot_changed(self, vm, as_id, old, new, change):
-        if change in ("delete", "move") and old is not None:
-            vm.zap_gfn_range(as_id, old.base_gfn, old.end_gfn)
-
-    @hookimpl
-    def mmu_enable_dirty_log(self, vm, slot):
-        return self.mmu_zap_gfn_range(vm, slot.as_id, slot.base_gfn, slot.end_gfn)
-
-    @hookimpl
-    def mmu_clear_dirty_log(self, vm, slot, gfns):
-        flush = False
-        for gfn in gfns.tolist():
-            flush |= self.mmu_zap_gfn_range(vm, slot.as_id, gfn, gfn + 1)
-        return flush
-
     # --- memory ---------------------------------------------------------------------------------
     @hookimpl
     def mmu_memory(self, vm):

@@ -256,25 +256,6 @@ class TdpMMU:
         for pfn in pfns:
             self._free_table(pfn)
 
-    @hookimpl
-    def mmu_memslot_changed(self, vm, as_id, old, new, change):
-        if change in ("delete", "move") and old is not None:
-            vm.zap_gfn_range(as_id, old.base_gfn, old.end_gfn)
-
-    # --- dirty logging ----------------------------------------------------------------------
-    @hookimpl
-    def mmu_enable_dirty_log(self, vm, slot):
-        # Write-protect by zapping the slot's leaves: the next write faults, is mapped writable
-        # at 4K and logged (KVM write-protects in place; zapping gives the same guest view).
-        return self.mmu_zap_gfn_range(vm, slot.as_id, slot.base_gfn, slot.end_gfn)
-
-    @hookimpl
-    def mmu_clear_dirty_log(self, vm, slot, gfns):
-        flush = False
-        for gfn in gfns.tolist():
-            flush |= self.mmu_zap_gfn_range(vm, slot.as_id, gfn, gfn + 1)
-        return flush
-
     # --- memory -----------------------------------------------------------------------------
     @hookimpl
     def mmu_memory(self, vm):
