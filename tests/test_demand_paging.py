@@ -75,3 +75,10 @@ def test_bad_options_are_rejected():
     assert exc.value.field == "vcpus"
     with pytest.raises(InvalidConfig):
         validate(DemandPagingOptions, bytes_per_vcpu=3072)
+
+
+@pytest.mark.parametrize("name", ["tdp", "legacy"])
+def test_hugetlb_with_userfault_copies_whole_1g_pages_and_maps_them_at_1g(name):
+    opts = DemandPagingOptions(vcpus=1, bytes_per_vcpu=1 << 30, backing="hugetlb")
+    r = run_demand_paging(opts, CONFIGURATIONS[name])
+    assert (r.verified, r.mappings_by_level["1G"]) == (True, 1)

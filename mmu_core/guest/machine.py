@@ -27,9 +27,10 @@ DATA_SLOT = 1
 PT_SLOT = 0
 
 
-def page_pattern(gfn: int) -> int:
-    """Contents a userfault handler supplies for a page: a fixed function of its gfn."""
-    return ((gfn + 1) * 0x9E37_79B9_7F4A_7C15) & 0x7FFF_FFFF_FFFF_FFFF
+def page_patterns(gfns: np.ndarray) -> np.ndarray:
+    """Contents a userfault handler supplies for pages: a fixed function of each gfn."""
+    g = gfns.astype(np.uint64) + np.uint64(1)
+    return ((g * np.uint64(0x9E37_79B9_7F4A_7C15)) & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
 
 
 def pt_slot_size(data_pages: int, mode: int) -> int:
@@ -93,8 +94,9 @@ def _uffd_handler(engine, uffd: Userfaultfd, vm: VM, delay_ns: int) -> None:
         if delay_ns:
             engine.delay(delay_ns, "uffd_delay")
         slot = vm.memslots[0].find(DATA_GPA >> 12)
-        gfn = slot.base_gfn + ((msg.hva - slot.userspace_addr) >> 12)
-        uffd.copy(msg.hva, page_pattern(gfn))
+        first = uffd.copy_range(msg.hva)  # the page, or the whole huge page of hugetlbfs
+        gfn = slot.base_gfn + ((first[0] - slot.userspace_addr) >> 12)
+        uffd.copy(msg.hva, page_patterns(np.arange(gfn, gfn + first[1], dtype=np.int64)))
 
 
 def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from mmu_core.host.mm import PAGE_1G, PAGE_4K, HostMM
 from mmu_core.sim import Channel, Completion, Engine
 
@@ -53,15 +55,26 @@ class Userfaultfd:
         """The handler's read(2) on the uffd: blocks until a fault is reported."""
         return self.channel.get("uffd_wait")
 
-    def copy(self, hva: int, tag: int) -> int:
-        """UFFDIO_COPY of one page with contents `tag`; wakes the waiters. Returns the pfn."""
+    def copy_range(self, hva: int) -> tuple[int, int]:
+        """(first hva, number of 4 KiB pages) that one UFFDIO_COPY for hva fills: a small page,
+        except in hugetlbfs, which only has huge ones."""
+        if self.region.backing.level == PAGE_1G:
+            return hva & ~((1 << 30) - 1), 1 << 18
+        return hva & ~0xFFF, 1
+
+    def copy(self, hva: int, tags: np.ndarray) -> int:
+        """UFFDIO_COPY of the pages of copy_range(hva) with contents `tags` (one per 4 KiB);
+        wakes the waiters. Returns the pfn behind hva."""
         page = hva & ~0xFFF
-        self.engine.delay(self.engine.cost.uffd_copy, "uffd_copy")
-        # UFFDIO_COPY installs small pages, except into hugetlbfs, which only has huge ones.
-        level = PAGE_4K if self.region.backing.level != PAGE_1G else None
+        first, npages = self.copy_range(hva)
+        cost = self.engine.cost
+        self.engine.delay(cost.uffd_copy + (npages - 1) * cost.copy_4k, "uffd_copy")
         pfn = self.mm.lookup(page)
         if pfn == -1:
-            pfn = self.mm.populate(page, tag=tag, level=level)
+            level = PAGE_4K if npages == 1 else PAGE_1G
+            pfn = self.mm.populate(page, level=level)
+            base = self.mm.lookup(first)
+            self.mm.memory.tag[base : base + npages] = tags.astype(np.uint64)
             self.copies += 1
         done = self._pending.pop(page, None)
         if done is not None:

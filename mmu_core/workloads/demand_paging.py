@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
 from mmu_core.errors import InvalidConfig
-from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_pattern
+from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name
 from mmu_core.report.models import DemandPagingReport, MemoryFigures, TimeSplit, VcpuFigures
@@ -82,8 +82,7 @@ def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
 
 
 def _patterns(gvas: np.ndarray) -> np.ndarray:
-    gfns = gvas >> 12
-    return np.array([page_pattern(int(g)) for g in gfns], dtype=np.int64)
+    return page_patterns(gvas >> 12)
 
 
 def _split(stats) -> TimeSplit:
