@@ -15,7 +15,13 @@ from mmu_core.config import MemslotConfig, VMConfig, validate
 from mmu_core.errors import GuestError, InvalidConfig, MMUError, OutOfMemory, PluginError
 from mmu_core.hookspecs import hookimpl
 from mmu_core.params import Params, load_params
-from mmu_core.plugins import discover, register_backend, unregister_backend
+from mmu_core.plugins import (
+    discover,
+    register_backend,
+    register_observer,
+    unregister_backend,
+    unregister_observer,
+)
 from mmu_core.types import BackendInfo, FaultKind, MMUMemory, PageFault, Ret, Role
 from mmu_core.vm.vm import VM, create_vm
 
@@ -42,6 +48,8 @@ __all__ = [
     "hookimpl",
     "load_params",
     "register_backend",
+    "register_observer",
     "unregister_backend",
+    "unregister_observer",
     "validate",
 ]

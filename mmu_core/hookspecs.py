@@ -233,9 +233,12 @@ def mmu_set_nr_mmu_pages(vm, nr_pages):
 
 
 # --- observers (tracing and statistics plugins) --------------------------------------------
+# Observers are plugins of the entry-point group ``mmu_core.observers`` (or registered with
+# ``plugins.register_observer``); they implement only these hooks. Backends and the core call
+# them through ``vm.observe``. They are called per event, never per SPTE or per access.
 @hookspec
 def mmu_on_root_alloc(vm, as_id, role, root):
-    """A root was allocated (``root`` is its pfn). Backends call ``vm.observe.*``."""
+    """A root was allocated (``root`` is its pfn)."""
 
 
 @hookspec

@@ -10,6 +10,7 @@ backend serves the rest (as KVM's TDP MMU falls back to the shadow MMU for neste
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -71,19 +72,7 @@ def _validate(cls: Any, where: str) -> BackendInfo:
     return info
 
 
-def _cache(fn):
-    memo: dict = {}
-
-    def wrapper():
-        if "v" not in memo:
-            memo["v"] = fn()
-        return memo["v"]
-
-    wrapper.cache_clear = memo.clear  # type: ignore[attr-defined]
-    return wrapper
-
-
-@_cache
+@functools.cache
 def discover() -> dict[str, Backend]:
     """Every installed backend by name; two claiming one name is an error."""
     found: dict[str, Backend] = {}
@@ -143,3 +132,32 @@ def build_managers(vm: Any, roles: dict[Role, Backend]) -> dict[Role, pluggy.Plu
         managers[role] = pm
     vm.backend_instances = instances
     return managers
+
+
+OBSERVER_GROUP = "mmu_core.observers"
+_observers: list[Any] = []
+
+
+def register_observer(obj: Any) -> None:
+    """Add a tracing/statistics observer (an object with mmu_on_* hookimpls) to new VMs."""
+    _observers.append(obj)
+
+
+def unregister_observer(obj: Any) -> None:
+    _observers.remove(obj)
+
+
+def observer_manager() -> pluggy.PluginManager:
+    """A plugin manager holding every observer, for one VM."""
+    pm = _new_pm()
+    for ep in entry_points(group=OBSERVER_GROUP):
+        try:
+            pm.register(ep.load(), name=f"observer:{ep.name}")
+        except Exception as exc:
+            raise PluginError(f"observer '{ep.name}' failed to load: {exc}") from None
+    for i, obj in enumerate(_observers):
+        try:
+            pm.register(obj, name=f"observer:{i}")
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"observer does not match the MMU interface: {exc}") from None
+    return pm

@@ -98,3 +98,37 @@ def test_core_imports_no_plugin_and_plugins_import_only_public_core():
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmu_"):
                     other = "mmu_shadow" if plugin == "tdp" else "mmu_tdp"
                     assert not node.module.startswith(other), path
+
+
+def test_observers_see_root_allocations_and_tlb_flushes():
+    from parity_util import data_gva, spec_for
+
+    from mmu_core import VMConfig, register_observer, unregister_observer
+    from mmu_core.arch.x86 import paging as P
+    from mmu_core.guest.machine import build_machine
+    from mmu_core.guest.program import Program
+    from mmu_core.params import CONFIGURATIONS
+
+    class Counter:
+        def __init__(self):
+            self.events = []
+
+        @hookimpl
+        def mmu_on_root_alloc(self, vm, as_id, role, root):
+            self.events.append(("root", as_id, role.value))
+
+        @hookimpl
+        def mmu_on_tlb_flush(self, vm, nr_vcpus):
+            self.events.append(("flush", nr_vcpus))
+
+    counter = Counter()
+    register_observer(counter)
+    try:
+        m = build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=CONFIGURATIONS["tdp"]))
+        m.run_programs([Program().read(data_gva(0)).build()])
+        m.vm.zap_all()
+        m.vm.destroy()
+    finally:
+        unregister_observer(counter)
+    assert counter.events[0] == ("root", 0, "direct")
+    assert ("flush", 1) in counter.events

@@ -33,7 +33,7 @@ def page_patterns(gfns: np.ndarray) -> np.ndarray:
     return ((g * np.uint64(0x9E37_79B9_7F4A_7C15)) & np.uint64(0x7FFF_FFFF_FFFF_FFFF)).astype(np.int64)
 
 
-def pt_slot_size(data_pages: int, mode: int) -> int:
+def pt_slot_size(data_pages: int) -> int:
     """Enough 4 KiB pages for the tables mapping the data and the page-table slot itself."""
     leaf_tables = data_pages // 512 + 2
     size = (leaf_tables * 2 + 64) * 4096
@@ -102,7 +102,7 @@ def _uffd_handler(engine, uffd: Userfaultfd, vm: VM, delay_ns: int) -> None:
 def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
     """Create the VM (config's memslots are replaced by the layout's) and the guest tables."""
     data_pages = spec.data_size >> 12
-    pt_size = pt_slot_size(data_pages, spec.mode)
+    pt_size = pt_slot_size(data_pages)
     slots = (
         MemslotConfig(slot=PT_SLOT, gpa=0, size=pt_size),
         MemslotConfig(slot=DATA_SLOT, gpa=DATA_GPA, size=spec.data_size, backing=spec.backing,

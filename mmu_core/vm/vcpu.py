@@ -212,8 +212,12 @@ class Vcpu:
                 code |= EC.PFERR_RSVD
             fault = PageFault(fk, gva=int(x[C.XI_GVA]), gpa=int(x[C.XI_GPA]), error_code=code,
                               exit_qualification=qual)
-        fault.write = acc == EC.ACC_WRITE or bool(x[C.XI_CODE] & E.EPT_QUAL_WRITE and
-                                                    kind != C.X_SHADOW_PF)
+        # An EPT violation's qualification is authoritative: setting A/D in a guest table is a
+        # write even when the instruction only read.
+        if kind == C.X_SHADOW_PF:
+            fault.write = acc == EC.ACC_WRITE
+        else:
+            fault.write = bool(fault.exit_qualification & E.EPT_QUAL_WRITE)
         fault.fetch = acc == EC.ACC_FETCH
         fault.user = self.cpl == 3
         if fault.write:

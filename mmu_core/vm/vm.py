@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mmu_core import plugins
+from mmu_core.arch.x86.paging import MODE_5LEVEL
 from mmu_core.config import VMConfig
 from mmu_core.errors import InvalidConfig, MMUError
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
@@ -59,6 +60,7 @@ class VM:
         self.role = Role.DIRECT if self.params.ept else Role.SHADOW
         self.backends = plugins.choose(self.params)
         self.managers = plugins.build_managers(self, self.backends)
+        self.observe = plugins.observer_manager().hook
         self.hook = self.managers[self.role].hook
         self.backend_name = self.backends[self.role].name
         self.mm.notifiers.append(self)
@@ -92,8 +94,12 @@ class VM:
         getattr(self.hook, name)(**kwargs)
 
     def root_levels(self, vcpu: Vcpu) -> int:
-        """Levels of the structure the hardware walks from vcpu.mmu_root."""
-        return 5 if vcpu.mode == 4 else 4
+        """Levels of the structure the hardware walks from vcpu.mmu_root: EPT has 5 levels when
+        guest-physical addresses need more than 48 bits (KVM: get_tdp_level), shadow tables
+        as many as the guest's linear addresses (5 with LA57)."""
+        if self.role is Role.DIRECT:
+            return 5 if self.config.maxphyaddr > 48 else 4
+        return 5 if vcpu.mode == MODE_5LEVEL else 4
 
     # --- memslots ------------------------------------------------------------------------------
     def add_memslot(
@@ -302,6 +308,7 @@ class VM:
         for vcpu in self.vcpus:
             vcpu.make_request(REQ_TLB_FLUSH)
         self.tlb_flushes += 1
+        self.observe.mmu_on_tlb_flush(vm=self, nr_vcpus=len(self.vcpus))
 
     def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
         if self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=start, end=end):

@@ -16,6 +16,7 @@ import numpy as np
 
 from mmu_core import BackendInfo, MMUMemory, PageFault, Ret, hookimpl
 from mmu_core import Role as MMURole
+from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.hw import walker as W
@@ -128,8 +129,11 @@ class ShadowMMU:
     def mmu_load(self, vcpu):
         vm = self.vm
         with vm.mmu_lock.write():
-            ctx = self._context(vcpu)
-            sp = self._get_sp(R.root_key(ctx, vm.root_levels(vcpu)))
+            key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
+            new = key not in self.pages
+            sp = self._get_sp(key)
+        if new:
+            vm.observe.mmu_on_root_alloc(vm=vm, as_id=vcpu.as_id, role=vm.role, root=sp.pfn)
         vcpu.mmu_root = sp.pfn
 
     @hookimpl
@@ -177,7 +181,7 @@ class ShadowMMU:
 
     def _shadow_fault(self, vcpu, fault: PageFault):
         vm = self.vm
-        acc = 1 if fault.write else (2 if fault.fetch else 0)
+        acc = EC.ACC_WRITE if fault.write else (EC.ACC_FETCH if fault.fetch else EC.ACC_READ)
         out = self._guest_walk(vcpu, fault, acc)
         st = int(out[W.OUT_STATUS])
         if st == W.W_PF:

@@ -49,14 +49,12 @@ class TdpMMU:
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
-        for root in list(self.roots.values()):
-            self._free_tree(root, self._root_level_of(root))
+        for (as_id, level), root in self.roots.items():
+            vm.observe.mmu_on_root_free(vm=vm, as_id=as_id, role=Role.DIRECT, root=root)
+            self._free_tree(root, level)
         self.roots.clear()
         self.root_refs.clear()
         vm.rcu.barrier()
-
-    def _root_level_of(self, root: int) -> int:
-        return next(level for (_, level), r in self.roots.items() if r == root)
 
     @hookimpl
     def mmu_load(self, vcpu):
@@ -71,6 +69,7 @@ class TdpMMU:
                     root = vm.alloc_pt_page()
                     self.roots[key] = root
                     self.root_refs[root] = 0
+                    vm.observe.mmu_on_root_alloc(vm=vm, as_id=key[0], role=Role.DIRECT, root=root)
         self.root_refs[root] += 1
         vcpu.mmu_root = root
 
@@ -239,8 +238,9 @@ class TdpMMU:
             for vcpu in vm.vcpus:
                 vcpu.mmu_root = None
             vm.flush_remote_tlbs()
-            for (_as_id, level), root in roots:
+            for (as_id, level), root in roots:
                 self.root_refs.pop(root, None)
+                vm.observe.mmu_on_root_free(vm=vm, as_id=as_id, role=Role.DIRECT, root=root)
                 self._free_tree(root, level)
         return False
 
