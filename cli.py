@@ -13,7 +13,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 import mmu_core
@@ -96,12 +102,13 @@ def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed):
 def _run_one(opts, params: Params, label: str) -> DemandPagingReport:
     from mmu_core.workloads.demand_paging import run_demand_paging
 
-    with Progress(TextColumn(f"{label:>7}"), BarColumn(), TextColumn("{task.completed}/{task.total} vCPUs"),
+    with Progress(TextColumn(f"{label:>7}"), BarColumn(), TaskProgressColumn(),
                   TimeElapsedColumn(), console=err, transient=True,
                   disable=not err.is_terminal) as bar:
-        task = bar.add_task(label, total=opts.vcpus)
-        return run_demand_paging(opts, params,
-                                 progress=lambda done, total: bar.update(task, completed=done))
+        task = bar.add_task(label, total=1)
+        return run_demand_paging(
+            opts, params,
+            progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 @run_app.command("demand-paging")

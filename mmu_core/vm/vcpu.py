@@ -148,13 +148,14 @@ class Vcpu:
             self.vm.hook_all("mmu_unload", vcpu=self)
             self.mmu_root = None
 
-    def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0) -> None:
-        """Run `prog` to its end; results[i] gets (value, vector, error code) of op i."""
+    def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0,
+            end: int | None = None) -> None:
+        """Run ops [start, end) of `prog`; results[i] gets (value, vector, error code) of op i."""
         vm = self.vm
         engine = vm.engine
         cost = engine.cost
         budget = max(1, cost.quantum // max(1, cost.guest_access))
-        pc, end = start, len(prog)
+        pc, end = start, len(prog) if end is None else end
         stats = self.hw_stats
         stuck_pc, stuck = -1, 0
         while pc < end:

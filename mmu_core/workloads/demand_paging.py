@@ -29,6 +29,7 @@ from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 
 MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
+PROGRESS_CHUNKS = 32  # progress reports per vCPU
 BACKING_PAGE = {"anon": 4096, "thp": 2 << 20, "hugetlb": 1 << 30}
 
 
@@ -118,12 +119,15 @@ def run_demand_paging(
         machine.spawn_uffd_handlers(opts.uffd_delay_ns)
         results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
         done = [0]
+        chunks = PROGRESS_CHUNKS if progress else 1
 
         def vcpu_body(vcpu, prog, res):
-            vcpu.run(prog, res)
-            done[0] += 1
-            if progress:
-                progress(done[0], opts.vcpus)
+            bounds = np.linspace(0, len(prog), chunks + 1).astype(int)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                vcpu.run(prog, res, lo, hi)
+                done[0] += 1
+                if progress:
+                    progress(done[0], opts.vcpus * chunks)
 
         start_ns = vm.engine.now
         tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
