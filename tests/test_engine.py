@@ -1,14 +1,41 @@
-"""The virtual-time engine and its primitives: determinism, lock semantics, accounting, RCU."""
+"""The virtual-time engine and its primitives: determinism, accounting, lock and RCU semantics."""
+
+import gc
+import re
+import sys
+import time
+import traceback
+import weakref
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from mmu_core.sim import RCU, Channel, CostModel, Deadlock, Engine, RWLock
+from mmu_core.sim import (
+    DEFAULT_COSTS,
+    RCU,
+    Channel,
+    Completion,
+    CostModel,
+    Deadlock,
+    Engine,
+    RWLock,
+    SpinLock,
+)
 
 ZERO = CostModel(**{name: 0 for name in CostModel.model_fields if name != "quantum"})
 
 
-def contention_workload(seed: int, policy: str) -> list:
-    engine = Engine(seed, policy=policy, trace=True)
+def adds_up(stats) -> bool:
+    return stats.lock_wait_ns + stats.lock_held_ns + sum(stats.phases.values()) == stats.total_ns
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+def contention_workload(seed: int, policy: str) -> tuple[list, object]:
+    """20 tasks mixing reads, writes, atomics and RCU on one lock; returns (trace, stats)."""
+    cost = DEFAULT_COSTS.model_copy(update={"rcu_grace_period": 2_000})  # callbacks run too
+    engine = Engine(seed, cost=cost, policy=policy, trace=True)
     lock = RWLock(engine, "mmu_lock")
     rcu = RCU(engine)
     slots = [0] * 8
@@ -21,69 +48,180 @@ def contention_workload(seed: int, policy: str) -> list:
                     engine.delay(rng.randrange(50, 200))
             else:
                 with lock.read(), rcu.read():
+                    engine.atomic("read")
                     engine.atomic("cmpxchg")
                     slots[i % 8] += 1
-                    rcu.call_rcu(lambda: None)
-            engine.delay(rng.randrange(0, 100))
+                    rcu.call_rcu(slots.__setitem__, i % 8, 0)
+            engine.delay(rng.randrange(0, 100), "guest")
 
     for i in range(20):
         engine.spawn(f"t{i}", worker, i)
     engine.run()
+    return engine.trace, engine.stats()
+
+
+def tie_workload(seed: int) -> list:
+    """Tasks that all wake at the same instants: only the tie-break orders them."""
+    engine = Engine(seed, policy="random", trace=True)
+    for i in range(8):
+        engine.spawn(f"t{i}", lambda: [engine.delay(10) for _ in range(5)])
+    engine.run()
     return engine.trace
 
 
-def test_same_seed_same_trace():
-    assert contention_workload(7, "random") == contention_workload(7, "random")
-    assert contention_workload(7, "fifo") == contention_workload(7, "fifo")
+@pytest.mark.parametrize("policy", ["fifo", "random"])
+def test_same_seed_and_policy_replay_the_identical_trace_and_stats(policy):
+    trace1, stats1 = contention_workload(7, policy)
+    trace2, stats2 = contention_workload(7, policy)
+    assert len(trace1) > 1000
+    assert {event for _t, _n, event, _d in trace1} >= {
+        "run", "delay", "lock_acquire", "lock", "unlock", "atomic", "rcu_read_lock", "call_rcu",
+        "rcu_callback", "block", "wake", "exit"}
+    assert trace1 == trace2
+    assert stats1 == stats2
 
 
-def test_random_policy_with_different_seeds_interleaves_differently():
-    assert contention_workload(1, "random") != contention_workload(2, "random")
+def test_random_policy_with_different_seeds_orders_ties_differently():
+    assert tie_workload(1) == tie_workload(1)
+    assert tie_workload(1) != tie_workload(2)
+    assert contention_workload(1, "random")[0] != contention_workload(2, "random")[0]
 
 
-def test_lock_accounting_adds_up_and_matches_hand_computation():
+def test_fifo_breaks_ties_in_spawn_order():
     engine = Engine(0, cost=ZERO)
+    order = []
+
+    def task(name):
+        for _ in range(3):
+            engine.delay(10)
+            order.append(name)
+
+    for name in "abc":
+        engine.spawn(name, task, name)
+    engine.run()
+    assert order == list("abcabcabc")
+
+
+def test_unknown_policy_is_rejected_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="fifo, random"):
+        Engine(0, policy="lottery")
+
+
+# --- accounting -------------------------------------------------------------------------------------
+
+def test_lock_accounting_matches_a_hand_computation():
+    cost = ZERO.model_copy(update={"rwlock_write_acquire": 3, "rwlock_read_acquire": 2,
+                                   "rwlock_release": 1, "lock_handoff": 7})
+    engine = Engine(0, cost=cost)
     lock = RWLock(engine, "l")
 
     def a():
-        with lock.write():
-            engine.delay(100, "work")  # held: 0..100
-        engine.delay(10, "after")
+        with lock.write():  # acquire 0..3 (wait); nobody touched the lock before: no handoff
+            engine.delay(100, "work")  # held 3..103 (holding beats the phase)
+        # release 103..104 (held); the lock passes to b, whose cache-line transfer ends at 111
+        engine.delay(10, "after")  # 104..114
 
     def b():
-        engine.delay(10, "before")  # other: 0..10
-        with lock.read():  # waits 10..100, holds 100..130
-            engine.delay(30)
+        engine.delay(10, "before")  # 0..10
+        with lock.read():  # acquire 10..12, queued 12..104, handoff 104..111: all wait
+            engine.delay(30)  # held 111..141
+        # release 141..142 (held)
 
     ta = engine.spawn("a", a)
     tb = engine.spawn("b", b)
     engine.run()
     sa, sb = ta.statistics(), tb.statistics()
-    assert (sa.lock_held_ns, sa.lock_wait_ns, dict(sa.phases)) == (100, 0, {"after": 10})
-    assert (sb.lock_wait_ns, sb.lock_held_ns, dict(sb.phases)) == (90, 30, {"before": 10})
-    for s in (sa, sb):
-        assert s.lock_wait_ns + s.lock_held_ns + sum(s.phases.values()) == s.total_ns
-    assert sb.lock_contended == 1
+    assert (sa.total_ns, sa.lock_wait_ns, sa.lock_held_ns, dict(sa.phases)) == (
+        114, 3, 101, {"after": 10})
+    assert (sb.total_ns, sb.lock_wait_ns, sb.lock_held_ns, dict(sb.phases)) == (
+        142, 101, 31, {"before": 10})
+    assert (sa.lock_acquires, sa.lock_contended, sb.lock_acquires, sb.lock_contended) == (1, 0, 1, 1)
+    assert engine.now == 142
+    assert adds_up(sa) and adds_up(sb)
 
 
 def test_accounting_adds_up_for_every_task_under_contention():
     engine = Engine(3, policy="random")
-    lock = RWLock(engine, "l")
+    lock = RWLock(engine, "mmu_lock")
+    spin = SpinLock(engine, "spin")
+    rcu = RCU(engine)
+    ch = Channel(engine)
 
-    def worker():
+    def worker(i):
+        rng = engine.rng
         for _ in range(30):
             with engine.phase("prep"):
-                engine.delay(engine.rng.randrange(1, 50))
-            with (lock.write() if engine.rng.random() < 0.5 else lock.read()):
-                engine.delay(engine.rng.randrange(1, 50), "inside")
+                engine.delay(rng.randrange(1, 50))
+                with engine.phase("inner"):
+                    engine.delay(rng.randrange(1, 50))
+            with lock.write() if rng.random() < 0.3 else lock.read():
+                engine.delay(rng.randrange(1, 50), "inside")
+                with spin:
+                    engine.atomic("xchg")
+                with rcu.read():
+                    engine.atomic("cmpxchg")
+                    engine.note_cmpxchg_failure()
+            rcu.call_rcu(lambda: None)
+            ch.put(i)
+        rcu.synchronize_rcu()
 
-    tasks = [engine.spawn(f"w{i}", worker) for i in range(10)]
+    def consumer():
+        while True:
+            ch.get("idle")
+            engine.delay(5)
+
+    engine.spawn("consumer", consumer, daemon=True)
+    tasks = [engine.spawn(f"w{i}", worker, i) for i in range(10)]
     engine.run()
+    stats = engine.stats()
+    assert stats.now == engine.now
+    for s in stats.tasks:
+        assert adds_up(s), s
     for t in tasks:
         s = t.statistics()
-        assert s.lock_wait_ns + s.lock_held_ns + sum(s.phases.values()) == s.total_ns
-        assert s.lock_held_ns > 0
+        assert s.total_ns == t.end - t.start
+        assert s.lock_held_ns > 0 and s.lock_wait_ns > 0
+        assert s.phases.keys() >= {"prep", "inner", "other", "rcu_sync"}
+        assert (s.atomics, s.cmpxchg_failures, s.lock_acquires) == (60, 30, 60)
+    assert stats.totals.total_ns == sum(s.total_ns for s in stats.tasks)
+    assert stats.totals.lock_contended == sum(s.lock_contended for s in stats.tasks) > 0
+    assert adds_up(stats.totals)
 
+
+def test_task_stats_are_frozen_and_read_only():
+    engine = Engine(0)
+    t = engine.spawn("t", engine.delay, 5, "x")
+    engine.run()
+    s = t.statistics()
+    assert (s.total_ns, dict(s.phases), t.finished) == (5, {"x": 5}, True)
+    with pytest.raises(AttributeError):
+        s.total_ns = 1
+    with pytest.raises(TypeError):
+        s.phases["x"] = 1
+
+
+def test_blocked_time_goes_to_the_phase_named_in_block():
+    engine = Engine(0, cost=ZERO)
+    done = Completion(engine)
+
+    def sleeper():
+        done.wait("userfault")
+        done.reinit()
+        done.wait("userfault")
+
+    def waker():
+        engine.delay(40)
+        done.complete()  # s wakes, re-arms the completion and parks again
+        engine.delay(60)
+        done.complete()
+
+    s = engine.spawn("sleeper", sleeper)
+    engine.spawn("waker", waker)
+    engine.run()
+    assert dict(s.statistics().phases) == {"userfault": 100}
+
+
+# --- rwlock and spinlock semantics -----------------------------------------------------------------
 
 def test_readers_share_writer_excludes_and_a_queued_writer_blocks_later_readers():
     engine = Engine(0, cost=ZERO)
@@ -93,83 +231,438 @@ def test_readers_share_writer_excludes_and_a_queued_writer_blocks_later_readers(
     def reader(name, start):
         engine.delay(start)
         with lock.read():
-            log.append((engine.now, name, "in"))
+            log.append((engine.now, name, len(lock.readers), lock.writer))
             engine.delay(100)
 
     def writer(start):
         engine.delay(start)
         with lock.write():
-            log.append((engine.now, "w", "in"))
+            log.append((engine.now, "w", len(lock.readers), lock.writer.name))
+            assert lock.held_by_current("write") and not lock.held_by_current("read")
             engine.delay(50)
 
     engine.spawn("r1", reader, "r1", 0)
     engine.spawn("r2", reader, "r2", 10)  # shares with r1
-    engine.spawn("w", writer, 20)  # waits for r1 and r2
-    engine.spawn("r3", reader, "r3", 30)  # queued behind the writer
+    engine.spawn("w", writer, 20)  # waits for r1 and r2 to leave
+    engine.spawn("r3", reader, "r3", 30)  # lock is free for readers, but queued behind w
     engine.run()
-    assert log == [(0, "r1", "in"), (10, "r2", "in"), (110, "w", "in"), (160, "r3", "in")]
+    assert log == [(0, "r1", 1, None), (10, "r2", 2, None), (110, "w", 0, "w"),
+                   (160, "r3", 1, None)]
 
+
+def test_waiters_are_served_in_fifo_order_readers_in_batches():
+    engine = Engine(0, cost=ZERO)
+    lock = RWLock(engine, "l")
+    log = []
+
+    def holder():
+        with lock.write():
+            engine.delay(100)
+
+    def contender(name, mode, start):
+        engine.delay(start)
+        with lock.write() if mode == "w" else lock.read():
+            log.append((engine.now, name))
+            engine.delay(10)
+
+    engine.spawn("holder", holder)
+    for k, (name, mode) in enumerate([("w1", "w"), ("r1", "r"), ("r2", "r"), ("w2", "w"),
+                                      ("r3", "r")]):
+        engine.spawn(name, contender, name, mode, 1 + k)
+    engine.run()
+    assert log == [(100, "w1"), (110, "r1"), (110, "r2"), (120, "w2"), (130, "r3")]
+
+
+def test_spinlock_is_fifo_and_charges_handoff_only_when_another_task_had_it():
+    cost = ZERO.model_copy(update={"spin_acquire": 2, "spin_release": 1, "lock_handoff": 50})
+    engine = Engine(0, cost=cost)
+    spin = SpinLock(engine, "s")
+    log = []
+
+    def alone():
+        for _ in range(3):
+            with spin:
+                log.append(("alone", engine.now))
+
+    engine.spawn("alone", alone)
+    engine.run()
+    # acquire 2 (no handoff: same task every time), release 1.
+    assert log == [("alone", 2), ("alone", 5), ("alone", 8)]
+
+    log.clear()
+
+    def other(name, start):
+        engine.delay(start)
+        spin.lock()
+        log.append((name, engine.now))
+        engine.delay(10)
+        spin.unlock()
+
+    for k, name in enumerate("abc"):
+        engine.spawn(name, other, name, 3 - k)  # c arrives first, then b, then a
+    engine.run()
+    # c: 9+1+2 = 12, +50 handoff from "alone" = 62; held to 72, released 73;
+    # b queued, handed over at 73 (+50): 123, released 134; a: 134 + 50 = 184.
+    assert log == [("c", 62), ("b", 123), ("a", 184)]
+    assert not spin.locked
+
+
+def test_unlocking_what_you_do_not_hold_or_relocking_what_you_hold_raises():
+    engine = Engine(0)
+    lock = RWLock(engine, "l")
+    errors = []
+
+    def t():
+        for op in (lock.read_unlock, lock.write_unlock):
+            with pytest.raises(RuntimeError, match="does not hold"):
+                op()
+        with lock.read():
+            with pytest.raises(RuntimeError, match="deadlock against itself"):
+                lock.write_lock()
+        with lock.write():
+            with pytest.raises(RuntimeError, match="deadlock against itself"):
+                lock.read_lock()
+        errors.append("checked")
+
+    engine.spawn("t", t)
+    engine.run()
+    assert errors == ["checked"]
+    assert lock.writer is None and not lock.readers
+
+
+def test_a_task_finishing_while_holding_a_lock_is_an_error():
+    engine = Engine(0)
+    lock = RWLock(engine, "mmu_lock")
+    engine.spawn("leaky", lock.write_lock)
+    with pytest.raises(RuntimeError, match="leaky finished holding 1 lock"):
+        engine.run()
+
+
+def test_cond_resched_drops_the_lock_only_when_someone_waits():
+    engine = Engine(0, cost=ZERO)
+    lock = RWLock(engine, "l")
+    log = []
+
+    def walker():
+        with lock.write():
+            log.append(("alone", lock.cond_resched("write")))
+            engine.delay(10)
+            log.append(("contended", lock.cond_resched("write")))
+            log.append(("still held", lock.held_by_current("write")))
+
+    def waiter():
+        engine.delay(5)
+        with lock.write():
+            log.append(("waiter in", engine.now))
+
+    engine.spawn("walker", walker)
+    engine.spawn("waiter", waiter)
+    engine.run()
+    assert log == [("alone", False), ("waiter in", 10), ("contended", True), ("still held", True)]
+
+
+# --- RCU -------------------------------------------------------------------------------------------
 
 def test_rcu_callback_waits_for_preexisting_readers_and_the_grace_period():
-    cost = ZERO.model_copy(update={"rcu_grace_period": 1000})
-    engine = Engine(0, cost=cost)
+    engine = Engine(0, cost=ZERO.model_copy(update={"rcu_grace_period": 1000}))
     rcu = RCU(engine)
     ran = []
 
-    def reader():
+    def reader(start, length):
+        engine.delay(start)
         with rcu.read():
-            engine.delay(5000)
+            engine.delay(length)
 
     def updater():
         engine.delay(10)
-        rcu.call_rcu(lambda: ran.append(engine.now))
+        rcu.call_rcu(lambda tag: ran.append((tag, engine.now, engine.current.name)), "cb1")
+        assert rcu.pending == 1
+        engine.delay(5000)
+        rcu.call_rcu(lambda: ran.append(("cb2", engine.now)))  # new_reader predates this one
 
-    def waiter():
+    def syncer():
         engine.delay(20)
         rcu.synchronize_rcu()
         ran.append(("sync", engine.now))
 
-    engine.spawn("reader", reader)
+    engine.spawn("old_reader", reader, 0, 3000)  # inside when cb1 is queued: holds it to 3000
+    engine.spawn("new_reader", reader, 50, 10_000)  # after cb1 and sync (ignored), before cb2
     engine.spawn("updater", updater)
-    engine.spawn("waiter", waiter)
+    engine.spawn("syncer", syncer)
     engine.run()
-    assert ran == [5000, ("sync", 5000)]
+    assert ran == [("cb1", 3000, "rcu"), ("sync", 3000), ("cb2", 10_050)]
+    assert rcu.pending == 0
 
 
-def test_deadlock_names_the_blocked_tasks():
+def test_rcu_callback_runs_after_the_grace_period_when_readers_leave_early():
+    engine = Engine(0, cost=ZERO.model_copy(update={"rcu_grace_period": 1000}))
+    rcu = RCU(engine)
+    ran = []
+
+    def t():
+        with rcu.read():
+            rcu.call_rcu(lambda: ran.append(engine.now))
+            engine.delay(10)
+        with pytest.raises(RuntimeError, match="read-side"):
+            with rcu.read():
+                rcu.synchronize_rcu()
+        engine.delay(5000)
+
+    engine.spawn("t", t)
+    engine.run()
+    assert ran == [1000]
+
+
+def test_rcu_callbacks_cost_time_in_the_rcu_task_and_barrier_waits_for_them():
+    cost = ZERO.model_copy(update={"rcu_grace_period": 100, "call_rcu": 3})
+    engine = Engine(0, cost=cost)
+    rcu = RCU(engine)
+
+    def updater():
+        for _ in range(3):
+            rcu.call_rcu(engine.delay, 50, "free")
+        rcu.barrier()
+        assert rcu.pending == 0
+
+    u = engine.spawn("updater", updater)
+    engine.run()
+    worker = next(t for t in engine.tasks if t.name == "rcu")
+    # Callbacks are due at 100, 103, 106 and run back to back in the worker: 100..250.
+    assert worker.daemon and worker.statistics().phases["free"] == 150
+    # The updater: 4 call_rcu (3 + synchronize_rcu's) = 12 ns, then waits until 250.
+    assert dict(u.statistics().phases) == {"other": 12, "rcu_sync": 238}
+
+
+def test_rcu_barrier_outside_the_engine_runs_pending_callbacks_at_once():
+    engine = Engine(0)
+    rcu = RCU(engine)
+    ran = []
+    rcu.call_rcu(ran.append, 1)
+    rcu.call_rcu(lambda: rcu.call_rcu(ran.append, 3))  # a callback queueing another
+    rcu.synchronize_rcu()  # no readers, outside the engine: returns at once
+    rcu.barrier()
+    assert (ran, rcu.pending, engine.now) == ([1, 3], 0, 0)
+    rcu.read_lock()
+    with pytest.raises(RuntimeError, match="readers inside"):
+        rcu.barrier()
+    rcu.read_unlock()
+
+
+# --- failures ----------------------------------------------------------------------------------------
+
+def test_deadlock_names_the_blocked_tasks_and_where_they_wait():
     engine = Engine(0)
     ch = Channel(engine)
-    engine.spawn("consumer", ch.get, "waiting_for_message")
+    lock = RWLock(engine, "mmu_lock")
+
+    def holder():
+        with lock.write():
+            ch.get("waiting_for_message")
+
+    def victim():
+        engine.delay(1)
+        lock.read_lock()
+
+    engine.spawn("handler", ch.get, "uffd_wait", daemon=True)
+    engine.spawn("holder", holder)
+    engine.spawn("victim", victim)
     with pytest.raises(Deadlock) as exc:
         engine.run()
-    assert "consumer (waiting_for_message)" in str(exc.value)
+    assert exc.value.blocked == (("holder", "waiting_for_message"),
+                                 ("victim", "lock_wait mmu_lock (read)"))
+    assert "holder (waiting_for_message)" in str(exc.value)
 
 
-def test_exception_in_a_task_propagates_out_of_run():
-    engine = Engine(0)
+def test_an_exception_in_a_task_propagates_with_its_traceback_and_stops_the_engine():
+    engine = Engine(0, cost=ZERO)
+    lock = RWLock(engine, "l")
 
     def boom():
-        engine.delay(5)
-        raise ValueError("boom")
+        with lock.read():
+            engine.delay(5)
+            raise ValueError("boom")
 
+    def bystander():
+        with lock.read():
+            engine.delay(100)
+
+    engine.spawn("bystander", bystander)
     engine.spawn("b", boom)
-    with pytest.raises(ValueError, match="boom"):
+    with pytest.raises(ValueError, match="boom") as exc:
+        engine.run()
+    assert "boom" in [frame.name for frame in traceback.extract_tb(exc.value.__traceback__)]
+    assert engine.now == 5 and engine.current is None
+    with pytest.raises(RuntimeError, match="stopped"):
         engine.run()
 
+
+def test_a_task_spawned_by_a_task_returns_to_the_scheduler_not_its_parent():
+    engine = Engine(0)
+    log = []
+
+    def child():
+        log.append(("child", engine.now))
+
+    def parent():
+        engine.spawn("child", child)
+        engine.delay(10)
+        log.append(("parent", engine.now))
+        engine.spawn("bad", lambda: 1 / 0)
+        engine.delay(10)
+
+    engine.spawn("parent", parent)
+    with pytest.raises(ZeroDivisionError):
+        engine.run()
+    assert log == [("child", 0), ("parent", 10)]
+
+
+def parked_engine_closed() -> tuple:
+    """An engine stopped at 500 with a writer (inside RCU) mid-delay and a reader queued,
+    then closed; returns (weak reference to it, what the writer's finally block saw)."""
+    engine = Engine(0)
+    lock = RWLock(engine, "l")
+    rcu = RCU(engine)
+    unwound = []
+
+    def holder():
+        try:
+            with lock.write(), rcu.read():
+                engine.delay(1000)
+        finally:
+            unwound.append((lock.writer, engine.now))
+
+    engine.spawn("holder", holder)
+    engine.spawn("waiter", lock.read_lock)
+    engine.run(until=500)
+    with engine:  # close() on exit
+        pass
+    assert engine.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.run()
+    return weakref.ref(engine), unwound
+
+
+def test_close_unwinds_suspended_tasks_with_the_clock_stopped_and_frees_the_engine():
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        alive, unwound = parked_engine_closed()
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unwound == [(None, 500)]  # the lock was released, no time passed
+    assert alive() is None
+    assert unraisable == []
+
+
+# --- the scheduler ------------------------------------------------------------------------------------
 
 def test_a_lone_task_advances_the_clock_without_switching():
     engine = Engine(0)
 
     def spin():
         for _ in range(100_000):
-            engine.delay(1)
+            engine.delay(1, "guest")
 
     t = engine.spawn("spin", spin)
+    wall = time.perf_counter()
     engine.run()
+    wall = time.perf_counter() - wall
     assert engine.now == 100_000
-    assert t.statistics().switches == 1
+    assert t.statistics().switches == 1  # the first resume only
+    assert dict(t.statistics().phases) == {"guest": 100_000}
+    assert wall < 2.0
 
 
-def test_unknown_policy_is_rejected():
-    with pytest.raises(ValueError, match="fifo, random"):
-        Engine(0, policy="lottery")
+def test_delay_switches_when_another_task_is_due_at_the_same_time():
+    engine = Engine(0, trace=True)
+    order = []
+
+    def t(name):
+        engine.delay(10)
+        order.append(name)
+        engine.delay(0)  # a pure switch point: b, due now, goes first
+        order.append(name)
+
+    engine.spawn("a", t, "a")
+    engine.spawn("b", t, "b")
+    engine.run()
+    assert order == ["a", "b", "a", "b"]
+
+
+def test_run_until_stops_the_clock_there_and_a_later_run_continues():
+    engine = Engine(0)
+    t = engine.spawn("t", lambda: [engine.delay(300) for _ in range(10)])
+    engine.run(until=1000)
+    assert (engine.now, t.finished) == (1000, False)
+    assert t.statistics().total_ns == 1000
+    engine.run()
+    assert (engine.now, t.finished, t.statistics().total_ns) == (3000, True, 3000)
+
+
+def test_daemons_do_not_keep_run_alive_and_wake_reports_whether_it_woke():
+    engine = Engine(0)
+    ch = Channel(engine)
+    got = []
+
+    def handler():
+        while True:
+            got.append(ch.get("uffd_wait"))
+
+    h = engine.spawn("handler", handler, daemon=True)
+
+    def producer():
+        assert engine.wake(engine.current) is False  # running, not parked
+        for i in range(3):
+            ch.put(i)
+            engine.delay(10)
+
+    engine.spawn("producer", producer)
+    engine.run()
+    assert got == [0, 1, 2] and not h.finished and len(ch) == 0
+    assert engine.wake(h) is True  # parked in ch.get; it finds nothing and parks again
+    engine.spawn("noop", lambda: None)
+    engine.run()
+    assert h.blocked == "uffd_wait"
+
+
+def test_primitives_work_outside_any_task_and_never_block():
+    engine = Engine(0)
+    lock, spin, rcu = RWLock(engine, "l"), SpinLock(engine, "s"), RCU(engine)
+    with lock.write(), spin, rcu.read():
+        engine.atomic("cmpxchg")
+        engine.delay(100)
+        assert lock.held_by_current("write") and spin.held_by_current()
+        with pytest.raises(RuntimeError, match="contended outside a task"):
+            lock.read_lock()
+    with lock.read(), lock.read():
+        assert lock.readers == {None: 2}
+    assert engine.now == 0 and engine.current is None
+    with pytest.raises(RuntimeError):
+        engine.block("forever")
+    with pytest.raises(RuntimeError):
+        Completion(engine).wait("forever")
+    with pytest.raises(RuntimeError):
+        Channel(engine).get("forever")
+    with pytest.raises(ValueError, match="unknown atomic"):
+        engine.atomic("fetch_add")
+
+
+# --- the cost model ------------------------------------------------------------------------------------
+
+def test_cost_model_is_frozen_validated_and_sourced():
+    assert DEFAULT_COSTS == CostModel()
+    with pytest.raises(ValidationError):
+        CostModel(vm_exit=-1)
+    with pytest.raises(ValidationError):
+        CostModel(no_such_cost=1)
+    with pytest.raises(ValidationError):
+        DEFAULT_COSTS.vm_exit = 1
+    for name, field in CostModel.model_fields.items():
+        assert "(source: " in field.description, name
+
+
+def test_docs_table_lists_every_cost_with_its_default():
+    doc = (Path(__file__).parents[1] / "docs" / "engine.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([\d,]+) \|", doc, re.M))
+    assert {k: int(v.replace(",", "")) for k, v in rows.items()} == DEFAULT_COSTS.model_dump()

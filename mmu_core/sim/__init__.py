@@ -1,12 +1,15 @@
-"""The virtual-time engine and the synchronisation primitives backends are written against."""
+"""The virtual-time engine and the synchronisation primitives MMU backends are written against."""
 
 from mmu_core.sim.cost import DEFAULT_COSTS, CostModel
-from mmu_core.sim.engine import Deadlock, Engine, EngineStats, Task, TaskStats
-from mmu_core.sim.sync import RCU, Channel, Completion, RWLock, SpinLock
+from mmu_core.sim.engine import POLICIES, Deadlock, Engine, EngineStats, Task, TaskStats
+from mmu_core.sim.sync import RCU, READ, WRITE, Channel, Completion, RWLock, SpinLock
 
 __all__ = [
     "DEFAULT_COSTS",
+    "POLICIES",
     "RCU",
+    "READ",
+    "WRITE",
     "Channel",
     "Completion",
     "CostModel",

@@ -1,9 +1,10 @@
-"""The cost model: virtual nanoseconds charged for each operation the engine sees.
+"""The cost model: how many virtual nanoseconds each operation the engine sees is charged.
 
-Defaults are round figures for a 2-socket Skylake-class server running KVM on VMX, chosen so
-that relative costs are right (an exit costs about a thousand guest accesses; a contended
-cache-line transfer costs more than an uncontended atomic). Every field is configurable; a
-run's report carries the model it used.
+Defaults are round figures for a 2-socket Skylake-class server (about 3 GHz) running KVM on
+VMX. What the experiments depend on is their ratios (an exit is worth about a thousand TLB
+hits; a cache line fetched from the other socket costs more than an uncontended atomic), so
+each figure is rounded and its description says where it comes from. A run can be given any
+other model; the report carries the one it used.
 """
 
 from __future__ import annotations
@@ -11,49 +12,80 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def _ns(default: int, what: str, source: str, ge: int = 0) -> int:
+    # One place that formats the descriptions, so `mmu params` and the docs read alike.
+    return Field(default, ge=ge, description=f"{what} (source: {source})")
+
+
 class CostModel(BaseModel):
+    """Virtual nanoseconds per operation; every field is a non-negative integer."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    guest_access: int = Field(1, ge=0, description="a guest access that hits the TLB (L1 hit ~1 ns)")
-    walk_level: int = Field(5, ge=0, description="one paging-structure read in a walk (cache hit)")
-    vm_exit: int = Field(500, ge=0, description="VM exit to KVM (VMX round trip ~1 us: half)")
-    vm_entry: int = Field(500, ge=0, description="VM entry back into the guest")
-    spin_acquire: int = Field(20, ge=0, description="uncontended spinlock acquire (locked op)")
-    spin_release: int = Field(5, ge=0, description="spinlock release (plain store)")
-    rwlock_read_acquire: int = Field(20, ge=0, description="qrwlock read acquire (atomic add)")
-    rwlock_write_acquire: int = Field(20, ge=0, description="qrwlock write acquire (cmpxchg)")
-    rwlock_release: int = Field(10, ge=0, description="rwlock release (atomic)")
-    lock_handoff: int = Field(
-        100, ge=0,
-        description="lock cache line last owned by another CPU: cross-socket transfer ~100 ns",
-    )
-    atomic_read: int = Field(2, ge=0, description="READ_ONCE of an SPTE")
-    cmpxchg: int = Field(20, ge=0, description="locked cmpxchg64 on an SPTE")
-    xchg: int = Field(20, ge=0, description="locked xchg64 on an SPTE")
-    rcu_read_lock: int = Field(1, ge=0, description="rcu_read_lock: preempt count, ~free")
-    rcu_read_unlock: int = Field(1, ge=0, description="rcu_read_unlock")
-    call_rcu: int = Field(50, ge=0, description="queueing an RCU callback")
-    rcu_grace_period: int = Field(
-        1_000_000, ge=0, description="minimum time from call_rcu to its callback (~1 ms, HZ=1000)"
-    )
-    remote_tlb_flush_base: int = Field(2_000, ge=0, description="kvm_flush_remote_tlbs: IPI send")
-    remote_tlb_flush_per_vcpu: int = Field(200, ge=0, description="per vCPU kicked and flushed")
-    gup_present: int = Field(200, ge=0, description="get_user_pages on a present page")
-    host_page_alloc: int = Field(1_000, ge=0, description="host page fault: allocate + zero 4 KiB")
-    uffd_notify: int = Field(3_000, ge=0, description="userfault message to the handler, wakeup")
-    uffd_copy: int = Field(4_000, ge=0, description="UFFDIO_COPY of 4 KiB and waking the waiter")
-    copy_4k: int = Field(400, ge=0, description="copying 4 KiB more in one UFFDIO_COPY (~10 GB/s)")
-    pt_page_alloc: int = Field(
-        100, ge=0, description="a zeroed page-table page from the per-vCPU cache (topped up "
-        "before the lock is taken, as kvm_mmu_topup_memory_caches does)")
-    spte_build: int = Field(50, ge=0, description="computing one SPTE (make_spte)")
-    spte_write: int = Field(5, ge=0, description="a plain SPTE store under the write lock")
-    sp_hash_lookup: int = Field(
-        60, ge=0, description="kvm_mmu_find_shadow_page: one hash-bucket walk (a cache miss)")
-    rmap_add: int = Field(
-        100, ge=0, description="rmap_add: pte_list_add, often allocating a pte_list_desc")
-    emulate: int = Field(2_000, ge=0, description="instruction emulation of one access")
-    quantum: int = Field(10_000, ge=1, description="guest time between forced switch points")
+    # --- the guest and the hardware ---------------------------------------------------------
+    guest_access: int = _ns(1, "one guest memory access that hits the TLB",
+                            "L1D hit, 4-5 cycles at 3 GHz")
+    walk_level: int = _ns(5, "one paging-structure read during a page walk",
+                          "L1/L2 hit of a paging-structure entry, ~4-14 cycles")
+    vm_exit: int = _ns(500, "a VM exit into KVM", "VMX exit+entry round trip ~1 us, half each")
+    vm_entry: int = _ns(500, "a VM entry back into the guest",
+                        "VMX exit+entry round trip ~1 us, half each")
+    emulate: int = _ns(2_000, "emulating one instruction's access in KVM",
+                       "x86_emulate_instruction: decode + access ~ a few us")
+    quantum: int = _ns(10_000, "longest stretch of guest code a vCPU runs between switch points",
+                       "modelling choice: 10 us keeps interleaving fine and switches rare", ge=1)
+
+    # --- locks --------------------------------------------------------------------------------
+    spin_acquire: int = _ns(20, "uncontended spinlock acquire",
+                            "LOCK CMPXCHG ~18-20 cycles on Skylake (Agner Fog's tables), rounded up")
+    spin_release: int = _ns(5, "spinlock release", "a plain store (smp_store_release)")
+    rwlock_read_acquire: int = _ns(20, "uncontended qrwlock read acquire",
+                                   "LOCK XADD on the lock word, as spin_acquire")
+    rwlock_write_acquire: int = _ns(20, "uncontended qrwlock write acquire",
+                                    "LOCK CMPXCHG on the lock word, as spin_acquire")
+    rwlock_release: int = _ns(10, "qrwlock release", "LOCK XADD (read) or a store (write), averaged")
+    lock_handoff: int = _ns(100, "extra cost of acquiring a lock whose cache line another task "
+                            "touched last", "cross-socket cache-line transfer ~100-130 ns on a "
+                            "2-socket Skylake (Intel MLC)")
+
+    # --- atomics on SPTEs ----------------------------------------------------------------------
+    atomic_read: int = _ns(2, "READ_ONCE of an SPTE", "L1D hit")
+    cmpxchg: int = _ns(20, "LOCK CMPXCHG64 on an SPTE", "Agner Fog's tables: ~18-20 cycles")
+    xchg: int = _ns(20, "XCHG64 on an SPTE", "Agner Fog's tables: ~18-20 cycles")
+
+    # --- RCU ---------------------------------------------------------------------------------------
+    rcu_read_lock: int = _ns(1, "rcu_read_lock", "a preempt-count increment, ~free")
+    rcu_read_unlock: int = _ns(1, "rcu_read_unlock", "a preempt-count decrement, ~free")
+    call_rcu: int = _ns(50, "queueing an RCU callback", "call_rcu: per-CPU list append, irqs off")
+    rcu_grace_period: int = _ns(1_000_000, "minimum virtual time from call_rcu to its callback",
+                                "about one tick at HZ=1000; real grace periods take a few ms")
+
+    # --- TLB shootdown -------------------------------------------------------------------------
+    remote_tlb_flush_base: int = _ns(2_000, "kvm_flush_remote_tlbs: sending the request IPIs",
+                                     "IPI send and ack ~1-2 us")
+    remote_tlb_flush_per_vcpu: int = _ns(200, "each vCPU kicked and flushed",
+                                         "INVEPT/INVVPID plus a kick, ~200 ns per target")
+
+    # --- the host's memory ------------------------------------------------------------------
+    gup_present: int = _ns(200, "get_user_pages on a present page",
+                           "GUP-fast: a host page walk and a refcount atomic")
+    host_page_alloc: int = _ns(1_000, "populating a missing anonymous page, including zeroing",
+                               "anon fault: page allocation + 4 KiB clear_page ~1 us")
+    uffd_notify: int = _ns(3_000, "delivering a userfault message to the handler",
+                           "demand_paging_test: wakeup of the reader thread ~ a few us")
+    uffd_copy: int = _ns(4_000, "UFFDIO_COPY of 4 KiB and waking the faulting thread",
+                         "demand_paging_test UFFDIO_COPY ~ a few us")
+    copy_4k: int = _ns(400, "each further 4 KiB copied by one UFFDIO_COPY of a huge page",
+                       "memcpy at ~10 GB/s")
+
+    # --- MMU work ----------------------------------------------------------------------------------
+    pt_page_alloc: int = _ns(100, "a zeroed page-table page from the per-vCPU cache",
+                             "kvm_mmu_memory_cache_alloc; the cache is topped up before the lock")
+    spte_build: int = _ns(50, "computing one SPTE", "make_spte: a few dozen ALU ops and branches")
+    spte_write: int = _ns(5, "a plain SPTE store under the write lock", "one store, L1 hit")
+    sp_hash_lookup: int = _ns(60, "kvm_mmu_find_shadow_page: one hash-bucket walk",
+                              "about one cache miss")
+    rmap_add: int = _ns(100, "rmap_add: pte_list_add", "often allocates a pte_list_desc")
 
 
 DEFAULT_COSTS = CostModel()

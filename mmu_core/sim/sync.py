@@ -1,17 +1,21 @@
-"""Synchronisation primitives in virtual time: spinlock, queued rwlock, RCU, completions.
+"""Synchronisation primitives in virtual time: spinlock, queued rwlock, RCU, completion, channel.
 
-Each operation is a switch point that costs what the cost model says. Locks are fair (FIFO
-queued, like Linux's qspinlock and qrwlock: a reader waits behind a queued writer), so the
-order in which contenders get a lock depends only on virtual time and the seed. Called
-outside any task (setup and teardown code), a free lock is taken at no cost and anything that
-would have to wait is an error.
+Every operation is a switch point that costs what the cost model says. Locks are fair (FIFO
+queued, like Linux's ticket spinlock and qrwlock: a reader waits behind a queued writer), so
+who gets a lock when depends only on virtual time and the seed.
+
+Lock accounting: the acquire (its atomic, plus `lock_handoff` when the lock's cache line comes
+from another task) counts as lock wait even when uncontended; the release counts as lock held,
+and the lock is free only once the release's cost has been paid.
+
+Called outside any task (setup and teardown code), a free lock is taken at no cost; anything
+that would have to wait is a RuntimeError.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from mmu_core.sim.engine import Engine, Task
@@ -20,161 +24,215 @@ READ = "read"
 WRITE = "write"
 
 
-class RWLock:
-    def __init__(self, engine: Engine, name: str) -> None:
+class _Guard:
+    """`with lock.read():` / `with lock.write():` without a generator per use."""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, enter: Callable[[], None], exit_: Callable[[], None]) -> None:
+        self._enter = enter
+        self._exit = exit_
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit()
+
+
+class _QueuedLock:
+    """The mechanics shared by RWLock and SpinLock: a FIFO queue of (task, write) waiters."""
+
+    def __init__(self, engine: Engine, name: str, read_ns: int, write_ns: int,
+                 release_ns: int) -> None:
         self.engine = engine
         self.name = name
-        self.readers: dict[Task | None, int] = {}
+        self.readers: dict[Task | None, int] = {}  # holder -> read nesting (None: no task)
         self.writer: Task | None = None
-        self._writer_held = False
-        self._queue: deque[tuple[Task, str]] = deque()
-        self._last_owner: Task | None = None
+        self._write_held = False  # separate from `writer`, which is None outside tasks
+        self._queue: deque[tuple[Task, bool]] = deque()
+        self._last: Task | None = None  # who touched the lock last: the cache line's owner
+        self._read_ns = read_ns
+        self._write_ns = write_ns
+        self._release_ns = release_ns
+        self._handoff_ns = engine.cost.lock_handoff
 
-    # --- acquire / release -----------------------------------------------------------------
-    def _acquire(self, mode: str) -> None:
+    def _free_for(self, write: bool) -> bool:
+        # Nobody queued also means no writer queued ahead of a reader: that is the fairness.
+        if self._write_held or self._queue:
+            return False
+        return not write or not self.readers
+
+    def _acquire(self, write: bool) -> None:
         engine = self.engine
         task = engine.current
-        cost = engine.cost
-        ns = cost.rwlock_read_acquire if mode == READ else cost.rwlock_write_acquire
-        if task is not None and self._last_owner is not None and self._last_owner is not task:
-            ns += cost.lock_handoff
-        engine.delay(ns)
-        if self._can_take(mode):
-            self._grant(task, mode)
+        if task is None:
+            if not self._free_for(write):
+                raise RuntimeError(f"{self.name}: contended outside a task (it would wait forever)")
+            self._grant(None, write)
+            return
+        if (self._write_held and self.writer is task) or (write and task in self.readers):
+            raise RuntimeError(f"{self.name}: {task.name} would deadlock against itself")
+        task.account()
+        task.waiting += 1
+        if engine.trace_enabled:
+            engine._record(task, "lock_acquire", (self.name, WRITE if write else READ))
+        engine.delay(self._write_ns if write else self._read_ns)
+        if self._free_for(write):
+            handoff = self._last is not None and self._last is not task
+            self._grant(task, write)
+            if handoff:
+                engine.delay(self._handoff_ns)
         else:
-            if task is None:
-                raise RuntimeError(f"{self.name}: contended outside a task")
-            task.account()
-            task.waiting += 1
             task.lock_contended += 1
-            self._queue.append((task, mode))
-            engine._record(task, "lock_wait", (self.name, mode))
-            engine.block("lock_wait")
-        engine._record(task, "lock", (self.name, mode))
+            self._queue.append((task, write))
+            engine._park(task, f"lock_wait {self.name} ({WRITE if write else READ})")
+        task.account()
+        task.waiting -= 1
+        if engine.trace_enabled:
+            engine._record(task, "lock", (self.name, WRITE if write else READ))
 
-    def _can_take(self, mode: str) -> bool:
-        if self._queue or self._writer_held:
-            return False
-        return mode == READ or not self.readers
-
-    def _grant(self, task: Task | None, mode: str) -> None:
+    def _grant(self, task: Task | None, write: bool) -> None:
+        # Only ever called while `task` is still waiting, so its category does not change.
+        if write:
+            self.writer = task
+            self._write_held = True
+        else:
+            self.readers[task] = self.readers.get(task, 0) + 1
         if task is not None:
-            task.account()
             task.holding += 1
             task.lock_acquires += 1
-        if mode == READ:
-            self.readers[task] = self.readers.get(task, 0) + 1
-        else:
-            self.writer = task
-            self._writer_held = True
-        self._last_owner = task
+        self._last = task
 
-    def _release(self, mode: str) -> None:
+    def _release(self, write: bool) -> None:
         engine = self.engine
         task = engine.current
-        if mode == READ:
-            n = self.readers.get(task, 0)
-            if n == 0:
-                raise RuntimeError(f"{self.name}: read_unlock by a task that does not hold it")
+        if write:
+            if not (self._write_held and self.writer is task):
+                raise RuntimeError(f"{self.name}: write unlock by a task that does not hold it")
+        elif not self.readers.get(task):
+            raise RuntimeError(f"{self.name}: read unlock by a task that does not hold it")
+        if task is not None:
+            engine.delay(self._release_ns)
+            task.account()
+            task.holding -= 1
+        if write:
+            self.writer = None
+            self._write_held = False
+        else:
+            n = self.readers[task]
             if n == 1:
                 del self.readers[task]
             else:
                 self.readers[task] = n - 1
-        else:
-            if not self._writer_held or self.writer is not task:
-                raise RuntimeError(f"{self.name}: write_unlock by a task that does not hold it")
-            self.writer = None
-            self._writer_held = False
-        if task is not None:
-            task.account()
-            task.holding -= 1
-        engine._record(task, "unlock", (self.name, mode))
-        self._hand_over()
-        engine.delay(engine.cost.rwlock_release)
+        self._last = task
+        if engine.trace_enabled:
+            engine._record(task, "unlock", (self.name, WRITE if write else READ))
+        if self._queue:
+            self._hand_over()
 
     def _hand_over(self) -> None:
+        """Grant the lock to the head of the queue: one writer, or every reader up to one."""
         q = self._queue
-        while q and not self._writer_held:
-            task, mode = q[0]
-            if mode == WRITE and self.readers:
+        while q and not self._write_held:
+            task, write = q[0]
+            if write and self.readers:
                 return
             q.popleft()
-            task.account()
-            task.waiting -= 1
-            self._grant(task, mode)
-            self.engine.wake(task)
-            if mode == WRITE:
-                return
+            # The cache line travels to the new owner: it resumes after the transfer.
+            after = self._handoff_ns if self._last is not None and self._last is not task else 0
+            self._grant(task, write)
+            self.engine._wake(task, after)
+
+    @property
+    def contended(self) -> bool:
+        """Whether any task is queued for the lock."""
+        return bool(self._queue)
+
+
+class RWLock(_QueuedLock):
+    """A fair queued reader-writer lock (Linux's qrwlock), e.g. KVM's mmu_lock."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        c = engine.cost
+        super().__init__(engine, name, c.rwlock_read_acquire, c.rwlock_write_acquire,
+                         c.rwlock_release)
+        self._read_guard = _Guard(self.read_lock, self.read_unlock)
+        self._write_guard = _Guard(self.write_lock, self.write_unlock)
 
     def read_lock(self) -> None:
-        self._acquire(READ)
+        self._acquire(False)
 
     def read_unlock(self) -> None:
-        self._release(READ)
+        self._release(False)
 
     def write_lock(self) -> None:
-        self._acquire(WRITE)
+        self._acquire(True)
 
     def write_unlock(self) -> None:
-        self._release(WRITE)
+        self._release(True)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        self.read_lock()
-        try:
-            yield
-        finally:
-            self.read_unlock()
+    def read(self) -> _Guard:
+        """`with lock.read():` holds the lock for read."""
+        return self._read_guard
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        self.write_lock()
-        try:
-            yield
-        finally:
-            self.write_unlock()
+    def write(self) -> _Guard:
+        """`with lock.write():` holds the lock for write."""
+        return self._write_guard
 
     def held_by_current(self, mode: str) -> bool:
         task = self.engine.current
         if mode == READ:
             return task in self.readers
-        return self._writer_held and self.writer is task
-
-    @property
-    def contended(self) -> bool:
-        return bool(self._queue)
+        if mode == WRITE:
+            return self._write_held and self.writer is task
+        raise ValueError(f"mode must be {READ!r} or {WRITE!r}, not {mode!r}")
 
     def cond_resched(self, mode: str) -> bool:
-        """Drop and retake the lock if anyone waits for it (cond_resched_rwlock_*)."""
+        """If anyone waits for the lock, drop it, yield and retake it in the same mode.
+
+        KVM's cond_resched_rwlock_read/write; returns True if the lock was dropped.
+        """
+        write = {READ: False, WRITE: True}[mode]
         if not self._queue:
             return False
-        self._release(mode)
+        self._release(write)
         self.engine.delay(0)
-        self._acquire(mode)
+        self._acquire(write)
         return True
 
 
-class SpinLock:
-    """An exclusive FIFO lock (a ticket/queued spinlock)."""
+class SpinLock(_QueuedLock):
+    """An exclusive FIFO lock (a ticket spinlock)."""
 
     def __init__(self, engine: Engine, name: str) -> None:
-        self._lock = RWLock(engine, name)
+        c = engine.cost
+        super().__init__(engine, name, c.spin_acquire, c.spin_acquire, c.spin_release)
 
     def lock(self) -> None:
-        self._lock.write_lock()
+        self._acquire(True)
 
     def unlock(self) -> None:
-        self._lock.write_unlock()
+        self._release(True)
 
     def __enter__(self) -> SpinLock:
-        self.lock()
+        self._acquire(True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unlock()
+        self._release(True)
+
+    def held_by_current(self) -> bool:
+        return self._write_held and self.writer is self.engine.current
+
+    @property
+    def locked(self) -> bool:
+        return self._write_held
 
 
 class Completion:
+    """Waiters sleep until complete(); it stays complete until reinit()."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.done = False
@@ -184,6 +242,8 @@ class Completion:
         if self.done:
             return
         task = self.engine.current
+        if task is None:
+            raise RuntimeError("Completion.wait outside a task would never return")
         self._waiters.append(task)
         self.engine.block(phase)
 
@@ -198,7 +258,7 @@ class Completion:
 
 
 class Channel:
-    """A FIFO message queue: put never blocks, get blocks while empty."""
+    """A FIFO message queue: put never blocks, get blocks while it is empty."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -211,121 +271,147 @@ class Channel:
             self.engine.wake(self._getters.popleft())
 
     def get(self, phase: str) -> Any:
-        while not self._items:
-            self._getters.append(self.engine.current)
+        if self._items:
+            return self._items.popleft()
+        task = self.engine.current
+        if task is None:
+            raise RuntimeError("Channel.get on an empty channel outside a task would never return")
+        self._getters.append(task)
+        while True:
             self.engine.block(phase)
-        return self._items.popleft()
+            if self._items:
+                return self._items.popleft()
+            # A running task took the item first: wait again, keeping our place in line.
+            self._getters.appendleft(task)
 
     def __len__(self) -> int:
         return len(self._items)
 
 
 class RCU:
-    """Read-copy-update: callbacks run after every reader that predates them has left.
+    """Read-copy-update: a callback runs once every reader that predates it has left.
 
-    Readers record a sequence number when they enter; a callback queued at sequence s runs,
-    in the "rcu" daemon task, once no reader with an entry sequence <= s remains and at least
-    rcu_grace_period ns have passed.
+    Readers take a sequence number when they enter; a callback queued at sequence s runs, in
+    the "rcu" daemon task, once no reader with an entry number <= s remains and at least
+    rcu_grace_period ns after call_rcu. Entry numbers only grow and the reader dict keeps
+    insertion order, so its first entry is always the oldest reader.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._seq = 0
-        self._readers: dict[Task | None, tuple[int, int]] = {}  # task -> (nesting, entry seq)
-        self._callbacks: deque[tuple[int, int, Callable[..., Any], tuple]] = deque()
+        self._readers: dict[Task | None, list[int]] = {}  # task -> [nesting, entry number]
+        self._callbacks: deque[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = deque()
         self._worker: Task | None = None
-        self.grace_periods = 0
+        self._guard = _Guard(self.read_lock, self.read_unlock)
+        self.callbacks_run = 0
 
+    # --- readers ------------------------------------------------------------------------------
     def read_lock(self) -> None:
-        task = self.engine.current
-        nesting, entry = self._readers.get(task, (0, 0))
-        if nesting == 0:
+        engine = self.engine
+        task = engine.current
+        if task is not None:
+            engine.delay(engine.cost.rcu_read_lock)
+        reader = self._readers.get(task)
+        if reader is None:
             self._seq += 1
-            entry = self._seq
-        self._readers[task] = (nesting + 1, entry)
-        self.engine.delay(self.engine.cost.rcu_read_lock)
+            self._readers[task] = [1, self._seq]
+            if engine.trace_enabled:
+                engine._record(task, "rcu_read_lock", self._seq)
+        else:
+            reader[0] += 1
 
     def read_unlock(self) -> None:
-        task = self.engine.current
-        nesting, entry = self._readers.get(task, (0, 0))
-        if nesting == 0:
+        engine = self.engine
+        task = engine.current
+        reader = self._readers.get(task)
+        if reader is None:
             raise RuntimeError("rcu_read_unlock without rcu_read_lock")
-        if nesting == 1:
+        reader[0] -= 1
+        if not reader[0]:
             del self._readers[task]
-            self._kick()
-        else:
-            self._readers[task] = (nesting - 1, entry)
-        self.engine.delay(self.engine.cost.rcu_read_unlock)
+            if engine.trace_enabled:
+                engine._record(task, "rcu_read_unlock", reader[1])
+            # Only a reader the oldest callback waits for can make it ready.
+            if self._callbacks and reader[1] <= self._callbacks[0][0]:
+                self._kick()
+        if task is not None:
+            engine.delay(engine.cost.rcu_read_unlock)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        self.read_lock()
-        try:
-            yield
-        finally:
-            self.read_unlock()
+    def read(self) -> _Guard:
+        """`with rcu.read():` is a read-side critical section."""
+        return self._guard
 
+    # --- updaters -----------------------------------------------------------------------------
     @property
     def pending(self) -> int:
+        """Callbacks queued and not yet run."""
         return len(self._callbacks)
 
     def call_rcu(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) in the "rcu" task after a grace period."""
+        engine = self.engine
         self._seq += 1
-        self._callbacks.append((self._seq, self.engine.now + self.engine.cost.rcu_grace_period,
-                                fn, args))
-        self.engine.delay(self.engine.cost.call_rcu)
+        self._callbacks.append((self._seq, engine.now + engine.cost.rcu_grace_period, fn, args))
+        if engine.trace_enabled:
+            engine._record(engine.current, "call_rcu", self._seq)
         self._kick()
-
-    def _oldest_reader(self) -> int | None:
-        return min((entry for _n, entry in self._readers.values()), default=None)
-
-    def _ready(self) -> bool:
-        if not self._callbacks:
-            return False
-        seq, _due, _fn, _args = self._callbacks[0]
-        oldest = self._oldest_reader()
-        return oldest is None or oldest > seq
-
-    def _kick(self) -> None:
-        engine = self.engine
-        if not self._callbacks:
-            return
-        if self._worker is None or self._worker.finished:
-            self._worker = engine.spawn("rcu", self._work, daemon=True)
-        else:
-            engine.wake(self._worker)
-
-    def _work(self) -> None:
-        engine = self.engine
-        while True:
-            if not self._ready():
-                engine.block("rcu_idle")
-                continue
-            _seq, due, fn, args = self._callbacks[0]
-            if engine.now < due:
-                engine.delay(due - engine.now, "rcu_grace")
-                continue
-            self._callbacks.popleft()
-            self.grace_periods += 1
-            fn(*args)
+        if engine.current is not None:
+            engine.delay(engine.cost.call_rcu)
 
     def synchronize_rcu(self) -> None:
-        task = self.engine.current
+        """Block until every reader that is inside now has left (and a grace period passed)."""
+        engine = self.engine
+        task = engine.current
         if task in self._readers:
             raise RuntimeError("synchronize_rcu inside an RCU read-side critical section")
-        done = Completion(self.engine)
+        if task is None:
+            if self._readers:
+                raise RuntimeError("synchronize_rcu outside a task with readers inside")
+            return  # nobody to wait for, and time does not pass outside the engine
+        done = Completion(engine)
         self.call_rcu(done.complete)
         done.wait("rcu_sync")
 
     def barrier(self) -> None:
-        """Run (outside the engine) or wait for (inside a task) every queued callback."""
+        """rcu_barrier: outside the engine, run every queued callback now (teardown);
+        inside a task, wait until the callbacks queued so far have run."""
         if self.engine.current is None:
             if self._readers:
-                raise RuntimeError("rcu_barrier outside the engine with readers inside")
-            while self._callbacks:
+                raise RuntimeError("rcu_barrier outside a task with readers inside")
+            while self._callbacks:  # callbacks may queue more
                 _seq, _due, fn, args = self._callbacks.popleft()
+                self.callbacks_run += 1
                 fn(*args)
             return
-        self.synchronize_rcu()
-        while self._callbacks:
-            self.synchronize_rcu()
+        if self._callbacks:
+            self.synchronize_rcu()  # the worker runs callbacks in order: ours is last
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _kick(self) -> None:
+        engine = self.engine
+        if self._worker is not None:
+            engine.wake(self._worker)
+        elif not engine.closed:  # after close(), only barrier() runs callbacks
+            self._worker = engine.spawn("rcu", self._work, daemon=True)
+
+    def _work(self) -> None:
+        engine = self.engine
+        callbacks = self._callbacks
+        while True:
+            if not callbacks:
+                engine.block("rcu_idle")
+                continue
+            seq, due, fn, args = callbacks[0]
+            if engine.now < due:
+                engine.delay(due - engine.now, "rcu_grace")
+                continue
+            readers = self._readers
+            if readers and next(iter(readers.values()))[1] <= seq:
+                engine.block("rcu_idle")  # woken when the readers it waits for leave
+                continue
+            callbacks.popleft()
+            self.callbacks_run += 1
+            if engine.trace_enabled:
+                engine._record(engine.current, "rcu_callback", seq)
+            fn(*args)
