@@ -88,6 +88,8 @@ class VM:
         for vcpu in self.vcpus:
             vcpu.mmu_root = None
         self.hook.mmu_destroy_vm(vm=self)
+        # Parked greenlets (userfault handlers, the RCU worker) would keep the VM alive.
+        self.engine.close()
 
     def hook_all(self, name: str, **kwargs: Any) -> None:
         """Call an optional hook on the backend of the VM's role (if it implements it)."""
