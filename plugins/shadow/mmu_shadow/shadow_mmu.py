@@ -448,10 +448,6 @@ class ShadowMMU:
         return flush
 
     @hookimpl
-    def mmu_unmap_gfn_range(self, vm, as_id, start, end, event):
-        return self.mmu_zap_gfn_range(vm, as_id, start, end)
-
-    @hookimpl
     def mmu_zap_all(self, vm):
         with vm.mmu_lock.write():
             for vcpu in vm.vcpus:
