@@ -22,7 +22,7 @@ from mmu_core.plugins import (
     unregister_backend,
     unregister_observer,
 )
-from mmu_core.types import BackendInfo, FaultKind, MMUMemory, PageFault, Ret, Role
+from mmu_core.types import BackendInfo, FaultKind, HostPfn, MMUMemory, PageFault, Ret, Role
 from mmu_core.vm.vm import VM, create_vm
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "BackendInfo",
     "FaultKind",
     "GuestError",
+    "HostPfn",
     "InvalidConfig",
     "MMUError",
     "MMUMemory",

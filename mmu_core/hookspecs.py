@@ -114,6 +114,10 @@ def mmu_page_fault(vcpu, fault):
     with the hardware's error code. The handler resolves gfn -> hva -> pfn with
     ``vm.gfn_to_pfn`` (which may block on a userfault: do it before taking the lock, as KVM's
     kvm_faultin_pfn does), then installs SPTEs with ``vm.spte_cmpxchg``/``vm.spte_write``.
+    Sample ``vm.mmu_invalidate_seq`` before ``gfn_to_pfn`` and, under the lock, return
+    ``Ret.RETRY`` when ``vm.mmu_invalidate_retry_gfn(seq, as_id, gfn)`` says an MMU-notifier
+    invalidation raced with the lookup. Map an SPTE writable only if the returned
+    ``HostPfn.writable`` is set (the host may map the page read-only: KSM, copy-on-write).
 
     Return ``Ret.FIXED``/``SPURIOUS``/``RETRY`` to re-enter the guest, ``Ret.EMULATE`` to have
     the core emulate the access (write-tracked guest page tables; set ``fault.mmio`` for an

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 
 class Role(enum.StrEnum):
@@ -47,6 +48,16 @@ class PageFault:
     mmio: bool = False  # with Ret.EMULATE: the gpa has no memslot
     level: int = 0  # level of the mapping installed
     walked_gfns: tuple[int, ...] = field(default=())  # shadow: the guest tables walked
+
+
+class HostPfn(NamedTuple):
+    """What ``vm.gfn_to_pfn`` resolved (KVM: the pfn, mapping level and map_writable that
+    __kvm_faultin_pfn leaves in the fault)."""
+
+    pfn: int
+    level: int  # host mapping level (1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB)
+    slot: Any  # the Memslot
+    writable: bool  # the host maps the page writable: an SPTE may be writable (else COW/KSM)
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ class Backing(enum.StrEnum):
 class MMUNotifier(Protocol):
     """What a registered listener (a VM) is told; ranges are [start, end) in hva."""
 
-    def invalidate_range(self, start: int, end: int, event: str) -> None: ...
+    def invalidate_range_start(self, start: int, end: int, event: str) -> None: ...
 
-    def change_pte(self, hva: int, new_pfn: int) -> None: ...
+    def invalidate_range_end(self, start: int, end: int, event: str) -> None: ...
 
     def clear_young(self, start: int, end: int) -> int: ...
 
@@ -192,8 +192,10 @@ class HostMM:
         start, end = self._range(hva, size)
         self._notify(event)
         for n in self.notifiers:
-            n.invalidate_range(start, end, event)
+            n.invalidate_range_start(start, end, event)
         self._drop(start, end)
+        for n in self.notifiers:
+            n.invalidate_range_end(start, end, event)
 
     def madvise_dontneed(self, hva: int, size: int) -> None:
         self.unmap(hva, size, event="madvise_dontneed")
@@ -209,7 +211,7 @@ class HostMM:
         start, end = self._range(hva, 4096)
         self._notify("migrate")
         for n in self.notifiers:
-            n.invalidate_range(start, end, "migrate")
+            n.invalidate_range_start(start, end, "migrate")
         first, npages = self.index(start), (end - start) >> 12
         old_base = int(self.hva_pfn[first])
         new_base = self.memory.alloc(Purpose.GUEST_DATA, npages)  # before freeing: a new frame
@@ -219,12 +221,15 @@ class HostMM:
             mem.table(new_base + off)[:] = mem.table(old_base + off)
         mem.free(old_base)
         self.hva_pfn[first : first + npages] = np.arange(new_base, new_base + npages)
+        for n in self.notifiers:
+            n.invalidate_range_end(start, end, "migrate")
         return new_base + (self.index(hva) - first)
 
     def ksm_merge(self, hva_keep: int, hva_dup: int) -> None:
         """KSM: the duplicate page now maps the kept page's frame (read-only in the host).
 
-        Fires change_pte for the duplicate as the old KSM did, then swaps the pfn.
+        Invalidates the duplicate's range (KVM no longer implements change_pte), then swaps
+        the pfn.
         """
         keep = self.lookup(hva_keep)
         dup = self.lookup(hva_dup)
@@ -233,10 +238,11 @@ class HostMM:
         start, end = self._range(hva_dup, 4096)
         self._notify("ksm_merge")
         for n in self.notifiers:
-            n.invalidate_range(start, end, "ksm_merge")
-            n.change_pte(hva_dup, keep)
+            n.invalidate_range_start(start, end, "ksm_merge")
         self.memory.free(dup)
         self.hva_pfn[self.index(hva_dup)] = keep
+        for n in self.notifiers:
+            n.invalidate_range_end(start, end, "ksm_merge")
 
     def age(self, hva: int, size: int) -> int:
         """Page aging (kswapd/MGLRU): ask the notifiers whether the range was young."""

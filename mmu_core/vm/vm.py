@@ -21,7 +21,7 @@ from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.params import Params
 from mmu_core.sim import RCU, Engine, RWLock
-from mmu_core.types import Role
+from mmu_core.types import HostPfn, Role
 from mmu_core.vm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, Memslots
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, Vcpu
 
@@ -53,6 +53,7 @@ class VM:
         self.generation = 0
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
+        self._invalidating: list[list[tuple[int, int, int]]] = []  # gfn ranges in progress
         self._tracked: list[dict[int, int]] = [{}, {}]
         self.vcpus: list[Vcpu] = []
         self.backend_instances: dict[str, Any] = {}
@@ -199,28 +200,34 @@ class VM:
         return self.memslots[as_id].find(gfn)
 
     # --- gfn -> pfn (KVM: __gfn_to_pfn_memslot / hva_to_pfn) ------------------------------------
-    def gfn_to_pfn(self, as_id: int, gfn: int, write: bool) -> tuple[int, int, Memslot] | None:
-        """(pfn, host mapping level, slot), or None when no memslot covers gfn (MMIO).
+    def gfn_to_pfn(self, as_id: int, gfn: int, write: bool) -> HostPfn | None:
+        """(pfn, host mapping level, slot, host-writable), or None when no memslot covers gfn
+        (MMIO).
 
         Runs as get_user_pages would: a missing page in a userfault region blocks the calling
-        task until the region's handler copies it in. Accounted to the "gup" phase.
+        task until the region's handler copies it in. Accounted to the "gup" phase. Every
+        delay is a switch point, so the host state is looked up again after each one: another
+        task may have populated the page meanwhile, and populating twice would orphan a frame.
         """
         slot = self.memslots[as_id].find(gfn)
         if slot is None:
             return None
         hva = slot.gfn_to_hva(gfn)
         cost = self.engine.cost
+        mm = self.mm
         with self.engine.phase("gup"):
             self.engine.delay(cost.gup_present)
-            pfn = self.mm.lookup(hva)
-            if pfn == NO_PFN:
-                uffd = self.mm.userfault_of(hva)
+            pfn = mm.lookup(hva)
+            while pfn == NO_PFN:
+                uffd = mm.userfault_of(hva)
                 if uffd is not None:
                     pfn = uffd.wait_for(hva, write)
-                else:
-                    self.engine.delay(cost.host_page_alloc)
-                    pfn = self.mm.populate(hva)
-        return pfn, self.mm.mapping_level(hva), slot
+                    continue
+                self.engine.delay(cost.host_page_alloc)
+                pfn = mm.lookup(hva)  # populated by a racing task while we allocated?
+                if pfn == NO_PFN:
+                    pfn = mm.populate(hva)
+        return HostPfn(pfn, mm.mapping_level(hva), slot, True)
 
     def max_mapping_level(self, slot: Memslot, gfn: int, host_level: int, max_level: int = 3) -> int:
         """Largest level at which gfn may be mapped: no larger than the host mapping, and the
@@ -351,22 +358,43 @@ class VM:
         return any(g in t for g in range(start, end))
 
     # --- MMU notifier (registered with the host mm) ----------------------------------------------
-    def invalidate_range(self, start: int, end: int, event: str) -> None:
-        self.mmu_invalidate_seq += 1
+    # KVM's protocol (virt/kvm/kvm_main.c): invalidate_range_start raises
+    # mmu_invalidate_in_progress and widens the range in progress, then zaps; the host changes
+    # or frees the pages; invalidate_range_end bumps mmu_invalidate_seq and drops the count.
+    # A fault samples the sequence before get_user_pages and, under the MMU lock, retries if
+    # its gfn lies in a range in progress or the sequence moved (mmu_invalidate_retry_gfn), so
+    # it never installs a pfn the host is taking away.
+    def invalidate_range_start(self, start: int, end: int, event: str) -> None:
+        self.mmu_invalidate_in_progress += 1
+        ranges = [(as_id, first, last) for as_id in (0, 1)
+                  for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end)]
+        self._invalidating.append(ranges)
         flush = False
-        for as_id in (0, 1):
-            for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end):
-                res = self.hook.mmu_unmap_gfn_range(vm=self, as_id=as_id, start=first, end=last,
-                                                    event=event)
-                if res is None and not self.hook.mmu_unmap_gfn_range.get_hookimpls():
-                    res = self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=first, end=last)
-                flush |= bool(res)
+        for as_id, first, last in ranges:
+            res = self.hook.mmu_unmap_gfn_range(vm=self, as_id=as_id, start=first, end=last,
+                                                event=event)
+            if res is None and not self.hook.mmu_unmap_gfn_range.get_hookimpls():
+                res = self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=first, end=last)
+            flush |= bool(res)
         if flush:
             self.flush_remote_tlbs()
 
-    def change_pte(self, hva: int, new_pfn: int) -> None:
-        # Modern KVM ignores change_pte (the invalidation before it already zapped the SPTE).
-        return
+    def invalidate_range_end(self, start: int, end: int, event: str) -> None:
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+        self._invalidating.pop(0)  # ranges end in the order they started (one host mm lock)
+
+    def invalidating_gfn(self, as_id: int, gfn: int) -> bool:
+        """Whether gfn lies in an invalidation that has started and not yet ended."""
+        return any(a == as_id and first <= gfn < last
+                   for ranges in self._invalidating for a, first, last in ranges)
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq: int, as_id: int, gfn: int) -> bool:
+        """KVM's mmu_invalidate_retry_gfn: call under the MMU lock with the sequence sampled
+        before gfn_to_pfn; True means the pfn may be stale and the fault must retry."""
+        if self.mmu_invalidate_in_progress and self.invalidating_gfn(as_id, gfn):
+            return True
+        return self.mmu_invalidate_seq != mmu_seq
 
     def clear_young(self, start: int, end: int) -> int:
         young = 0

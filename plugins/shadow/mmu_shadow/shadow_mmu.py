@@ -206,7 +206,7 @@ class ShadowMMU:
         res = vm.gfn_to_pfn(vcpu.as_id, gfn, fault.write)
         if res is None:
             return self._install_mmio(vcpu, fault, gpa, tables, ptes, int(out[W.OUT_LEVEL]))
-        pfn, _host_level, slot = res
+        pfn, slot = res.pfn, res.slot
         if fault.write and slot.readonly:
             fault.mmio = True
             return Ret.EMULATE
@@ -224,7 +224,7 @@ class ShadowMMU:
                 nx = True
         dirty = bool(leaf_pte & P.PT_DIRTY) or fault.write or vcpu.mode == P.MODE_NONE
         with vm.mmu_lock.write():
-            if vm.mmu_invalidate_seq != mmu_seq:
+            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn):
                 self.stats["retries"] += 1
                 return Ret.RETRY
             keys = R.chain_keys(ctx, vm.root_levels(vcpu), fault.gva, tables, ptes,
@@ -233,7 +233,7 @@ class ShadowMMU:
             if table is None:
                 return Ret.RETRY
             tracked = vm.is_tracked(vcpu.as_id, gfn)
-            map_writable = writable and dirty and not tracked
+            map_writable = writable and dirty and not tracked and res.writable
             if slot.log_dirty and not fault.write:
                 map_writable = False
             idx = (fault.gva >> 12) & 511
@@ -312,16 +312,16 @@ class ShadowMMU:
         gfn = fault.gpa >> 12
         mmu_seq = vm.mmu_invalidate_seq
         res = vm.gfn_to_pfn(vcpu.as_id, gfn, fault.write)
-        if res is not None and fault.write and res[2].readonly:
+        if res is not None and fault.write and res.slot.readonly:
             fault.mmio = True
             return Ret.EMULATE
-        level = 1 if res is None else vm.max_mapping_level(res[2], gfn, res[1])
+        level = 1 if res is None else vm.max_mapping_level(res.slot, gfn, res.level)
         root_level = vm.root_levels(vcpu)
         ctx = self._context(vcpu)
         keys = [R.Key(gfn & ~((1 << (9 * lv)) - 1), R.make_role(ctx, lv, direct=True))
                 for lv in range(root_level, 0, -1)]
         with vm.mmu_lock.write():
-            if vm.mmu_invalidate_seq != mmu_seq:
+            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn):
                 self.stats["retries"] += 1
                 return Ret.RETRY
             table = self._fetch_chain(vcpu, keys, fault.gpa, goal_level=level)
@@ -333,9 +333,9 @@ class ShadowMMU:
                 new = S.make_mmio_spte(gfn, 0x7, vm.memslots_generation(), True)
                 fault.mmio = True
             else:
-                pfn, _hl, slot = res
-                base = pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
-                writable = not slot.readonly and (not slot.log_dirty or fault.write)
+                slot = res.slot
+                base = res.pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
+                writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
                 vm.engine.delay(vm.engine.cost.spte_build)
                 new = S.make_leaf_spte(base, level, writable, True)
             if old == new:

@@ -96,18 +96,17 @@ class TdpMMU:
         # invalidation sequence so a notifier that ran meanwhile makes us retry.
         mmu_seq = vm.mmu_invalidate_seq
         res = vm.gfn_to_pfn(as_id, gfn, fault.write)
-        if res is not None and fault.write and res[2].readonly:
+        if res is not None and fault.write and res.slot.readonly:
             fault.mmio = True  # a write to a read-only slot exits to userspace as MMIO
             return Ret.EMULATE
         if res is None:
             goal_level = 1
         else:
-            pfn, host_level, slot = res
-            goal_level = vm.max_mapping_level(slot, gfn, host_level)
+            goal_level = vm.max_mapping_level(res.slot, gfn, res.level)
         root = vcpu.mmu_root
         root_level = vm.root_levels(vcpu)
         with vm.mmu_lock.read(), vm.rcu.read():
-            if vm.mmu_invalidate_seq != mmu_seq or vm.mmu_invalidate_in_progress:
+            if vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn):
                 self.stats["retries"] += 1
                 return Ret.RETRY
             for it in TdpIter(vm, root, root_level, goal_level, gfn, gfn + 1):
@@ -177,9 +176,9 @@ class TdpMMU:
                 return self._retry()
             self.stats["mmio"] += 1
             return Ret.EMULATE
-        pfn, _host_level, slot = res
-        base_pfn = pfn - (gfn - S.gfn_round_for_level(gfn, level))
-        writable = not slot.readonly and (not slot.log_dirty or fault.write)
+        slot = res.slot
+        base_pfn = res.pfn - (gfn - S.gfn_round_for_level(gfn, level))
+        writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
         vm.engine.delay(vm.engine.cost.spte_build)
         new = S.make_leaf_spte(base_pfn, level, writable, True)
         if S.is_shadow_present_pte(it.old_spte) and S.spte_to_pfn(it.old_spte) == base_pfn \
