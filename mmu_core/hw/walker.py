@@ -11,6 +11,15 @@
 Paging modes are data (mmu_core.arch.x86.paging); permission rules follow SDM vol. 3A 4.6,
 reserved bits 4.3-4.5, error codes 4.7, and A/D updates follow KVM's software walker: A on
 every level used and D on a written leaf, only when the access succeeds (SDM 4.8 allows it).
+
+`walk_cached()` is the hardware's walk: it also uses and fills the vCPU's paging-structure
+caches (hw/tlb.py) for the structure the hardware walks from the MMU's root, the EPT tables in
+a 2-D walk and the shadow tables in a 1-D walk over them. A walk starts below the deepest cached
+non-leaf entry with the permissions accumulated down to it and reads only the levels below.
+Reserved bits and misconfigurations of cached levels are not checked again (only valid entries
+are cached, SDM 4.10.3.1), and an entry is cached only once its accessed flag is 1 in memory,
+so starting from the cache sets exactly the A/D bits a full walk would. The guest's own tables
+in a 2-D walk are not cached.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from numba import njit
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
+from mmu_core.hw.tlb import PSC_EPT, PSC_LINEAR, TLB_COLS, psc_enabled, psc_fill, psc_lookup
 
 # --- register block passed to the walker (int64 array) ------------------------------------
 R_MODE = 0
@@ -70,7 +80,9 @@ OUT_N = 6  # number of guest entries read
 OUT_ADW = 7  # bit i: entry i had A (or D) newly set by this walk
 OUT_TGPA = 8  # 5 slots: gpa of the entry read at step i (top level first)
 OUT_TPTE = 13  # 5 slots: its value as read (before A/D updates)
-OUT_SIZE = 18
+OUT_READS = 18  # paging-structure entries read from memory, both dimensions (walk cost)
+OUT_SKIPPED = 19  # entry reads that paging-structure-cache hits saved
+OUT_SIZE = 20
 
 A_USER = 1 << 0  # U/S=1 at every level
 A_WRITABLE = 1 << 1  # R/W=1 at every level
@@ -122,23 +134,46 @@ def or_entry(pt, pt_slot, hpa, ebytes, bits):
     pt[slot, idx] = pt[slot, idx] | bits
 
 
+RES_SIZE = 6  # ept_translate/_xlate results: status, hpa, perms, level, reads, skipped
+
+
 @njit(cache=True)
-def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
-    """Translate gpa through EPT. res: [status, hpa, perms, level]. `need` is EPT_READ/...
+def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res):
+    """Translate gpa through EPT. res: [status, hpa, perms, level, reads, skipped] (RES_SIZE);
+    `need` is EPT_READ/... `psc` is the vCPU's TLB array (its EPT paging-structure caches are
+    used and filled) or an empty array.
 
     A/D (EPT A/D enabled, as KVM's TDP MMU runs) are set only when the access is allowed.
     """
     perm = E.EPT_RWX
     table = root
+    top = levels
+    res[4] = 0
+    res[5] = 0
+    use_psc = psc_enabled(psc)
+    if use_psc:
+        hit, cached_table, cached_perm = psc_lookup(psc, PSC_EPT, root, gpa, levels)
+        if hit:
+            # Start below the cached entry, with what the levels above it granted.
+            table = cached_table
+            perm = cached_perm
+            top = hit - 1
+            res[5] = levels - top
     leaf_level = 0
     hpa = 0
     slots = np.empty(5, np.int64)
     idxs = np.empty(5, np.int64)
+    # Non-leaf entries whose A bit is still 0: cacheable once this walk sets it.
+    pend_level = np.empty(5, np.int64)
+    pend_table = np.empty(5, np.int64)
+    pend_perm = np.empty(5, np.int64)
+    npend = 0
     n = 0
-    for level in range(levels, 0, -1):
+    for level in range(top, 0, -1):
         idx = (gpa >> (12 + 9 * (level - 1))) & 511
         slot = pt_slot[table]
         e = np.int64(pt[slot, idx]) if slot >= 0 else np.int64(0)
+        res[4] += 1
         rwx = e & E.EPT_RWX
         if rwx == 0:
             res[0] = W_EPT_VIOLATION
@@ -165,6 +200,14 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
             leaf_level = level
             break
         table = (e & _ADDR_MASK_52) >> 12
+        if use_psc:
+            if e & E.EPT_ACCESSED:
+                psc_fill(psc, PSC_EPT, root, level, gpa, levels, table, perm)
+            else:
+                pend_level[npend] = level
+                pend_table[npend] = table
+                pend_perm[npend] = perm
+                npend += 1
     if not (perm & need):
         res[0] = W_EPT_VIOLATION
         res[2] = perm
@@ -174,6 +217,9 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
             pt[slots[i], idxs[i]] |= np.uint64(E.EPT_ACCESSED)
         if dirty:
             pt[slots[n - 1], idxs[n - 1]] |= np.uint64(E.EPT_DIRTY)
+        for i in range(npend):
+            psc_fill(psc, PSC_EPT, root, pend_level[i], gpa, levels, pend_table[i],
+                     pend_perm[i])
     res[0] = W_OK
     res[1] = hpa
     res[2] = perm
@@ -181,16 +227,21 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, res):
 
 
 @njit(cache=True)
-def _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, need, set_ad, dirty, res):
+def _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, need, set_ad, dirty, psc,
+           res):
     """gpa -> hpa for the walker; res like ept_translate's."""
     if xl == XL_NONE:
         res[0] = W_OK
         res[1] = gpa
         res[2] = E.EPT_RWX
         res[3] = 1
+        res[4] = 0
+        res[5] = 0
     elif xl == XL_EPT:
-        ept_translate(pt, pt_slot, ept_root, ept_levels, gpa, need, set_ad, dirty, res)
+        ept_translate(pt, pt_slot, ept_root, ept_levels, gpa, need, set_ad, dirty, psc, res)
     else:
+        res[4] = 0
+        res[5] = 0
         gfn = gpa >> 12
         i = memslot_find(ms, gfn)
         if i < 0:
@@ -286,14 +337,38 @@ def _ept_qual(acc, perm, final):
 
 @njit(cache=True)
 def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn, out):
-    """Translate linear address `gva` for access `acc`; fills `out` (see OUT_*)."""
+    """Translate linear address `gva` for access `acc`; fills `out` (see OUT_*). No
+    paging-structure caches: KVM's software walk, and the reference for the hardware's."""
+    walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn,
+                np.zeros((0, TLB_COLS), np.int64), out)
+
+
+@njit(cache=True)
+def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn,
+                psc, out):
+    """walk() as the hardware does it, with the paging-structure caches in `psc` (a vCPU's TLB
+    array, see hw/tlb.py): the EPT caches under XL_EPT, the caches for the (shadow) tables of
+    4-level and 5-level paging under XL_NONE. OUT_N, OUT_TGPA/TPTE and OUT_ADW then cover only
+    the entries read from memory."""
     mode = regs[R_MODE]
     flags = regs[R_FLAGS]
     maxphy = regs[R_MAXPHY]
     out[OUT_N] = 0
     out[OUT_ADW] = 0
-    res = np.zeros(4, np.int64)
+    out[OUT_READS] = 0
+    out[OUT_SKIPPED] = 0
+    res = np.zeros(RES_SIZE, np.int64)
     hpas = np.zeros(5, np.int64)
+    # Caches for the 1-D structure (shadow tables); 2-D walks cache only the EPT dimension.
+    lpsc = xl == XL_NONE and (mode == P.MODE_4LEVEL or mode == P.MODE_5LEVEL) \
+        and psc_enabled(psc)
+    lroot = 0
+    # Non-leaf entries read with A=0: cacheable once this walk has set A (on success).
+    pend_level = np.empty(5, np.int64)
+    pend_table = np.empty(5, np.int64)
+    pend_attr = np.empty(5, np.int64)
+    npend = 0
+    levels = 0
     base_bits = access_bits(acc, flags, mode)
     if mode == P.MODE_NONE:
         gpa = gva & 0xFFFFFFFF
@@ -336,12 +411,25 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
             level = 2
         else:
             table = regs[R_CR3] & (0xFFFFF000 if mode == P.MODE_32 else _ADDR_MASK_52 & phys_mask)
+            if lpsc:
+                lroot = table >> 12
+                hit, cached_table, cached_attr = psc_lookup(psc, PSC_LINEAR, lroot, gva, levels)
+                if hit:
+                    # Start below the cached entry with what the levels above it granted.
+                    table = cached_table << 12
+                    level = hit - 1
+                    u_all = 1 if cached_attr & A_USER else 0
+                    w_all = 1 if cached_attr & A_WRITABLE else 0
+                    nx_any = 1 if cached_attr & A_NX else 0
+                    out[OUT_SKIPPED] = levels - level
         while True:
             shift = 12 + ibits * (level - 1)
             idx = (gva >> shift) & ((1 << ibits) - 1)
             pte_gpa = table + idx * ebytes
             _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, pte_gpa, E.EPT_READ,
-                   False, False, res)
+                   False, False, psc, res)
+            out[OUT_READS] += res[4]
+            out[OUT_SKIPPED] += res[5]
             if res[0] != W_OK:
                 out[OUT_STATUS] = res[0]
                 out[OUT_ADDR] = pte_gpa
@@ -350,6 +438,7 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
                 return
             hpa = res[1]
             e = read_entry(pt, pt_slot, hpa, ebytes)
+            out[OUT_READS] += 1
             out[OUT_TGPA + n] = pte_gpa
             out[OUT_TPTE + n] = e
             hpas[n] = hpa
@@ -400,6 +489,16 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
                 leaf_level = level
                 break
             table = e & (0xFFFFF000 if ebytes == 4 else _ADDR_MASK_52 & phys_mask)
+            if lpsc:
+                lattr = (A_USER if u_all else 0) | (A_WRITABLE if w_all else 0) | (
+                    A_NX if nx_any else 0)
+                if e & P.PT_ACCESSED:
+                    psc_fill(psc, PSC_LINEAR, lroot, level, gva, levels, table >> 12, lattr)
+                else:
+                    pend_level[npend] = level
+                    pend_table[npend] = table >> 12
+                    pend_attr[npend] = lattr
+                    npend += 1
             level -= 1
         attr = 0
         if u_all:
@@ -419,7 +518,9 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
             attr |= A_DIRTY
     # The final address through the second dimension.
     _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, _ept_need(acc), set_ad,
-           acc == EC.ACC_WRITE, res)
+           acc == EC.ACC_WRITE, psc, res)
+    out[OUT_READS] += res[4]
+    out[OUT_SKIPPED] += res[5]
     if res[0] != W_OK:
         out[OUT_STATUS] = res[0]
         out[OUT_ADDR] = gpa
@@ -441,8 +542,10 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
             if bits == 0:
                 continue
             if xl == XL_EPT:
+                # Not counted as reads: the hardware updates the entry with the translation it
+                # made to read it; the model translates again to check EPT write permission.
                 _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, out[OUT_TGPA + i],
-                       E.EPT_WRITE, True, True, res)
+                       E.EPT_WRITE, True, True, psc, res)
                 if res[0] != W_OK:
                     out[OUT_STATUS] = res[0]
                     out[OUT_ADDR] = out[OUT_TGPA + i]
@@ -450,6 +553,9 @@ def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_
                     return
             or_entry(pt, pt_slot, hpas[i], ebytes, np.uint64(bits))
             out[OUT_ADW] |= 1 << i
+        for i in range(npend):
+            psc_fill(psc, PSC_LINEAR, lroot, pend_level[i], gva, levels, pend_table[i],
+                     pend_attr[i])
     out[OUT_STATUS] = W_OK
     out[OUT_ADDR] = gpa
     out[OUT_CODE] = 0
