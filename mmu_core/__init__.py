@@ -22,13 +22,17 @@ from mmu_core.plugins import (
     unregister_backend,
     unregister_observer,
 )
-from mmu_core.types import BackendInfo, FaultKind, HostPfn, MMUMemory, PageFault, Ret, Role
+from mmu_core.types import BackendAudit, BackendInfo, FaultKind, HostPfn, MMUMemory, PageFault, Ret, Role
+from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH
 from mmu_core.vm.vm import VM, create_vm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "REQ_MMU_RELOAD",
+    "REQ_TLB_FLUSH",
     "VM",
+    "BackendAudit",
     "BackendInfo",
     "FaultKind",
     "GuestError",

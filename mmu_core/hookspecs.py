@@ -232,6 +232,16 @@ def mmu_memory(vm):
 
 
 @hookspec(firstresult=True)
+def mmu_audit(vm):
+    """Return a ``types.BackendAudit`` for the invariant audit (``mmu_core.testing.audit``):
+    every live root (valid or invalid), the table pages held though possibly unreachable
+    (queued for an RCU free, cached shadow pages), and violations of the backend's own
+    invariants. Called between engine steps, with no task running: read state, change nothing,
+    take no lock. Optional for running VMs; the explorer and the conformance suite need it.
+    """
+
+
+@hookspec(firstresult=True)
 def mmu_set_nr_mmu_pages(vm, nr_pages):
     """KVM_SET_NR_MMU_PAGES: keep at most ``nr_pages`` shadow pages, reclaiming the oldest."""
 

@@ -69,6 +69,16 @@ class BackendInfo:
 
 
 @dataclass(frozen=True)
+class BackendAudit:
+    """What a backend tells the invariant audit (hook ``mmu_audit``)."""
+
+    roots: tuple[tuple[int, int, int], ...]  # (as_id, root level, root pfn): every live root
+    held_tables: frozenset[int]  # table pages it holds that may be unreachable from a root
+    violations: tuple[tuple[str, str], ...] = ()  # its own invariants: (name, detail)
+    direct: bool = True  # roots are indexed by gfn (TDP), not by guest-virtual page (shadow)
+
+
+@dataclass(frozen=True)
 class MMUMemory:
     """The MMU's own memory, as the kernel would spend it (bytes)."""
 

@@ -288,11 +288,14 @@ class Vcpu:
                 host.write_u64(hpa & ~7, word)
         if acc == EC.ACC_WRITE:
             vm.mark_page_dirty(self.as_id, gpa >> 12)
-            if op in (C.OP_WPTE, C.OP_WPTE32) and vm.is_tracked(self.as_id, gpa >> 12):
-                vm.hook_all("mmu_track_write", vcpu=self, gpa=gpa,
-                            nbytes=8 if op == C.OP_WPTE else 4, new=value)
-            elif vm.is_tracked(self.as_id, gpa >> 12):
-                vm.hook_all("mmu_track_write", vcpu=self, gpa=gpa, nbytes=8, new=value)
+            if vm.is_tracked(self.as_id, gpa >> 12):
+                nbytes = 4 if op == C.OP_WPTE32 else 8
+                inflight = (self.as_id, gpa >> 12)
+                vm._track_writes.append(inflight)  # until the backend has caught up
+                try:
+                    vm.hook_all("mmu_track_write", vcpu=self, gpa=gpa, nbytes=nbytes, new=value)
+                finally:
+                    vm._track_writes.remove(inflight)
         return pc + 1
 
     def _mmio(self, pc: int, gpa: int, op: int, value: int, results: np.ndarray) -> int:

@@ -46,7 +46,7 @@ class VM:
         self.params = config.params  # the snapshot: later parameter changes don't reach us
         self.engine = engine or Engine(config.seed, config.cost, config.policy)
         self.host = HostMemory()
-        self.mm = HostMM(self.host)
+        self.mm = HostMM(self.host, self.engine)
         self.mmu_lock = RWLock(self.engine, "mmu_lock")
         self.rcu = RCU(self.engine)
         self.memslots = [Memslots(0), Memslots(1)]
@@ -54,6 +54,8 @@ class VM:
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self._invalidating: list[list[tuple[int, int, int]]] = []  # gfn ranges in progress
+        self._collecting: list[tuple[int, set[int]]] = []  # dirty logs being re-protected
+        self._track_writes: list[tuple[int, int]] = []  # emulated writes awaiting track_write
         self._tracked: list[dict[int, int]] = [{}, {}]
         self.vcpus: list[Vcpu] = []
         self.backend_instances: dict[str, Any] = {}
@@ -181,17 +183,29 @@ class VM:
         slot.dirty_bitmap[:] = 0
         if not len(gfns):
             return gfns
-        if self.hook.mmu_clear_dirty_log.get_hookimpls():
-            if self.hook.mmu_clear_dirty_log(vm=self, slot=slot, gfns=gfns):
-                self.flush_remote_tlbs()
-        else:
-            flush = False
-            for gfn in gfns.tolist():
-                flush |= bool(self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=gfn,
-                                                          end=gfn + 1))
-            if flush:
-                self.flush_remote_tlbs()
+        # From the harvest until the re-protection (and its flush) are done, the guest may
+        # still write through the old writable SPTEs without a new dirty bit: harmless, since
+        # the pages are reported dirty now and the caller reads them after we return.
+        collecting = (as_id, set(gfns.tolist()))
+        self._collecting.append(collecting)
+        try:
+            if self.hook.mmu_clear_dirty_log.get_hookimpls():
+                if self.hook.mmu_clear_dirty_log(vm=self, slot=slot, gfns=gfns):
+                    self.flush_remote_tlbs()
+            else:
+                flush = False
+                for gfn in gfns.tolist():
+                    flush |= bool(self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=gfn,
+                                                              end=gfn + 1))
+                if flush:
+                    self.flush_remote_tlbs()
+        finally:
+            self._collecting.remove(collecting)
         return gfns
+
+    def collecting_dirty(self, as_id: int, gfn: int) -> bool:
+        """Whether a get_dirty_log that harvested gfn is still re-protecting it."""
+        return any(a == as_id and gfn in gfns for a, gfns in self._collecting)
 
     def memslots_generation(self) -> int:
         return self.generation
@@ -204,30 +218,31 @@ class VM:
         """(pfn, host mapping level, slot, host-writable), or None when no memslot covers gfn
         (MMIO).
 
-        Runs as get_user_pages would: a missing page in a userfault region blocks the calling
-        task until the region's handler copies it in. Accounted to the "gup" phase. Every
-        delay is a switch point, so the host state is looked up again after each one: another
-        task may have populated the page meanwhile, and populating twice would orphan a frame.
+        Runs as get_user_pages would (HostMM.fault_in): a missing page is populated, a
+        swapped-out one read back, and a missing page in a userfault region blocks the calling
+        task until the region's handler copies it in. With `write`, a page the host maps
+        read-only (KSM) gets copy-on-write first, so the result is writable; a read of such a
+        page returns the shared pfn with writable=False, and the backend maps it read-only.
+        Accounted to the "gup" phase. Every delay is a switch point, so the host state is
+        looked up again after each one; the result is read with no switch point after it.
         """
         slot = self.memslots[as_id].find(gfn)
         if slot is None:
             return None
         hva = slot.gfn_to_hva(gfn)
-        cost = self.engine.cost
         mm = self.mm
         with self.engine.phase("gup"):
-            self.engine.delay(cost.gup_present)
-            pfn = mm.lookup(hva)
-            while pfn == NO_PFN:
-                uffd = mm.userfault_of(hva)
-                if uffd is not None:
-                    pfn = uffd.wait_for(hva, write)
-                    continue
-                self.engine.delay(cost.host_page_alloc)
-                pfn = mm.lookup(hva)  # populated by a racing task while we allocated?
-                if pfn == NO_PFN:
-                    pfn = mm.populate(hva)
-        return HostPfn(pfn, mm.mapping_level(hva), slot, True)
+            self.engine.delay(self.engine.cost.gup_present)
+            while True:
+                pfn = mm.fault_in(hva, write)
+                if pfn != NO_PFN:
+                    break
+                mm.userfault_of(hva).wait_for(hva, write)  # missing in a userfault region
+        return HostPfn(pfn, mm.mapping_level(hva), slot, mm.host_writable(hva))
+
+    def host_writable(self, hva: int) -> bool:
+        """Whether the host maps hva writable (False for KSM and other copy-on-write pages)."""
+        return self.mm.host_writable(hva)
 
     def max_mapping_level(self, slot: Memslot, gfn: int, host_level: int, max_level: int = 3) -> int:
         """Largest level at which gfn may be mapped: no larger than the host mapping, and the
@@ -246,19 +261,29 @@ class VM:
         return 1
 
     def read_guest_u64(self, as_id: int, gpa: int) -> int:
-        """A host-side read of guest memory (kvm_read_guest), populating if needed."""
-        res = self.gfn_to_pfn_nowait(as_id, gpa >> 12)
+        """A host-side read of guest memory (kvm_read_guest), populating if needed. A read:
+        a KSM page stays shared."""
+        res = self.gfn_to_pfn_nowait(as_id, gpa >> 12, write=False)
         if res is None:
             return 0
         return self.host.read_u64((res << 12) | (gpa & 0xFF8))
 
-    def gfn_to_pfn_nowait(self, as_id: int, gfn: int) -> int | None:
+    def gfn_to_pfn_nowait(self, as_id: int, gfn: int, write: bool = True) -> int | None:
+        """The pfn behind gfn for the host's own access to guest memory (setup code, the
+        guest OS model's page-table edits), or None outside every memslot.
+
+        Never waits for a userfault handler: a missing page is populated directly. Swapped
+        pages are read back. `write` defaults to True because callers may store through the
+        pfn: a KSM page then gets its private copy first, so a host-side store never reaches
+        a frame another hva shares. Pass write=False for reads. Inside an engine task the
+        kernel's work is charged (switch points); outside, it is free.
+        """
         slot = self.memslots[as_id].find(gfn)
         if slot is None:
             return None
         hva = slot.gfn_to_hva(gfn)
-        pfn = self.mm.lookup(hva)
-        if pfn == NO_PFN:
+        pfn = self.mm.fault_in(hva, write)
+        if pfn == NO_PFN:  # missing in a userfault region: bypass the handler
             pfn = self.mm.populate(hva)
         return pfn
 
@@ -347,6 +372,11 @@ class VM:
             t.pop(gfn, None)
         else:
             t[gfn] = n
+
+    def track_write_in_flight(self, as_id: int, gfn: int) -> bool:
+        """Whether an emulated write to tracked gfn has landed and mmu_track_write has not
+        yet returned (the backend's view of that guest table may lag until it does)."""
+        return (as_id, gfn) in self._track_writes
 
     def is_tracked(self, as_id: int, gfn: int) -> bool:
         return gfn in self._tracked[as_id]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmu_core import BackendInfo, MMUMemory, PageFault, Ret, hookimpl
+from mmu_core import REQ_MMU_RELOAD, BackendAudit, BackendInfo, MMUMemory, PageFault, Ret, hookimpl
 from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
@@ -80,7 +80,6 @@ class ShadowMMU:
             self._free_sp(sp)
         self.rmap.clear()
         self.leaf_key.clear()
-        vm.rcu.barrier()
 
     def _free_sp(self, sp: ShadowPage) -> None:
         vm = self.vm
@@ -224,16 +223,22 @@ class ShadowMMU:
                 nx = True
         dirty = bool(leaf_pte & P.PT_DIRTY) or fault.write or vcpu.mode == P.MODE_NONE
         with vm.mmu_lock.write():
-            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn):
+            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn) \
+                    or self._gptes_changed(vcpu, tables, ptes):
                 self.stats["retries"] += 1
                 return Ret.RETRY
             keys = R.chain_keys(ctx, vm.root_levels(vcpu), fault.gva, tables, ptes,
                                 int(out[W.OUT_LEVEL]), gpa)
             table = self._fetch_chain(vcpu, keys, fault.gva)
-            if table is None:
+            # Again after linking: creating a shadow page write-protects its guest table with
+            # a flush (a switch point), and a vCPU could write the table until that flush.
+            if table is None or self._gptes_changed(vcpu, tables, ptes):
                 return Ret.RETRY
             tracked = vm.is_tracked(vcpu.as_id, gfn)
-            map_writable = writable and dirty and not tracked and res.writable
+            # A read-only slot is never writable, even once the guest's D bit is set (a
+            # write to it was emulated as MMIO, and the walk set D on the way).
+            map_writable = writable and dirty and not tracked and res.writable \
+                and not slot.readonly
             if slot.log_dirty and not fault.write:
                 map_writable = False
             idx = (fault.gva >> 12) & 511
@@ -253,6 +258,25 @@ class ShadowMMU:
             return self._emulate(fault)
         return Ret.FIXED
 
+    def _gptes_changed(self, vcpu, tables: list[int], ptes: list[int]) -> bool:
+        """FNAME(gpte_changed), for every level: the guest walk ran without the lock, so a
+        vCPU may have rewritten an entry since (its write was emulated and zapped what was
+        shadowed then); installing SPTEs from the old entries would resurrect a translation
+        the guest already invalidated. A/D bits are ignored: the walk itself set them."""
+        vm = self.vm
+        mode = vcpu.mode
+        ad = P.PT_ACCESSED | P.PT_DIRTY
+        four = int(P.MODE_ENTRY_BYTES[mode]) == 4
+        for i, (gpa, pte) in enumerate(zip(tables, ptes, strict=True)):
+            if i == 0 and mode == P.MODE_PAE:
+                continue  # PDPTEs come from the registers loaded at MOV CR3, not memory
+            word = vm.read_guest_u64(vcpu.as_id, gpa & ~7)
+            if four:
+                word = (word >> (32 * ((gpa >> 2) & 1))) & 0xFFFFFFFF
+            if (word ^ pte) & ~ad & 0xFFFF_FFFF_FFFF_FFFF:  # ptes are int64 here
+                return True
+        return False
+
     def _emulate(self, fault: PageFault) -> Ret:
         self.stats["emulated"] += 1
         return Ret.EMULATE
@@ -262,6 +286,9 @@ class ShadowMMU:
         fault.mmio = True
         self.stats["mmio"] += 1
         with vm.mmu_lock.write():
+            if self._gptes_changed(vcpu, tables, ptes):
+                self.stats["retries"] += 1
+                return Ret.RETRY
             keys = R.chain_keys(self._context(vcpu), vm.root_levels(vcpu), fault.gva, tables,
                                 ptes, leaf_level, gpa)
             table = self._fetch_chain(vcpu, keys, fault.gva)
@@ -296,7 +323,9 @@ class ShadowMMU:
                     table = child.pfn
                     continue
             if S.is_shadow_present_pte(spte):
+                # The hardware may hold the old link in its paging-structure caches.
                 self._zap_spte(table, idx, level)
+                vm.flush_remote_tlbs()
             elif spte:
                 vm.spte_write(table, idx, 0)  # an old MMIO SPTE
             child = self._get_sp(child_key)
@@ -449,12 +478,102 @@ class ShadowMMU:
 
     @hookimpl
     def mmu_zap_all(self, vm):
+        # Every vCPU reloads before it next enters; a fault in flight finds its root gone
+        # from by_pfn (or replaced by another key) and retries.
         with vm.mmu_lock.write():
             for vcpu in vm.vcpus:
-                vcpu.mmu_root = None
+                vcpu.make_request(REQ_MMU_RELOAD)
             vm.flush_remote_tlbs()
             self._free_all()
         return False
+
+    # --- audit ----------------------------------------------------------------------------------
+    @hookimpl
+    def mmu_audit(self, vm):
+        """mmu_audit.c's checks: every leaf has its rmap entry and every rmap entry a leaf;
+        a leaf maps the host's pfn for its gfn; write-tracked, READONLY and host-read-only
+        gfns are never writable; writable leaves in logged slots are dirty; and a leaf of an
+        indirect page agrees with the guest entry it shadows (no unsync pages exist here)."""
+        bad: list[tuple[str, str]] = []
+        seen: set[tuple[int, int]] = set()
+        for sp in self.pages.values():
+            row = vm.spte_table(sp.pfn)
+            level = sp.role.level
+            for idx in np.flatnonzero(row).tolist():
+                spte = int(row[idx])
+                if not S.is_shadow_present_pte(spte) or not S.is_last_spte(spte, level):
+                    continue
+                key = self.leaf_key.get((sp.pfn, idx))
+                if key is None:
+                    bad.append(("rmap-missing", f"leaf {sp.pfn:#x}[{idx}] has no rmap entry"))
+                    continue
+                seen.add((sp.pfn, idx))
+                if not self.direct:  # the core checks gfn-indexed (direct) roots itself
+                    self._audit_leaf(sp, idx, spte, key, bad)
+        for (table, idx), key in self.leaf_key.items():
+            if (table, idx) not in seen and table in self.by_pfn:
+                bad.append(("rmap-stale", f"rmap of gfn {key[1]:#x} names {table:#x}[{idx}], "
+                            "which is not a present leaf"))
+            elif table not in self.by_pfn:
+                bad.append(("rmap-stale", f"rmap of gfn {key[1]:#x} names freed page {table:#x}"))
+            if (table, idx) not in self.rmap.get(key, ()):
+                bad.append(("rmap-missing", f"{table:#x}[{idx}] is not in the rmap of {key}"))
+        for (as_id, gfn), sps in self.by_gfn.items():
+            if sps and not vm.is_tracked(as_id, gfn):
+                bad.append(("untracked", f"gfn {gfn:#x} is shadowed but not write-tracked"))
+        roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.pages.values()
+                      if not sp.parent_ptes)
+        return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn),
+                            violations=tuple(bad), direct=self.direct)
+
+    def _audit_leaf(self, sp: ShadowPage, idx: int, spte: int, key, bad) -> None:
+        vm = self.vm
+        as_id, gfn = key
+        slot = vm.memslots[as_id].find(gfn)
+        invalidating = vm.invalidating_gfn(as_id, gfn)
+        if slot is None:
+            if not invalidating:
+                bad.append(("spte-no-slot", f"leaf {sp.pfn:#x}[{idx}] maps gfn {gfn:#x} outside "
+                            "every slot"))
+            return
+        hva = slot.gfn_to_hva(gfn)
+        if vm.mm.lookup(hva) != S.spte_to_pfn(spte) and not invalidating:
+            bad.append(("spte-pfn", f"leaf {sp.pfn:#x}[{idx}] maps gfn {gfn:#x} to frame "
+                        f"{S.spte_to_pfn(spte):#x}, the host has {vm.mm.lookup(hva):#x}"))
+        if S.is_writable_pte(spte):
+            if slot.readonly:
+                bad.append(("readonly-writable", f"gfn {gfn:#x} of READONLY slot {slot.id} is "
+                            f"writable through {sp.pfn:#x}[{idx}]"))
+            if vm.is_tracked(as_id, gfn):
+                bad.append(("tracked-writable", f"write-tracked gfn {gfn:#x} is writable "
+                            f"through {sp.pfn:#x}[{idx}]"))
+            if not vm.host_writable(hva) and not invalidating:
+                bad.append(("cow-writable", f"gfn {gfn:#x} is read-only in the host but "
+                            f"writable through {sp.pfn:#x}[{idx}]"))
+            if slot.dirty_bitmap is not None and not slot.dirty_bitmap[gfn - slot.base_gfn] \
+                    and not vm.collecting_dirty(as_id, gfn):
+                bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
+                            "but not dirty"))
+        role = sp.role
+        if role.direct or role.special or role.guest_level != 1:
+            return
+        if vm.track_write_in_flight(as_id, sp.key.gfn):
+            return  # the guest entry was just written; mmu_track_write is on its way
+        ebytes = int(P.MODE_ENTRY_BYTES[role.guest_mode])
+        egpa = (sp.key.gfn << 12) + ((role.quadrant << 9) + idx) * ebytes
+        word = vm.read_guest_u64(as_id, egpa & ~7)
+        if ebytes == 4:
+            word = (word >> (32 * ((egpa >> 2) & 1))) & 0xFFFFFFFF
+            target = word >> 12
+        else:
+            target = (word >> 12) & ((1 << 40) - 1)
+        if not word & P.PT_PRESENT or target != gfn:
+            bad.append(("guest-disagrees", f"leaf {sp.pfn:#x}[{idx}] maps gfn {gfn:#x}, the "
+                        f"guest entry at {egpa:#x} is {word:#x}"))
+        elif S.is_writable_pte(spte) and not (word & P.PT_DIRTY and (
+                word & P.PT_WRITABLE or not role.cr0_wp)):  # CR0.WP=0: supervisor writes
+            bad.append(("guest-disagrees", f"leaf {sp.pfn:#x}[{idx}] is writable, the guest "
+                        f"entry at {egpa:#x} ({word:#x}) is not writable and dirty"))
 
     # --- memory ---------------------------------------------------------------------------------
     @hookimpl

@@ -21,8 +21,11 @@ def _is_table(spte, level):
 
 
 @njit(cache=True)
-def zap_leafs_in_range(pt, pt_slot, root, root_level, start, end):
-    """Clear every leaf SPTE (MMIO ones included) mapping a gfn in [start, end); count them.
+def zap_leafs_in_range(pt, pt_slot, root, root_level, start, end, budget):
+    """Clear leaf SPTEs (MMIO ones included) mapping gfns in [start, end), visiting at most
+    about `budget` SPTEs; returns (visited, zapped, next gfn). The caller charges the visits
+    and stores, may yield the lock, and calls again from the next gfn, which restarts from the
+    root as tdp_iter does after a yield (the tables visited may be gone).
 
     The loop is tdp_iter's pre-order (step down / side / up) with plain stores.
     """
@@ -32,11 +35,13 @@ def zap_leafs_in_range(pt, pt_slot, root, root_level, start, end):
     next_last = start
     gfn = start & ~((1 << (9 * (level - 1))) - 1)
     zapped = 0
+    visited = 0
     while gfn < end:
         shift = 9 * (level - 1)
         row = pt[pt_slot[tables[level]]]
         idx = (gfn >> shift) & 511
         spte = row[idx]
+        visited += 1
         if _is_table(spte, level):
             level -= 1
             tables[level] = (spte & _ADDR) >> 12
@@ -51,10 +56,12 @@ def zap_leafs_in_range(pt, pt_slot, root, root_level, start, end):
                 next_last = gfn
                 break
             if level == root_level:
-                return zapped
+                return visited, zapped, end
             level += 1
             gfn = gfn & ~((1 << (9 * (level - 1))) - 1)
-    return zapped
+        if visited >= budget and next_last < end:
+            return visited, zapped, next_last
+    return visited, zapped, end
 
 
 @njit(cache=True)

@@ -10,14 +10,40 @@ steps. Zaps for notifiers, memslot changes and teardown take the lock for write.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from mmu_core import BackendInfo, FaultKind, MMUMemory, PageFault, Ret, Role, hookimpl
+from mmu_core import (
+    REQ_MMU_RELOAD,
+    BackendAudit,
+    BackendInfo,
+    FaultKind,
+    MMUMemory,
+    PageFault,
+    Ret,
+    Role,
+    hookimpl,
+)
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp.ops import collect_tables, zap_leafs_in_range
 from mmu_tdp.tdp_iter import TdpIter
 
 VERSION = "0.1.0"
+ZAP_CHUNK = 64  # SPTEs a range zap visits between checks for lock contention
+
+
+@dataclass(eq=False)
+class TdpRoot:
+    """A root and its reference count (KVM: tdp_mmu_root_count). A valid root holds one
+    reference of its own, each vCPU that loaded it one more. Invalidating a root (zap-all)
+    drops the former; the root's page is freed when the last vCPU drops the latter."""
+
+    pfn: int
+    as_id: int
+    level: int
+    refcount: int
+    invalid: bool = False
 
 
 class TdpMMU:
@@ -25,10 +51,11 @@ class TdpMMU:
 
     def __init__(self, vm) -> None:
         self.vm = vm
-        self.roots: dict[tuple[int, int], int] = {}  # (as_id, root_level) -> root pfn
-        self.root_refs: dict[int, int] = {}
+        self.roots: dict[tuple[int, int], TdpRoot] = {}  # valid roots by (as_id, root_level)
+        self.all_roots: dict[int, TdpRoot] = {}  # pfn -> root, valid or invalid, until freed
+        self.rcu_pending: set[int] = set()  # table pages queued for freeing after a grace period
         self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "mmio_fast": 0,
-                      "spurious": 0,
+                      "spurious": 0, "frozen_waits": 0, "resched": 0,
                       "tables_linked": 0, "tables_freed": 0, "mapped": [0, 0, 0, 0]}
 
     # --- identity -------------------------------------------------------------------------
@@ -49,11 +76,11 @@ class TdpMMU:
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
-        for (as_id, level), root in self.roots.items():
-            vm.observe.mmu_on_root_free(vm=vm, as_id=as_id, role=Role.DIRECT, root=root)
-            self._free_tree(root, level)
+        for root in list(self.all_roots.values()):
+            vm.observe.mmu_on_root_free(vm=vm, as_id=root.as_id, role=Role.DIRECT, root=root.pfn)
+            self._free_tree(root.pfn, root.level)
         self.roots.clear()
-        self.root_refs.clear()
+        self.all_roots.clear()
         vm.rcu.barrier()
 
     @hookimpl
@@ -62,22 +89,48 @@ class TdpMMU:
         key = (vcpu.as_id, vm.root_levels(vcpu))
         with vm.mmu_lock.read():
             root = self.roots.get(key)
+            if root is not None:
+                root.refcount += 1  # kvm_tdp_mmu_get_root (an atomic increment)
+                vcpu.mmu_root = root.pfn
         if root is None:
             with vm.mmu_lock.write():
                 root = self.roots.get(key)
                 if root is None:
-                    root = vm.alloc_pt_page()
+                    root = TdpRoot(vm.alloc_pt_page(), key[0], key[1], refcount=1)
                     self.roots[key] = root
-                    self.root_refs[root] = 0
-                    vm.observe.mmu_on_root_alloc(vm=vm, as_id=key[0], role=Role.DIRECT, root=root)
-        self.root_refs[root] += 1
-        vcpu.mmu_root = root
+                    self.all_roots[root.pfn] = root
+                    vm.observe.mmu_on_root_alloc(vm=vm, as_id=key[0], role=Role.DIRECT,
+                                                 root=root.pfn)
+                root.refcount += 1
+                vcpu.mmu_root = root.pfn
 
     @hookimpl
     def mmu_unload(self, vcpu):
-        if vcpu.mmu_root is not None and vcpu.mmu_root in self.root_refs:
-            self.root_refs[vcpu.mmu_root] -= 1
+        root = self.all_roots.get(vcpu.mmu_root) if vcpu.mmu_root is not None else None
         vcpu.mmu_root = None
+        if root is not None:
+            self._put_root(root)
+
+    def _put_root(self, root: TdpRoot) -> None:
+        """kvm_tdp_mmu_put_root: the last reference frees the (already emptied) root page
+        after a grace period, since lockless walkers may still be inside it."""
+        root.refcount -= 1
+        if root.refcount:
+            return
+        assert root.invalid, "a valid root lost its own reference"
+        del self.all_roots[root.pfn]
+        self.vm.observe.mmu_on_root_free(vm=self.vm, as_id=root.as_id, role=Role.DIRECT,
+                                         root=root.pfn)
+        self._free_tree(root.pfn, root.level)
+
+    def _root_of(self, vcpu) -> TdpRoot | None:
+        """The vCPU's root if it is still valid; otherwise ask for a reload (KVM:
+        is_page_fault_stale / KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) and return None."""
+        root = self.all_roots.get(vcpu.mmu_root) if vcpu.mmu_root is not None else None
+        if root is None or root.invalid:
+            vcpu.make_request(REQ_MMU_RELOAD)
+            return None
+        return root
 
     # --- faults -------------------------------------------------------------------------------
     @hookimpl
@@ -103,13 +156,14 @@ class TdpMMU:
             goal_level = 1
         else:
             goal_level = vm.max_mapping_level(res.slot, gfn, res.level)
-        root = vcpu.mmu_root
-        root_level = vm.root_levels(vcpu)
         with vm.mmu_lock.read(), vm.rcu.read():
-            if vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn):
+            # Both checks under the lock: a zap-all or a notifier that ran while we were in
+            # gfn_to_pfn (which may sleep) makes what we resolved stale.
+            root = self._root_of(vcpu)
+            if root is None or vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn):
                 self.stats["retries"] += 1
                 return Ret.RETRY
-            for it in TdpIter(vm, root, root_level, goal_level, gfn, gfn + 1):
+            for it in TdpIter(vm, root.pfn, root.level, goal_level, gfn, gfn + 1):
                 if S.is_frozen_spte(it.old_spte):
                     return self._retry()
                 if it.level == goal_level:
@@ -200,56 +254,142 @@ class TdpMMU:
 
     def _handle_removed(self, old_spte: int, level: int) -> None:
         """A non-leaf SPTE was disconnected: freeze its table and free it after a grace period
-        (KVM: handle_removed_pt + call_rcu(tdp_mmu_free_sp_rcu_callback))."""
+        (KVM: handle_removed_pt + call_rcu(tdp_mmu_free_sp_rcu_callback)).
+
+        Another task may be in the middle of changing an entry of the table (it froze the
+        entry, flushes, and will store its final value): wait until that value is there and
+        take it over, or what it links would hang under a dead table and leak."""
         if not S.is_shadow_present_pte(old_spte) or S.is_last_spte(old_spte, level):
             return
         table = S.spte_to_pfn(old_spte)
         vm = self.vm
         for idx in range(S.SPTE_ENT_PER_PAGE):
-            child = vm.spte_xchg(table, idx, S.FROZEN_SPTE)
+            while True:
+                child = vm.spte_xchg(table, idx, S.FROZEN_SPTE)
+                if not S.is_frozen_spte(child):
+                    break
+                self.stats["frozen_waits"] += 1
+                vm.engine.yield_now()  # cpu_relax(): let the owner of the frozen entry finish
             self._handle_removed(child, level - 1)
-        vm.rcu.call_rcu(self._free_table, table)
+        self._free_later([table])
 
-    def _free_table(self, pfn: int) -> None:
-        self.vm.free_pt_page(pfn)
-        self.stats["tables_freed"] += 1
+    def _free_later(self, pfns: list[int]) -> None:
+        """Queue page-table pages for freeing after an RCU grace period; the caller has
+        already flushed TLBs (or will before the grace period can end)."""
+        self.rcu_pending.update(pfns)
+        self.vm.rcu.call_rcu(self._free_many, pfns)
+
+    def _free_many(self, pfns: list[int]) -> None:
+        for pfn in pfns:
+            self.rcu_pending.discard(pfn)
+            self.vm.free_pt_page(pfn)
+            self.stats["tables_freed"] += 1
 
     # --- zap ----------------------------------------------------------------------------------
     @hookimpl
     def mmu_zap_gfn_range(self, vm, as_id, start, end):
+        """Zap leaves in [start, end) of every root of as_id, valid or not, under the write
+        lock, in jitted chunks: each chunk charges its SPTE reads and stores, and between
+        chunks the lock is yielded if anyone waits (tdp_mmu_iter_cond_resched), after
+        flushing what was zapped so far, as KVM does before it drops the lock."""
+        cost = vm.engine.cost
         flush = False
         with vm.mmu_lock.write():
-            for (root_as, level), root in self.roots.items():
-                if root_as == as_id:
-                    flush |= zap_leafs_in_range(vm.host.pt, vm.host.pt_slot, root, level,
-                                                start, end) > 0
+            for root in list(self.all_roots.values()):
+                if root.as_id != as_id:
+                    continue
+                gfn = start
+                while gfn < end:
+                    if root.pfn not in self.all_roots:
+                        break  # freed while we yielded
+                    visited, zapped, gfn = zap_leafs_in_range(
+                        vm.host.pt, vm.host.pt_slot, root.pfn, root.level, gfn, end,
+                        ZAP_CHUNK)
+                    vm.engine.delay(visited * cost.atomic_read + zapped * cost.spte_write)
+                    flush |= zapped > 0
+                    if gfn < end and vm.mmu_lock.contended:
+                        if flush:
+                            vm.flush_remote_tlbs()
+                            flush = False
+                        self.stats["resched"] += 1
+                        vm.mmu_lock.cond_resched("write")
         return flush
 
     @hookimpl
     def mmu_zap_all(self, vm):
+        """The fast zap (kvm_mmu_zap_all_fast + kvm_tdp_mmu_invalidate_all_roots): mark every
+        root invalid so that no vCPU loads it again, ask every vCPU to reload, empty the
+        invalid roots (their tables freed after a flush and a grace period), and drop each
+        root's own reference; a root still loaded by a vCPU is freed by that vCPU's unload."""
         with vm.mmu_lock.write():
-            roots = list(self.roots.items())
+            invalid = list(self.roots.values())
             self.roots.clear()
+            for root in invalid:
+                root.invalid = True
             for vcpu in vm.vcpus:
-                vcpu.mmu_root = None
+                vcpu.make_request(REQ_MMU_RELOAD)
+            children: list[int] = []
+            for root in invalid:
+                children.extend(self._unlink_children(root))
             vm.flush_remote_tlbs()
-            for (as_id, level), root in roots:
-                self.root_refs.pop(root, None)
-                vm.observe.mmu_on_root_free(vm=vm, as_id=as_id, role=Role.DIRECT, root=root)
-                self._free_tree(root, level)
+            if children:
+                self._free_later(children)
+            for root in invalid:
+                self._put_root(root)
         return False
 
+    def _unlink_children(self, root: TdpRoot) -> list[int]:
+        """Clear a root's entries under the write lock; returns the tables now unreachable,
+        frozen so that a walker still inside them (under RCU) backs off."""
+        vm = self.vm
+        host = vm.host
+        pfns = collect_tables(host.pt, host.pt_slot, root.pfn, root.level)[1:].tolist()
+        row = vm.spte_table(root.pfn)
+        present = int(np.count_nonzero(row))
+        vm.engine.delay((len(pfns) + 1) * S.SPTE_ENT_PER_PAGE * vm.engine.cost.atomic_read
+                        + present * vm.engine.cost.spte_write)
+        row[:] = 0
+        for pfn in pfns:
+            host.pt[host.pt_slot[pfn]] = np.uint64(S.FROZEN_SPTE)
+        return pfns
+
     def _free_tree(self, root: int, level: int) -> None:
-        """Free a whole (already unreachable) tree: a jitted collection, then RCU frees."""
+        """Free a whole (already unreachable) tree, root included, after a grace period."""
         vm = self.vm
         pfns = collect_tables(vm.host.pt, vm.host.pt_slot, root, level)
+        vm.engine.delay(len(pfns) * S.SPTE_ENT_PER_PAGE * vm.engine.cost.atomic_read)
         for pfn in pfns.tolist():
             vm.host.pt[vm.host.pt_slot[pfn]] = np.uint64(S.FROZEN_SPTE)
-        vm.rcu.call_rcu(self._free_many, pfns.tolist())
+        self._free_later(pfns.tolist())
 
-    def _free_many(self, pfns: list[int]) -> None:
-        for pfn in pfns:
-            self._free_table(pfn)
+    # --- audit ------------------------------------------------------------------------------
+    @hookimpl
+    def mmu_audit(self, vm):
+        bad: list[tuple[str, str]] = []
+        users: dict[int, int] = {}
+        for vcpu in vm.vcpus:
+            if vcpu.mmu_root is not None:
+                users[vcpu.mmu_root] = users.get(vcpu.mmu_root, 0) + 1
+        for pfn, root in self.all_roots.items():
+            want = users.get(pfn, 0) + (0 if root.invalid else 1)
+            if root.refcount != want:
+                bad.append(("root-refcount", f"root {pfn:#x} has refcount {root.refcount}, "
+                            f"expected {want} ({users.get(pfn, 0)} vCPUs, "
+                            f"{'invalid' if root.invalid else 'valid'})"))
+            if root.invalid and self.roots.get((root.as_id, root.level)) is root:
+                bad.append(("root-invalid", f"invalid root {pfn:#x} can still be loaded"))
+        for key, root in self.roots.items():
+            if self.all_roots.get(root.pfn) is not root:
+                bad.append(("root-lost", f"valid root {root.pfn:#x} for {key} is not tracked"))
+        for pfn in users:
+            if pfn not in self.all_roots:
+                bad.append(("root-freed", f"a vCPU uses root {pfn:#x}, which was freed"))
+        return BackendAudit(
+            roots=tuple((r.as_id, r.level, r.pfn) for r in self.all_roots.values()),
+            held_tables=frozenset(self.rcu_pending),
+            violations=tuple(bad),
+            direct=True,
+        )
 
     # --- memory -----------------------------------------------------------------------------
     @hookimpl
