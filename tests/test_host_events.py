@@ -1,18 +1,37 @@
-"""Host events reach the MMU through notifiers; teardown returns every page-table page."""
+"""Host events reach the MMU through notifiers; teardown returns every page-table page.
 
+Contents-preserving events (migration, swap out and in, KSM of equal pages, THP split and
+collapse) must be invisible to the guest in every configuration: each guest read returns the
+value the guest last wrote there, writes after a KSM merge stay private, the host leaks no
+frame (HostMM.audit) and teardown frees every page-table page.
+"""
+
+import numpy as np
 import pytest
 from parity_util import data_gva, spec_for
 
 from mmu_core import VMConfig
 from mmu_core.arch.x86 import paging as P
-from mmu_core.guest.machine import DATA_SLOT, build_machine
+from mmu_core.guest.machine import DATA_SLOT, PT_SLOT, MachineSpec, build_machine, page_patterns
 from mmu_core.guest.program import Program
+from mmu_core.host import PAGE_2M, PAGE_4K
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
+from mmu_core.sim import CostModel
+
+MIB2 = 2 << 20
 
 
-def machine_for(name):
-    return build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=CONFIGURATIONS[name]))
+def machine_for(name, backing="anon", data_size=None, userfault=False, seed=0, policy="fifo",
+                cost=None):
+    if backing == "anon" and data_size is None and not userfault:
+        spec = spec_for(P.MODE_4LEVEL)
+    else:
+        spec = MachineSpec(vcpus=1, data_size=data_size or MIB2, backing=backing,
+                           mode=P.MODE_4LEVEL, userfault=userfault)
+    config = VMConfig(params=CONFIGURATIONS[name], seed=seed, policy=policy,
+                      cost=cost or CostModel())
+    return build_machine(spec, config)
 
 
 def hva_of(machine, page):
@@ -57,13 +76,13 @@ def test_migrated_page_keeps_its_contents_at_a_new_frame(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_ksm_merge_makes_the_duplicate_read_the_kept_page(name):
+def test_ksm_does_not_merge_pages_with_different_contents(name):
     m = machine_for(name)
     try:
         run(m, Program().write(data_gva(4), 5).write(data_gva(5), 6).read(data_gva(5)))
-        m.vm.mm.ksm_merge(hva_of(m, 4), hva_of(m, 5))
-        res = run(m, Program().read(data_gva(5)))
-        assert res[0, C.RES_VALUE] == 5
+        assert not m.vm.mm.ksm_merge(hva_of(m, 4), hva_of(m, 5))
+        res = run(m, Program().read(data_gva(4)).read(data_gva(5)))
+        assert res[:, C.RES_VALUE].tolist() == [5, 6]
     finally:
         m.vm.destroy()
 
@@ -95,3 +114,228 @@ def test_zap_all_forces_reload_and_refault_with_same_data():
         assert res[0, C.RES_VALUE] == 8
     finally:
         m.vm.destroy()
+
+
+# --- contents-preserving events --------------------------------------------------------------
+
+def expected_reads(rows, memory=None):
+    """The value each read of a single-vCPU program must return: the last value written to
+    that page before it (program order), else memory.get(page, 0)."""
+    mem = dict(memory or {})
+    out = []
+    for k, (op, gva, value) in enumerate(rows):
+        if op == C.OP_WRITE:
+            mem[gva >> 12] = value
+        elif op == C.OP_READ:
+            out.append((k, mem.get(gva >> 12, 0)))
+    return mem, out
+
+
+def run_checked(m, prog, memory):
+    """Run prog; assert every read against the reference; return the updated reference."""
+    memory, reads = expected_reads(prog.rows, memory)
+    res = run(m, prog)
+    rows = [k for k, _ in reads]
+    assert res[rows, C.RES_VALUE].tolist() == [v for _, v in reads]
+    assert not res[:, C.RES_VECTOR].any()  # no #PF reached the guest
+    return memory
+
+
+def assert_host_consistent(m):
+    assert m.vm.mm.audit() == []
+
+
+def value(page, rnd=0):
+    return 1000 * (rnd + 1) + page
+
+
+def _migrate(m):
+    old = m.vm.mm.lookup(hva_of(m, 1))
+    assert m.vm.mm.migrate(hva_of(m, 1)) not in (old, -1)
+
+
+def _swap(m):
+    assert m.vm.mm.swap_out(hva_of(m, 1))
+    assert m.vm.mm.is_swapped(hva_of(m, 1))
+
+
+def _ksm(m):
+    assert m.vm.mm.ksm_merge(hva_of(m, 2), hva_of(m, 3))
+    assert m.vm.mm.lookup(hva_of(m, 2)) == m.vm.mm.lookup(hva_of(m, 3))
+
+
+def _split(m):
+    assert m.vm.mm.split_huge_page(hva_of(m, 0))
+    assert m.vm.mm.mapping_level(hva_of(m, 0)) == PAGE_4K
+
+
+def _collapse(m):
+    mm = m.vm.mm
+    assert mm.split_huge_page(hva_of(m, 0))
+    assert mm.swap_out(hva_of(m, 5))
+    assert mm.collapse_huge_page(hva_of(m, 0))
+    assert mm.mapping_level(hva_of(m, 5)) == PAGE_2M
+
+
+EVENTS = {
+    ("anon", "migrate"): _migrate,
+    ("anon", "swap"): _swap,
+    ("anon", "ksm"): _ksm,
+    ("thp", "migrate"): _migrate,
+    ("thp", "swap"): _swap,
+    ("thp", "ksm"): _ksm,
+    ("thp", "split"): _split,
+    ("thp", "collapse"): _collapse,
+}
+
+
+@pytest.mark.parametrize("backing,event", list(EVENTS))
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_contents_preserving_event_is_invisible_to_the_guest(name, backing, event):
+    m = machine_for(name, backing=backing)
+    try:
+        mem = {}
+        setup = Program()
+        for p in range(8):
+            setup.write(data_gva(p), value(3 if p == 2 else p))  # pages 2 and 3 are equal
+        for p in range(8):
+            setup.read(data_gva(p))
+        mem = run_checked(m, setup, mem)
+        EVENTS[backing, event](m)
+        assert_host_consistent(m)
+        after = Program()
+        for p in range(8):
+            after.read(data_gva(p))
+        after.write(data_gva(3), 77).read(data_gva(2)).read(data_gva(3))
+        after.write(data_gva(1), 78).read(data_gva(1))
+        for p in range(8):
+            after.read(data_gva(p))
+        run_checked(m, after, mem)
+        if event == "ksm":
+            assert m.vm.mm.stats.cow_copies == 1  # the write to page 3 got its own copy
+            assert m.vm.mm.lookup(hva_of(m, 2)) != m.vm.mm.lookup(hva_of(m, 3))
+        assert_host_consistent(m)
+    finally:
+        m.vm.destroy()
+    assert m.vm.pt_pages_in_use() == 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_swapping_out_every_page_including_guest_page_tables_is_invisible(name):
+    m = machine_for(name)
+    try:
+        prog = Program()
+        for p in range(16):
+            prog.write(data_gva(p), value(p))
+        mem = run_checked(m, prog, {})
+        mm = m.vm.mm
+        tables = 0
+        for slot_id in (PT_SLOT, DATA_SLOT):
+            slot = m.vm.memslots[0].by_id(slot_id)
+            for k in range(slot.npages):
+                hva = slot.userspace_addr + 4096 * k
+                pfn = mm.lookup(hva)
+                if pfn != -1:
+                    tables += m.vm.host.has_table(pfn)
+                    assert mm.swap_out(hva)
+        assert tables >= 4  # the guest's PML4, PDPT, PD and PT went to swap with the data
+        assert_host_consistent(m)
+        prog = Program()
+        for p in range(16):
+            prog.read(data_gva(p))
+        prog.write(data_gva(4), 5).read(data_gva(4))
+        run_checked(m, prog, mem)
+        assert mm.stats.swap_ins >= 16 + 4
+        assert_host_consistent(m)
+    finally:
+        m.vm.destroy()
+    assert m.vm.pt_pages_in_use() == 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_dontneed_of_a_ksm_duplicate_leaves_the_kept_page_intact(name):
+    m = machine_for(name)
+    try:
+        prog = Program().write(data_gva(2), 9).write(data_gva(3), 9).read(data_gva(3))
+        run(m, prog)
+        kept = m.vm.mm.lookup(hva_of(m, 2))
+        assert m.vm.mm.ksm_merge(hva_of(m, 2), hva_of(m, 3))
+        res = run(m, Program().read(data_gva(3)).read(data_gva(2)))
+        assert res[:, C.RES_VALUE].tolist() == [9, 9]
+        m.vm.mm.madvise_dontneed(hva_of(m, 3), 4096)
+        assert m.vm.host.frame_live(kept) and m.vm.host.mapcount[kept] == 1
+        res = run(m, Program().read(data_gva(2)).read(data_gva(3)).write(data_gva(2), 10)
+                  .read(data_gva(2)))
+        assert res[:, C.RES_VALUE].tolist() == [9, 0, 0, 10]
+        assert m.vm.mm.stats.cow_reuses == 1  # the kept page, mapped once again, is reused
+        assert_host_consistent(m)
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_migrate_in_the_thp_userfault_layout(name):
+    m = machine_for(name, backing="thp", userfault=True)
+    try:
+        m.spawn_uffd_handlers()
+        prog = Program()
+        for p in (0, 3, 7):
+            prog.read(data_gva(p))
+        res = run(m, prog)
+        gfns = np.array([(data_gva(p) >> 12) for p in (0, 3, 7)], dtype=np.int64)
+        assert res[[0, 1, 2], C.RES_VALUE].tolist() == page_patterns(gfns).tolist()
+        assert m.vm.mm.mapping_level(hva_of(m, 3)) == PAGE_4K
+        old = m.vm.mm.lookup(hva_of(m, 3))
+        new = m.vm.mm.migrate(hva_of(m, 3))
+        assert new not in (old, -1) and not m.vm.host.frame_live(old)
+        assert run(m, prog)[[0, 1, 2], C.RES_VALUE].tolist() == page_patterns(gfns).tolist()
+        assert_host_consistent(m)
+    finally:
+        m.vm.destroy()
+
+
+def _host_events(m, rounds, gap_ns):
+    """A host task: content-preserving events on the data pages, while the vCPU runs."""
+    mm, engine = m.vm.mm, m.vm.engine
+    for _ in range(rounds):
+        engine.delay(gap_ns)
+        mm.split_huge_page(hva_of(m, 0))
+        engine.delay(gap_ns)
+        mm.migrate(hva_of(m, 1))
+        mm.swap_out(hva_of(m, 2))
+        engine.delay(gap_ns)
+        mm.ksm_merge(hva_of(m, 4), hva_of(m, 5))  # equal unless a write is half done
+        engine.delay(gap_ns)
+        mm.swap_out(hva_of(m, 5))
+        mm.collapse_huge_page(hva_of(m, 0))
+        engine.delay(gap_ns)
+        mm.migrate(hva_of(m, 6))
+        assert mm.audit() == []
+
+
+@pytest.mark.parametrize("seed,policy", [(0, "fifo"), (1, "random"), (2, "random")])
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_host_events_in_a_task_racing_a_vcpu_are_invisible(name, seed, policy):
+    # Slower guest accesses stretch the program over the host's events without a huge trace.
+    m = machine_for(name, backing="thp", seed=seed, policy=policy,
+                    cost=CostModel(guest_access=20))
+    try:
+        prog = Program()
+        for rnd in range(150):
+            for p in range(8):
+                prog.write(data_gva(p), value(4 if p == 5 else p, rnd))  # 4 and 5 equal
+            for _ in range(60):  # guest time between rounds, so that events land mid-run
+                for p in range(8):
+                    prog.read(data_gva(p))
+        host = m.vm.engine.spawn("host", _host_events, m, 3, 20_000)
+        run_checked(m, prog, {})
+        vcpu = m.vm.vcpus[0].task
+        assert host.finished and host.end < vcpu.end  # the events really ran mid-program
+        stats = m.vm.mm.stats
+        assert stats.thp_splits >= 3 and stats.thp_collapses >= 1 and stats.swap_ins >= 1
+        assert stats.migrations >= 3
+        print(name, seed, policy, host.end, vcpu.end, stats)
+        assert_host_consistent(m)
+    finally:
+        m.vm.destroy()
+    assert m.vm.pt_pages_in_use() == 0

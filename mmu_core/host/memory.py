@@ -6,6 +6,13 @@ writes the tag, which is enough to prove that the access reached the right page 
 tables) also get a *table slot*: a row of 512 uint64 entries in one 2-D array. All three arrays
 are plain numpy so that the jitted walkers take them as arguments; they grow by reallocation,
 so always read them through this object, never keep an old reference across an allocation.
+
+Frames are handed out in *allocations* (one frame, or an aligned run for a huge page), named by
+their base pfn. Each allocation has a map count, as a struct page's _mapcount: the host mm takes
+one reference per hva that maps it (KSM shares one frame between several hvas), and the frames
+return to the allocator only when the last reference goes (`put`). `frame_state` says for every
+frame whether it belongs to a live allocation and for what purpose, so that an audit can check
+in one numpy expression that nothing still points at a freed frame.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from mmu_core.errors import OutOfMemory
 
 ENTRIES_PER_TABLE = 512
 NO_SLOT = -1
+FRAME_FREE = -1  # frame_state of a frame outside every live allocation (free or never used)
 
 
 class Purpose(enum.IntEnum):
@@ -34,6 +42,11 @@ class HostMemory:
     Frames are handed out by a bump pointer with alignment (for THP and hugetlb backing) and
     recycled through per-size free lists. `max_frames` is a configured limit; exceeding it
     raises OutOfMemory instead of growing without bound.
+
+    Lifetime: `alloc` returns an allocation with map count 1; `get` adds a mapping, `put` drops
+    one and frees the frames with the last; `free` is `put` for an allocation that must have
+    exactly one owner (page-table pages), and refuses a shared one rather than free a frame
+    that is still mapped. `split` turns a huge allocation into single-frame ones (THP split).
     """
 
     def __init__(self, max_frames: int = 1 << 34, initial_frames: int = 1 << 12) -> None:
@@ -47,6 +60,11 @@ class HostMemory:
         self.frames_in_use = np.zeros(len(Purpose), dtype=np.int64)
         self.frames_peak = np.zeros(len(Purpose), dtype=np.int64)
         self._owner: dict[int, tuple[int, int]] = {}  # base pfn -> (count, purpose)
+        # Per frame, meaningful at an allocation's base: how many mappings hold it.
+        self.mapcount = np.zeros(initial_frames, dtype=np.int32)
+        # Per frame: the Purpose of the live allocation it belongs to, or FRAME_FREE.
+        self.frame_state = np.full(initial_frames, FRAME_FREE, dtype=np.int8)
+        self._sizes: set[int] = set()  # allocation sizes ever handed out (for allocation_of)
 
     # --- frames -------------------------------------------------------------------------
     def alloc(self, purpose: Purpose, count: int = 1) -> int:
@@ -63,19 +81,102 @@ class HostMemory:
             self._next_pfn = end
         self.tag[base : base + count] = 0
         self._owner[base] = (count, int(purpose))
+        self._sizes.add(count)
+        self.mapcount[base] = 1
+        self.frame_state[base : base + count] = int(purpose)
         self.frames_in_use[purpose] += count
         self.frames_peak[purpose] = max(self.frames_peak[purpose], self.frames_in_use[purpose])
         return base
 
     def free(self, base: int) -> None:
+        """Free an allocation that has a single owner (its map count must be 1)."""
+        if base not in self._owner:
+            raise RuntimeError(f"free of pfn {base:#x}, which is not an allocated base frame")
+        if int(self.mapcount[base]) != 1:
+            # Freeing here would leave the other mappings pointing at a recycled frame.
+            raise RuntimeError(f"free of pfn {base:#x} still mapped {int(self.mapcount[base])} times")
+        self._release(base)
+
+    def get(self, base: int) -> None:
+        """One more mapping of the allocation at `base` (get_page / page_add_anon_rmap)."""
+        if base not in self._owner:
+            raise RuntimeError(f"get of pfn {base:#x}, which is not an allocated base frame")
+        self.mapcount[base] += 1
+
+    def put(self, base: int) -> bool:
+        """Drop one mapping of the allocation at `base`; frees it with the last. Returns whether
+        the frames were freed."""
+        if base not in self._owner:
+            raise RuntimeError(f"put of pfn {base:#x}, which is not an allocated base frame")
+        self.mapcount[base] -= 1
+        if self.mapcount[base] > 0:
+            return False
+        self._release(base)
+        return True
+
+    def _release(self, base: int) -> None:
         count, purpose = self._owner.pop(base)
         for off in np.flatnonzero(self.pt_slot[base : base + count] != NO_SLOT):
             self.drop_table(base + int(off))
+        self.mapcount[base] = 0
+        self.frame_state[base : base + count] = FRAME_FREE
         self.frames_in_use[purpose] -= count
         self._free.setdefault(count, []).append(base)
 
+    def split(self, base: int) -> None:
+        """Make each frame of the allocation at `base` an allocation of its own, map count 1
+        (split_huge_page: the compound page becomes ordinary pages, contents in place)."""
+        count, purpose = self._owner[base]
+        if int(self.mapcount[base]) != 1:
+            raise RuntimeError(f"split of pfn {base:#x} mapped {int(self.mapcount[base])} times")
+        for off in range(count):
+            self._owner[base + off] = (1, purpose)
+        self._sizes.add(1)
+        self.mapcount[base : base + count] = 1
+
     def is_allocated(self, base: int) -> bool:
+        """Whether `base` is the first frame of a live allocation."""
         return base in self._owner
+
+    def frame_live(self, pfn: int) -> bool:
+        """Whether frame `pfn` belongs to a live allocation (at any offset of it)."""
+        return 0 <= pfn < len(self.frame_state) and int(self.frame_state[pfn]) != FRAME_FREE
+
+    def allocation_of(self, pfn: int) -> tuple[int, int] | None:
+        """(base, count) of the live allocation holding `pfn`, or None. Allocations are aligned
+        to their size, so the base is found by rounding down through the sizes in use."""
+        if not self.frame_live(pfn):
+            return None
+        for count in sorted(self._sizes):
+            base = pfn & ~(count - 1)
+            owner = self._owner.get(base)
+            if owner is not None and owner[0] == count:
+                return base, count
+        return None
+
+    def copy(self, dst: int, src: int, count: int = 1) -> None:
+        """Copy the contents (tags and table entries) of `count` frames from src to dst."""
+        self.tag[dst : dst + count] = self.tag[src : src + count]
+        src_tables = self.pt_slot[src : src + count] != NO_SLOT
+        for off in np.flatnonzero(src_tables).tolist():
+            self.table(dst + off)[:] = self.table(src + off)
+        for off in np.flatnonzero(~src_tables & (self.pt_slot[dst : dst + count] != NO_SLOT)).tolist():
+            self.drop_table(dst + off)
+
+    def same_contents(self, a: int, b: int) -> bool:
+        """Whether frames a and b hold the same data: tag and table entries (a frame without a
+        table reads as 512 zero entries, as read_u64 does)."""
+        if int(self.tag[a]) != int(self.tag[b]):
+            return False
+        ta = self.table(a) if self.has_table(a) else None
+        tb = self.table(b) if self.has_table(b) else None
+        if ta is None and tb is None:
+            return True
+        if ta is None:
+            return not tb.any()
+        if tb is None:
+            return not ta.any()
+        return bool(np.array_equal(ta, tb))
 
     def _grow(self, end: int) -> None:
         size = len(self.tag)
@@ -86,7 +187,12 @@ class HostMemory:
         tag[:size] = self.tag
         slot = np.full(new, NO_SLOT, dtype=np.int32)
         slot[:size] = self.pt_slot
+        mapcount = np.zeros(new, dtype=np.int32)
+        mapcount[:size] = self.mapcount
+        state = np.full(new, FRAME_FREE, dtype=np.int8)
+        state[:size] = self.frame_state
         self.tag, self.pt_slot = tag, slot
+        self.mapcount, self.frame_state = mapcount, state
 
     # --- table contents -----------------------------------------------------------------
     def table(self, pfn: int) -> np.ndarray:

@@ -38,16 +38,22 @@ class Userfaultfd:
         mm.register_userfault(start, self.end, self)
 
     def wait_for(self, hva: int, write: bool) -> int:
-        """Called by a faulting task: report the missing page and sleep until it is copied in."""
+        """Called by a faulting task: report the missing page and sleep until it is no longer
+        missing. Returns the pfn, or NO_PFN if the page was copied in and then swapped out
+        before this task ran again (the caller faults it in again).
+
+        A page copied in and dropped again (MADV_DONTNEED) before the waiter ran is missing
+        once more, and its completion is spent: it is reported anew rather than spun on.
+        """
         page = hva & ~0xFFF
-        done = self._pending.get(page)
-        if done is None:
-            done = Completion(self.engine)
-            self._pending[page] = done
-            self.faults += 1
-            self.engine.delay(self.engine.cost.uffd_notify, "userfault")
-            self.channel.put(UffdMsg(page, write))
-        while self.mm.lookup(page) == -1:
+        while self.mm.is_missing(page):
+            done = self._pending.get(page)
+            if done is None:
+                done = Completion(self.engine)
+                self._pending[page] = done
+                self.faults += 1
+                self.engine.delay(self.engine.cost.uffd_notify, "userfault")
+                self.channel.put(UffdMsg(page, write))
             done.wait("userfault")
         return self.mm.lookup(hva)
 
@@ -70,7 +76,7 @@ class Userfaultfd:
         cost = self.engine.cost
         self.engine.delay(cost.uffd_copy + (npages - 1) * cost.copy_4k, "uffd_copy")
         pfn = self.mm.lookup(page)
-        if pfn == -1:
+        if self.mm.is_missing(page):  # a present or swapped-out page: EEXIST, nothing copied
             level = PAGE_4K if npages == 1 else PAGE_1G
             pfn = self.mm.populate(page, level=level)
             base = self.mm.lookup(first)

@@ -77,6 +77,17 @@ class CostModel(BaseModel):
                          "demand_paging_test UFFDIO_COPY ~ a few us")
     copy_4k: int = _ns(400, "each further 4 KiB copied by one UFFDIO_COPY of a huge page",
                        "memcpy at ~10 GB/s")
+    swap_out: int = _ns(5_000, "reclaiming one 4 KiB anonymous page to swap (host event)",
+                        "shrink_folio_list: unmap, swap-cache insert, submit the write; the I/O "
+                        "completes asynchronously, a few us of CPU per page")
+    swap_in: int = _ns(20_000, "a major fault reading one 4 KiB page back from swap",
+                       "NVMe 4 KiB random read ~10-20 us plus the do_swap_page path")
+    thp_split: int = _ns(10_000, "split_huge_page of one 2 MiB THP, contents in place",
+                         "512 PTEs written and 512 struct pages' refcounts/flags split, ~20 ns "
+                         "each")
+    ksm_merge: int = _ns(2_000, "ksmd merging one page: checksum, compare, write-protect, "
+                         "replace_page", "two 4 KiB passes at ~10 GB/s (~0.8 us) plus page-table "
+                         "and rmap updates")
 
     # --- MMU work ----------------------------------------------------------------------------------
     pt_page_alloc: int = _ns(100, "a zeroed page-table page from the per-vCPU cache",
