@@ -90,7 +90,10 @@ def tlb_flush_va(tlb, gva):
 def _psc_row(tlb, level, prefix):
     ntlb = tlb[0, TLB_GEOM]
     sets = (tlb.shape[0] - ntlb) // PSC_LEVELS
-    return ntlb + (level - 2) * sets + (prefix & (sets - 1))
+    # Fold every 9-bit index of the prefix into the set, so that regions differing only in an
+    # upper index (the guest's tables at gpa 0 and its data at 1 GiB) do not collide.
+    h = prefix ^ (prefix >> 9) ^ (prefix >> 18) ^ (prefix >> 27) ^ (prefix >> 36)
+    return ntlb + (level - 2) * sets + (h & (sets - 1))
 
 
 @njit(cache=True)

@@ -17,8 +17,8 @@ caches (hw/tlb.py) for the structure the hardware walks from the MMU's root, the
 a 2-D walk and the shadow tables in a 1-D walk over them. A walk starts below the deepest cached
 non-leaf entry with the permissions accumulated down to it and reads only the levels below.
 Reserved bits and misconfigurations of cached levels are not checked again (only valid entries
-are cached, SDM 4.10.3.1), and an entry is cached only once its accessed flag is 1 in memory,
-so starting from the cache sets exactly the A/D bits a full walk would. The guest's own tables
+are cached, SDM 4.10.3.1), and an entry is cached only once the accessed flags are 1 in it and
+every entry above it, so starting from the cache sets exactly the A/D bits a full walk would. The guest's own tables
 in a 2-D walk are not cached.
 """
 
@@ -163,7 +163,9 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
     hpa = 0
     slots = np.empty(5, np.int64)
     idxs = np.empty(5, np.int64)
-    # Non-leaf entries whose A bit is still 0: cacheable once this walk sets it.
+    # An entry is cacheable only when A is 1 in it and in every entry above it (SDM 4.10.3.1);
+    # the others become cacheable once this walk sets A on the whole path.
+    all_accessed = True
     pend_level = np.empty(5, np.int64)
     pend_table = np.empty(5, np.int64)
     pend_perm = np.empty(5, np.int64)
@@ -201,7 +203,8 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
             break
         table = (e & _ADDR_MASK_52) >> 12
         if use_psc:
-            if e & E.EPT_ACCESSED:
+            all_accessed = all_accessed and (e & E.EPT_ACCESSED) != 0
+            if all_accessed:
                 psc_fill(psc, PSC_EPT, root, level, gpa, levels, table, perm)
             else:
                 pend_level[npend] = level
@@ -363,7 +366,8 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
     lpsc = xl == XL_NONE and (mode == P.MODE_4LEVEL or mode == P.MODE_5LEVEL) \
         and psc_enabled(psc)
     lroot = 0
-    # Non-leaf entries read with A=0: cacheable once this walk has set A (on success).
+    # As in ept_translate: cacheable once A is 1 from the root down to the entry.
+    all_accessed = True
     pend_level = np.empty(5, np.int64)
     pend_table = np.empty(5, np.int64)
     pend_attr = np.empty(5, np.int64)
@@ -492,7 +496,8 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
             if lpsc:
                 lattr = (A_USER if u_all else 0) | (A_WRITABLE if w_all else 0) | (
                     A_NX if nx_any else 0)
-                if e & P.PT_ACCESSED:
+                all_accessed = all_accessed and (e & P.PT_ACCESSED) != 0
+                if all_accessed:
                     psc_fill(psc, PSC_LINEAR, lroot, level, gva, levels, table >> 12, lattr)
                 else:
                     pend_level[npend] = level
