@@ -165,11 +165,14 @@ class Vcpu:
                 vm.hook.mmu_load(vcpu=self)
                 self._sync_regs()
             before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
+            pc0 = pc
             pc = C.run_ops(
                 prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
                 self.hwregs if self.shadowing else self.regs, not self.shadowing,
                 self.mmu_root, vm.root_levels(self), self.tlb, self.xinfo, stats, budget,
             )
+            if vm.recorder is not None and pc > pc0:
+                vm.recorder.ops_done(self, prog, results, pc0, pc)  # before any switch point
             engine.delay(int(stats[C.ST_OPS] - before_ops) * cost.guest_access, "guest")
             reads = int(stats[C.ST_WALK_READS] - before_reads)
             if reads:
@@ -179,6 +182,8 @@ class Vcpu:
                 continue
             if kind == C.X_OP:
                 pc = self._do_op(prog, pc, results)
+                if vm.recorder is not None:
+                    vm.recorder.ops_done(self, prog, results, pc - 1, pc)
             elif kind == C.X_NEED_TABLE:
                 vm.host.table(int(self.xinfo[C.XI_PFN]))
             else:
@@ -229,13 +234,18 @@ class Vcpu:
         if ret is None:
             raise GuestError(f"backend returned nothing for {fault.kind.value} at {fault.gva:#x}")
         self._count(self.faults, Ret(ret).name.lower())
+        done = pc
         if ret == Ret.INJECT:
             results[pc] = (0, EC.PF_VECTOR, fault.inject_error_code)
-            pc += 1
+            done += 1
         elif ret == Ret.EMULATE:
-            pc = self.emulate(prog, pc, results)
+            done = self.emulate(prog, pc, results)
+        if vm.recorder is not None and done > pc:
+            vm.recorder.ops_done(self, prog, results, pc, done)
+        if ret == Ret.RETRY:
+            vm.engine.yield_now()  # a retry loop spins: under pct, let the others run
         vm.engine.delay(vm.engine.cost.vm_entry, "exit")
-        return pc
+        return done
 
     # --- emulation ---------------------------------------------------------------------------
     def emulate(self, prog: np.ndarray, pc: int, results: np.ndarray) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mmu_core import plugins
+from mmu_core import mutants, plugins
 from mmu_core.arch.x86.paging import MODE_5LEVEL
 from mmu_core.config import VMConfig
 from mmu_core.errors import InvalidConfig, MMUError
@@ -44,7 +44,8 @@ class VM:
     def _build(self, config: VMConfig, engine: Engine | None) -> None:
         self.config = config
         self.params = config.params  # the snapshot: later parameter changes don't reach us
-        self.engine = engine or Engine(config.seed, config.cost, config.policy)
+        self.engine = engine or Engine(config.seed, config.cost, config.policy,
+                                       **config.engine_options())
         self.host = HostMemory()
         self.mm = HostMM(self.host, self.engine)
         self.mmu_lock = RWLock(self.engine, "mmu_lock")
@@ -60,6 +61,9 @@ class VM:
         self.vcpus: list[Vcpu] = []
         self.backend_instances: dict[str, Any] = {}
         self.tlb_flushes = 0
+        # Told of every guest operation as it completes (ops_done(vcpu, prog, results, lo,
+        # hi)), before any switch point: the reference model of mmu_core.testing uses it.
+        self.recorder = None
         self.role = Role.DIRECT if self.params.ept else Role.SHADOW
         self.backends = plugins.choose(self.params)
         self.managers = plugins.build_managers(self, self.backends)
@@ -85,14 +89,23 @@ class VM:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def destroy(self) -> None:
+        """Tear the VM down, whatever state its engine stopped in.
+
+        The engine is closed first: every task still parked (daemons at the end of a run; any
+        task at all after an interrupted or failed run, possibly inside an RCU read section or
+        holding the MMU lock) unwinds its finally blocks, and the locks and RCU forget the dead
+        tasks. Only then can the backends tear down outside the engine and the RCU barrier
+        run the callbacks still queued (it refuses while readers are inside). Closing also
+        frees the greenlets, which would otherwise keep the VM alive.
+        """
         if not getattr(self, "_alive", False):
             return
         self._alive = False
+        self.engine.close()
         for vcpu in self.vcpus:
             vcpu.mmu_root = None
         self.hook.mmu_destroy_vm(vm=self)
-        # Parked greenlets (userfault handlers, the RCU worker) would keep the VM alive.
-        self.engine.close()
+        self.rcu.barrier()  # callbacks the backend's teardown queued, if it did not wait
 
     def hook_all(self, name: str, **kwargs: Any) -> None:
         """Call an optional hook on the backend of the VM's role (if it implements it)."""
@@ -406,7 +419,7 @@ class VM:
             if res is None and not self.hook.mmu_unmap_gfn_range.get_hookimpls():
                 res = self.hook.mmu_zap_gfn_range(vm=self, as_id=as_id, start=first, end=last)
             flush |= bool(res)
-        if flush:
+        if flush and not mutants.on("no-flush-after-zap"):
             self.flush_remote_tlbs()
 
     def invalidate_range_end(self, start: int, end: int, event: str) -> None:
@@ -422,6 +435,8 @@ class VM:
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, as_id: int, gfn: int) -> bool:
         """KVM's mmu_invalidate_retry_gfn: call under the MMU lock with the sequence sampled
         before gfn_to_pfn; True means the pfn may be stale and the fault must retry."""
+        if mutants.on("skip-invalidate-retry"):
+            return False
         if self.mmu_invalidate_in_progress and self.invalidating_gfn(as_id, gfn):
             return True
         return self.mmu_invalidate_seq != mmu_seq

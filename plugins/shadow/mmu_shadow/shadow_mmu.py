@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmu_core import mutants
 from mmu_core import REQ_MMU_RELOAD, BackendAudit, BackendInfo, MMUMemory, PageFault, Ret, hookimpl
 from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
@@ -120,7 +121,8 @@ class ShadowMMU:
             self.by_gfn.setdefault((as_id, key.gfn), set()).add(sp)
             first = not vm.is_tracked(as_id, key.gfn)
             vm.track_gfn(as_id, key.gfn)
-            if first and self._write_protect_gfn(as_id, key.gfn):
+            if first and not mutants.on("no-write-protect-shadowed") \
+                    and self._write_protect_gfn(as_id, key.gfn):
                 vm.flush_remote_tlbs()
         return sp
 
@@ -238,21 +240,21 @@ class ShadowMMU:
             # A read-only slot is never writable, even once the guest's D bit is set (a
             # write to it was emulated as MMIO, and the walk set D on the way).
             map_writable = writable and dirty and not tracked and res.writable \
-                and not slot.readonly
+                and (not slot.readonly or mutants.on("shadow-readonly-writable"))
             if slot.log_dirty and not fault.write:
                 map_writable = False
             idx = (fault.gva >> 12) & 511
             vm.engine.delay(vm.engine.cost.spte_build)
             new = S.make_shadow_leaf_spte(pfn, map_writable, user, nx)
             old = int(vm.spte_table(table)[idx])
+            if map_writable and slot.log_dirty and not mutants.on("skip-mark-dirty"):
+                vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
             if old != new:
                 self._drop_leaf(table, idx, old)
                 vm.spte_write(table, idx, new)
                 self._add_rmap((vcpu.as_id, gfn), table, idx)
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
-            if map_writable and slot.log_dirty:
-                vm.mark_page_dirty(vcpu.as_id, gfn)
             self.stats["mapped"][1] += 1
         if fault.write and tracked:
             return self._emulate(fault)
@@ -263,6 +265,8 @@ class ShadowMMU:
         vCPU may have rewritten an entry since (its write was emulated and zapped what was
         shadowed then); installing SPTEs from the old entries would resurrect a translation
         the guest already invalidated. A/D bits are ignored: the walk itself set them."""
+        if mutants.on("skip-gpte-recheck"):
+            return False
         vm = self.vm
         mode = vcpu.mode
         ad = P.PT_ACCESSED | P.PT_DIRTY
@@ -372,14 +376,15 @@ class ShadowMMU:
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
             if S.is_shadow_present_pte(old):
                 self._zap_spte(table, idx, level)
+            if res is not None and writable and slot.log_dirty \
+                    and not mutants.on("skip-mark-dirty"):
+                vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
             vm.spte_write(table, idx, new)
             if res is None:
                 self.stats["mmio"] += 1
                 return Ret.EMULATE
             base_gfn = gfn & ~((1 << (9 * (level - 1))) - 1)
             self._add_rmap((vcpu.as_id, base_gfn), table, idx)
-            if writable and slot.log_dirty:
-                vm.mark_page_dirty(vcpu.as_id, gfn)
             self.stats["mapped"][level] += 1
             fault.level = level
         return Ret.FIXED
@@ -387,6 +392,8 @@ class ShadowMMU:
     # --- SPTE removal ---------------------------------------------------------------------------
     def _drop_leaf(self, table: int, idx: int, old: int) -> None:
         """Forget the rmap entry of a leaf SPTE that is about to be overwritten."""
+        if mutants.on("forget-rmap-removal"):
+            return
         key = self.leaf_key.pop((table, idx), None)
         if key is None:
             return

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmu_core import mutants
 from mmu_core import (
     REQ_MMU_RELOAD,
     BackendAudit,
@@ -54,6 +55,7 @@ class TdpMMU:
         self.roots: dict[tuple[int, int], TdpRoot] = {}  # valid roots by (as_id, root_level)
         self.all_roots: dict[int, TdpRoot] = {}  # pfn -> root, valid or invalid, until freed
         self.rcu_pending: set[int] = set()  # table pages queued for freeing after a grace period
+        self.in_flight: set[int] = set()  # table pages a fault allocated and has not linked
         self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "mmio_fast": 0,
                       "spurious": 0, "frozen_waits": 0, "resched": 0,
                       "tables_linked": 0, "tables_freed": 0, "mapped": [0, 0, 0, 0]}
@@ -90,7 +92,8 @@ class TdpMMU:
         with vm.mmu_lock.read():
             root = self.roots.get(key)
             if root is not None:
-                root.refcount += 1  # kvm_tdp_mmu_get_root (an atomic increment)
+                if not mutants.on("drop-root-refcount"):
+                    root.refcount += 1  # kvm_tdp_mmu_get_root (an atomic increment)
                 vcpu.mmu_root = root.pfn
         if root is None:
             with vm.mmu_lock.write():
@@ -198,12 +201,22 @@ class TdpMMU:
     def _link_table(self, it: TdpIter) -> bool:
         vm = self.vm
         child = vm.alloc_pt_page()
+        self.in_flight.add(child)  # a fault's own page until linked (KVM: the vCPU's cache)
         new = S.make_nonleaf_spte(child)
         table, idx = it.sptep
-        if not vm.spte_cmpxchg(table, idx, it.old_spte, new):
-            vm.free_pt_page(child)  # lost the race: the winner's table stays
-            self.stats["cmpxchg_lost"] += 1
-            return False
+        try:
+            if mutants.on("plain-write-not-cmpxchg"):
+                vm.engine.atomic("cmpxchg")
+                vm.spte_table(table)[idx] = np.uint64(new)
+            elif not vm.spte_cmpxchg(table, idx, it.old_spte, new):
+                vm.free_pt_page(child)  # lost the race: the winner's table stays
+                self.stats["cmpxchg_lost"] += 1
+                return False
+        except BaseException:
+            vm.free_pt_page(child)  # killed at the switch point (Ctrl-C, teardown): not linked
+            raise
+        finally:
+            self.in_flight.discard(child)
         it.old_spte = new
         self.stats["tables_linked"] += 1
         return True
@@ -232,7 +245,8 @@ class TdpMMU:
             return Ret.EMULATE
         slot = res.slot
         base_pfn = res.pfn - (gfn - S.gfn_round_for_level(gfn, level))
-        writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
+        writable = res.writable and not slot.readonly and (
+            not slot.log_dirty or fault.write or mutants.on("writable-read-fault-logging"))
         vm.engine.delay(vm.engine.cost.spte_build)
         new = S.make_leaf_spte(base_pfn, level, writable, True)
         if S.is_shadow_present_pte(it.old_spte) and S.spte_to_pfn(it.old_spte) == base_pfn \
@@ -240,14 +254,15 @@ class TdpMMU:
                 and (S.is_writable_pte(it.old_spte) or not fault.write):
             self.stats["spurious"] += 1
             return Ret.SPURIOUS
+        if writable and slot.log_dirty and fault.write and not mutants.on("skip-mark-dirty"):
+            # Before the SPTE is installed, as make_spte does: once it is, the guest can write.
+            vm.mark_page_dirty(vcpu.as_id, gfn)
         if not vm.spte_cmpxchg(table, idx, it.old_spte, new):
             self.stats["cmpxchg_lost"] += 1
             return self._retry()
         if S.is_shadow_present_pte(it.old_spte) and not S.is_last_spte(it.old_spte, level):
             vm.flush_remote_tlbs()
             self._handle_removed(it.old_spte, level)
-        if writable and slot.log_dirty:
-            vm.mark_page_dirty(vcpu.as_id, gfn)
         self.stats["mapped"][level] += 1
         fault.level = level
         return Ret.FIXED
@@ -266,7 +281,7 @@ class TdpMMU:
         for idx in range(S.SPTE_ENT_PER_PAGE):
             while True:
                 child = vm.spte_xchg(table, idx, S.FROZEN_SPTE)
-                if not S.is_frozen_spte(child):
+                if not S.is_frozen_spte(child) or mutants.on("skip-frozen-wait"):
                     break
                 self.stats["frozen_waits"] += 1
                 vm.engine.yield_now()  # cpu_relax(): let the owner of the frozen entry finish
@@ -276,6 +291,9 @@ class TdpMMU:
     def _free_later(self, pfns: list[int]) -> None:
         """Queue page-table pages for freeing after an RCU grace period; the caller has
         already flushed TLBs (or will before the grace period can end)."""
+        if mutants.on("free-without-rcu"):
+            self._free_many(pfns)
+            return
         self.rcu_pending.update(pfns)
         self.vm.rcu.call_rcu(self._free_many, pfns)
 
@@ -357,10 +375,12 @@ class TdpMMU:
         """Free a whole (already unreachable) tree, root included, after a grace period."""
         vm = self.vm
         pfns = collect_tables(vm.host.pt, vm.host.pt_slot, root, level)
-        vm.engine.delay(len(pfns) * S.SPTE_ENT_PER_PAGE * vm.engine.cost.atomic_read)
         for pfn in pfns.tolist():
             vm.host.pt[vm.host.pt_slot[pfn]] = np.uint64(S.FROZEN_SPTE)
         self._free_later(pfns.tolist())
+        # Charged once the pages are queued: a switch point before would show them owned by
+        # nobody.
+        vm.engine.delay(len(pfns) * S.SPTE_ENT_PER_PAGE * vm.engine.cost.atomic_read)
 
     # --- audit ------------------------------------------------------------------------------
     @hookimpl
@@ -386,7 +406,7 @@ class TdpMMU:
                 bad.append(("root-freed", f"a vCPU uses root {pfn:#x}, which was freed"))
         return BackendAudit(
             roots=tuple((r.as_id, r.level, r.pfn) for r in self.all_roots.values()),
-            held_tables=frozenset(self.rcu_pending),
+            held_tables=frozenset(self.rcu_pending | self.in_flight),
             violations=tuple(bad),
             direct=True,
         )

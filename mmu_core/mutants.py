@@ -1,0 +1,90 @@
+"""Seeded protocol mutants: deliberate bugs, each switchable on, that the race explorer must
+catch (issue: "Concurrency you can trust").
+
+A mutant is a named check at one place in the core or an in-tree backend (`if
+mutants.on("name"):` takes the buggy path). None is on unless enabled, in tests and in `mmu
+explore --mutant NAME`, so the check costs one set lookup. The registry says what each bug
+breaks; docs/concurrency.md carries the table of schedules needed to catch each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mmu_core.errors import InvalidConfig
+
+#: name -> (what the bug does, where it lives)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "populate-no-recheck": (
+        "gfn_to_pfn populates a missing page without looking again after its switch point",
+        "core: VM.gfn_to_pfn"),
+    "skip-invalidate-retry": (
+        "a fault ignores MMU-notifier invalidations in progress and sequence changes",
+        "core: VM.mmu_invalidate_retry_gfn"),
+    "no-flush-after-zap": (
+        "a notifier zap does not flush remote TLBs before the host frees the pages",
+        "core: VM.invalidate_range_start"),
+    "free-without-rcu": (
+        "disconnected TDP tables are freed at once instead of after an RCU grace period",
+        "tdp: TdpMMU._free_later"),
+    "plain-write-not-cmpxchg": (
+        "the TDP fault links a new table with a plain store instead of cmpxchg",
+        "tdp: TdpMMU._link_table"),
+    "skip-frozen-wait": (
+        "handle_removed_pt does not wait for a frozen child entry to settle",
+        "tdp: TdpMMU._handle_removed"),
+    "drop-root-refcount": (
+        "loading a TDP root does not take a reference",
+        "tdp: TdpMMU.mmu_load"),
+    "writable-read-fault-logging": (
+        "a read fault in a dirty-logged slot maps the page writable without marking it dirty",
+        "tdp: TdpMMU._map_target"),
+    "skip-mark-dirty": (
+        "a write fault in a dirty-logged slot does not mark the page dirty",
+        "tdp and shadow: the fault paths"),
+    "skip-gpte-recheck": (
+        "the shadow fault does not re-check the guest PTEs under the lock (gpte_changed)",
+        "shadow: ShadowMMU._gptes_changed"),
+    "no-write-protect-shadowed": (
+        "a newly shadowed guest table is not write-protected",
+        "shadow: ShadowMMU._get_sp"),
+    "forget-rmap-removal": (
+        "overwriting a shadow leaf keeps its old rmap entry",
+        "shadow: ShadowMMU._drop_leaf"),
+    "shadow-readonly-writable": (
+        "the shadow fault maps a READONLY slot writable once the guest PTE is dirty",
+        "shadow: ShadowMMU._shadow_fault"),
+}
+
+_active: frozenset[str] = frozenset()
+
+
+def on(name: str) -> bool:
+    """Whether mutant `name` is switched on (the buggy path is taken)."""
+    return name in _active
+
+
+def active() -> frozenset[str]:
+    return _active
+
+
+def validate(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise InvalidConfig("mutant", f"unknown mutant {unknown[0]!r} (one of: "
+                            f"{', '.join(sorted(REGISTRY))})")
+    return tuple(names)
+
+
+@contextmanager
+def enabled(*names: str) -> Iterator[None]:
+    """Switch mutants on for the duration of a with-block (nesting adds)."""
+    global _active
+    validate(names)
+    saved = _active
+    _active = saved | frozenset(names)
+    try:
+        yield
+    finally:
+        _active = saved

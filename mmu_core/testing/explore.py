@@ -1,0 +1,449 @@
+"""The race explorer: concurrent scenarios, a reference model of guest memory, the invariant
+audit after every engine step, and a loop over schedules.
+
+One execution is named by (scenario, configuration, policy, seed) and replays exactly. The
+engine is sequential, so the order in which guest accesses and host events completed is
+known: the reference model (`Reference`) applies them in that order, and every guest read
+must return what the reference holds at that moment (or, where the architecture allows a
+stale translation, one of the values it may see). Content-preserving host events are
+invisible to it; a lost write, a read of a freed or stale page, or a dirty page missing from
+the log is a failure. `run_schedule` runs one execution; `explore` runs many, over local
+processes or a Dask cluster, and reports the first failure with its replay command.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmu_core import mutants
+from mmu_core.arch.x86 import paging as P
+from mmu_core.config import VMConfig
+from mmu_core.errors import InvalidConfig, MMUError
+from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MachineSpec, build_machine
+from mmu_core.guest.program import Program
+from mmu_core.hw import cpu as C
+from mmu_core.params import CONFIGURATIONS
+from mmu_core.testing.audit import audit
+from mmu_core.vm.vcpu import mmio_read_value
+
+
+class Failure(Exception):
+    """One execution went wrong; `invariant` names what."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        self.invariant = invariant
+        self.detail = detail
+        super().__init__(f"{invariant}: {detail}")
+
+
+# --- the reference model ---------------------------------------------------------------------
+class Reference:
+    """Guest memory as it must be: a value per host page (by hva index), updated as accesses
+    and host events complete. Installed as the VM's recorder."""
+
+    def __init__(self, machine) -> None:
+        self.vm = machine.vm
+        self.mem: dict[int, int] = {}
+        self.written: set[int] = set()  # gfns written (for the dirty-log check)
+        self.remap: dict[int, tuple[int, int]] = {}  # (vcpu, op) -> (gva page, new gfn)
+        self.target: dict[int, int] = {}  # gva page -> gfn, for pages a scenario remaps
+        self.ever: dict[int, set[int]] = {}  # gva page -> every gfn it was mapped to
+        self.fresh: dict[tuple[int, int], bool] = {}  # (vcpu, gva page) invalidated since?
+
+    # What a vCPU may see for a gva page: the current target after its own INVLPG, any
+    # target it ever had before (a stale TLB entry is architecturally allowed).
+    def _gfns(self, vcpu_id: int, page: int) -> set[int]:
+        if page not in self.target:
+            return {page}  # identity-mapped data
+        if self.fresh.get((vcpu_id, page), False):
+            return {self.target[page]}
+        return self.ever[page] | {self.target[page]}
+
+    def _value(self, gfn: int) -> tuple[int | None, bool]:
+        """(hva index or None for MMIO, slot is read-only)."""
+        slot = self.vm.memslots[0].find(gfn)
+        if slot is None:
+            return None, False
+        return self.vm.mm.index(slot.gfn_to_hva(gfn)), slot.readonly
+
+    def ops_done(self, vcpu, prog, results, lo: int, hi: int) -> None:
+        for pc in range(lo, hi):
+            op, gva, value = (int(v) for v in prog[pc])
+            page = gva >> 12
+            if op <= C.MEM_OPS_END:
+                if results[pc, C.RES_VECTOR]:
+                    raise Failure("reference", f"vcpu{vcpu.id} op {pc} ({C.OP_NAMES[op]} "
+                                  f"{gva:#x}) took #PF {int(results[pc, C.RES_CODE]):#x}")
+            if op in (C.OP_READ, C.OP_FETCH):
+                got = int(results[pc, C.RES_VALUE])
+                allowed = set()
+                for gfn in self._gfns(vcpu.id, page):
+                    idx, _ro = self._value(gfn)
+                    allowed.add(mmio_read_value(gfn << 12 | (gva & 0xFFF)) if idx is None
+                                else self.mem.get(idx, 0))
+                if got not in allowed:
+                    raise Failure("reference", f"vcpu{vcpu.id} op {pc} read {gva:#x} = "
+                                  f"{got:#x}, the reference allows {sorted(allowed)}")
+            elif op == C.OP_WRITE:
+                (gfn,) = self._gfns(vcpu.id, page)
+                idx, ro = self._value(gfn)
+                if idx is not None and not ro:
+                    self.mem[idx] = value
+                    self.written.add(gfn)
+            elif op in (C.OP_WPTE, C.OP_WPTE32):
+                change = self.remap.get((vcpu.id, pc))
+                if change is not None:
+                    vpage, gfn = change
+                    self.target[vpage] = gfn
+                    self.ever.setdefault(vpage, set()).add(gfn)
+                    for v in self.vm.vcpus:
+                        self.fresh[(v.id, vpage)] = False
+            elif op == C.OP_INVLPG:
+                self.fresh[(vcpu.id, page)] = True
+            elif op == C.OP_MOV_CR3:
+                for key in self.fresh:
+                    if key[0] == vcpu.id:
+                        self.fresh[key] = True
+
+    def discard(self, lo: int, hi: int) -> None:
+        """The host dropped hva indices [lo, hi): they read as zero from now on."""
+        for i in range(lo, hi):
+            self.mem.pop(i, None)
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    machine: object
+    programs: list[np.ndarray]
+    ref: Reference
+    tasks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    final: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _page(i: int) -> int:
+    return DATA_GPA + 4096 * i
+
+
+def _machine(config: VMConfig, vcpus: int, pages: int, **spec) -> object:
+    spec = MachineSpec(vcpus=vcpus, data_size=pages * 4096, mode=P.MODE_4LEVEL, **spec)
+    return build_machine(spec, config)
+
+
+def _value(rng: random.Random) -> int:
+    return rng.randrange(1, 1 << 40)
+
+
+def scenario_first_touch(config: VMConfig, rng: random.Random, backing: str = "anon") -> Run:
+    """Four vCPUs write and read a few shared, never-touched pages: racing first touches."""
+    pages = 512 if backing == "thp" else 8
+    m = _machine(config, 4, pages, backing=backing)
+    shared = [0, 1, 2, 3] if backing == "anon" else [0, 1, 300, 301]
+    progs = []
+    for v in range(4):
+        prog = Program()
+        for k in range(12):
+            prog.write(_page(shared[(v + k) % 4]), _value(rng)).read(_page(shared[(v + k + 1) % 4]))
+        progs.append(prog.build())
+    return Run(m, progs, Reference(m))
+
+
+def scenario_first_touch_thp(config: VMConfig, rng: random.Random) -> Run:
+    return scenario_first_touch(config, rng, backing="thp")
+
+
+def scenario_pte_edit(config: VMConfig, rng: random.Random) -> Run:
+    """vCPU 0 remaps a page among three frames, INVLPGs it and reads it back (it must see the
+    new frame); vCPU 1 reads the page throughout (any frame it was mapped to is allowed)."""
+    m = _machine(config, 2, 8)
+    ref = Reference(m)
+    vm, pts = m.vm, m.pts
+    x, targets = 0, [4, 5, 6]
+    for t in targets:  # distinct contents, written by the host before the run
+        pfn = vm.gfn_to_pfn_nowait(0, _page(t) >> 12)
+        val = _value(rng)
+        vm.host.tag[pfn] = np.uint64(val)
+        ref.mem[vm.mm.index(vm.memslots[0].by_id(DATA_SLOT).gfn_to_hva(_page(t) >> 12))] = val
+    ref.target[_page(x) >> 12] = _page(x) >> 12
+    ref.ever[_page(x) >> 12] = {_page(x) >> 12}
+    e_gpa = pts.entry_gpa(_page(x), 1, create=False)
+    a = Program()
+    for k in range(8):
+        t = targets[rng.randrange(3)]
+        ref.remap[len(a.rows)] = (_page(x) >> 12, _page(t) >> 12)
+        a.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(_page(t), P.PT_PRESENT | P.PT_WRITABLE
+                                                          | P.PT_USER))
+        a.invlpg(_page(x)).read(_page(x)).read(_page(1 + k % 3))
+    ref.remap = {(0, pc): change for pc, change in ref.remap.items()}
+    b = Program()
+    for _ in range(24):
+        b.read(_page(x))
+    return Run(m, [a.build(), b.build()], ref)
+
+
+def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.ndarray]:
+    progs = []
+    for v in range(len(m.vm.vcpus)):
+        prog = Program()
+        for k in range(rounds):
+            p = pages[rng.randrange(len(pages))]
+            if rng.random() < 0.5:
+                prog.write(_page(p), _value(rng))
+            else:
+                prog.read(_page(p))
+            del k
+        progs.append(prog.build())
+    return progs
+
+
+def scenario_zap_all(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs fault pages in while a VMM task zaps everything, three times."""
+    m = _machine(config, 2, 16)
+    run = Run(m, _writers(m, rng, list(range(16)), 30), Reference(m))
+    delays = [rng.randrange(0, 40_000) for _ in range(3)]
+
+    def vmm() -> None:
+        for d in delays:
+            m.vm.engine.delay(d)
+            m.vm.zap_all()
+    run.tasks.append(("vmm", vmm))
+    return run
+
+
+def scenario_dirty_log(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs write a logged slot while a collector fetches and clears the log; every page
+    written must be in some round's log."""
+    m = _machine(config, 2, 16, log_dirty=True)
+    ref = Reference(m)
+    run = Run(m, _writers(m, rng, list(range(16)), 30), ref)
+    seen: set[int] = set()
+    delays = [rng.randrange(0, 30_000) for _ in range(4)]
+
+    def collector() -> None:
+        for d in delays:
+            m.vm.engine.delay(d)
+            seen.update(m.vm.get_dirty_log(0, DATA_SLOT).tolist())
+
+    def check() -> None:
+        seen.update(m.vm.get_dirty_log(0, DATA_SLOT).tolist())
+        missing = ref.written - seen
+        if missing:
+            raise Failure("dirty-lost", f"{len(missing)} written page(s) never in the dirty "
+                          f"log, e.g. gfn {min(missing):#x}")
+    run.tasks.append(("collector", collector))
+    run.final.append(check)
+    return run
+
+
+def scenario_readonly(config: VMConfig, rng: random.Random) -> Run:
+    """Writes to a READONLY slot exit as MMIO (setting the guest's D bit); the reads after
+    them must still find the slot unwritable."""
+    m = _machine(config, 2, 8, readonly=True)
+    return Run(m, _writers(m, rng, list(range(8)), 20), Reference(m))
+
+
+def scenario_host_events(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs use eight pages while the host drops, migrates, swaps and merges them."""
+    m = _machine(config, 2, 8)
+    ref = Reference(m)
+    run = Run(m, _writers(m, rng, list(range(8)), 30), ref)
+    vm = m.vm
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(8)]
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 20_000), rng.choice(("dontneed", "migrate", "swap", "ksm")),
+             rng.randrange(8), rng.randrange(8)) for _ in range(6)]
+
+    def host() -> None:
+        for delay, what, i, j in plan:
+            vm.engine.delay(delay)
+            if what == "dontneed":
+                vm.mm.madvise_dontneed(hvas[i], 4096)
+            elif what == "migrate":
+                vm.mm.migrate(hvas[i])
+            elif what == "swap":
+                vm.mm.swap_out(hvas[i])
+            elif i != j:
+                vm.mm.ksm_merge(hvas[i], hvas[j])  # merges only equal pages
+    run.tasks.append(("host", host))
+    return run
+
+
+SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
+    "first-touch": scenario_first_touch,
+    "first-touch-thp": scenario_first_touch_thp,
+    "pte-edit": scenario_pte_edit,
+    "zap-all": scenario_zap_all,
+    "dirty-log": scenario_dirty_log,
+    "readonly": scenario_readonly,
+    "host-events": scenario_host_events,
+}
+
+
+# --- one execution -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    scenario: str
+    config: str
+    policy: str
+    seed: int
+    ok: bool
+    invariant: str = ""
+    detail: str = ""
+    steps: int = 0
+    mutants: tuple[str, ...] = ()
+
+    def replay_command(self) -> str:
+        extra = "".join(f" --mutant {m}" for m in self.mutants)
+        return (f"mmu explore --scenario {self.scenario} --config {self.config} "
+                f"--policy {self.policy} --seed {self.seed} --schedules 1{extra}")
+
+
+def check_names(scenarios: list[str], configs: list[str]) -> None:
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise InvalidConfig("scenario", f"unknown scenario {s!r} (one of: "
+                                f"{', '.join(SCENARIOS)})")
+    for c in configs:
+        if c not in CONFIGURATIONS:
+            raise InvalidConfig("config", f"unknown configuration {c!r} (one of: "
+                                f"{', '.join(CONFIGURATIONS)})")
+
+
+def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
+                 mutant_names: tuple[str, ...] = (), audit_every_step: bool = True,
+                 trace: list | None = None) -> Outcome:
+    """Run one execution; returns its Outcome (never raises for a failure it can name)."""
+    check_names([scenario], [config])
+    with mutants.enabled(*mutant_names):
+        return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace)
+
+
+def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) -> Outcome:
+    vmconfig = VMConfig(seed=seed, policy=policy, params=CONFIGURATIONS[config])
+    rng = random.Random(f"{scenario}:{seed}")
+    run = SCENARIOS[scenario](vmconfig, rng)
+    vm = run.machine.vm
+    engine = vm.engine
+    engine.trace_enabled = trace is not None
+    vm.recorder = run.ref
+    outcome = dict(scenario=scenario, config=config, policy=policy, seed=seed,
+                   mutants=tuple(mutant_names))
+
+    def step() -> None:
+        violations = audit(vm)
+        if violations:
+            raise Failure(violations[0].invariant, violations[0].detail)
+
+    try:
+        try:
+            if audit_every_step:
+                engine.step_hook = step
+            for name, fn in run.tasks:
+                engine.spawn(name, fn)
+            run.machine.run_programs(run.programs)
+            engine.step_hook = None
+            step()
+            for check in run.final:
+                check()
+        finally:
+            steps = engine.steps
+            if trace is not None:
+                trace.extend(engine.trace)
+            vm.recorder = None
+            engine.step_hook = None
+            vm.destroy()
+        if vm.pt_pages_in_use():
+            raise Failure("teardown-leak", f"{vm.pt_pages_in_use()} MMU table page(s) left "
+                          "after destroy")
+    except Failure as exc:
+        return Outcome(ok=False, invariant=exc.invariant, detail=exc.detail, **outcome)
+    except MMUError as exc:
+        return Outcome(ok=False, invariant=type(exc).__name__, detail=str(exc), **outcome)
+    except Exception as exc:  # a crash in the model under some schedule is a finding too
+        return Outcome(ok=False, invariant="crash", detail=f"{type(exc).__name__}: {exc}",
+                       **outcome)
+    return Outcome(ok=True, steps=steps, **outcome)
+
+
+# --- many executions -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    scenario: str
+    config: str
+    policy: str
+    seed: int
+    mutants: tuple[str, ...] = ()
+
+
+def _run_job(job: Job) -> Outcome:
+    return run_schedule(job.scenario, job.config, job.policy, job.seed, mutant_names=job.mutants)
+
+
+def _run_chunk(jobs: list[Job]) -> list[Outcome]:
+    return [_run_job(j) for j in jobs]
+
+
+def plan(scenarios: list[str], configs: list[str], policy: str, seed: int, schedules: int,
+         mutant_names: tuple[str, ...] = ()) -> list[Job]:
+    check_names(scenarios, configs)
+    mutants.validate(mutant_names)
+    return [Job(s, c, policy, seed + i, tuple(mutant_names))
+            for s in scenarios for c in configs for i in range(schedules)]
+
+
+def explore(jobs: list[Job], workers: int = 1, scheduler: str | None = None,
+            stop_on_failure: bool = True, progress: Callable[[int, int], None] | None = None
+            ) -> list[Outcome]:
+    """Run jobs; the outcomes come back in job order whatever the split. With
+    `stop_on_failure`, the list ends at the first failing job (in job order)."""
+    chunk = max(1, min(16, len(jobs) // max(1, workers * 4)))
+    chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
+    results: list[Outcome] = []
+
+    def take(outs: list[Outcome]) -> bool:
+        results.extend(outs)
+        if progress:
+            progress(len(results), len(jobs))
+        return stop_on_failure and any(not o.ok for o in outs)
+
+    if scheduler:
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise InvalidConfig("scheduler", "a Dask scheduler needs the 'dask' extra: pip "
+                                "install 'kvm-mmu-model[dask]'") from None
+        with Client(scheduler) as client:
+            futures = client.map(_run_chunk, chunks, pure=False)
+            for fut in futures:
+                if take(fut.result()):
+                    client.cancel(futures)
+                    break
+    elif workers <= 1:
+        for c in chunks:
+            if take(_run_chunk(c)):
+                break
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_chunk, c) for c in chunks]
+            for fut in futures:
+                if take(fut.result()):
+                    for f in futures:
+                        f.cancel()
+                    break
+    if stop_on_failure:
+        for k, o in enumerate(results):
+            if not o.ok:
+                return results[: k + 1]
+    return results
+
+
+__all__ = ["SCENARIOS", "Failure", "Job", "Outcome", "Reference", "explore", "plan",
+           "run_schedule"]
