@@ -2,13 +2,63 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mmu_core.errors import InvalidConfig
 from mmu_core.params import Params
 from mmu_core.sim.cost import CostModel
+from mmu_core.sim.engine import (
+    DEFAULT_JITTER_NS,
+    DEFAULT_PCT_DEPTH,
+    DEFAULT_PCT_STEPS,
+    POLICIES,
+)
 
 PAGE = 4096
+
+
+class ScheduleFields(BaseModel):
+    """The engine's schedule policy and its parameters (docs/engine.md), shared by every
+    config that creates an engine. Each parameter is validated whatever the policy, so a bad
+    value is reported before the run that would have used it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    policy: str = Field("fifo", description="schedule policy: " + " | ".join(POLICIES))
+    jitter_ns: int = Field(DEFAULT_JITTER_NS, ge=0,
+                           description="random: widest reordering of due times, ns")
+    pct_depth: int = Field(DEFAULT_PCT_DEPTH, ge=1,
+                           description="pct: bug depth d (d - 1 priority change points)")
+    pct_steps: int = Field(DEFAULT_PCT_STEPS, ge=1,
+                           description="pct: change points are drawn from steps [1, pct_steps]")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown policy '{v}' (one of: {', '.join(POLICIES)})")
+        return v
+
+    @field_validator("pct_steps")
+    @classmethod
+    def _enough_steps(cls, v: int, info: ValidationInfo) -> int:
+        depth = info.data.get("pct_depth")  # absent if pct_depth itself was invalid
+        if depth is not None and v < depth - 1:
+            raise ValueError(f"must be at least pct_depth - 1 = {depth - 1}: each of the "
+                             f"{depth - 1} priority change points needs its own step")
+        return v
+
+    def engine_options(self) -> dict[str, object]:
+        """Keyword arguments for Engine(seed, cost, policy, **these)."""
+        return {"jitter_ns": self.jitter_ns, "pct_depth": self.pct_depth,
+                "pct_steps": self.pct_steps}
 
 
 class MemslotConfig(BaseModel):
@@ -32,8 +82,9 @@ class MemslotConfig(BaseModel):
         return v
 
 
-class VMConfig(BaseModel):
-    """What a VM is created with; `params` is the snapshot of the module parameters."""
+class VMConfig(ScheduleFields):
+    """What a VM is created with; `params` is the snapshot of the module parameters. The
+    engine's seed, policy and its parameters come with it (ScheduleFields)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     vcpus: int = Field(1, ge=1, le=4096)
@@ -41,7 +92,6 @@ class VMConfig(BaseModel):
     maxphyaddr: int = Field(46, ge=36, le=52)
     tlb_entries: int = Field(1024, ge=16)
     seed: int = 0
-    policy: str = Field("fifo", pattern="^(fifo|random)$")
     params: Params = Params()
     cost: CostModel = CostModel()
 

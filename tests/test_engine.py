@@ -1,7 +1,9 @@
 """The virtual-time engine and its primitives: determinism, accounting, lock and RCU semantics."""
 
 import gc
+import hashlib
 import re
+import signal
 import sys
 import time
 import traceback
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from mmu_core import InvalidConfig, VMConfig, validate
 from mmu_core.sim import (
     DEFAULT_COSTS,
     RCU,
@@ -69,7 +72,7 @@ def tie_workload(seed: int) -> list:
     return engine.trace
 
 
-@pytest.mark.parametrize("policy", ["fifo", "random"])
+@pytest.mark.parametrize("policy", ["fifo", "random", "pct"])
 def test_same_seed_and_policy_replay_the_identical_trace_and_stats(policy):
     trace1, stats1 = contention_workload(7, policy)
     trace2, stats2 = contention_workload(7, policy)
@@ -103,8 +106,385 @@ def test_fifo_breaks_ties_in_spawn_order():
 
 
 def test_unknown_policy_is_rejected_naming_the_allowed_ones():
-    with pytest.raises(ValueError, match="fifo, random"):
+    with pytest.raises(ValueError, match="fifo, random, pct"):
         Engine(0, policy="lottery")
+
+
+# --- schedule policies -------------------------------------------------------------------------------
+
+def test_fifo_replays_the_schedule_of_the_engine_before_policies_existed():
+    # Golden figures of contention_workload(7, "fifo") computed with the engine of commit
+    # 08e03ad (fifo with a zero tie-break): adding random jitter and pct must not move fifo.
+    trace, stats = contention_workload(7, "fifo")
+    digest = hashlib.sha256(repr(trace).encode()).hexdigest()
+    assert (len(trace), stats.now, stats.totals.switches, stats.totals.lock_wait_ns,
+            stats.totals.lock_contended) == (9060, 44815, 2577, 808401, 399)
+    assert digest == "3b5397705e18ba50592b026a76e622f34fd7951d406723de601f7fe312ef718a"
+
+
+def order_workload(seed: int, policy: str, **params) -> list[str]:
+    """Four tasks with no random decisions of their own, each stepping 10 ns at a time, so
+    only the schedule decides the order in which their steps run."""
+    engine = Engine(seed, policy=policy, **params)
+    order = []
+
+    def task(name):
+        for _ in range(6):
+            engine.delay(10)
+            order.append(name)
+
+    for name in "abcd":
+        engine.spawn(name, task, name)
+    engine.run()
+    return order
+
+
+def test_only_random_and_pct_interleavings_depend_on_the_seed():
+    fifo = {tuple(order_workload(seed, "fifo")) for seed in range(5)}
+    assert fifo == {tuple("abcd" * 6)}
+    for policy in ("random", "pct"):
+        assert order_workload(1, policy) == order_workload(1, policy)
+        orders = {tuple(order_workload(seed, policy)) for seed in range(5)}
+        assert len(orders) >= 4, policy
+    # The trace of a richer workload differs too (its tasks' own choices are seeded alike).
+    assert contention_workload(1, "pct")[0] != contention_workload(2, "pct")[0]
+
+
+def test_random_reorders_only_within_the_jitter():
+    """Steps more than jitter_ns apart keep their fifo order; with jitter 0, random is fifo."""
+    assert order_workload(3, "random", jitter_ns=0) == order_workload(0, "fifo")
+    engine = Engine(3, policy="random", jitter_ns=50)
+    log = []
+
+    def task(name, start):
+        engine.delay(start)
+        for _ in range(5):
+            log.append((engine.now, name))
+            engine.delay(1000)
+
+    engine.spawn("early", task, "early", 0)
+    engine.spawn("late", task, "late", 500)  # always 500 ns behind: never reordered
+    engine.run()
+    assert [name for _t, name in log] == ["early", "late"] * 5
+
+
+@pytest.mark.parametrize("policy", ["fifo", "random", "pct"])
+def test_virtual_time_is_monotone_and_a_delay_lasts_at_least_its_length(policy):
+    engine = Engine(5, policy=policy, trace=True)
+    lock = RWLock(engine, "l")
+    short = []
+
+    def worker():
+        rng = engine.rng
+        for _ in range(40):
+            ns = rng.randrange(0, 300)
+            before = engine.now
+            engine.delay(ns)
+            if engine.now - before < ns:
+                short.append((before, ns, engine.now))
+            if rng.random() < 0.3:
+                with lock.write():
+                    engine.atomic("xchg")
+
+    for i in range(6):
+        engine.spawn(f"w{i}", worker)
+    engine.run()
+    times = [t for t, *_ in engine.trace]
+    assert times == sorted(times)
+    assert short == []
+
+
+@pytest.mark.parametrize("policy", ["fifo", "random", "pct"])
+def test_a_run_paused_at_until_continues_exactly_as_one_run(policy):
+    whole = contention_workload(4, policy)[0]
+
+    engine_box = []
+    original = Engine.run
+
+    def run_in_three(self, until=None):
+        engine_box.append(self)
+        original(self, until=3_000)
+        original(self, until=9_000)
+        original(self)
+
+    Engine.run = run_in_three
+    try:
+        split = contention_workload(4, policy)[0]
+    finally:
+        Engine.run = original
+
+    def steps(trace):  # a pause adds "run" events (a resume), nothing else
+        return [e for e in trace if e[2] != "run"]
+
+    assert engine_box and len(split) > len(steps(split)) and steps(split) == steps(whole)
+
+
+def test_steps_count_every_switch_point():
+    engine = Engine(0)
+    lock = RWLock(engine, "l")
+    rcu = RCU(engine)
+    done = Completion(engine)
+
+    def t():
+        engine.delay(5)  # 1
+        engine.atomic("cmpxchg")  # 2
+        with lock.write():  # acquire 3, release 4
+            pass
+        with rcu.read():  # lock 5, unlock 6
+            pass
+        engine.yield_now()  # 7
+        done.wait("sleep")  # parks: 8
+
+    def waker():
+        engine.delay(1000)  # 9
+        done.complete()  # waking is no step of the waker
+
+    engine.spawn("t", t)
+    engine.spawn("waker", waker)
+    engine.run()
+    assert engine.steps == 9
+
+
+def check_then_act(seed: int, policy: str, **params) -> bool:
+    """Two deposits into one balance, each reading it, reaching one switch point, then
+    writing: a lost update needs the other task to run inside that one-step window (a bug
+    of depth 2). In virtual time the windows are 10 us apart, so no time-based schedule
+    overlaps them. Returns whether the update was lost."""
+    engine = Engine(seed, policy=policy, **params)
+    balance = [0]
+
+    def deposit(pace, amount):
+        for _ in range(10):
+            engine.delay(pace)
+        seen = balance[0]
+        engine.atomic("read")  # the window: one switch point between check and act
+        balance[0] = seen + amount
+        for _ in range(10):
+            engine.delay(pace)
+
+    engine.spawn("a", deposit, 10, 1)
+    engine.spawn("b", deposit, 1000, 2)
+    engine.run()
+    assert engine.steps == 42
+    return balance[0] != 3
+
+
+def test_pct_finds_a_depth_2_race_that_fifo_and_random_never_do():
+    assert not any(check_then_act(seed, "fifo") for seed in range(50))
+    assert not any(check_then_act(seed, "random") for seed in range(50))
+    found = [seed for seed in range(300) if check_then_act(seed, "pct", pct_steps=42)]
+    assert found, "pct never preempted a task inside its window"
+    assert check_then_act(found[0], "pct", pct_steps=42)  # the failing seed replays
+    # PCT's guarantee for a bug of depth d=2 with n=2 tasks and k=42 steps: each seed finds
+    # it with probability >= 1/(n k^(d-1)) = 1/84 (here exactly 1/42: one step of 42 is
+    # right). 1000 seeds at 1/84 expect 12.
+    hits = sum(check_then_act(seed, "pct", pct_depth=2, pct_steps=42) for seed in range(1000))
+    assert hits >= 1000 // 84
+
+
+def spin_until_set(seed: int, spin: str, **params) -> int:
+    """A waiter spins on a flag a setter raises after 50 ns; returns the waiter's spins."""
+    engine = Engine(seed, policy="pct", **params)
+    flag = [False]
+    spins = [0]
+
+    def waiter():
+        while not flag[0]:
+            spins[0] += 1
+            if spins[0] > 5_000:
+                raise RuntimeError("livelock")
+            if spin == "yield":
+                engine.yield_now()
+            else:
+                engine.delay(10)
+
+    def setter():
+        engine.delay(50)
+        flag[0] = True
+
+    engine.spawn("waiter", waiter)
+    engine.spawn("setter", setter)
+    engine.run()
+    return spins[0]
+
+
+def test_yield_now_keeps_a_spinning_task_from_starving_the_one_it_waits_for_under_pct():
+    livelocked = 0
+    for seed in range(20):
+        try:
+            spin_until_set(seed, "delay", pct_depth=1)
+        except RuntimeError as exc:
+            assert "livelock" in str(exc)
+            livelocked += 1
+    assert livelocked > 0  # strict priorities: a higher-priority spinner never lets go
+    for seed in range(20):
+        assert spin_until_set(seed, "yield", pct_depth=1) <= 2
+        assert spin_until_set(seed, "yield") <= 2  # with change points as well
+
+
+def test_yield_now_under_fifo_is_a_free_switch_point():
+    engine = Engine(0, cost=ZERO)
+    order = []
+
+    def t(name):
+        order.append((name, engine.now))
+        engine.yield_now()  # b, due now too, goes first
+        order.append((name, engine.now))
+
+    engine.spawn("a", t, "a")
+    engine.spawn("b", t, "b")
+    engine.run()
+    assert order == [("a", 0), ("b", 0), ("a", 0), ("b", 0)]
+    engine.yield_now()  # outside a task: nothing to yield to
+
+
+def test_pct_runs_the_highest_priority_task_ignoring_time_until_a_change_point():
+    def finish_order(seed, depth, steps):
+        engine = Engine(seed, policy="pct", pct_depth=depth, pct_steps=steps, trace=True)
+        done = []
+        for name in "abc":
+            engine.spawn(name, lambda n=name: ([engine.delay(100) for _ in range(5)],
+                                               done.append(n)))
+        engine.run()
+        prio = {t.name: t.priority for t in engine.tasks}
+        return engine, done, prio
+
+    for seed in range(5):
+        engine, done, prio = finish_order(seed, 1, 1)
+        # No change points: each task runs all its steps before the next one starts.
+        assert done == sorted("abc", key=lambda n: -prio[n])
+        runs = [name for _t, name, event, _d in engine.trace if event == "run"]
+        assert runs == done
+        assert engine.now == 3 * 500  # serialised: a task resumed late pays the latency
+    engine, done, prio = finish_order(0, 2, 3)
+    changed = [(name, d) for _t, name, event, d in engine.trace if event == "priority"]
+    assert len(changed) == 1 and changed[0][1] == 1  # drops to 1, below every initial one
+    assert changed[0][0] == done[-1]  # ... so it finishes last
+
+
+def test_schedule_parameters_are_validated_one_message_each():
+    for kw, field, needle in [
+        (dict(policy="lottery"), "policy", "fifo, random, pct"),
+        (dict(jitter_ns=-1), "jitter_ns", "greater than or equal to 0"),
+        (dict(pct_depth=0), "pct_depth", "greater than or equal to 1"),
+        (dict(pct_steps=0), "pct_steps", "greater than or equal to 1"),
+        (dict(pct_depth=5, pct_steps=3), "pct_steps", "at least pct_depth - 1 = 4"),
+    ]:
+        with pytest.raises(InvalidConfig) as exc:
+            validate(VMConfig, **kw)
+        assert exc.value.field == field and needle in exc.value.reason, (kw, exc.value)
+    for kw in (dict(jitter_ns=-1), dict(pct_depth=0), dict(pct_depth=3, pct_steps=1)):
+        with pytest.raises(ValueError):
+            Engine(0, **kw)
+    config = VMConfig(policy="pct", pct_depth=2, pct_steps=7, jitter_ns=9)
+    engine = Engine(1, policy=config.policy, **config.engine_options())
+    assert (engine.policy, engine.pct_depth, engine.pct_steps, engine.jitter_ns) == (
+        "pct", 2, 7, 9)
+
+
+# --- interrupts ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler, whatever the test runner installed."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_stops_the_run_at_the_next_switch_point_and_the_run_can_continue(default_sigint):
+    whole = contention_workload(2, "random")[0]
+    calls = [0]
+    original = Engine.atomic
+
+    def atomic(self, kind):
+        calls[0] += 1
+        if calls[0] == 77:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C were pressed right here
+        original(self, kind)
+
+    interrupted = []
+    original_run = Engine.run
+
+    def run(self, until=None):
+        try:
+            original_run(self)
+        except KeyboardInterrupt:
+            # Every task is parked at a switch point; nothing is half-done.
+            interrupted.append((self.current, [t.name for t in self.tasks if not t.finished]))
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            original_run(self)
+
+    Engine.atomic, Engine.run = atomic, run
+    try:
+        resumed = contention_workload(2, "random")[0]
+    finally:
+        Engine.atomic, Engine.run = original, original_run
+    assert len(interrupted) == 1 and interrupted[0][0] is None and interrupted[0][1]
+    assert resumed == whole
+
+
+def test_a_second_ctrl_c_raises_at_once_inside_the_task(default_sigint):
+    engine = Engine(0)
+    reached = []
+
+    def stuck():
+        engine.delay(5)
+        signal.raise_signal(signal.SIGINT)  # deferred to the next switch point ...
+        reached.append("after first")
+        signal.raise_signal(signal.SIGINT)  # ... but this one is not
+        reached.append("after second")
+
+    engine.spawn("stuck", stuck)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert reached == ["after first"]
+    engine.close()
+
+
+def test_close_after_a_task_died_holding_a_lock_and_inside_rcu_frees_both():
+    """A KeyboardInterrupt raised inside a task mid-release leaves the lock held by a dead
+    task; another task is parked inside an RCU read section. close() unwinds the parked one
+    and makes the locks and RCU forget both, so teardown can take the lock and barrier()."""
+    engine = Engine(0, cost=ZERO.model_copy(update={"rwlock_release": 5}))
+    lock = RWLock(engine, "mmu_lock")
+    rcu = RCU(engine)
+    freed = []
+    real_delay = engine.delay
+
+    def delay(ns, phase=None):
+        if engine.current is not None and engine.current.name == "holder" and ns == 5:
+            raise KeyboardInterrupt  # in the release's switch point: the lock stays held
+        real_delay(ns, phase)
+
+    engine.delay = delay
+
+    def holder():
+        with lock.write():
+            rcu.call_rcu(freed.append, "page")
+            engine.delay(10)
+
+    def reader():
+        with rcu.read():
+            engine.delay(1_000_000)
+
+    def waiter():
+        engine.delay(1)
+        with lock.read():
+            pass
+
+    engine.spawn("reader", reader)
+    engine.spawn("holder", holder)
+    engine.spawn("waiter", waiter)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert lock.writer is not None and rcu._readers and lock.contended
+    engine.close()
+    assert lock.writer is None and not lock.readers and not lock.contended
+    with lock.write():  # teardown code outside the engine takes it freely
+        pass
+    rcu.barrier()
+    assert freed == ["page"] and engine.wake(engine.tasks[0]) is False
 
 
 # --- accounting -------------------------------------------------------------------------------------

@@ -2,15 +2,25 @@
 
 Tasks (vCPUs, userfault handlers, the RCU worker) are ordinary sequential Python calling
 `delay()`, `block()`, `atomic()` and the primitives of sync.py. Each such call is a switch
-point: the calling task's clock advances and the engine resumes whichever task is due first.
-The scheduler is the greenlet that called `run()`; every task switches back to it, never to
-another task, so control flow is always scheduler -> task -> scheduler.
+point (a *step*): the calling task's clock advances and the engine resumes whichever task the
+schedule policy picks. The scheduler is the greenlet that called `run()`; every task switches
+back to it, never to another task, so control flow is always scheduler -> task -> scheduler.
 
-Runnable tasks wait in a heap ordered by (time, tie-break, sequence). The tie-break is 0 under
-"fifo" (ties go in scheduling order) and a draw from an RNG seeded by the engine's seed under
-"random", so a run replays exactly from (seed, policy). A task whose next wake time is before
-every queued one keeps running without a greenlet switch: the fast path that makes millions of
-switch points affordable.
+Runnable tasks wait in a heap of (key, sequence, due time, task). The policy decides the key:
+
+- "fifo": the due time. Ties go in scheduling order.
+- "random": the due time plus a seeded draw from [0, jitter_ns], so operations whose due
+  times lie within jitter_ns of each other run in a seed-dependent order.
+- "pct": minus the task's priority, ignoring time (probabilistic concurrency testing,
+  Burckhardt et al., ASPLOS 2010): tasks get random distinct priorities, the highest-priority
+  runnable task runs, and at pct_depth - 1 random steps in [1, pct_steps] the running task's
+  priority drops below every initial one.
+
+A popped task resumes at max(now, due): the clock never goes back, and a task that runs after
+its due time has just seen preemption latency. Everything random comes from streams seeded by
+the engine's seed, so (seed, policy, parameters) replays the same interleaving exactly. A
+task that would still be picked next keeps running without a greenlet switch: the fast path
+that makes millions of switch points affordable.
 
 Accounting per task is exclusive: waiting for a lock, else holding one, else the innermost
 phase ("other" by default). The categories always add up to the task's total time.
@@ -20,6 +30,9 @@ from __future__ import annotations
 
 import heapq
 import random
+import signal
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -29,7 +42,18 @@ import greenlet
 
 from mmu_core.sim.cost import CostModel
 
-POLICIES = ("fifo", "random")
+POLICIES = ("fifo", "random", "pct")
+_FIFO, _RANDOM, _PCT = range(3)
+#: random: the widest reordering, one contended cache-line transfer (cost.lock_handoff).
+#: Operations further apart keep their fifo order. Reordering costs preemption latency: on
+#: 8-vCPU demand paging 100 ns moves total time by <1% and lock wait by ~5% (200 ns: 2%, 17%)
+DEFAULT_JITTER_NS = 100
+#: pct: bugs of depth d need d - 1 priority changes at the right steps; 3 finds the classic
+#: depth-2 (ordering) and depth-3 races
+DEFAULT_PCT_DEPTH = 3
+#: pct: the change points are drawn from steps [1, pct_steps]; best set near engine.steps of a
+#: whole run (a run with more steps never changes priority after pct_steps)
+DEFAULT_PCT_STEPS = 10_000
 DEFAULT_PHASE = "other"
 _NO_LIMIT = 1 << 62  # "no `until`": far beyond any run, and an int so comparisons stay cheap
 
@@ -75,7 +99,7 @@ class Task:
         "engine", "name", "id", "daemon", "glet", "started", "finished", "result", "start",
         "end", "blocked", "waiting", "holding", "_mark", "_phases", "_stack", "lock_wait",
         "lock_held", "switches", "lock_acquires", "lock_contended", "atomics",
-        "cmpxchg_failures",
+        "cmpxchg_failures", "priority",
     )
 
     def __init__(self, engine: Engine, name: str, tid: int, daemon: bool) -> None:
@@ -102,6 +126,7 @@ class Task:
         self.lock_contended = 0
         self.atomics = 0
         self.cmpxchg_failures = 0
+        self.priority: float = 0.0  # pct only: the highest runnable priority runs
 
     def account(self) -> None:
         """Charge the time since the last change of category to the current category.
@@ -166,19 +191,51 @@ class _Phase:
 
 
 class Engine:
-    """The scheduler and virtual clock; see the module docstring."""
+    """The scheduler and virtual clock; see the module docstring.
+
+    Parameters beyond (seed, cost, policy, trace) only matter to their policy: `jitter_ns`
+    to "random", `pct_depth` and `pct_steps` to "pct". They are validated whatever the policy,
+    so a typo is caught before the run that would have used it.
+    """
 
     def __init__(self, seed: int, cost: CostModel | None = None, policy: str = "fifo",
-                 trace: bool = False) -> None:
+                 trace: bool = False, *, jitter_ns: int = DEFAULT_JITTER_NS,
+                 pct_depth: int = DEFAULT_PCT_DEPTH, pct_steps: int = DEFAULT_PCT_STEPS) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r} (one of: {', '.join(POLICIES)})")
+        if jitter_ns < 0:
+            raise ValueError(f"jitter_ns must be >= 0, not {jitter_ns}")
+        if pct_depth < 1:
+            raise ValueError(f"pct_depth must be >= 1, not {pct_depth}")
+        if pct_steps < max(1, pct_depth - 1):
+            raise ValueError(f"pct_steps must be >= max(1, pct_depth - 1) = "
+                             f"{max(1, pct_depth - 1)}, not {pct_steps}")
+        # Attribute count matters: CPython (3.11) keeps fast attribute access only for
+        # instances with at most 30 attributes, and delay() lives on it. Hence properties
+        # for the schedule parameters.
         self.seed = seed
         self.cost = cost if cost is not None else CostModel()
         self.policy = policy
+        self._pct_params = (pct_depth, pct_steps)
+        self._mode = POLICIES.index(policy)
         self.rng = random.Random(seed)  # for the tasks' own seeded decisions
-        # Tie-breaks draw from their own stream, so how often the engine schedules does not
+        # The schedule draws from its own stream, so how often the engine schedules does not
         # perturb the tasks' random decisions (and vice versa).
-        self._tie = random.Random(f"tie-break:{seed}") if policy == "random" else None
+        self._sched_rng = random.Random(f"{policy}:{seed}")
+        self._jitter_span = jitter_ns + 1  # int(random() * span) is uniform on [0, jitter_ns]
+        # pct: change point step -> the priority the running task drops to (1 .. d-1, below
+        # every initial priority, which lie in (d, d+1)); drawn up front, so they depend on
+        # the seed alone.
+        self._pct_changes: dict[int, int] = {}
+        if self._mode == _PCT:
+            points = self._sched_rng.sample(range(1, pct_steps + 1), pct_depth - 1)
+            self._pct_changes = {step: i + 1 for i, step in enumerate(points)}
+        self._pct_next = min(self._pct_changes, default=_NO_LIMIT)
+        self._pct_floor = 1.0  # below every priority handed out so far (yield_now goes under)
+        #: called in the scheduler each time a task hands control back (None: nothing);
+        #: an exception it raises stops run() as a task's would
+        self.step_hook: Callable[[], None] | None = None
+        self.steps = 0  # switch points passed by tasks so far: the unit of pct_steps
         self._atomic_ns = {"read": self.cost.atomic_read, "cmpxchg": self.cost.cmpxchg,
                            "xchg": self.cost.xchg}
         self.now = 0
@@ -186,14 +243,35 @@ class Engine:
         self.current: Task | None = None
         self.trace_enabled = trace
         self.trace: list[tuple[int, str, str, Any]] = []
-        self._queue: list[tuple[int, float, int, Task]] = []
+        self._queue: list[tuple[float, int, int, Task]] = []  # (key, seq, due time, task)
         self._seq = 0
         self._live = 0  # non-daemon tasks not yet finished
-        self._limit = _NO_LIMIT  # run(until): the fast path must not carry a task beyond it
+        self._until = _NO_LIMIT  # run(until): the scheduler pauses before a task due later
+        # Bound of delay()'s fast path: `until`, or -1 while something (close, an interrupt)
+        # needs every switch point to come back to the scheduler.
+        self._limit = _NO_LIMIT
+        self._interrupted = False  # SIGINT seen during run(): raise at the next switch point
         self._main: greenlet.greenlet | None = None
         self._running = False
         self._failed: BaseException | None = None
         self._closing = False  # close() was called: tasks are being (or have been) killed
+        # Primitives holding per-task state (locks, RCU), told to forget the tasks on close().
+        self._primitives: list[weakref.ref] = []
+
+    @property
+    def jitter_ns(self) -> int:
+        """random: the widest reordering, in ns (keys are due time + U[0, jitter_ns])."""
+        return self._jitter_span - 1
+
+    @property
+    def pct_depth(self) -> int:
+        """pct: the bug depth targeted; pct_depth - 1 priority change points."""
+        return self._pct_params[0]
+
+    @property
+    def pct_steps(self) -> int:
+        """pct: change points are drawn from steps [1, pct_steps]."""
+        return self._pct_params[1]
 
     # --- tasks ----------------------------------------------------------------------------------
     def spawn(self, name: str, fn: Callable[..., Any], *args: Any, daemon: bool = False,
@@ -202,6 +280,10 @@ class Engine:
         if self._closing:
             raise RuntimeError(f"spawn({name!r}) on a closed engine")
         task = Task(self, name, len(self.tasks), daemon)
+        if self._mode == _PCT:
+            # A uniform draw above pct_depth: a random distinct rank among all tasks, however
+            # many are spawned later (the paper's random permutation of d .. d+n-1).
+            task.priority = self.pct_depth + self._sched_rng.random()
 
         def body() -> None:
             task.result = fn(*args, **kwargs)
@@ -224,10 +306,36 @@ class Engine:
             self._record(task, "spawn", daemon)
         return task
 
+    def _key(self, task: Task, when: int) -> float:
+        """Where a task due at `when` goes in the run queue under the policy."""
+        mode = self._mode
+        if mode == _FIFO:
+            return when
+        if mode == _RANDOM:
+            return when + int(self._sched_rng.random() * self._jitter_span)
+        return -task.priority
+
     def _schedule(self, task: Task, when: int) -> None:
-        tie = self._tie.random() if self._tie is not None else 0.0
         self._seq += 1
-        heapq.heappush(self._queue, (when, tie, self._seq, task))
+        heapq.heappush(self._queue, (self._key(task, when), self._seq, when, task))
+
+    def _step(self, task: Task) -> None:
+        """Count a switch point of `task`; under pct, apply a priority change point."""
+        self.steps += 1
+        if self.steps == self._pct_next:
+            self._change_priority(task)
+
+    def _change_priority(self, task: Task) -> None:
+        """pct: step self.steps is a change point; the running task drops to its priority."""
+        task.priority = self._pct_changes[self.steps]
+        self._pct_floor = min(self._pct_floor, task.priority)
+        self._pct_next = min((s for s in self._pct_changes if s > self.steps), default=_NO_LIMIT)
+        if self.trace_enabled:
+            self._record(task, "priority", task.priority)
+
+    def _adopt(self, primitive: Any) -> None:
+        """Register a primitive whose `_forget_tasks()` close() must call (see sync.py)."""
+        self._primitives.append(weakref.ref(primitive))
 
     def _record(self, task: Task | None, event: str, detail: Any) -> None:
         self.trace.append((self.now, task.name if task is not None else "-", event, detail))
@@ -238,6 +346,12 @@ class Engine:
 
         Raises Deadlock if live tasks remain but nothing is scheduled. An exception raised in
         a task propagates from here unchanged, and the engine stays stopped.
+
+        Ctrl-C (SIGINT, when Python's default handler is installed and this is the main
+        thread) is deferred to the running task's next switch point: the task parks there and
+        run() raises KeyboardInterrupt with every task parked at a switch point, so the
+        engine can be closed cleanly (or run again: the schedule continues as if never
+        interrupted). A second Ctrl-C before then raises at once, wherever Python is.
         """
         if self._running:
             raise RuntimeError("Engine.run() is not reentrant")
@@ -249,20 +363,29 @@ class Engine:
         if until is not None and until < self.now:
             raise ValueError(f"until={until} is in the past (now={self.now})")
         main = self._main = greenlet.getcurrent()
-        self._limit = _NO_LIMIT if until is None else until
+        self._until = self._limit = _NO_LIMIT if until is None else until
         self._running = True
         queue = self._queue
+        old_handler = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while self._live:
+                if self._interrupted:
+                    raise KeyboardInterrupt
                 if not queue:
                     raise Deadlock([(t.name, t.blocked or "runnable") for t in self.tasks
                                     if not t.finished and not t.daemon])
-                when = queue[0][0]
-                if when > self._limit:
-                    self.now = self._limit
+                when = queue[0][2]
+                # Pause on the due time, not the key: whatever the policy, a run paused at
+                # `until` and continued then pops the same tasks at the same times.
+                if when > self._until:
+                    self.now = self._until
                     return
                 task = heapq.heappop(queue)[3]
-                self.now = when
+                if when > self.now:
+                    self.now = when
                 self.current = task
                 task.switches += 1
                 if not task.started:
@@ -274,13 +397,24 @@ class Engine:
                     self._record(task, "run", None)
                 try:
                     task.glet.switch()
+                    if self.step_hook is not None:
+                        self.step_hook()  # e.g. the invariant audit, between two steps
                 except BaseException as exc:
                     self._failed = exc
                     raise
         finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            self._interrupted = False
             self.current = None
             self._running = False
-            self._limit = _NO_LIMIT
+            self._until = self._limit = _NO_LIMIT
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt  # the second press, or tasks stuck between switch points
+        self._interrupted = True
+        self._limit = -1  # off the fast path: the running task's next switch point parks it
 
     def _yield(self) -> None:
         """Back to the scheduler; returns when the scheduler resumes this task."""
@@ -300,7 +434,10 @@ class Engine:
         frames reference the engine, so an engine with parked tasks (daemons at the end of a
         run, say) is never freed unless closed. Each task gets GreenletExit where it is parked;
         its finally blocks run (releasing locks, leaving RCU sections) but never switch.
-        Exceptions they raise are dropped: the engine is being torn down.
+        Exceptions they raise are dropped: the engine is being torn down. Then the locks and
+        RCU forget every task (a task killed between taking a lock and entering its `with`,
+        or one that died of an exception in the middle of a release, would otherwise hold it
+        forever), so teardown code can take them and run RCU callbacks.
         """
         if self._running:
             raise RuntimeError("Engine.close() inside run()")
@@ -318,6 +455,11 @@ class Engine:
                     pass  # a teardown error in a task being killed: nobody to report it to
         self.current = None
         self._queue.clear()
+        for ref in self._primitives:
+            primitive = ref()
+            if primitive is not None:
+                primitive._forget_tasks()
+        self._primitives.clear()
 
     def __enter__(self) -> Engine:
         return self
@@ -338,16 +480,55 @@ class Engine:
         if phase is not None:
             task.account()
             task._stack.append(phase)
+        self.steps += 1
         target = self.now + ns
+        if self._mode:  # random or pct; fifo's key is the due time itself
+            if self._mode == _RANDOM:
+                key = target + int(self._sched_rng.random() * self._jitter_span)
+            else:
+                if self.steps == self._pct_next:
+                    self._change_priority(task)
+                key = -task.priority
+        else:
+            key = target
         queue = self._queue
-        if (not queue or queue[0][0] > target) and target <= self._limit:
-            self.now = target  # the fast path: nobody is due before us, no switch
+        # The fast path: the caller would be popped next anyway (its key is below the head's),
+        # so it just moves the clock. Equal keys switch: the queued task was there first.
+        if (not queue or queue[0][0] > key) and target <= self._limit:
+            self.now = target
         elif not self._closing:  # (close() forces this branch: time stands still as it unwinds)
-            self._schedule(task, target)
+            self._seq += 1
+            heapq.heappush(queue, (key, self._seq, target, task))
             self._yield()
         if phase is not None:
             task.account()
             task._stack.pop()
+
+    def yield_now(self) -> None:
+        """A switch point for spin and retry loops: let the others run first.
+
+        Under pct the caller's priority drops below every other task's (as PCT
+        implementations treat yields): strict priorities would otherwise let a spinning task
+        starve, forever, the task it waits for. Under fifo and random it is delay(0): free,
+        and tasks due no later than the caller go first. A spin loop must still spend time
+        (fifo resumes the caller at once when nobody else is due yet).
+        """
+        task = self.current
+        if task is None:
+            return
+        if self._mode != _PCT:
+            self.delay(0)
+            return
+        if self.trace_enabled:
+            self._record(task, "yield", None)
+        self._step(task)
+        self._pct_floor -= 1
+        task.priority = self._pct_floor
+        queue = self._queue
+        if (queue or self._interrupted) and not self._closing:
+            self._seq += 1
+            heapq.heappush(queue, (-task.priority, self._seq, self.now, task))
+            self._yield()
 
     def block(self, phase: str) -> None:
         """Park the current task until wake(); the time parked goes to `phase`."""
@@ -361,6 +542,7 @@ class Engine:
         task.blocked = why
         if self.trace_enabled:
             self._record(task, "block", why)
+        self._step(task)
         self._yield()
 
     def wake(self, task: Task, after: int = 0) -> bool:
@@ -368,13 +550,15 @@ class Engine:
 
         Tasks waiting for a lock are not woken this way: only the lock hands itself over.
         """
-        if task.blocked is None or task.waiting or task.finished:
+        if task.blocked is None or task.waiting or task.finished or self._closing:
             return False
         self._wake(task, after)
         return True
 
     def _wake(self, task: Task, after: int) -> None:
         task.blocked = None
+        if self._closing:
+            return  # teardown: nothing will run again
         if self.trace_enabled:
             self._record(task, "wake", after)
         self._schedule(task, self.now + after)

@@ -56,6 +56,20 @@ class _QueuedLock:
         self._write_ns = write_ns
         self._release_ns = release_ns
         self._handoff_ns = engine.cost.lock_handoff
+        engine._adopt(self)
+
+    def _forget_tasks(self) -> None:
+        """Engine.close(): every task is dead, so drop them as holders and waiters.
+
+        Holders outside any task (None: setup or teardown code) stay.
+        """
+        for task in [t for t in self.readers if t is not None]:
+            del self.readers[task]
+        if self._write_held and self.writer is not None:
+            self.writer = None
+            self._write_held = False
+        self._queue.clear()
+        self._last = None
 
     def _free_for(self, write: bool) -> bool:
         # Nobody queued also means no writer queued ahead of a reader: that is the fairness.
@@ -143,6 +157,11 @@ class _QueuedLock:
             after = self._handoff_ns if self._last is not None and self._last is not task else 0
             self._grant(task, write)
             self.engine._wake(task, after)
+
+    @property
+    def write_held(self) -> bool:
+        """Whether any task holds the lock for write."""
+        return self._write_held
 
     @property
     def contended(self) -> bool:
@@ -305,6 +324,14 @@ class RCU:
         self._worker: Task | None = None
         self._guard = _Guard(self.read_lock, self.read_unlock)
         self.callbacks_run = 0
+        engine._adopt(self)
+
+    def _forget_tasks(self) -> None:
+        """Engine.close(): readers that were tasks are dead and will never leave; forget them
+        so that barrier() can run the callbacks at teardown. The worker is gone too."""
+        for task in [t for t in self._readers if t is not None]:
+            del self._readers[task]
+        self._worker = None
 
     # --- readers ------------------------------------------------------------------------------
     def read_lock(self) -> None:
