@@ -45,6 +45,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mmu_core import mutants
 from mmu_core.errors import InvalidConfig, MMUError
 from mmu_core.host.memory import HostMemory, Purpose
 from mmu_core.sim.cost import DEFAULT_COSTS, CostModel
@@ -175,6 +176,8 @@ class HostMM:
         self.hva_writable = np.zeros(0, dtype=np.bool_)
         self.hva_swapped = np.zeros(0, dtype=np.bool_)
         self.notifiers: list[MMUNotifier] = []
+        # told (hva index lo, hi) when unmap discards pages' contents: reference models
+        self.discard_listeners: list = []
         self._uffds: list[tuple[int, int, object]] = []  # (start, end, Userfaultfd)
         self._swap: dict[int, SwapEntry] = {}  # hva index -> the swapped-out contents
         # Frames mapped by more than one hva (KSM): pfn -> the hva indices mapping it. The
@@ -337,7 +340,8 @@ class HostMM:
             if self.userfault_of(hva) is not None:
                 return NO_PFN
             self._delay(self.cost.host_page_alloc)
-            if self.is_missing(hva):  # populated (or swapped) by a racing task meanwhile?
+            # populated (or swapped) by a racing task meanwhile?
+            if self.is_missing(hva) or mutants.on("populate-no-recheck"):
                 self.populate(hva)
 
     def _swap_in(self, i: int) -> int:
@@ -489,6 +493,8 @@ class HostMM:
                     self._split_locked(i)
             with self._invalidate([(start, end)], event):
                 self._drop(self.index(start), self.index(end))
+                for listener in self.discard_listeners:
+                    listener(self.index(start), self.index(end))  # contents gone from now on
 
     def madvise_dontneed(self, hva: int, size: int) -> None:
         self.unmap(hva, size, event="madvise_dontneed")
