@@ -18,8 +18,8 @@ a 2-D walk and the shadow tables in a 1-D walk over them. A walk starts below th
 non-leaf entry with the permissions accumulated down to it and reads only the levels below.
 Reserved bits and misconfigurations of cached levels are not checked again (only valid entries
 are cached, SDM 4.10.3.1), and an entry is cached only once the accessed flags are 1 in it and
-every entry above it, so starting from the cache sets exactly the A/D bits a full walk would. The guest's own tables
-in a 2-D walk are not cached.
+every entry above it, so starting from the cache sets exactly the A/D bits a full walk would.
+The guest's own tables in a 2-D walk are not cached.
 """
 
 from __future__ import annotations
