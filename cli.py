@@ -1,7 +1,8 @@
 """The `mmu` command: run VMs on a chosen MMU backend and compare configurations.
 
 Thin by design: it parses, calls mmu_core, and renders. Bad input prints one line naming the
-problem and exits 2; a parity failure in `compare` exits 1.
+problem and exits 2; a parity failure in `compare` exits 1; Ctrl-C prints one line and exits
+130 (the engine stops at a switch point and the VM is torn down cleanly).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import mmu_core
 from mmu_core import InvalidConfig, MMUError, Params, load_params
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.report.models import CompareReport, DemandPagingReport
+from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A pluggable model of the Linux KVM x86 MMU.")
@@ -86,17 +88,27 @@ BackingOpt = Annotated[str, typer.Option("-s", "--backing", help="anon | thp | h
 ModeOpt = Annotated[str, typer.Option("--mode", help="guest paging: 4level 5level pae 32bit none")]
 UffdOpt = Annotated[bool, typer.Option("--uffd/--no-uffd", help="serve faults with userfaultfd")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed: runs are reproducible from it")]
+PolicyOpt = Annotated[str, typer.Option("--policy", help="schedule: fifo | random | pct")]
+JitterOpt = Annotated[int, typer.Option("--jitter-ns", help="random: widest reordering, ns")]
+PctDepthOpt = Annotated[int, typer.Option("--pct-depth", help="pct: bug depth (change points + 1)")]
+PctStepsOpt = Annotated[int, typer.Option(
+    "--pct-steps", help="pct: change points fall in steps [1, N]; the report gives a run's steps")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the full report as JSON")]
 
 
-def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed):
+def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule):
     from mmu_core.workloads.demand_paging import DemandPagingOptions
 
     size = parse_size(bytes_per_vcpu)
     return mmu_core.validate(
         DemandPagingOptions, vcpus=vcpus, bytes_per_vcpu=size, uffd=uffd,
-        uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed,
+        uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed, **schedule,
     )
+
+
+def _schedule(policy, jitter_ns, pct_depth, pct_steps) -> dict:
+    return {"policy": policy, "jitter_ns": jitter_ns, "pct_depth": pct_depth,
+            "pct_steps": pct_steps}
 
 
 def _run_one(opts, params: Params, label: str) -> DemandPagingReport:
@@ -120,13 +132,18 @@ def run_demand_paging(
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
     seed: SeedOpt = 0,
+    policy: PolicyOpt = "fifo",
+    jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
+    pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
+    pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
     backend: Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")] = None,
     ept: Annotated[bool | None, typer.Option("--ept/--no-ept", help="two-dimensional paging")] = None,
     config: ConfigOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
-    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed)
+    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps))
     params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
     report = _run_one(opts, params, "run")
     if json:
@@ -144,10 +161,15 @@ def compare_demand_paging(
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
     seed: SeedOpt = 0,
+    policy: PolicyOpt = "fifo",
+    jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
+    pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
+    pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
     json: JsonOpt = False,
 ) -> None:
-    """The same workload and seed on tdp, legacy and shadow paging, side by side."""
-    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed)
+    """The same workload, seed and schedule on tdp, legacy and shadow paging, side by side."""
+    opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps))
     reports = [_run_one(opts, p, name) for name, p in CONFIGURATIONS.items()]
     identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
     cmp = CompareReport(workload="demand-paging", runs=reports, identical=identical)
@@ -164,6 +186,21 @@ def compare_demand_paging(
         raise typer.Exit(1)
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and not n % (1 << shift):
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def _policy(s) -> str:
+    if s.policy == "random":
+        return f"random (jitter {s.jitter_ns} ns)"
+    if s.policy == "pct":
+        return f"pct (depth {s.pct_depth}, {s.pct_steps:,} steps)"
+    return s.policy
+
+
 def _ms(ns: int) -> str:
     return f"{ns / 1e6:,.3f} ms"
 
@@ -178,8 +215,9 @@ def _pct(x: float) -> str:
 
 def _render(reports: list[DemandPagingReport]) -> None:
     r0 = reports[0]
-    out.print(f"demand-paging: {r0.vcpus} vCPUs x {r0.bytes_per_vcpu >> 20} MiB, {r0.backing}, "
-              f"guest {r0.paging_mode}, uffd={'on' if r0.uffd else 'off'}, seed {r0.seed}")
+    out.print(f"demand-paging: {r0.vcpus} vCPUs x {_size(r0.bytes_per_vcpu)}, {r0.backing}, "
+              f"guest {r0.paging_mode}, uffd={'on' if r0.uffd else 'off'}, seed {r0.seed}, "
+              f"schedule {_policy(r0.schedule)}")
     table = Table("", *[r.configuration for r in reports])
 
     def row(label, fn):
@@ -209,25 +247,83 @@ def _render(reports: list[DemandPagingReport]) -> None:
     row("MMU memory / guest", lambda r: f"{_pct(r.memory.page_table_share)} tables + "
         f"{_pct(r.memory.metadata_share)} metadata")
     row("guest digest", lambda r: r.digest[:16])
-    row("wall time", lambda r: f"{r.wall_seconds:.2f} s")
-    row("simulated faults / wall s", lambda r: f"{r.sim_faults_per_wall_sec:,.0f}")
+    row("schedule steps", lambda r: f"{r.schedule.steps:,}")
+    row("wall time", lambda r: f"{r.wall.seconds:.2f} s")
+    row("simulated faults / wall s", lambda r: f"{r.wall.sim_faults_per_sec:,.0f}")
     out.print(table)
 
 
+@app.command()
+def explore(
+    scenario: Annotated[list[str] | None, typer.Option(
+        "--scenario", help="scenario (repeat; default: all)")] = None,
+    config: Annotated[list[str] | None, typer.Option(
+        "--config", help="tdp | legacy | shadow (repeat; default: all three)")] = None,
+    policy: Annotated[str, typer.Option("--policy", help="random | pct | fifo")] = "pct",
+    seed: Annotated[int, typer.Option("--seed", help="first schedule's seed")] = 0,
+    schedules: Annotated[int, typer.Option("--schedules", "-n",
+                                           help="schedules per scenario and configuration")] = 100,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="local worker processes")] = 0,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="a Dask distributed scheduler address (optional extra)")] = None,
+    mutant: Annotated[list[str] | None, typer.Option(
+        "--mutant", help="switch a seeded protocol bug on (repeat)")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="with one schedule: print the "
+                                        "interleaving's last 60 events")] = False,
+) -> None:
+    """Run schedules of concurrent scenarios with the audit after every step and the
+    reference model; exit 1 on the first failure, with the command that replays it."""
+    import os
+
+    from mmu_core.testing.explore import SCENARIOS, explore as run_all, plan, run_schedule
+
+    if schedules < 1:
+        raise InvalidConfig("--schedules", "must be at least 1")
+    if policy not in ("fifo", "random", "pct"):
+        raise InvalidConfig("--policy", f"unknown policy '{policy}' (fifo, random, pct)")
+    jobs_plan = plan(scenario or list(SCENARIOS), config or list(CONFIGURATIONS), policy, seed,
+                     schedules, tuple(mutant or ()))
+    if trace and len(jobs_plan) == 1:
+        events: list = []
+        j = jobs_plan[0]
+        outcome = run_schedule(j.scenario, j.config, j.policy, j.seed, mutant_names=j.mutants,
+                               trace=events)
+        for when, task, what, detail in events[-60:]:
+            out.print(f"{when:>12} {task:<10} {what:<16} {detail if detail is not None else ''}",
+                      highlight=False)
+        outcomes = [outcome]
+    else:
+        workers = jobs or (os.cpu_count() or 1)
+        outcomes = run_all(jobs_plan, workers=workers, scheduler=scheduler)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        o = failed[0]
+        out.print(f"FAIL {o.scenario}/{o.config} {o.policy} seed {o.seed}: {o.invariant}: "
+                  f"{o.detail}\n  replay: {o.replay_command()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"{len(outcomes)} schedules passed ({len(set(o.scenario for o in outcomes))} "
+              f"scenarios x {len(set(o.config for o in outcomes))} configurations, {policy})")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: typer, with every usage or input error reduced to one line and exit 2."""
+    """Entry point: typer, with every usage or input error reduced to one line and exit 2,
+    and Ctrl-C to one line and exit 130."""
     try:
         code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except _USAGE_ERRORS as exc:
         err.print(f"mmu: error: {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except MMUError as exc:
         err.print(f"mmu: error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    if code == 130:
+        # typer turns a KeyboardInterrupt inside a command into exit code 130; no command
+        # returns 130 itself. The run was already torn down on the way out (VM.destroy).
+        err.print("mmu: interrupted", highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -34,8 +34,9 @@ def main() -> None:
         for name, extra in CONFIGS.items():
             r = run(vcpus, size, extra, args.seed)
             faults = sum(r["faults"].values())
-            print(f"{point:>8} {name:>7} {faults:>8} {r['wall_seconds']:>7.2f} "
-                  f"{r['sim_faults_per_wall_sec']:>9,.0f} {r['peak_rss_bytes'] / 2**20:>7.0f}Mi "
+            wall = r["wall"]
+            print(f"{point:>8} {name:>7} {faults:>8} {wall['seconds']:>7.2f} "
+                  f"{wall['sim_faults_per_sec']:>9,.0f} {wall['peak_rss_bytes'] / 2**20:>7.0f}Mi "
                   f"{100 * r['lock_wait_share']:>8.1f}% {r['pages_per_sec']:>13,.0f}",
                   flush=True)
 

@@ -1,7 +1,13 @@
-"""The demand-paging workload end to end, on each configuration."""
+"""The demand-paging workload end to end, on each configuration, under each schedule policy,
+and interrupted at any switch point."""
+
+import gc
+import signal
+import weakref
 
 import pytest
 
+import mmu_core.workloads.demand_paging as dp
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
 
@@ -82,3 +88,125 @@ def test_hugetlb_with_userfault_copies_whole_1g_pages_and_maps_them_at_1g(name):
     opts = DemandPagingOptions(vcpus=1, bytes_per_vcpu=1 << 30, backing="hugetlb")
     r = run_demand_paging(opts, CONFIGURATIONS[name])
     assert (r.verified, r.mappings_by_level["1G"]) == (True, 1)
+
+
+# --- schedule policies ---------------------------------------------------------------------------
+
+def test_same_policy_and_seed_give_the_same_report_apart_from_wall_clock():
+    for policy in ("random", "pct"):
+        opts = DemandPagingOptions(vcpus=4, bytes_per_vcpu=256 << 10, seed=1, policy=policy)
+        a = run_demand_paging(opts, CONFIGURATIONS["tdp"]).model_dump(exclude={"wall"})
+        b = run_demand_paging(opts, CONFIGURATIONS["tdp"]).model_dump(exclude={"wall"})
+        assert a == b, policy
+        assert a["schedule"]["policy"] == policy and a["schedule"]["steps"] > 1000
+
+
+def test_random_seeds_change_interleaving_dependent_figures_but_not_the_guest_view():
+    def run(seed, policy="random"):
+        opts = DemandPagingOptions(vcpus=4, bytes_per_vcpu=256 << 10, seed=seed, policy=policy)
+        return run_demand_paging(opts, CONFIGURATIONS["legacy"])
+
+    one, two, fifo = run(1), run(2), run(1, "fifo")
+    assert [v.time for v in one.per_vcpu] != [v.time for v in two.per_vcpu]
+    assert one.time.lock_wait_ns != two.time.lock_wait_ns
+    assert one.digest == two.digest == fifo.digest
+    assert (one.schedule.jitter_ns, one.schedule.pct_depth) == (100, None)
+    # The jitter costs some preemption latency, not much (docs/engine.md).
+    assert fifo.total_time_ns <= one.total_time_ns < 1.05 * fifo.total_time_ns
+
+
+@pytest.mark.parametrize("name", ["tdp", "legacy", "shadow"])
+def test_pct_schedules_run_every_configuration_to_the_same_guest_view(name):
+    fifo = run_demand_paging(DemandPagingOptions(vcpus=3, bytes_per_vcpu=128 << 10),
+                             CONFIGURATIONS[name])
+    for seed in range(3):
+        opts = DemandPagingOptions(vcpus=3, bytes_per_vcpu=128 << 10, seed=seed, policy="pct",
+                                   pct_steps=5_000)
+        r = run_demand_paging(opts, CONFIGURATIONS[name])
+        assert r.verified and r.digest == fifo.digest
+        assert (r.schedule.pct_depth, r.schedule.pct_steps, r.schedule.jitter_ns) == (
+            3, 5_000, None)
+
+
+# --- interrupted runs ------------------------------------------------------------------------------
+
+def interrupted_run(name: str, n: int, how: str, uffd: bool = True) -> dict:
+    """Run a small demand-paging workload and interrupt it at the n-th switch point a task
+    passes: `raise` throws KeyboardInterrupt right there, inside the task (possibly inside an
+    RCU read section, holding the MMU lock, or queued for it); `signal` delivers a real SIGINT
+    there, which the engine defers to the next switch point. The workload's own `finally`
+    destroys the VM; returns what that left behind."""
+    box = {}
+    real_build = dp.build_machine
+
+    def build(spec, config):
+        machine = real_build(spec, config)
+        vm = machine.vm
+        engine = vm.engine
+        real_delay = engine.delay
+        count = [0]
+
+        def delay(ns, phase=None):
+            if engine.current is not None:
+                count[0] += 1
+                if count[0] == n:
+                    box["inside_rcu"] = bool(vm.rcu._readers)
+                    lock = vm.mmu_lock
+                    box["lock_busy"] = bool(lock.readers or lock.writer or lock.contended)
+                    if how == "raise":
+                        raise KeyboardInterrupt
+                    signal.raise_signal(signal.SIGINT)
+            real_delay(ns, phase)
+
+        engine.delay = delay
+        box["vm"] = weakref.ref(vm)
+        box["count"] = count
+        return machine
+
+    dp.build_machine = build
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        opts = DemandPagingOptions(vcpus=3, bytes_per_vcpu=64 << 10, uffd=uffd)
+        run_demand_paging(opts, CONFIGURATIONS[name])
+        box["outcome"] = "completed"
+    except KeyboardInterrupt:
+        box["outcome"] = "interrupted"
+    finally:
+        dp.build_machine = real_build
+        signal.signal(signal.SIGINT, old_handler)
+    vm = box["vm"]()
+    lock = vm.mmu_lock
+    box.update(
+        switch_points=box["count"][0], pt_pages=vm.pt_pages_in_use(), closed=vm.engine.closed,
+        lock_free=not (lock.readers or lock.writer or lock.contended),
+        rcu_idle=not vm.rcu._readers and vm.rcu.pending == 0)
+    return box
+
+
+@pytest.mark.parametrize("name", ["tdp", "legacy", "shadow"])
+def test_ctrl_c_at_any_switch_point_leaves_a_vm_that_destroy_tears_down_cleanly(name):
+    total = interrupted_run(name, 0, "raise")["switch_points"]
+    assert total > 300
+    seen = {"inside_rcu": 0, "lock_busy": 0}
+    # Every switch point of the first hundred (tables are being linked, roots loaded), then
+    # a spread over the rest of the run.
+    points = list(range(1, 100)) + list(range(100, total, total // 40))
+    for n in points:
+        left = interrupted_run(name, n, "raise" if n % 4 else "signal")
+        # No exception from destroy (it would have replaced the KeyboardInterrupt), every
+        # page-table page freed, the engine closed, no lock holder or RCU reader left.
+        assert (left["outcome"], left["pt_pages"], left["closed"], left["lock_free"],
+                left["rcu_idle"]) == ("interrupted", 0, True, True, True), (n, left)
+        for key in seen:
+            seen[key] += left[key]
+    assert seen["lock_busy"] > 10
+    if name == "tdp":  # only the TDP MMU faults inside RCU read sections
+        assert seen["inside_rcu"] > 10
+
+
+def test_an_interrupted_vm_is_freed_and_an_uninterrupted_one_completes():
+    left = interrupted_run("tdp", 150, "raise", uffd=False)
+    gc.collect()
+    assert left["outcome"] == "interrupted" and left["vm"]() is None
+    left = interrupted_run("tdp", 10**9, "raise", uffd=False)
+    assert (left["outcome"], left["pt_pages"]) == ("completed", 0)

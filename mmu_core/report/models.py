@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `schedule` added; wall-clock figures grouped under `wall`
 
 
 class Frozen(BaseModel):
@@ -46,6 +46,27 @@ class MemoryFigures(Frozen):
     metadata_share: float
 
 
+class ScheduleFigures(Frozen):
+    """How the engine interleaved the tasks: (seed, policy, parameters) replay it exactly.
+    Parameters of other policies are None."""
+
+    policy: str  # fifo | random | pct
+    seed: int
+    jitter_ns: int | None  # random
+    pct_depth: int | None  # pct
+    pct_steps: int | None  # pct
+    steps: int  # switch points passed in the run: what pct_steps should be near
+
+
+class WallClock(Frozen):
+    """The only figures that differ between two runs of the same schedule: the simulation's
+    own cost on this machine (strip `wall` from the JSON to compare runs)."""
+
+    seconds: float
+    sim_faults_per_sec: float
+    peak_rss_bytes: int
+
+
 class DemandPagingReport(Frozen):
     schema_version: int = SCHEMA_VERSION
     workload: str = "demand-paging"
@@ -53,6 +74,7 @@ class DemandPagingReport(Frozen):
     params: dict[str, str]
     backend: str
     seed: int
+    schedule: ScheduleFigures
     vcpus: int
     bytes_per_vcpu: int
     backing: str
@@ -74,9 +96,7 @@ class DemandPagingReport(Frozen):
     tlb_flushes: int
     memory: MemoryFigures
     digest: str
-    wall_seconds: float
-    sim_faults_per_wall_sec: float
-    peak_rss_bytes: int
+    wall: WallClock
 
 
 class CompareReport(Frozen):

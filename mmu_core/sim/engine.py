@@ -198,6 +198,17 @@ class Engine:
     so a typo is caught before the run that would have used it.
     """
 
+    # Slots keep attribute access on the hot paths (delay, the scheduler loop) fast however
+    # many attributes the engine grows: CPython 3.11 slows every access down once an
+    # instance's __dict__ holds 30 keys. __dict__ stays for anything else (tests wrap delay).
+    __slots__ = (
+        "seed", "cost", "policy", "_pct_params", "_mode", "rng", "_sched_rng", "_jitter_span",
+        "_pct_changes", "_pct_next", "_pct_floor", "steps", "_atomic_ns", "now", "tasks",
+        "current", "trace_enabled", "trace", "_queue", "_seq", "_live", "_until", "_limit",
+        "_interrupted", "_main", "_running", "_failed", "_closing", "_primitives",
+        "step_hook", "__dict__", "__weakref__",
+    )
+
     def __init__(self, seed: int, cost: CostModel | None = None, policy: str = "fifo",
                  trace: bool = False, *, jitter_ns: int = DEFAULT_JITTER_NS,
                  pct_depth: int = DEFAULT_PCT_DEPTH, pct_steps: int = DEFAULT_PCT_STEPS) -> None:
@@ -210,9 +221,6 @@ class Engine:
         if pct_steps < max(1, pct_depth - 1):
             raise ValueError(f"pct_steps must be >= max(1, pct_depth - 1) = "
                              f"{max(1, pct_depth - 1)}, not {pct_steps}")
-        # Attribute count matters: CPython (3.11) keeps fast attribute access only for
-        # instances with at most 30 attributes, and delay() lives on it. Hence properties
-        # for the schedule parameters.
         self.seed = seed
         self.cost = cost if cost is not None else CostModel()
         self.policy = policy

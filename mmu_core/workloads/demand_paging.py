@@ -16,15 +16,22 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from mmu_core.arch.x86 import paging as P
-from mmu_core.config import VMConfig
+from mmu_core.config import ScheduleFields, VMConfig
 from mmu_core.errors import InvalidConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name
-from mmu_core.report.models import DemandPagingReport, MemoryFigures, TimeSplit, VcpuFigures
+from mmu_core.report.models import (
+    DemandPagingReport,
+    MemoryFigures,
+    ScheduleFigures,
+    TimeSplit,
+    VcpuFigures,
+    WallClock,
+)
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 
@@ -33,7 +40,10 @@ PROGRESS_CHUNKS = 32  # progress reports per vCPU
 BACKING_PAGE = {"anon": 4096, "thp": 2 << 20, "hugetlb": 1 << 30}
 
 
-class DemandPagingOptions(BaseModel):
+class DemandPagingOptions(ScheduleFields):
+    """The selftest's options, plus the engine's seed, schedule policy and its parameters
+    (ScheduleFields), which go to the VM config unchanged."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     vcpus: int = Field(1, ge=1, le=1024, description="-v: number of vCPUs")
     bytes_per_vcpu: int = Field(64 << 20, gt=0, description="-b: memory per vCPU")
@@ -111,7 +121,8 @@ def run_demand_paging(
     wall0 = time.perf_counter()
     spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.vcpus * opts.bytes_per_vcpu,
                        backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd)
-    config = VMConfig(vcpus=opts.vcpus, seed=opts.seed, params=params, cost=cost or CostModel())
+    config = VMConfig(vcpus=opts.vcpus, seed=opts.seed, params=params, cost=cost or CostModel(),
+                      policy=opts.policy, **opts.engine_options())
     machine = build_machine(spec, config)
     vm = machine.vm
     try:
@@ -162,6 +173,7 @@ def run_demand_paging(
         guest_bytes = spec.data_size
         digest = guest_digest(vm, results)
         cmpxchg_failures = sum(t.statistics().cmpxchg_failures for t in tasks)
+        steps = vm.engine.steps
     finally:
         vm.destroy()
     wall = time.perf_counter() - wall0
@@ -171,6 +183,12 @@ def run_demand_paging(
         params={"ept": str(params.ept).lower(), "backend": params.backend},
         backend=vm.backend_name,
         seed=opts.seed,
+        schedule=ScheduleFigures(
+            policy=opts.policy, seed=opts.seed,
+            jitter_ns=opts.jitter_ns if opts.policy == "random" else None,
+            pct_depth=opts.pct_depth if opts.policy == "pct" else None,
+            pct_steps=opts.pct_steps if opts.policy == "pct" else None,
+            steps=steps),
         vcpus=opts.vcpus,
         bytes_per_vcpu=opts.bytes_per_vcpu,
         backing=opts.backing,
@@ -203,7 +221,8 @@ def run_demand_paging(
             metadata_share=mem.metadata_bytes / guest_bytes,
         ),
         digest=digest,
-        wall_seconds=wall,
-        sim_faults_per_wall_sec=nfaults / wall if wall else 0.0,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        wall=WallClock(
+            seconds=wall,
+            sim_faults_per_sec=nfaults / wall if wall else 0.0,
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
     )
