@@ -24,7 +24,7 @@ from mmu_core import VMConfig
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
-from mmu_core.guest.machine import DATA_GPA, build_machine
+from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.host.memory import HostMemory
 from mmu_core.hw import cpu as C
@@ -429,3 +429,21 @@ def test_parity_still_holds_with_the_caches():
     res = runs["tdp"][1][0]
     assert res[5, C.RES_VECTOR] == EC.PF_VECTOR  # the PDE made the region read-only for users
     assert res[6, C.RES_VALUE] == 5
+
+
+def test_a_huge_page_that_replaces_a_table_is_followed_by_a_flush():
+    """Dirty logging maps a THP-backed region with 4 KiB pages; once logging stops, a fault maps
+    the whole 2 MiB page over the table. Without a flush the vCPU's cached PDE still leads to the
+    old table, whose entry for a page never touched is empty: the fault repeats forever (the
+    legacy MMU did this before it flushed there, as KVM's mmu_set_spte does)."""
+    spec = spec_for(P.MODE_4LEVEL, log_dirty=True, backing="thp")
+    spec.data_size = 2 << 20
+    for name, params in CONFIGURATIONS.items():
+        m = build_machine(spec, VMConfig(params=params))
+        try:
+            run(m, Program().write(data_gva(0), 5).read(data_gva(1)))
+            m.vm.set_dirty_logging(0, DATA_SLOT, False)
+            res = run(m, Program().read(data_gva(0)).write(data_gva(2), 7).read(data_gva(2)))
+            assert res[:, C.RES_VALUE].tolist() == [5, 0, 7], name
+        finally:
+            m.vm.destroy()

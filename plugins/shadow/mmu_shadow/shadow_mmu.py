@@ -376,6 +376,8 @@ class ShadowMMU:
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
             if S.is_shadow_present_pte(old):
                 self._zap_spte(table, idx, level)
+                if not S.is_last_spte(old, level):  # a table becomes a huge leaf: the hardware
+                    vm.flush_remote_tlbs()  # may cache the old link (KVM: mmu_set_spte)
             if res is not None and writable and slot.log_dirty \
                     and not mutants.on("skip-mark-dirty"):
                 vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
