@@ -257,12 +257,17 @@ def test_swap_round_trip_keeps_tag_and_table_and_frees_the_frame_after_the_notif
     assert not mem.frame_live(pfn) and mem.tables_in_use() == tables - 1
     assert mm.is_swapped(hva) and mm.lookup(hva) == NO_PFN and not mm.is_missing(hva)
     assert mm.tag_of(hva) == 0xABC
+    swapped = mm.page_contents(hva)
+    assert swapped.tag == 0xABC and swapped.table[7] == 0x5007
     assert not mm.swap_out(hva)  # already out
     back = mm.fault_in(hva)
     assert mem.tag[back] == 0xABC
     assert mem.table(back)[7] == 0x5007 and mem.table(back)[511] == 0x8000_0000_0000_0001
     assert not mm.is_swapped(hva) and mm.stats.swap_ins == 1
     assert mm.mapping_level(hva) == PAGE_4K and mm.host_writable(hva)
+    present = mm.page_contents(hva)
+    assert present.tag == 0xABC and np.array_equal(present.table, swapped.table)
+    assert mm.page_contents(r.start) is None
     assert_consistent(mm)
 
 

@@ -270,6 +270,17 @@ class HostMM:
         entry = self._swap.get(i)
         return entry.tag if entry is not None else 0
 
+    def page_contents(self, hva: int) -> SwapEntry | None:
+        """The page's contents wherever they are (its frame, or the swap store), as a
+        SwapEntry (table None when it holds none), or None for a missing page. For reference
+        models and digests that must not see a difference between present and swapped."""
+        i = self.index(hva)
+        pfn = int(self.hva_pfn[i])
+        if pfn == NO_PFN:
+            return self._swap.get(i)
+        mem = self.memory
+        return SwapEntry(int(mem.tag[pfn]), mem.table(pfn).copy() if mem.has_table(pfn) else None)
+
     def sharers(self, hva: int) -> int:
         """How many hvas map the frame behind hva (0 if none; 1 unless KSM shares it)."""
         pfn = self.lookup(hva)
