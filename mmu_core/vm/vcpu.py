@@ -164,6 +164,8 @@ class Vcpu:
             if self.mmu_root is None:
                 vm.hook.mmu_load(vcpu=self)
                 self._sync_regs()
+                if self.requests:
+                    continue  # raised while mmu_load waited: service it before entering
             before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
             pc0 = pc
             pc = C.run_ops(
