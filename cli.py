@@ -12,22 +12,26 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table
+try:
+    import typer
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
 
-import mmu_core
-from mmu_core import InvalidConfig, MMUError, Params, load_params
-from mmu_core.params import CONFIGURATIONS
-from mmu_core.report.models import CompareReport, DemandPagingReport
-from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
+    import mmu_core
+    from mmu_core import InvalidConfig, MMUError, Params, load_params
+    from mmu_core.params import CONFIGURATIONS
+    from mmu_core.report.models import CompareReport, DemandPagingReport
+    from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
+except KeyboardInterrupt:  # Ctrl-C while these load (numba's cache takes a second or two)
+    sys.stderr.write("mmu: interrupted\n")
+    sys.exit(130)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A pluggable model of the Linux KVM x86 MMU.")
