@@ -520,8 +520,10 @@ def test_lock_accounting_matches_a_hand_computation():
     assert adds_up(sa) and adds_up(sb)
 
 
-def test_accounting_adds_up_for_every_task_under_contention():
-    engine = Engine(3, policy="random")
+@pytest.mark.parametrize("policy", ["fifo", "random", "pct"])
+def test_accounting_adds_up_for_every_task_under_contention(policy):
+    # Also: locks, RCU, channels and daemons work the same under every schedule.
+    engine = Engine(3, policy=policy)
     lock = RWLock(engine, "mmu_lock")
     spin = SpinLock(engine, "spin")
     rcu = RCU(engine)
@@ -561,7 +563,10 @@ def test_accounting_adds_up_for_every_task_under_contention():
         s = t.statistics()
         assert s.total_ns == t.end - t.start
         assert s.lock_held_ns > 0 and s.lock_wait_ns > 0
-        assert s.phases.keys() >= {"prep", "inner", "other", "rcu_sync"}
+        assert s.phases.keys() >= {"prep", "inner", "other"}
+        # Under pct the rcu worker may run ahead (time ignored) and complete the grace
+        # period before synchronize_rcu() gets to wait: no time in rcu_sync then.
+        assert "rcu_sync" in s.phases or policy == "pct"
         assert (s.atomics, s.cmpxchg_failures, s.lock_acquires) == (60, 30, 60)
     assert stats.totals.total_ns == sum(s.total_ns for s in stats.tasks)
     assert stats.totals.lock_contended == sum(s.lock_contended for s in stats.tasks) > 0
