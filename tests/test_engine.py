@@ -522,8 +522,9 @@ def test_lock_accounting_matches_a_hand_computation():
 
 @pytest.mark.parametrize("policy", ["fifo", "random", "pct"])
 def test_accounting_adds_up_for_every_task_under_contention(policy):
-    # Also: locks, RCU, channels and daemons work the same under every schedule.
-    engine = Engine(3, policy=policy)
+    # Also: locks, RCU, channels and daemons work the same under every schedule. (pct with
+    # many change points: a task preempted inside a critical section makes others queue.)
+    engine = Engine(3, policy=policy, pct_depth=30, pct_steps=3_000)
     lock = RWLock(engine, "mmu_lock")
     spin = SpinLock(engine, "spin")
     rcu = RCU(engine)
