@@ -72,6 +72,14 @@ class AuditError(MMUError):
 
 
 @njit(cache=True)
+def _doubled(rows):
+    """rows with twice the capacity, same contents in front (a growable stack in numba)."""
+    out = np.empty((rows.shape[0] * 2, rows.shape[1]), np.int64)
+    out[: rows.shape[0]] = rows
+    return out
+
+
+@njit(cache=True)
 def _walk_tree(pt, pt_slot, root, root_level):
     """Every table under root (pfn, level) and every non-zero entry of them: (table, idx,
     level, first page number covered, spte). Tables are entered through present non-leaf
@@ -91,9 +99,7 @@ def _walk_tree(pt, pt_slot, root, root_level):
         level = stack[sp, 1]
         base = stack[sp, 2]
         if nt == tables.shape[0]:
-            g = np.empty((nt * 2, 2), np.int64)
-            g[:nt] = tables
-            tables = g
+            tables = _doubled(tables)
         tables[nt, 0] = pfn
         tables[nt, 1] = level
         nt += 1
@@ -107,9 +113,7 @@ def _walk_tree(pt, pt_slot, root, root_level):
             if spte == 0:
                 continue
             if ne == entries.shape[0]:
-                g2 = np.empty((ne * 2, 5), np.int64)
-                g2[:ne] = entries
-                entries = g2
+                entries = _doubled(entries)
             entries[ne, 0] = pfn
             entries[ne, 1] = idx
             entries[ne, 2] = level
@@ -118,9 +122,7 @@ def _walk_tree(pt, pt_slot, root, root_level):
             ne += 1
             if level > 1 and (spte & _PRESENT) != 0 and (spte & _LARGE) == 0 and spte != _FROZEN:
                 if sp == stack.shape[0]:
-                    g3 = np.empty((sp * 2, 3), np.int64)
-                    g3[:sp] = stack
-                    stack = g3
+                    stack = _doubled(stack)
                 stack[sp, 0] = np.int64((spte & _ADDR) >> np.uint64(12))
                 stack[sp, 1] = level - 1
                 stack[sp, 2] = base + idx * span
@@ -133,14 +135,11 @@ def _u64(x: int) -> int:
 
 
 class _Frames:
-    """Which frames are allocated, and for what; read once per audit."""
+    """Which frames are allocated, and for what (HostMemory.frame_state: the purpose, or
+    FRAME_FREE)."""
 
     def __init__(self, vm) -> None:
-        host = vm.host
-        n = len(host.tag)
-        self.purpose = np.full(n, -1, dtype=np.int8)
-        for base, (count, purpose) in host._owner.items():
-            self.purpose[base : base + count] = purpose
+        self.purpose = vm.host.frame_state
 
     def live(self, pfn: int) -> bool:
         return 0 <= pfn < len(self.purpose) and self.purpose[pfn] >= 0
