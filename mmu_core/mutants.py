@@ -43,6 +43,12 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "skip-mark-dirty": (
         "a write fault in a dirty-logged slot does not mark the page dirty",
         "tdp and shadow: the fault paths"),
+    "memslot-update-no-retry": (
+        "installing new memslots does not make faults that resolved against the old ones retry",
+        "core: VM._install_memslots"),
+    "memslot-zap-after-install": (
+        "delete and move install the final memslots first and zap after (no invalid step)",
+        "core: VM.delete_memslot / move_memslot"),
     "skip-gpte-recheck": (
         "the shadow fault does not re-check the guest PTEs under the lock (gpte_changed)",
         "shadow: ShadowMMU._gptes_changed"),
@@ -84,6 +90,18 @@ def enabled(*names: str) -> Iterator[None]:
     validate(names)
     saved = _active
     _active = saved | frozenset(names)
+    try:
+        yield
+    finally:
+        _active = saved
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Switch every mutant off for the duration of a with-block (e.g. to calibrate)."""
+    global _active
+    saved = _active
+    _active = frozenset()
     try:
         yield
     finally:

@@ -65,6 +65,12 @@ class Program:
         self.rows.append((C.OP_WRPKRU, 0, pkru))
         return self
 
+    def pause(self, ns: int) -> Program:
+        """Compute for ns of virtual time without touching memory (spreads a vCPU's
+        accesses over time, as real guest code between them does)."""
+        self.rows.append((C.OP_PAUSE, 0, ns))
+        return self
+
     def build(self) -> np.ndarray:
         return C.new_program(self.rows)
 

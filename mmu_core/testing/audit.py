@@ -243,7 +243,7 @@ def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: in
         if not vm.invalidating_gfn(as_id, gfn):
             bad("cow-writable", f"as {as_id} gfn {gfn:#x} is writable but the host maps it "
                 "read-only")
-    if writable and slot.dirty_bitmap is not None:
+    if writable and slot.log_dirty:
         off = gfn - slot.base_gfn
         if not slot.dirty_bitmap[off : off + npages].all() and not vm.collecting_dirty(as_id, gfn):
             bad("dirty-log", f"as {as_id} gfn {gfn:#x} is writable in logged slot {slot.id} but "

@@ -13,6 +13,7 @@ processes or a Dask cluster, and reports the first failure with its replay comma
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Reference:
     def __init__(self, machine) -> None:
         self.vm = machine.vm
         self.mem: dict[int, int] = {}
+        # What a page never written holds: zero, or the handler's pattern in userfault ranges.
+        self.initial: Callable[[int], int] = lambda idx: 0
         self.written: set[int] = set()  # gfns written (for the dirty-log check)
         self.remap: dict[int, tuple[int, int]] = {}  # (vcpu, op) -> (gva page, new gfn)
         self.target: dict[int, int] = {}  # gva page -> gfn, for pages a scenario remaps
@@ -84,7 +87,7 @@ class Reference:
                 for gfn in self._gfns(vcpu.id, page):
                     idx, _ro = self._value(gfn)
                     allowed.add(mmio_read_value(gfn << 12 | (gva & 0xFFF)) if idx is None
-                                else self.mem.get(idx, 0))
+                                else self.mem[idx] if idx in self.mem else self.initial(idx))
                 if got not in allowed:
                     raise Failure("reference", f"vcpu{vcpu.id} op {pc} read {gva:#x} = "
                                   f"{got:#x}, the reference allows {sorted(allowed)}")
@@ -112,7 +115,7 @@ class Reference:
     def discard(self, lo: int, hi: int) -> None:
         """The host dropped hva indices [lo, hi): they read as zero from now on."""
         for i in range(lo, hi):
-            self.mem.pop(i, None)
+            self.mem[i] = 0
 
 
 # --- scenarios ----------------------------------------------------------------------------------
@@ -161,13 +164,9 @@ def scenario_pte_edit(config: VMConfig, rng: random.Random) -> Run:
     new frame); vCPU 1 reads the page throughout (any frame it was mapped to is allowed)."""
     m = _machine(config, 2, 8)
     ref = Reference(m)
-    vm, pts = m.vm, m.pts
+    pts = m.pts
     x, targets = 0, [4, 5, 6]
-    for t in targets:  # distinct contents, written by the host before the run
-        pfn = vm.gfn_to_pfn_nowait(0, _page(t) >> 12)
-        val = _value(rng)
-        vm.host.tag[pfn] = np.uint64(val)
-        ref.mem[vm.mm.index(vm.memslots[0].by_id(DATA_SLOT).gfn_to_hva(_page(t) >> 12))] = val
+    _fill(ref, m, targets, rng)
     ref.target[_page(x) >> 12] = _page(x) >> 12
     ref.ever[_page(x) >> 12] = {_page(x) >> 12}
     e_gpa = pts.entry_gpa(_page(x), 1, create=False)
@@ -195,7 +194,8 @@ def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.nd
                 prog.write(_page(p), _value(rng))
             else:
                 prog.read(_page(p))
-            del k
+            if k % 3 == 2:
+                prog.pause(rng.randrange(0, 2000))
         progs.append(prog.build())
     return progs
 
@@ -273,6 +273,118 @@ def scenario_host_events(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+def _fill(ref: Reference, m, pages: list[int], rng: random.Random) -> None:
+    """Give data pages distinct contents before the run (the host writes them)."""
+    vm = m.vm
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    for t in pages:
+        gfn = _page(t) >> 12
+        val = _value(rng)
+        vm.host.tag[vm.gfn_to_pfn_nowait(0, gfn)] = np.uint64(val)
+        ref.mem[vm.mm.index(slot.gfn_to_hva(gfn))] = val
+
+
+def scenario_pte_race(config: VMConfig, rng: random.Random) -> Run:
+    """vCPU 1 remaps a page twice in a row, then reads it after its own INVLPG; vCPU 0 reads
+    the page throughout, so now and then its fault walks the entry just before the second
+    rewrite lands and takes the MMU lock just after (KVM's FNAME(gpte_changed) window)."""
+    m = _machine(config, 2, 32)
+    ref = Reference(m)
+    pts = m.pts
+    targets = rng.sample(range(2, 32), 12)
+    _fill(ref, m, targets, rng)
+    x = _page(0) >> 12
+    ref.target[x] = x
+    ref.ever[x] = {x}
+    e_gpa = pts.entry_gpa(_page(0), 1, create=False)
+    writer = Program()
+    for k, t in enumerate(targets):
+        ref.remap[(1, len(writer.rows))] = (x, _page(t) >> 12)
+        writer.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(
+            _page(t), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
+        if k % 2:  # every other remap is invalidated and read back
+            writer.invlpg(_page(0)).read(_page(0)).pause(rng.randrange(0, 3000)).read(_page(0))
+    reader = Program()
+    for _ in range(120):
+        reader.read(_page(0)).pause(rng.randrange(0, 4000))
+    return Run(m, [reader.build(), writer.build()], ref)
+
+
+EXTRA_SLOT = 2
+EXTRA_PAGES = 4
+EXTRA_GPAS = (DATA_GPA + (64 << 20), DATA_GPA + (128 << 20))
+
+
+def scenario_memslots(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs use a THP data slot and a small slot that a VMM task moves between two
+    addresses, deletes and re-creates, while dirty logging on the data slot goes on and off:
+    accesses to where the small slot is not are MMIO, and huge mappings must not survive
+    logging being enabled."""
+    m = _machine(config, 2, 512, backing="thp")
+    vm = m.vm
+    flags = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER
+    for gpa in EXTRA_GPAS:
+        m.pts.map_range(gpa, gpa, EXTRA_PAGES, flags)
+    vm.add_memslot(EXTRA_SLOT, EXTRA_GPAS[0], EXTRA_PAGES * 4096)
+    ref = Reference(m)
+    gvas = [_page(i) for i in (0, 1, 100, 511)] + \
+        [gpa + 4096 * i for gpa in EXTRA_GPAS for i in range(EXTRA_PAGES)]
+    progs = []
+    for _ in range(2):
+        prog = Program()
+        for _ in range(40):
+            gva = rng.choice(gvas)
+            if rng.random() < 0.5:
+                prog.write(gva, _value(rng))
+            else:
+                prog.read(gva)
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    steps = [(rng.randrange(0, 15_000), what) for what in (
+        "log_on", "move_b", "log_off", "move_a", "log_on", "delete", "create", "log_off")]
+
+    def vmm() -> None:
+        for delay, what in steps:
+            vm.engine.delay(delay)
+            if what in ("log_on", "log_off"):
+                vm.set_dirty_logging(0, DATA_SLOT, what == "log_on")
+            elif what in ("move_a", "move_b"):
+                vm.move_memslot(0, EXTRA_SLOT, EXTRA_GPAS[what == "move_b"])
+            elif what == "delete":
+                vm.delete_memslot(0, EXTRA_SLOT)
+            else:
+                vm.add_memslot(EXTRA_SLOT, EXTRA_GPAS[0], EXTRA_PAGES * 4096)
+    run.tasks.append(("vmm", vmm))
+    return run
+
+
+def scenario_thp_events(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs fault across a 2 MiB THP page while the host splits it, collapses it again
+    and migrates pieces: every mapping level change must be invisible."""
+    m = _machine(config, 2, 1024, backing="thp")
+    vm = m.vm
+    ref = Reference(m)
+    vm.mm.discard_listeners.append(ref.discard)
+    pages = [0, 1, 2, 255, 511, 512, 700]
+    run = Run(m, _writers(m, rng, pages, 40), ref)
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    hva = slot.gfn_to_hva(_page(0) >> 12)
+    plan = [(rng.randrange(0, 15_000), rng.choice(("split", "collapse", "migrate")),
+             rng.choice(pages[:5])) for _ in range(6)]
+
+    def host() -> None:
+        for delay, what, page in plan:
+            vm.engine.delay(delay)
+            if what == "split":
+                vm.mm.split_huge_page(hva)
+            elif what == "collapse":
+                vm.mm.collapse_huge_page(hva)
+            elif not vm.mm.is_missing(hva + 4096 * page):
+                vm.mm.migrate(hva + 4096 * page)
+    run.tasks.append(("host", host))
+    return run
+
+
 SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "first-touch": scenario_first_touch,
     "first-touch-thp": scenario_first_touch_thp,
@@ -281,6 +393,9 @@ SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "dirty-log": scenario_dirty_log,
     "readonly": scenario_readonly,
     "host-events": scenario_host_events,
+    "pte-race": scenario_pte_race,
+    "memslots": scenario_memslots,
+    "thp-events": scenario_thp_events,
 }
 
 
@@ -323,8 +438,28 @@ def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
         return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace)
 
 
+@functools.cache
+def pct_steps_for(scenario: str, config: str) -> int:
+    """PCT draws its priority change points from steps [1, pct_steps], and works as its
+    guarantee says only when pct_steps is about the length of the run (Burckhardt et al.'s
+    k). Measured once per (scenario, configuration): the steps of its fifo run with seed 0,
+    no audit and no mutant, so a replay computes the same value."""
+    with mutants.disabled():
+        vmconfig = VMConfig(seed=0, policy="fifo", params=CONFIGURATIONS[config])
+        run = SCENARIOS[scenario](vmconfig, random.Random(f"{scenario}:0"))
+        engine = run.machine.vm.engine
+        try:
+            for name, fn in run.tasks:
+                engine.spawn(name, fn)
+            run.machine.run_programs(run.programs)
+            return max(1, engine.steps)
+        finally:
+            run.machine.vm.destroy()
+
+
 def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) -> Outcome:
-    vmconfig = VMConfig(seed=seed, policy=policy, params=CONFIGURATIONS[config])
+    extra = {"pct_steps": pct_steps_for(scenario, config)} if policy == "pct" else {}
+    vmconfig = VMConfig(seed=seed, policy=policy, params=CONFIGURATIONS[config], **extra)
     rng = random.Random(f"{scenario}:{seed}")
     run = SCENARIOS[scenario](vmconfig, rng)
     vm = run.machine.vm

@@ -16,6 +16,8 @@ from mmu_core.hw import walker as W
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+#: KVM's KVM_MEMSLOT_INVALID: the slot is being deleted or moved; faults on it wait
+KVM_MEMSLOT_INVALID = 1 << 16
 
 
 @dataclass
@@ -35,6 +37,10 @@ class Memslot:
     @property
     def readonly(self) -> bool:
         return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.flags & KVM_MEMSLOT_INVALID)
 
     @property
     def log_dirty(self) -> bool:
@@ -73,6 +79,11 @@ class Memslots:
     def find(self, gfn: int) -> Memslot | None:
         i = int(W.memslot_find(self.array, gfn))
         return None if i < 0 else self.slots[i]
+
+    def overlaps(self, base_gfn: int, npages: int, ignore: Memslot | None = None) -> bool:
+        """Whether [base_gfn, base_gfn + npages) meets a slot (other than `ignore`)."""
+        return any(s is not ignore and base_gfn < s.end_gfn and s.base_gfn < base_gfn + npages
+                   for s in self.slots)
 
     def by_id(self, slot_id: int) -> Memslot | None:
         return next((s for s in self.slots if s.id == slot_id), None)

@@ -240,14 +240,18 @@ class Vcpu:
         if ret == Ret.INJECT:
             results[pc] = (0, EC.PF_VECTOR, fault.inject_error_code)
             done += 1
+            self._completed(prog, results, pc)
         elif ret == Ret.EMULATE:
-            done = self.emulate(prog, pc, results)
-        if vm.recorder is not None and done > pc:
-            vm.recorder.ops_done(self, prog, results, pc, done)
+            done = self.emulate(prog, pc, results)  # reports the op itself
         if ret == Ret.RETRY:
             vm.engine.yield_now()  # a retry loop spins: under pct, let the others run
         vm.engine.delay(vm.engine.cost.vm_entry, "exit")
         return done
+
+    def _completed(self, prog: np.ndarray, results: np.ndarray, pc: int) -> None:
+        """Op pc has completed: tell the VM's recorder, with no switch point in between."""
+        if self.vm.recorder is not None:
+            self.vm.recorder.ops_done(self, prog, results, pc, pc + 1)
 
     # --- emulation ---------------------------------------------------------------------------
     def emulate(self, prog: np.ndarray, pc: int, results: np.ndarray) -> int:
@@ -273,13 +277,16 @@ class Vcpu:
                 vm.mark_page_dirty(self.as_id, int(out[W.OUT_TGPA + i]) >> 12)
         if st == W.W_PF:
             results[pc] = (0, EC.PF_VECTOR, int(out[W.OUT_CODE]))
+            self._completed(prog, results, pc)
             return pc + 1
         gpa = int(out[W.OUT_ADDR])
         slot = slots.find(gpa >> 12)
         if st == W.W_NO_SLOT and not int(out[W.OUT_CODE]) & E.EPT_QUAL_GLA_FINAL:
             raise GuestError(f"guest page table at {gpa:#x} lies outside every memslot")
         if st == W.W_NO_SLOT or (slot is not None and slot.readonly and acc == EC.ACC_WRITE):
-            return self._mmio(pc, gpa, op, value, results)
+            pc = self._mmio(pc, gpa, op, value, results)
+            self._completed(prog, results, pc - 1)
+            return pc
         hpa = int(out[W.OUT_HPA])
         pfn = hpa >> 12
         host = vm.host
@@ -298,6 +305,7 @@ class Vcpu:
                 sh = 32 * ((hpa >> 2) & 1)
                 word = (word & ~(0xFFFFFFFF << sh)) | ((value & 0xFFFFFFFF) << sh)
                 host.write_u64(hpa & ~7, word)
+        self._completed(prog, results, pc)  # the access is done; what follows is KVM's
         if acc == EC.ACC_WRITE:
             vm.mark_page_dirty(self.as_id, gpa >> 12)
             if vm.is_tracked(self.as_id, gpa >> 12):
@@ -361,6 +369,9 @@ class Vcpu:
             self.ac = bool(value)
         elif op == C.OP_WRPKRU:
             self.pkru = value & 0xFFFFFFFF
+        elif op == C.OP_PAUSE:
+            vm.engine.delay(value, "guest")
+            return pc + 1  # no architectural state changed
         else:
             raise GuestError(f"unknown guest operation {op} at index {pc}")
         self._sync_regs()

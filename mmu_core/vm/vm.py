@@ -20,9 +20,15 @@ from mmu_core.errors import InvalidConfig, MMUError
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.params import Params
-from mmu_core.sim import RCU, Engine, RWLock
+from mmu_core.sim import RCU, Completion, Engine, RWLock
 from mmu_core.types import HostPfn, Role
-from mmu_core.vm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, Memslots
+from mmu_core.vm.memslot import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMSLOT_INVALID,
+    Memslot,
+    Memslots,
+)
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, Vcpu
 
 
@@ -57,6 +63,7 @@ class VM:
         self._invalidating: list[list[tuple[int, int, int]]] = []  # gfn ranges in progress
         self._collecting: list[tuple[int, set[int]]] = []  # dirty logs being re-protected
         self._track_writes: list[tuple[int, int]] = []  # emulated writes awaiting track_write
+        self._slot_updates: dict[tuple[int, int], Completion] = {}  # slots being deleted/moved
         self._tracked: list[dict[int, int]] = [{}, {}]
         self.vcpus: list[Vcpu] = []
         self.backend_instances: dict[str, Any] = {}
@@ -120,6 +127,17 @@ class VM:
         return 5 if vcpu.mode == MODE_5LEVEL else 4
 
     # --- memslots ------------------------------------------------------------------------------
+    # KVM's update protocol (kvm_set_memslot): a slot being deleted or moved is first marked
+    # KVM_MEMSLOT_INVALID, so faults on it wait; then its range is zapped; then the final
+    # memslots are installed. Every installation bumps the generation (MMIO SPTEs go stale)
+    # and mmu_invalidate_seq: a fault that resolved a gfn against the old memslots retries,
+    # which stands in for KVM's synchronize_srcu(&kvm->srcu) before the memslots are reused.
+    def _install_memslots(self, as_id: int) -> None:
+        self.memslots[as_id].update()
+        self.generation += 1
+        if not mutants.on("memslot-update-no-retry"):
+            self.mmu_invalidate_seq += 1
+
     def add_memslot(
         self, slot_id: int, gpa: int, size: int, backing: Backing = Backing.ANON, *,
         as_id: int = 0, userfault: bool = False, readonly: bool = False,
@@ -127,63 +145,93 @@ class VM:
     ) -> Memslot:
         if gpa % 4096 or size % 4096 or size <= 0:
             raise InvalidConfig("memslot", f"gpa {gpa:#x} and size {size:#x} must be 4 KiB aligned")
+        base, npages = gpa >> 12, size >> 12
+        if self.memslots[as_id].by_id(slot_id) is not None \
+                or self.memslots[as_id].overlaps(base, npages):
+            raise InvalidConfig("memslot", f"slot {slot_id} at {gpa:#x} overlaps a slot of "
+                                f"address space {as_id}")
         region = self.mm.mmap(size, backing, name=f"slot{slot_id}")
         if userfault:
             Userfaultfd(self.engine, self.mm, region.start, region.size)
         flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        slot = Memslot(slot_id, as_id, gpa >> 12, size >> 12, region.start, flags)
+        slot = Memslot(slot_id, as_id, base, npages, region.start, flags)
         if log_dirty:
             slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
-        self.memslots[as_id].add(slot)
-        self.generation += 1
+        self.memslots[as_id].slots.append(slot)
+        self._install_memslots(as_id)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=None, new=slot,
                       change="create")
         return slot
 
-    def delete_memslot(self, as_id: int, slot_id: int) -> None:
+    def _slot(self, as_id: int, slot_id: int) -> Memslot:
         slot = self.memslots[as_id].by_id(slot_id)
-        if slot is None:
+        if slot is None or slot.invalid:
             raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
-        self.memslots[as_id].remove(slot)
-        self.generation += 1
-        self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
+        return slot
+
+    def _invalidate_slot(self, slot: Memslot) -> Completion:
+        """Steps 1 and 2 of a delete or move: mark the slot invalid, zap what maps it."""
+        done = Completion(self.engine)
+        self._slot_updates[(slot.as_id, slot.id)] = done
+        if mutants.on("memslot-zap-after-install"):
+            self._late_zap = (slot.as_id, slot.base_gfn, slot.end_gfn)
+            return done
+        slot.flags |= KVM_MEMSLOT_INVALID
+        self._install_memslots(slot.as_id)
+        self.zap_gfn_range(slot.as_id, slot.base_gfn, slot.end_gfn)
+        return done
+
+    def _slot_updated(self, slot: Memslot, done: Completion) -> None:
+        del self._slot_updates[(slot.as_id, slot.id)]
+        done.complete()
+        if mutants.on("memslot-zap-after-install"):
+            self.zap_gfn_range(*self._late_zap)
+
+    def delete_memslot(self, as_id: int, slot_id: int) -> None:
+        slot = self._slot(as_id, slot_id)
+        done = self._invalidate_slot(slot)
+        self.memslots[as_id].slots.remove(slot)
+        self._install_memslots(as_id)
+        self._slot_updated(slot, done)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=None,
                       change="delete")
 
     def move_memslot(self, as_id: int, slot_id: int, new_gpa: int) -> None:
         """KVM_MR_MOVE: same host memory, new guest-physical base."""
-        slot = self.memslots[as_id].by_id(slot_id)
-        if slot is None:
-            raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
+        slot = self._slot(as_id, slot_id)
         new_base = new_gpa >> 12
-        if new_gpa % 4096 or any(s is not slot and new_base < s.end_gfn
-                                 and s.base_gfn < new_base + slot.npages
-                                 for s in self.memslots[as_id].slots):
+        if new_gpa % 4096 or self.memslots[as_id].overlaps(new_base, slot.npages, ignore=slot):
             raise InvalidConfig("memslot", f"cannot move slot {slot_id} to {new_gpa:#x}")
         old = Memslot(slot.id, as_id, slot.base_gfn, slot.npages, slot.userspace_addr, slot.flags)
+        done = self._invalidate_slot(slot)
         slot.base_gfn = new_base
-        self.memslots[as_id].update()
-        self.generation += 1
-        self.zap_gfn_range(as_id, old.base_gfn, old.end_gfn)
+        slot.flags &= ~KVM_MEMSLOT_INVALID
+        self._install_memslots(as_id)
+        self._slot_updated(slot, done)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=old, new=slot,
                       change="move")
 
     def set_dirty_logging(self, as_id: int, slot_id: int, enable: bool) -> None:
-        slot = self.memslots[as_id].by_id(slot_id)
-        if slot is None:
-            raise InvalidConfig("memslot", f"no slot {slot_id} in address space {as_id}")
+        slot = self._slot(as_id, slot_id)
         if enable == slot.log_dirty:
             return
-        slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
-        self.memslots[as_id].update()
-        self.generation += 1
         if enable:
             slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
-            if self.hook.mmu_enable_dirty_log.get_hookimpls():
-                if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
-                    self.flush_remote_tlbs()
-            else:
-                self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
+        slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
+        self._install_memslots(as_id)
+        if enable:
+            # Until the slot is write-protected the guest may still write through old
+            # writable SPTEs unlogged: the ioctl has not returned, so that is allowed.
+            enabling = (as_id, set(range(slot.base_gfn, slot.end_gfn)))
+            self._collecting.append(enabling)
+            try:
+                if self.hook.mmu_enable_dirty_log.get_hookimpls():
+                    if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
+                        self.flush_remote_tlbs()
+                else:
+                    self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
+            finally:
+                self._collecting.remove(enabling)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=slot,
                       change="flags")
 
@@ -240,6 +288,10 @@ class VM:
         looked up again after each one; the result is read with no switch point after it.
         """
         slot = self.memslots[as_id].find(gfn)
+        while slot is not None and slot.invalid:
+            # Being deleted or moved: KVM's fault retries until the update is done.
+            self._slot_updates[(as_id, slot.id)].wait("memslot_update")
+            slot = self.memslots[as_id].find(gfn)
         if slot is None:
             return None
         hva = slot.gfn_to_hva(gfn)

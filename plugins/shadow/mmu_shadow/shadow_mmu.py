@@ -530,8 +530,12 @@ class ShadowMMU:
         for (as_id, gfn), sps in self.by_gfn.items():
             if sps and not vm.is_tracked(as_id, gfn):
                 bad.append(("untracked", f"gfn {gfn:#x} is shadowed but not write-tracked"))
+        # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
+        # unlinked (e.g. a huge leaf replaced it) and stays cached with its rmap'd leaves
+        # until it is reused or zapped, as in KVM; it is held, not a root.
+        loaded = {v.mmu_root for v in vm.vcpus}
         roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.pages.values()
-                      if not sp.parent_ptes)
+                      if sp.role.level >= 4 and (sp.pfn in loaded or not sp.parent_ptes))
         return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn),
                             violations=tuple(bad), direct=self.direct)
 
@@ -559,7 +563,7 @@ class ShadowMMU:
             if not vm.host_writable(hva) and not invalidating:
                 bad.append(("cow-writable", f"gfn {gfn:#x} is read-only in the host but "
                             f"writable through {sp.pfn:#x}[{idx}]"))
-            if slot.dirty_bitmap is not None and not slot.dirty_bitmap[gfn - slot.base_gfn] \
+            if slot.log_dirty and not slot.dirty_bitmap[gfn - slot.base_gfn] \
                     and not vm.collecting_dirty(as_id, gfn):
                 bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
                             "but not dirty"))

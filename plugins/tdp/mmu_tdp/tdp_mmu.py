@@ -56,6 +56,7 @@ class TdpMMU:
         self.all_roots: dict[int, TdpRoot] = {}  # pfn -> root, valid or invalid, until freed
         self.rcu_pending: set[int] = set()  # table pages queued for freeing after a grace period
         self.in_flight: set[int] = set()  # table pages a fault allocated and has not linked
+        self.removing: set[int] = set()  # disconnected tables being frozen (handle_removed)
         self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "mmio_fast": 0,
                       "spurious": 0, "frozen_waits": 0, "resched": 0,
                       "tables_linked": 0, "tables_freed": 0, "mapped": [0, 0, 0, 0]}
@@ -261,8 +262,11 @@ class TdpMMU:
             self.stats["cmpxchg_lost"] += 1
             return self._retry()
         if S.is_shadow_present_pte(it.old_spte) and not S.is_last_spte(it.old_spte, level):
-            vm.flush_remote_tlbs()
+            # handle_changed_spte order: the table is frozen and queued for RCU at once (no
+            # switch point leaves it owned by nobody); the flush still precedes the free,
+            # since our RCU read section lasts until after it.
             self._handle_removed(it.old_spte, level)
+            vm.flush_remote_tlbs()
         self.stats["mapped"][level] += 1
         fault.level = level
         return Ret.FIXED
@@ -278,6 +282,7 @@ class TdpMMU:
             return
         table = S.spte_to_pfn(old_spte)
         vm = self.vm
+        self.removing.add(table)  # unreachable now, not yet queued: ours until then
         for idx in range(S.SPTE_ENT_PER_PAGE):
             while True:
                 child = vm.spte_xchg(table, idx, S.FROZEN_SPTE)
@@ -286,6 +291,7 @@ class TdpMMU:
                 self.stats["frozen_waits"] += 1
                 vm.engine.yield_now()  # cpu_relax(): let the owner of the frozen entry finish
             self._handle_removed(child, level - 1)
+        self.removing.discard(table)
         self._free_later([table])
 
     def _free_later(self, pfns: list[int]) -> None:
@@ -406,7 +412,7 @@ class TdpMMU:
                 bad.append(("root-freed", f"a vCPU uses root {pfn:#x}, which was freed"))
         return BackendAudit(
             roots=tuple((r.as_id, r.level, r.pfn) for r in self.all_roots.values()),
-            held_tables=frozenset(self.rcu_pending | self.in_flight),
+            held_tables=frozenset(self.rcu_pending | self.in_flight | self.removing),
             violations=tuple(bad),
             direct=True,
         )
