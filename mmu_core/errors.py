@@ -30,3 +30,13 @@ class OutOfMemory(MMUError):
 
 class BackendError(MMUError):
     """A backend broke the MMU interface's contract (e.g. its fix never takes effect)."""
+
+
+class UseAfterFree(MMUError):
+    """MMU code touched a page-table page after it was freed (a missing RCU grace period or
+    flush); raised by the VM's SPTE accessors so that the race explorer can name it."""
+
+
+class HostStateError(MMUError):
+    """The host model's own bookkeeping was violated (a frame freed twice, a page populated
+    over a mapped one): a bug in the code that drove it, which the explorer names."""

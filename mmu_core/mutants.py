@@ -32,7 +32,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "the TDP fault links a new table with a plain store instead of cmpxchg",
         "tdp: TdpMMU._link_table"),
     "skip-frozen-wait": (
-        "handle_removed_pt does not wait for a frozen child entry to settle",
+        "handle_removed_pt does not wait for a frozen child entry to settle (not reachable "
+        "yet: needs two read-lock operations at different levels of one range, which only "
+        "NX huge pages or eager splitting bring; #7)",
         "tdp: TdpMMU._handle_removed"),
     "drop-root-refcount": (
         "loading a TDP root does not take a reference",

@@ -4,6 +4,7 @@ collapse, migration by the actual mapping level, and the notifier protocol insid
 import numpy as np
 import pytest
 
+from mmu_core.errors import HostStateError
 from mmu_core.host import (
     FRAME_FREE,
     NO_PFN,
@@ -67,7 +68,7 @@ def test_map_counts_free_a_frame_only_with_its_last_mapping():
     pfn = mem.alloc(Purpose.GUEST_DATA)
     assert mem.mapcount[pfn] == 1 and mem.frame_live(pfn)
     mem.get(pfn)
-    with pytest.raises(RuntimeError, match="still mapped 2 times"):
+    with pytest.raises(HostStateError, match="still mapped 2 times"):
         mem.free(pfn)
     assert mem.put(pfn) is False
     assert mem.frame_live(pfn) and mem.frames_in_use[Purpose.GUEST_DATA] == 1
@@ -352,7 +353,7 @@ def test_first_touch_next_to_small_pages_in_a_thp_region_maps_a_small_page():
     pfn = mm.fault_in(r.start + 4096)
     assert mm.mapping_level(r.start + 4096) == PAGE_4K and mm.lookup(r.start) != NO_PFN
     assert mem.frames_in_use[Purpose.GUEST_DATA] == 2 and mem.frame_live(pfn)
-    with pytest.raises(RuntimeError, match="orphan|mapped or swapped"):
+    with pytest.raises(HostStateError, match="orphan|mapped or swapped"):
         mm.populate(r.start, level=PAGE_2M)
 
 

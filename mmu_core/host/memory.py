@@ -21,7 +21,7 @@ import enum
 
 import numpy as np
 
-from mmu_core.errors import OutOfMemory
+from mmu_core.errors import HostStateError, OutOfMemory
 
 ENTRIES_PER_TABLE = 512
 NO_SLOT = -1
@@ -91,23 +91,23 @@ class HostMemory:
     def free(self, base: int) -> None:
         """Free an allocation that has a single owner (its map count must be 1)."""
         if base not in self._owner:
-            raise RuntimeError(f"free of pfn {base:#x}, which is not an allocated base frame")
+            raise HostStateError(f"free of pfn {base:#x}, which is not an allocated base frame")
         if int(self.mapcount[base]) != 1:
             # Freeing here would leave the other mappings pointing at a recycled frame.
-            raise RuntimeError(f"free of pfn {base:#x} still mapped {int(self.mapcount[base])} times")
+            raise HostStateError(f"free of pfn {base:#x} still mapped {int(self.mapcount[base])} times")
         self._release(base)
 
     def get(self, base: int) -> None:
         """One more mapping of the allocation at `base` (get_page / page_add_anon_rmap)."""
         if base not in self._owner:
-            raise RuntimeError(f"get of pfn {base:#x}, which is not an allocated base frame")
+            raise HostStateError(f"get of pfn {base:#x}, which is not an allocated base frame")
         self.mapcount[base] += 1
 
     def put(self, base: int) -> bool:
         """Drop one mapping of the allocation at `base`; frees it with the last. Returns whether
         the frames were freed."""
         if base not in self._owner:
-            raise RuntimeError(f"put of pfn {base:#x}, which is not an allocated base frame")
+            raise HostStateError(f"put of pfn {base:#x}, which is not an allocated base frame")
         self.mapcount[base] -= 1
         if self.mapcount[base] > 0:
             return False
@@ -128,7 +128,7 @@ class HostMemory:
         (split_huge_page: the compound page becomes ordinary pages, contents in place)."""
         count, purpose = self._owner[base]
         if int(self.mapcount[base]) != 1:
-            raise RuntimeError(f"split of pfn {base:#x} mapped {int(self.mapcount[base])} times")
+            raise HostStateError(f"split of pfn {base:#x} mapped {int(self.mapcount[base])} times")
         for off in range(count):
             self._owner[base + off] = (1, purpose)
         self._sizes.add(1)

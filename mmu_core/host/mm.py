@@ -46,7 +46,7 @@ from typing import Protocol
 import numpy as np
 
 from mmu_core import mutants
-from mmu_core.errors import InvalidConfig, MMUError
+from mmu_core.errors import HostStateError, InvalidConfig, MMUError
 from mmu_core.host.memory import HostMemory, Purpose
 from mmu_core.sim.cost import DEFAULT_COSTS, CostModel
 
@@ -307,7 +307,7 @@ class HostMM:
         first = i & ~(npages - 1)
         if self._range_in_use(first, npages):
             # Populating over a mapped page would orphan its frame: a caller's missed re-check.
-            raise RuntimeError(f"populate of {hva:#x} over pages that are mapped or swapped")
+            raise HostStateError(f"populate of {hva:#x} over pages that are mapped or swapped")
         base = self.memory.alloc(Purpose.GUEST_DATA, npages)
         self.hva_pfn[first : first + npages] = np.arange(base, base + npages, dtype=np.int64)
         self.hva_level[first : first + npages] = level

@@ -170,7 +170,7 @@ def audit(vm) -> list[Violation]:
         for name, detail in info.violations:
             bad(f"backend:{name}", detail)
     frames = _Frames(vm)
-    host, mm = vm.host, vm.mm
+    host = vm.host
     gen = vm.memslots_generation() & S.MMIO_SPTE_GEN_MASK
     ept = info.direct
     reachable: set[int] = set()

@@ -23,8 +23,8 @@ import numpy as np
 from mmu_core import mutants
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
-from mmu_core.errors import InvalidConfig, MMUError
-from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MachineSpec, build_machine
+from mmu_core.errors import HostStateError, InvalidConfig, MMUError, UseAfterFree
+from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MMIO_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
@@ -186,7 +186,7 @@ def scenario_pte_edit(config: VMConfig, rng: random.Random) -> Run:
 
 def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.ndarray]:
     progs = []
-    for v in range(len(m.vm.vcpus)):
+    for _ in range(len(m.vm.vcpus)):
         prog = Program()
         for k in range(rounds):
             p = pages[rng.randrange(len(pages))]
@@ -203,7 +203,14 @@ def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.nd
 def scenario_zap_all(config: VMConfig, rng: random.Random) -> Run:
     """Two vCPUs fault pages in while a VMM task zaps everything, three times."""
     m = _machine(config, 2, 16)
-    run = Run(m, _writers(m, rng, list(range(16)), 30), Reference(m))
+    progs = _writers(m, rng, list(range(16)), 30)
+    for k, prog in enumerate(progs):  # MMIO too: TDP's fast path walks under RCU alone
+        mmio = Program()
+        for _ in range(30):
+            mmio.read(MMIO_GPA + 4096 * rng.randrange(2)).pause(rng.randrange(0, 1500))
+        progs[k] = np.concatenate([prog, mmio.build()]) if k % 2 else \
+            np.concatenate([mmio.build(), prog])
+    run = Run(m, progs, Reference(m))
     delays = [rng.randrange(0, 40_000) for _ in range(3)]
 
     def vmm() -> None:
@@ -497,6 +504,10 @@ def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) 
                           "after destroy")
     except Failure as exc:
         return Outcome(ok=False, invariant=exc.invariant, detail=exc.detail, **outcome)
+    except UseAfterFree as exc:
+        return Outcome(ok=False, invariant="use-after-free", detail=str(exc), **outcome)
+    except HostStateError as exc:
+        return Outcome(ok=False, invariant="host-state", detail=str(exc), **outcome)
     except MMUError as exc:
         return Outcome(ok=False, invariant=type(exc).__name__, detail=str(exc), **outcome)
     except Exception as exc:  # a crash in the model under some schedule is a finding too

@@ -16,7 +16,7 @@ import numpy as np
 from mmu_core import mutants, plugins
 from mmu_core.arch.x86.paging import MODE_5LEVEL
 from mmu_core.config import VMConfig
-from mmu_core.errors import InvalidConfig, MMUError
+from mmu_core.errors import InvalidConfig, MMUError, UseAfterFree
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.params import Params
@@ -367,18 +367,27 @@ class VM:
         return int(self.host.frames_in_use[Purpose.MMU_PT])
 
     def spte_table(self, pfn: int) -> np.ndarray:
-        return self.host.pt[self.host.pt_slot[pfn]]
+        return self.host.pt[self._pt_row(pfn)]
+
+    def _pt_row(self, pfn: int) -> int:
+        """The row holding table pfn's entries; a freed table has none, and touching it is
+        the use-after-free that RCU-deferred freeing exists to prevent."""
+        row = int(self.host.pt_slot[pfn])
+        if row < 0:
+            raise UseAfterFree(f"SPTE access to page-table page {pfn:#x}, which is not a "
+                               "table (freed)")
+        return row
 
     def spte_read(self, pfn: int, idx: int) -> int:
         """READ_ONCE of an SPTE: a switch point."""
         self.engine.atomic("read")
-        return int(self.host.pt[self.host.pt_slot[pfn], idx])
+        return int(self.host.pt[self._pt_row(pfn), idx])
 
     def spte_cmpxchg(self, pfn: int, idx: int, old: int, new: int) -> bool:
         """try_cmpxchg64 on an SPTE: a switch point; False (and a counted failure) if the SPTE
         no longer holds `old`."""
         self.engine.atomic("cmpxchg")
-        table = self.host.pt[self.host.pt_slot[pfn]]
+        table = self.host.pt[self._pt_row(pfn)]
         if int(table[idx]) != old:
             self.engine.note_cmpxchg_failure()
             return False
@@ -387,7 +396,7 @@ class VM:
 
     def spte_xchg(self, pfn: int, idx: int, new: int) -> int:
         self.engine.atomic("xchg")
-        table = self.host.pt[self.host.pt_slot[pfn]]
+        table = self.host.pt[self._pt_row(pfn)]
         old = int(table[idx])
         table[idx] = np.uint64(new)
         return old
@@ -395,7 +404,7 @@ class VM:
     def spte_write(self, pfn: int, idx: int, new: int) -> None:
         """A plain store, for SPTEs only the lock holder (write mode) can touch."""
         self.engine.delay(self.engine.cost.spte_write)
-        self.host.pt[self.host.pt_slot[pfn], idx] = np.uint64(new)
+        self.host.pt[self._pt_row(pfn), idx] = np.uint64(new)
 
     def flush_remote_tlbs(self) -> None:
         """kvm_flush_remote_tlbs: every vCPU's TLB is emptied before this returns."""

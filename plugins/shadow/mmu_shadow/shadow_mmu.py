@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmu_core import mutants
-from mmu_core import REQ_MMU_RELOAD, BackendAudit, BackendInfo, MMUMemory, PageFault, Ret, hookimpl
+from mmu_core import REQ_MMU_RELOAD, BackendAudit, BackendInfo, MMUMemory, PageFault, Ret, hookimpl, mutants
 from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
@@ -76,7 +75,6 @@ class ShadowMMU:
         vm.rcu.barrier()
 
     def _free_all(self) -> None:
-        vm = self.vm
         for sp in list(self.pages.values()):
             self._free_sp(sp)
         self.rmap.clear()

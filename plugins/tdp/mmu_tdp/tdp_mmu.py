@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmu_core import mutants
 from mmu_core import (
     REQ_MMU_RELOAD,
     BackendAudit,
@@ -25,6 +24,7 @@ from mmu_core import (
     Ret,
     Role,
     hookimpl,
+    mutants,
 )
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp.ops import collect_tables, zap_leafs_in_range
