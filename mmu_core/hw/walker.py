@@ -67,7 +67,8 @@ W_OK = 0
 W_PF = 1  # guest page fault: OUT_CODE is the error code
 W_EPT_VIOLATION = 2  # OUT_ADDR is the gpa, OUT_CODE the exit qualification
 W_EPT_MISCONFIG = 3  # OUT_ADDR is the gpa
-W_NEED_GFN = 4  # XL_SLOTS: the host page behind gfn OUT_ADDR>>12 is not populated
+W_NEED_GFN = 4  # XL_SLOTS: the host page of guest table gfn OUT_ADDR>>12 is not populated
+# (a missing final data page is not an error: W_OK with OUT_HPA = -1, as walk_addr)
 W_NO_SLOT = 5  # XL_SLOTS: a guest table lies outside every memslot
 
 OUT_STATUS = 0
@@ -526,6 +527,12 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
            acc == EC.ACC_WRITE, psc, res)
     out[OUT_READS] += res[4]
     out[OUT_SKIPPED] += res[5]
+    if xl == XL_SLOTS and res[0] == W_NEED_GFN:
+        # KVM's walk_addr needs only the final gfn, not its page: the walk succeeds (A/D set)
+        # and OUT_HPA = -1 says the data page is not populated yet.
+        res[0] = W_OK
+        res[1] = -1
+        res[2] = E.EPT_RWX
     if res[0] != W_OK:
         out[OUT_STATUS] = res[0]
         out[OUT_ADDR] = gpa

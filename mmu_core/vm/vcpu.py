@@ -268,13 +268,14 @@ class Vcpu:
             W.walk(vm.host.pt, vm.host.pt_slot, self.regs, gva, acc, True, W.XL_SLOTS, 0, 0,
                    slots.array, vm.mm.hva_pfn, out)
             st = int(out[W.OUT_STATUS])
-            if st == W.W_NEED_GFN:
+            for i in range(int(out[W.OUT_N])):  # guest tables whose A/D this walk set
+                if int(out[W.OUT_ADW]) >> i & 1:
+                    vm.mark_page_dirty(self.as_id, int(out[W.OUT_TGPA + i]) >> 12)
+            if st == W.W_NEED_GFN or (st == W.W_OK and int(out[W.OUT_HPA]) < 0):
+                # a guest table, or the data page itself, is not populated yet
                 vm.gfn_to_pfn(self.as_id, int(out[W.OUT_ADDR]) >> 12, acc == EC.ACC_WRITE)
                 continue
             break
-        for i in range(int(out[W.OUT_N])):
-            if int(out[W.OUT_ADW]) >> i & 1:
-                vm.mark_page_dirty(self.as_id, int(out[W.OUT_TGPA + i]) >> 12)
         if st == W.W_PF:
             results[pc] = (0, EC.PF_VECTOR, int(out[W.OUT_CODE]))
             self._completed(prog, results, pc)
