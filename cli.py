@@ -279,7 +279,8 @@ def explore(
     reference model; exit 1 on the first failure, with the command that replays it."""
     import os
 
-    from mmu_core.testing.explore import SCENARIOS, explore as run_all, plan, run_schedule
+    from mmu_core.testing.explore import SCENARIOS, plan, run_schedule
+    from mmu_core.testing.explore import explore as run_all
 
     if schedules < 1:
         raise InvalidConfig("--schedules", "must be at least 1")

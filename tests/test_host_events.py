@@ -18,6 +18,7 @@ from mmu_core.host import PAGE_2M, PAGE_4K
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.sim import CostModel
+from mmu_core.testing.parity import guest_digest
 
 MIB2 = 2 << 20
 
@@ -338,3 +339,35 @@ def test_host_events_in_a_task_racing_a_vcpu_are_invisible(name, seed, policy):
     finally:
         m.vm.destroy()
     assert m.vm.pt_pages_in_use() == 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_the_guest_digest_does_not_change_when_pages_go_to_swap(name):
+    m = machine_for(name)
+    try:
+        results = [run(m, Program().write(data_gva(1), 7).write(data_gva(2), 9).read(data_gva(1)))]
+        before = guest_digest(m.vm, results)
+        for page in (1, 2):
+            assert m.vm.mm.swap_out(hva_of(m, page))
+        assert guest_digest(m.vm, results) == before
+        m.vm.mm.madvise_dontneed(hva_of(m, 2), 4096)  # contents really gone: it must show
+        assert guest_digest(m.vm, results) != before
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_an_emulated_store_into_a_ksm_page_copies_it_first(name):
+    # The emulator writes guest memory itself (tracked guest tables, MMIO checks): into a
+    # page KSM shares it must take the write fault, or the other page changes too.
+    m = machine_for(name)
+    try:
+        run(m, Program().write(data_gva(4), 5).write(data_gva(5), 5))
+        assert m.vm.mm.ksm_merge(hva_of(m, 4), hva_of(m, 5))
+        prog = Program().write(data_gva(5), 42).build()
+        results = np.zeros((1, C.RES_COLS), dtype=np.int64)
+        assert m.vm.vcpus[0].emulate(prog, 0, results) == 1
+        assert m.vm.mm.tag_of(hva_of(m, 5)) == 42
+        assert m.vm.mm.tag_of(hva_of(m, 4)) == 5
+    finally:
+        m.vm.destroy()

@@ -23,20 +23,32 @@ def guest_digest(vm, results: list[np.ndarray]) -> str:
     for slots in vm.memslots:
         for slot in slots.slots:
             h.update(b"slot%d/%d" % (slot.as_id, slot.id))
-            lo = vm.mm.index(slot.userspace_addr)
-            pfns = vm.mm.hva_pfn[lo : lo + slot.npages]
-            present = np.flatnonzero(pfns >= 0)
-            tags = vm.host.tag[pfns[present]]
+            mm = vm.mm
+            lo = mm.index(slot.userspace_addr)
+            pfns = mm.hva_pfn[lo : lo + slot.npages]
+            # A swapped-out page is still guest memory: its contents come from the swap store.
+            resident = pfns >= 0
+            held = np.flatnonzero(resident | mm.hva_swapped[lo : lo + slot.npages])
+            tags = np.zeros(len(held), dtype=np.uint64)
+            in_mem = resident[held]
+            tags[in_mem] = vm.host.tag[pfns[held[in_mem]]]
+            rows: list[tuple[int, np.ndarray]] = []
+            mem_offs = held[in_mem]
+            for off in mem_offs[vm.host.pt_slot[pfns[mem_offs]] >= 0].tolist():
+                rows.append((off, vm.host.table(int(pfns[off]))))
+            for k in np.flatnonzero(~in_mem).tolist():
+                off = int(held[k])
+                entry = mm.page_contents(slot.userspace_addr + (off << 12))
+                tags[k] = np.uint64(entry.tag)
+                if entry.table is not None:
+                    rows.append((off, entry.table))
+            rows = sorted((r for r in rows if r[1].any()), key=lambda r: r[0])
             nz = tags != 0
-            h.update(present[nz].astype(np.int64).tobytes())
+            h.update(held[nz].astype(np.int64).tobytes())
             h.update(tags[nz].tobytes())
-            for off in present.tolist():
-                pfn = int(pfns[off])
-                if vm.host.has_table(pfn):
-                    row = vm.host.table(pfn)
-                    if row.any():
-                        h.update(b"pt%d" % off)
-                        h.update(row.tobytes())
+            for off, row in rows:
+                h.update(b"pt%d" % off)
+                h.update(row.tobytes())
             if slot.dirty_bitmap is not None:
                 h.update(b"dirty")
                 h.update(slot.dirty_bitmap.tobytes())

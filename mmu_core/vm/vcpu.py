@@ -275,6 +275,15 @@ class Vcpu:
                 # a guest table, or the data page itself, is not populated yet
                 vm.gfn_to_pfn(self.as_id, int(out[W.OUT_ADDR]) >> 12, acc == EC.ACC_WRITE)
                 continue
+            if st == W.W_OK and acc == EC.ACC_WRITE:
+                # A store into a page the host maps read-only (KSM) takes the write fault
+                # first, as the emulator's copy to guest memory does: it must not change the
+                # frame other pages share.
+                wslot = slots.find(int(out[W.OUT_ADDR]) >> 12)
+                if wslot is not None and not wslot.readonly and not vm.host_writable(
+                        wslot.gfn_to_hva(int(out[W.OUT_ADDR]) >> 12)):
+                    vm.gfn_to_pfn(self.as_id, int(out[W.OUT_ADDR]) >> 12, True)
+                    continue
             break
         if st == W.W_PF:
             results[pc] = (0, EC.PF_VECTOR, int(out[W.OUT_CODE]))
