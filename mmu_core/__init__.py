@@ -22,7 +22,17 @@ from mmu_core.plugins import (
     unregister_backend,
     unregister_observer,
 )
-from mmu_core.types import BackendAudit, BackendInfo, FaultKind, HostPfn, MMUMemory, PageFault, Ret, Role
+from mmu_core.types import (
+    BackendAudit,
+    BackendInfo,
+    Capabilities,
+    FaultKind,
+    HostPfn,
+    MMUMemory,
+    PageFault,
+    Ret,
+    Role,
+)
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH
 from mmu_core.vm.vm import VM, create_vm
 
@@ -34,6 +44,7 @@ __all__ = [
     "VM",
     "BackendAudit",
     "BackendInfo",
+    "Capabilities",
     "FaultKind",
     "GuestError",
     "HostPfn",

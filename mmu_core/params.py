@@ -119,6 +119,17 @@ CONFIGURATIONS: dict[str, Params] = {
 }
 
 
+def configuration(name: str) -> Params:
+    """Parameters of a configuration by name: tdp, legacy, shadow, or the name of any installed
+    backend (its direct roles on EPT). Whether that backend is installed is checked when a VM
+    is created (PluginError)."""
+    if name in CONFIGURATIONS:
+        return CONFIGURATIONS[name]
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise InvalidConfig("configuration", f"bad configuration name {name!r}")
+    return Params(ept=True, backend=name)
+
+
 def configuration_name(params: Params) -> str:
     if not params.ept:
         return "shadow"

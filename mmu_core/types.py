@@ -61,11 +61,36 @@ class HostPfn(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond the required hooks; the conformance suite requires what is
+    declared, skips what is not, and says which (mmu_core.testing.conformance)."""
+
+    fault_lock: str = "write"  # MMU lock mode its faults take: "read" (atomic SPTEs) or "write"
+    huge_pages: bool = False  # maps 2 MiB / 1 GiB pages where the host and slot allow
+    mmio_spte: bool = True  # caches MMIO in SPTEs with the memslots generation
+    dirty_log: str = "zap"  # how it re-protects: "zap" (core fallback), "write-protect", "d-bit"
+    aging: bool = False  # implements mmu_age_gfn_range
+    fast_page_fault: bool = False  # implements mmu_fast_page_fault
+    audit: bool = False  # implements mmu_audit (needed for the per-step invariant audit)
+    max_root_level: int = 5  # deepest EPT/shadow structure it builds (4 or 5)
+
+    def __post_init__(self) -> None:
+        if self.fault_lock not in ("read", "write"):
+            raise ValueError(f"fault_lock must be 'read' or 'write', not {self.fault_lock!r}")
+        if self.dirty_log not in ("zap", "write-protect", "d-bit"):
+            raise ValueError(f"dirty_log must be zap, write-protect or d-bit, not "
+                             f"{self.dirty_log!r}")
+        if self.max_root_level not in (4, 5):
+            raise ValueError(f"max_root_level must be 4 or 5, not {self.max_root_level}")
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     name: str
     version: str
     roles: tuple[Role, ...]
     description: str
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmu_core import REQ_MMU_RELOAD, BackendAudit, BackendInfo, MMUMemory, PageFault, Ret, hookimpl, mutants
+from mmu_core import (
+    REQ_MMU_RELOAD,
+    BackendAudit,
+    BackendInfo,
+    Capabilities,
+    MMUMemory,
+    PageFault,
+    Ret,
+    hookimpl,
+    mutants,
+)
 from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
@@ -61,6 +71,8 @@ class ShadowMMU:
             version=VERSION,
             roles=(MMURole.DIRECT, MMURole.SHADOW, MMURole.NESTED),
             description="KVM's shadow MMU: shadow paging and the legacy MMU (rmap, write lock)",
+            capabilities=Capabilities(fault_lock="write", huge_pages=True, mmio_spte=True,
+                                      dirty_log="zap", audit=True, max_root_level=5),
         )
 
     # --- lifecycle ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mmu_core import (
     REQ_MMU_RELOAD,
     BackendAudit,
     BackendInfo,
+    Capabilities,
     FaultKind,
     MMUMemory,
     PageFault,
@@ -70,6 +71,8 @@ class TdpMMU:
             version=VERSION,
             roles=(Role.DIRECT,),
             description="KVM's TDP MMU (the 2019 direct MMU): tdp_iter, faults under the read lock",
+            capabilities=Capabilities(fault_lock="read", huge_pages=True, mmio_spte=True,
+                                      dirty_log="zap", audit=True, max_root_level=5),
         )
 
     # --- lifecycle --------------------------------------------------------------------------
