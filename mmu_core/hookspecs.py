@@ -1,9 +1,17 @@
 """The formal MMU interface: every hook a backend implements, and what the core promises.
 
-This file is the plugin author's manual. A backend is a class registered under the entry-point
-group ``mmu_core.backends``; the core instantiates it once per VM (``Backend(vm)``) and
-registers the instance in that VM's plugin manager for each MMU role it serves, so ``self``
-holds the backend's per-VM state (roots, caches, statistics), as ``struct kvm_arch`` does.
+This file is the plugin author's manual. ``mmu_core.backend`` exports every name a backend
+needs and states the fault protocol step by step; ``docs/plugin-guide.md`` walks an author
+from an empty directory to a conforming backend.
+
+A backend is a class published under the entry-point group ``mmu_core.backends``; the core
+instantiates it once per VM (``Backend(vm)``) and registers the instance in that VM's plugin
+manager for each MMU role it serves, so ``self`` holds the backend's per-VM state (roots,
+caches, statistics), as ``struct kvm_arch`` does. The core calls every hook specified here
+(tests/test_manual.py checks it); the observer hooks at the end are called by backends too.
+Unsync shadow pages (KVM_REQ_MMU_SYNC) and the reclaim of shadow pages (KVM_SET_NR_MMU_PAGES)
+are not modelled, so they have no hooks yet: those come with the shadow-MMU issue that models
+them.
 
 Conventions for every hook:
 
@@ -15,10 +23,84 @@ Conventions for every hook:
   flushes. Code between switch points runs without interference.
 * The hardware (``mmu_core.hw``) walks what backends build. A backend never answers "what does
   this address translate to" for the guest; a wrong table is caught by the walker.
-* Range hooks return ``True`` when the caller must flush TLBs; the core flushes once
-  (``vm.flush_remote_tlbs()``). Backends may also flush themselves when they must (before
-  freeing a table page that a walker may still hold).
-* Required hooks are marked *required*; a backend missing one fails validation at discovery.
+* Required hooks are marked *required*; a backend missing one fails validation at discovery,
+  and so does one that declares a capability whose hook it lacks (see Capabilities below).
+
+What a backend finds on the VM and the vCPU (every signature here is checked by a test):
+
+* ``vm.engine``, the virtual-time engine: ``vm.engine.delay(ns)`` charges work (a switch
+  point), ``vm.engine.yield_now()`` is cpu_relax() in a spin or retry loop, and
+  ``vm.engine.cost`` holds the cost model's figures (``vm.engine.cost.spte_build``, ...).
+* ``vm.mmu_lock``, the MMU lock: ``with vm.mmu_lock.read():`` or ``with vm.mmu_lock.write():``;
+  long range operations poll ``vm.mmu_lock.contended`` and call
+  ``vm.mmu_lock.cond_resched(mode)`` (after flushing what they zapped).
+* ``vm.rcu``: ``with vm.rcu.read():`` around lockless walks, ``vm.rcu.call_rcu(fn, *args)``
+  for frees after a grace period, ``vm.rcu.barrier()`` at teardown.
+* ``vm.observe``: the observers' hooks, called with keywords:
+  ``vm.observe.mmu_on_root_alloc(vm, as_id, role, root)`` and
+  ``vm.observe.mmu_on_root_free(vm, as_id, role, root)``.
+* ``vm.host``, host memory: jitted code reads a table as ``vm.host.pt[vm.host.pt_slot[pfn]]``.
+* ``vm.memslots``: ``vm.memslots[as_id]`` holds one address space's slots (``.slots``,
+  ``.find(gfn)``); also ``vm.vcpus``, ``vm.role`` (the VM's ``Role``) and ``vm.config``.
+* Memory: ``vm.gfn_to_pfn(as_id, gfn, write)`` (a ``HostPfn``, or None outside every memslot),
+  ``vm.gfn_to_memslot(as_id, gfn)``, ``vm.max_mapping_level(slot, gfn, host_level,
+  max_level)``, ``vm.host_writable(hva)``, ``vm.read_guest_u64(as_id, gpa)``.
+* Table pages: ``vm.alloc_pt_page()``, ``vm.free_pt_page(pfn)``, ``vm.pt_pages_in_use()``,
+  ``vm.root_levels(vcpu)``. SPTEs: ``vm.spte_read(pfn, idx)``, ``vm.spte_cmpxchg(pfn, idx,
+  old, new)``, ``vm.spte_xchg(pfn, idx, new)``, ``vm.spte_write(pfn, idx, new)``, and
+  ``vm.spte_table(pfn)``, the raw row (no switch point, no cost).
+* Flushes and dirty logging: ``vm.flush_remote_tlbs()``, ``vm.mark_page_dirty(as_id, gfn)``,
+  ``vm.collecting_dirty(as_id, gfn)``.
+* MMIO and invalidation: ``vm.memslots_generation()``, ``vm.mmu_invalidate_seq``,
+  ``vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn)``, ``vm.invalidating_gfn(as_id, gfn)``.
+* Write tracking (shadow paging): ``vm.track_gfn(as_id, gfn)``, ``vm.untrack_gfn(as_id,
+  gfn)``, ``vm.is_tracked(as_id, gfn)``, ``vm.track_write_in_flight(as_id, gfn)``.
+* On a vCPU: ``vcpu.id``, ``vcpu.as_id`` (1 in SMM), ``vcpu.mode`` (the guest's paging
+  mode), ``vcpu.mmu_root`` (the root pfn the hardware walks, or None) and
+  ``vcpu.make_request(req)`` with ``REQ_MMU_RELOAD`` (drop the root before the next entry) or
+  ``REQ_TLB_FLUSH``.
+
+The contracts (the conformance suite, ``mmu_core.testing``, holds a backend to each):
+
+* Invalidation retry. An MMU notifier (the host unmapping, migrating, swapping or merging a
+  page) or a memslot update may run while a fault sleeps in ``vm.gfn_to_pfn``. A fault
+  therefore reads ``seq = vm.mmu_invalidate_seq`` *before* ``vm.gfn_to_pfn`` and, once it
+  holds ``vm.mmu_lock`` (either mode) and before it installs anything, returns ``Ret.RETRY``
+  when ``vm.mmu_invalidate_retry_gfn(seq, as_id, gfn)`` is True (KVM:
+  mmu_invalidate_retry_gfn). A backend that skips this maps a pfn the host has taken away.
+* Writable policy. A leaf SPTE may be writable only if ``HostPfn.writable`` is True (else the
+  host page is copy-on-write or KSM-shared), its slot is not READONLY and, in a slot with
+  dirty logging (``slot.log_dirty``), the fault is a write (the model's rule, so that logs are
+  comparable: docs/design.md). Shadow paging adds the guest's W and D bits and write
+  tracking. A write to a READONLY slot installs nothing: set ``fault.mmio = True`` and return
+  ``Ret.EMULATE`` (KVM exits to userspace).
+* Dirty marking. The backend calls ``vm.mark_page_dirty(as_id, gfn)`` before it installs a
+  writable SPTE in a logged slot, as KVM's make_spte does: once the SPTE is visible the guest
+  writes without another exit. The core marks what it writes itself (emulated writes, A/D bits
+  its software walks set); a backend that walks guest tables in software marks the tables
+  whose A/D bits its walk set. ``vm.max_mapping_level`` never allows a huge page in a logged
+  slot, so a fault marks one gfn.
+* Flushing. Range hooks (``mmu_zap_gfn_range``, ``mmu_zap_all``, ``mmu_unmap_gfn_range``,
+  ``mmu_enable_dirty_log``, ``mmu_clear_dirty_log``) return True when TLBs must be flushed,
+  and the core flushes once (``vm.flush_remote_tlbs()``) before the host reuses the pages. A
+  backend flushes itself where it cannot leave it to the caller: when a fault replaces a
+  present SPTE, and before it frees a table page that a walker or a vCPU's paging-structure
+  cache may still hold (and, if its walkers are lockless, frees it after an RCU grace period).
+* MMIO. A gfn outside every memslot is MMIO. A backend that caches MMIO
+  (``Capabilities.mmio_spte``) installs ``make_mmio_spte(gfn, access,
+  vm.memslots_generation(), ept)``; an MMIO SPTE whose ``get_mmio_spte_generation`` differs
+  from ``vm.memslots_generation() & MMIO_SPTE_GEN_MASK`` is stale and treated as absent.
+* Teardown. After ``mmu_destroy_vm`` every page-table page is freed; the core checks leaks.
+* Capabilities. ``BackendInfo.capabilities`` (``types.Capabilities``) declares what a backend
+  offers beyond the required hooks: the lock mode its faults take, huge pages, MMIO SPTEs, how
+  it re-protects for dirty logging, aging (``mmu_age_gfn_range``), a fast path
+  (``mmu_fast_page_fault``), an audit (``mmu_audit``) and the deepest root it builds. The
+  conformance suite requires what is declared and skips what is not; ``mmu backends`` shows
+  them.
+* Audit. ``mmu_audit`` lets the invariant audit (``mmu_core.testing.audit``) and the race
+  explorer check a backend after every engine step; optional for running VMs.
+* Statistics. ``mmu_stats`` returns a frozen ``types.MMUStats``; a report shows zeros, and
+  says so, for a backend without it.
 """
 
 from __future__ import annotations
@@ -113,17 +195,15 @@ def mmu_page_fault(vcpu, fault):
     guest-physical address (EPT violation or misconfiguration); shadow role: ``fault.gva``
     with the hardware's error code. The handler resolves gfn -> hva -> pfn with
     ``vm.gfn_to_pfn`` (which may block on a userfault: do it before taking the lock, as KVM's
-    kvm_faultin_pfn does), then installs SPTEs with ``vm.spte_cmpxchg``/``vm.spte_write``.
-    Sample ``vm.mmu_invalidate_seq`` before ``gfn_to_pfn`` and, under the lock, return
-    ``Ret.RETRY`` when ``vm.mmu_invalidate_retry_gfn(seq, as_id, gfn)`` says an MMU-notifier
-    invalidation raced with the lookup. Map an SPTE writable only if the returned
-    ``HostPfn.writable`` is set (the host may map the page read-only: KSM, copy-on-write).
+    kvm_faultin_pfn does), then installs SPTEs with ``vm.spte_cmpxchg``/``vm.spte_write``,
+    keeping the invalidation-retry, writable-policy and dirty-marking contracts above (the
+    steps, in order, are in ``mmu_core.backend``).
 
     Return ``Ret.FIXED``/``SPURIOUS``/``RETRY`` to re-enter the guest, ``Ret.EMULATE`` to have
     the core emulate the access (write-tracked guest page tables; set ``fault.mmio`` for an
     address outside every memslot), or ``Ret.INJECT`` with ``fault.inject_error_code`` when
     the guest's own tables forbid the access. A gfn outside every memslot is MMIO: install an
-    MMIO SPTE carrying ``vm.memslots_generation(as_id)`` so that later accesses exit as
+    MMIO SPTE carrying ``vm.memslots_generation()`` so that later accesses exit as
     misconfigurations, and return ``Ret.EMULATE`` with ``fault.mmio = True``. An MMIO SPTE
     with a stale generation must be treated as absent. READONLY slots are never writable:
     a write to one is MMIO too (KVM exits to userspace).
@@ -132,9 +212,14 @@ def mmu_page_fault(vcpu, fault):
 
 @hookspec(firstresult=True)
 def mmu_fast_page_fault(vcpu, fault):
-    """Optional lockless fast path (KVM's fast_page_fault), tried before ``mmu_page_fault``.
-
-    Return ``None`` to fall through to the slow path, or a ``Ret``.
+    """Optional lockless fast path (KVM's fast_page_fault). When a backend implements it, the
+    core calls it for every fault, from the vCPU's task with no lock held, before
+    ``mmu_page_fault`` and with the same ``fault``. Return ``None`` to fall through to
+    ``mmu_page_fault``, or a ``Ret`` to finish the fault here (the core counts it as
+    ``fast_<ret>`` in ``vcpu.faults``). It fixes what an existing SPTE lacks (a write
+    permission the SPTE is MMU-writable for, an access-tracked SPTE) with ``vm.spte_cmpxchg``
+    inside ``vm.rcu.read()``; it does not call ``vm.gfn_to_pfn`` or take the lock, and it
+    keeps the writable policy and dirty marking as the slow path does.
     """
 
 
@@ -153,11 +238,6 @@ def mmu_invlpg(vcpu, gva):
     """INVLPG (intercepted under shadow paging). The core has flushed the vCPU's TLB entry;
     the backend drops or resyncs the SPTE that shadowed gva. No lock held.
     """
-
-
-@hookspec
-def mmu_sync_roots(vcpu):
-    """Resynchronise unsync shadow pages before entry (KVM_REQ_MMU_SYNC)."""
 
 
 # --- memslots ---------------------------------------------------------------------------------
@@ -242,8 +322,12 @@ def mmu_audit(vm):
 
 
 @hookspec(firstresult=True)
-def mmu_set_nr_mmu_pages(vm, nr_pages):
-    """KVM_SET_NR_MMU_PAGES: keep at most ``nr_pages`` shadow pages, reclaiming the oldest."""
+def mmu_stats(vm):
+    """Return a ``types.MMUStats``: what the backend counted since ``mmu_init_vm`` (faults it
+    handled, retries, leaf and MMIO SPTEs installed by level). Called by reports after a run,
+    before ``mmu_destroy_vm``, with no task running: read state, change nothing, take no lock.
+    Optional: without it reports show zeros and say that the backend has no statistics.
+    """
 
 
 # --- observers (tracing and statistics plugins) --------------------------------------------

@@ -1,4 +1,5 @@
-"""Records that cross the MMU interface: faults, fault results, backend info, memory figures."""
+"""Records that cross the MMU interface: faults, fault results, backend info, memory figures,
+statistics."""
 
 from __future__ import annotations
 
@@ -121,3 +122,21 @@ class MMUMemory:
     @property
     def total_bytes(self) -> int:
         return self.page_table_bytes + self.metadata_bytes
+
+
+@dataclass(frozen=True)
+class MMUStats:
+    """What a backend counted since the VM was created (hook ``mmu_stats``). The core counts
+    fault outcomes and exits itself (``vcpu.faults``, ``vcpu.exits``); these are the figures
+    only the backend can know."""
+
+    faults: int = 0  # mmu_page_fault calls it handled (the slow path)
+    retries: int = 0  # of those, how many it answered Ret.RETRY (lost race, invalidation, ...)
+    mapped_4k: int = 0  # leaf SPTEs faults installed, by level
+    mapped_2m: int = 0
+    mapped_1g: int = 0
+    mmio_sptes: int = 0  # MMIO SPTEs faults installed
+
+    @property
+    def mapped_by_level(self) -> dict[str, int]:
+        return {"4K": self.mapped_4k, "2M": self.mapped_2m, "1G": self.mapped_1g}

@@ -232,10 +232,18 @@ class Vcpu:
             fault.error_code |= EC.PFERR_WRITE
         self._count(self.exits, fault.kind.value)
         vm.engine.delay(vm.engine.cost.vm_exit, "exit")
-        ret = vm.hook.mmu_page_fault(vcpu=self, fault=fault)
+        ret = None
+        if vm.hook.mmu_fast_page_fault.get_hookimpls():
+            # KVM tries fast_page_fault first; None means "not a case the fast path fixes".
+            ret = vm.hook.mmu_fast_page_fault(vcpu=self, fault=fault)
+            if ret is not None:
+                self._count(self.faults, "fast_" + Ret(ret).name.lower())
         if ret is None:
-            raise GuestError(f"backend returned nothing for {fault.kind.value} at {fault.gva:#x}")
-        self._count(self.faults, Ret(ret).name.lower())
+            ret = vm.hook.mmu_page_fault(vcpu=self, fault=fault)
+            if ret is None:
+                raise GuestError(f"backend returned nothing for {fault.kind.value} at "
+                                 f"{fault.gva:#x}")
+            self._count(self.faults, Ret(ret).name.lower())
         done = pc
         if ret == Ret.INJECT:
             results[pc] = (0, EC.PF_VECTOR, fault.inject_error_code)

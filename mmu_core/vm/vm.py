@@ -44,6 +44,15 @@ def create_vm(config: VMConfig, engine: Engine | None = None) -> VM:
 
 
 class VM:
+    """One guest: what `create_vm` builds. Backends receive it in every VM-level hook and use
+    the services below (mmu_core.hookspecs lists them; each method says what it promises).
+
+    Attributes a backend reads: `engine` (virtual time, costs, atomics), `mmu_lock` (an
+    RWLock), `rcu`, `observe` (the observers' hooks), `host` (frames and table rows),
+    `memslots` (one `Memslots` per address space), `vcpus`, `role`, `config`,
+    `mmu_invalidate_seq`.
+    """
+
     config: VMConfig
     params: Params
 
@@ -265,13 +274,21 @@ class VM:
         return gfns
 
     def collecting_dirty(self, as_id: int, gfn: int) -> bool:
-        """Whether a get_dirty_log that harvested gfn is still re-protecting it."""
+        """Whether a get_dirty_log (or enabling dirty logging) that covers gfn is still
+        re-protecting it: until it returns, a writable SPTE of a logged slot may legitimately
+        exist for a gfn whose dirty bit was just harvested. For audits; no switch point."""
         return any(a == as_id and gfn in gfns for a, gfns in self._collecting)
 
     def memslots_generation(self) -> int:
+        """The memslots generation, one counter for both address spaces: every memslot
+        change bumps it. An MMIO SPTE carries it (``& MMIO_SPTE_GEN_MASK``) and is stale once
+        it differs. No switch point."""
         return self.generation
 
     def gfn_to_memslot(self, as_id: int, gfn: int) -> Memslot | None:
+        """The memslot of address space as_id that covers gfn, or None (MMIO). A slot being
+        deleted or moved is returned with ``slot.invalid`` set (``gfn_to_pfn`` waits for the
+        update instead). No switch point."""
         return self.memslots[as_id].find(gfn)
 
     # --- gfn -> pfn (KVM: __gfn_to_pfn_memslot / hva_to_pfn) ------------------------------------
@@ -286,6 +303,11 @@ class VM:
         page returns the shared pfn with writable=False, and the backend maps it read-only.
         Accounted to the "gup" phase. Every delay is a switch point, so the host state is
         looked up again after each one; the result is read with no switch point after it.
+
+        Read ``mmu_invalidate_seq`` before calling it and check ``mmu_invalidate_retry_gfn``
+        under the MMU lock before installing the result: it may be stale by then. Call it with
+        no lock held (it may block). A write to a READONLY slot still resolves; the backend
+        must not map it (``slot.readonly``).
         """
         slot = self.memslots[as_id].find(gfn)
         while slot is not None and slot.invalid:
@@ -354,19 +376,31 @@ class VM:
 
     # --- page-table pages, atomics, flushes -------------------------------------------------
     def alloc_pt_page(self) -> int:
-        """A zeroed page-table page (its 512 entries are all zero = not present)."""
+        """A zeroed page-table page (its 512 entries are all zero = not present); returns its
+        pfn. Charged (a switch point). Every page allocated must be freed with
+        ``free_pt_page`` by the end of ``mmu_destroy_vm``: the core checks for leaks."""
         self.engine.delay(self.engine.cost.pt_page_alloc)
         pfn = self.host.alloc(Purpose.MMU_PT)
         self.host.table(pfn)
         return pfn
 
     def free_pt_page(self, pfn: int) -> None:
+        """Free a page-table page at once. The caller has made it unreachable and flushed
+        TLBs; if a lockless walker may still be inside it, free it from an RCU callback
+        (``vm.rcu.call_rcu``) instead. Touching it afterwards raises UseAfterFree. No switch
+        point."""
         self.host.free(pfn)
 
     def pt_pages_in_use(self) -> int:
+        """Page-table pages allocated and not yet freed, for ``mmu_memory``."""
         return int(self.host.frames_in_use[Purpose.MMU_PT])
 
     def spte_table(self, pfn: int) -> np.ndarray:
+        """The 512 SPTEs of table pfn as a writable uint64 numpy row: plain loads and stores
+        with no switch point and no cost, for code that holds the lock for write or reads
+        state between steps (audits, jitted range operations, which charge their own cost
+        with ``vm.engine.delay``). A concurrent fault path uses ``spte_read``/``spte_cmpxchg``.
+        Raises UseAfterFree for a freed page."""
         return self.host.pt[self._pt_row(pfn)]
 
     def _pt_row(self, pfn: int) -> int:
@@ -395,6 +429,8 @@ class VM:
         return True
 
     def spte_xchg(self, pfn: int, idx: int, new: int) -> int:
+        """xchg on an SPTE: store `new`, return what was there. A switch point; used to
+        freeze a table's entries while other tasks may still change them."""
         self.engine.atomic("xchg")
         table = self.host.pt[self._pt_row(pfn)]
         old = int(table[idx])
@@ -402,12 +438,18 @@ class VM:
         return old
 
     def spte_write(self, pfn: int, idx: int, new: int) -> None:
-        """A plain store, for SPTEs only the lock holder (write mode) can touch."""
+        """A plain store, for SPTEs only the lock holder (write mode) can touch, or that the
+        caller froze first. Charged (a switch point)."""
         self.engine.delay(self.engine.cost.spte_write)
         self.host.pt[self._pt_row(pfn), idx] = np.uint64(new)
 
     def flush_remote_tlbs(self) -> None:
-        """kvm_flush_remote_tlbs: every vCPU's TLB is emptied before this returns."""
+        """kvm_flush_remote_tlbs: once it returns, no vCPU uses a TLB or paging-structure
+        cache entry from before the call (each services the flush request before its next
+        guest access), and observers have heard of it. Charged (a switch point). The core
+        calls it after range hooks that return True; a backend calls it itself before
+        freeing a table page a vCPU may still cache, or after replacing a present SPTE in a
+        fault."""
         cost = self.engine.cost
         self.engine.delay(
             cost.remote_tlb_flush_base + cost.remote_tlb_flush_per_vcpu * len(self.vcpus),
@@ -430,6 +472,10 @@ class VM:
 
     # --- dirty logging and write tracking --------------------------------------------------------
     def mark_page_dirty(self, as_id: int, gfn: int) -> None:
+        """Set gfn's bit in its slot's dirty bitmap if the slot logs dirty pages (else
+        nothing). The backend calls it before it installs a writable SPTE in a logged slot
+        (KVM's make_spte), and for guest tables its software walk set A/D in; the core calls
+        it for writes it emulates. No switch point."""
         slot = self.memslots[as_id].find(gfn)
         if slot is not None and slot.dirty_bitmap is not None:
             slot.dirty_bitmap[gfn - slot.base_gfn] = 1
@@ -440,6 +486,7 @@ class VM:
         t[gfn] = t.get(gfn, 0) + 1
 
     def untrack_gfn(self, as_id: int, gfn: int) -> None:
+        """Drop one reference taken by ``track_gfn``; writes stop exiting with the last."""
         t = self._tracked[as_id]
         n = t.get(gfn, 0) - 1
         if n <= 0:
@@ -453,6 +500,8 @@ class VM:
         return (as_id, gfn) in self._track_writes
 
     def is_tracked(self, as_id: int, gfn: int) -> bool:
+        """Whether gfn is write-tracked: no SPTE may map it writable (the core emulates
+        writes to it and reports them through ``mmu_track_write``)."""
         return gfn in self._tracked[as_id]
 
     def _tracked_in(self, as_id: int, start: int, end: int) -> bool:
@@ -489,13 +538,17 @@ class VM:
         self._invalidating.pop(0)  # ranges end in the order they started (one host mm lock)
 
     def invalidating_gfn(self, as_id: int, gfn: int) -> bool:
-        """Whether gfn lies in an invalidation that has started and not yet ended."""
+        """Whether gfn lies in an MMU-notifier invalidation that has started and not yet
+        ended (its SPTEs may still map the old pfn). For audits; faults use
+        ``mmu_invalidate_retry_gfn``."""
         return any(a == as_id and first <= gfn < last
                    for ranges in self._invalidating for a, first, last in ranges)
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, as_id: int, gfn: int) -> bool:
-        """KVM's mmu_invalidate_retry_gfn: call under the MMU lock with the sequence sampled
-        before gfn_to_pfn; True means the pfn may be stale and the fault must retry."""
+        """KVM's mmu_invalidate_retry_gfn: call under the MMU lock (either mode) with
+        ``mmu_seq``, the ``mmu_invalidate_seq`` sampled before ``gfn_to_pfn``; True means the
+        pfn (or the memslot) may be stale and the fault must return Ret.RETRY without
+        installing anything. No switch point."""
         if mutants.on("skip-invalidate-retry"):
             return False
         if self.mmu_invalidate_in_progress and self.invalidating_gfn(as_id, gfn):
