@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +26,8 @@ try:
     from rich.table import Table
 
     import mmu_core
-    from mmu_core import InvalidConfig, MMUError, Params, load_params
-    from mmu_core.params import CONFIGURATIONS
+    from mmu_core import InvalidConfig, MMUError, Params, load_params, plugins
+    from mmu_core.params import CONFIGURATIONS, configuration
     from mmu_core.report.models import CompareReport, DemandPagingReport
     from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
 except KeyboardInterrupt:  # Ctrl-C while these load (numba's cache takes a second or two)
@@ -37,7 +38,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="A pluggable model of the Linux KVM x86 MMU.")
 run_app = typer.Typer(no_args_is_help=True, help="Run a workload on one configuration.")
 compare_app = typer.Typer(no_args_is_help=True,
-                          help="Run a workload on tdp, legacy and shadow; check parity.")
+                          help="Run a workload on several configurations; check parity.")
 app.add_typer(run_app, name="run")
 app.add_typer(compare_app, name="compare")
 out = Console()
@@ -61,14 +62,34 @@ _USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 
 
 # --- info commands ------------------------------------------------------------------------------
+def _capabilities(caps) -> str:
+    """One cell: what a backend declares beyond the required hooks (types.Capabilities)."""
+    parts = [f"faults: {caps.fault_lock} lock", f"dirty log: {caps.dirty_log}",
+             f"roots <= {caps.max_root_level} levels"]
+    for flag, label in (("huge_pages", "huge pages"), ("mmio_spte", "MMIO SPTEs"),
+                        ("fast_page_fault", "fast path"), ("aging", "aging"),
+                        ("audit", "audit")):
+        if getattr(caps, flag):
+            parts.append(label)
+    return ", ".join(parts)
+
+
+def _warn_broken() -> None:
+    """One line per backend entry point that discovery skipped (the rest still work)."""
+    for b in plugins.broken_backends():
+        err.print(f"mmu: warning: {b.line()}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def backends() -> None:
-    """Installed backends, their versions and the MMU roles they serve."""
-    table = Table("name", "version", "roles", "source", "description")
+    """Installed backends: versions, MMU roles, capabilities; and entry points that failed."""
+    table = Table("name", "version", "roles", "capabilities", "source", "description")
     for name, b in sorted(mmu_core.discover().items()):
-        table.add_row(name, b.info.version, ", ".join(r.value for r in b.info.roles), b.source,
-                      b.info.description)
+        table.add_row(name, b.info.version, ", ".join(r.value for r in b.info.roles),
+                      _capabilities(b.info.capabilities), b.source, b.info.description)
     out.print(table)
+    for b in plugins.broken_backends():
+        out.print(f"broken: {b.line()}", highlight=False, soft_wrap=True)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of parameters")]
@@ -98,6 +119,30 @@ PctDepthOpt = Annotated[int, typer.Option("--pct-depth", help="pct: bug depth (c
 PctStepsOpt = Annotated[int, typer.Option(
     "--pct-steps", help="pct: change points fall in steps [1, N]; the report gives a run's steps")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the full report as JSON")]
+CONFIG_NAMES = "tdp, legacy, shadow, or an installed backend's name (its direct roles on EPT)"
+
+
+def _configurations(names: list[str], option: str) -> list[tuple[str, Params]]:
+    """Resolve configuration names (comma-separated and/or repeated) before anything runs, so
+    a typo in the last one does not cost the runs before it."""
+    wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if not wanted:
+        raise InvalidConfig(option, "no configuration given: use tdp, legacy, shadow or an "
+                            f"installed backend ({plugins.installed_names()})")
+    installed = mmu_core.discover()
+    resolved: list[tuple[str, Params]] = []
+    for name in wanted:
+        if any(name == done for done, _ in resolved):
+            raise InvalidConfig(option, f"configuration '{name}' is given twice")
+        try:
+            params = configuration(name)
+        except InvalidConfig:
+            params = None
+        if params is None or params.backend not in installed:
+            raise InvalidConfig(option, f"unknown configuration '{name}': use tdp, legacy, "
+                                f"shadow or an installed backend ({plugins.installed_names()})")
+        resolved.append((name, params))
+    return resolved
 
 
 def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule):
@@ -143,12 +188,21 @@ def run_demand_paging(
     backend: Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")] = None,
     ept: Annotated[bool | None, typer.Option("--ept/--no-ept", help="two-dimensional paging")] = None,
     config: ConfigOpt = None,
+    configuration_name: Annotated[str | None, typer.Option(
+        "--configuration", help=f"instead of --backend/--ept/--config: {CONFIG_NAMES}")] = None,
     json: JsonOpt = False,
 ) -> None:
     """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
+    if configuration_name is not None:
+        if backend is not None or ept is not None or config is not None:
+            raise InvalidConfig("--configuration", "names the whole configuration: drop "
+                                "--backend, --ept/--no-ept and --config")
+        [(_, params)] = _configurations([configuration_name], "--configuration")
+    else:
+        params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
+    _warn_broken()
     report = _run_one(opts, params, "run")
     if json:
         out.print_json(report.model_dump_json())
@@ -169,12 +223,18 @@ def compare_demand_paging(
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
+    configs: Annotated[list[str] | None, typer.Option(
+        "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
+        "(default: tdp,legacy,shadow)")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """The same workload, seed and schedule on tdp, legacy and shadow paging, side by side."""
+    """The same workload, seed and schedule on each configuration, side by side; the
+    guest-visible outcomes must be identical (exit 1 if not)."""
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    reports = [_run_one(opts, p, name) for name, p in CONFIGURATIONS.items()]
+    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
+    _warn_broken()
+    reports = [_run_one(opts, p, name) for name, p in chosen]
     identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
     cmp = CompareReport(workload="demand-paging", runs=reports, identical=identical)
     if json:
@@ -235,7 +295,10 @@ def _render(reports: list[DemandPagingReport]) -> None:
         lambda r: f"{sum(v.pages_per_sec for v in r.per_vcpu) / len(r.per_vcpu):,.0f} pages/s")
     row("faults", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.faults.items())) or "-")
     row("exits", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-")
-    row("mappings 4K/2M/1G", lambda r: "/".join(str(v) for v in r.mappings_by_level.values()))
+    row("mappings 4K/2M/1G", lambda r: "/".join(str(v) for v in r.mappings_by_level.values())
+        + ("" if r.backend_stats else " (backend has no mmu_stats)"))
+    row("backend faults (retries)", lambda r: f"{r.backend_stats.faults} "
+        f"({r.backend_stats.retries})" if r.backend_stats else "n/a (no mmu_stats)")
     row("lock wait share", lambda r: _pct(r.lock_wait_share))
     for field, label in (("lock_wait_ns", "vCPU lock wait"), ("lock_held_ns", "vCPU lock held"),
                          ("gup_ns", "vCPU gup+userfault"), ("walk_ns", "vCPU walk"),
@@ -314,7 +377,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: typer, with every usage or input error reduced to one line and exit 2,
     and Ctrl-C to one line and exit 130."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        with warnings.catch_warnings():
+            # the commands print broken entry points themselves, in one line each
+            warnings.simplefilter("ignore", plugins.PluginWarning)
+            code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):

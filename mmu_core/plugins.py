@@ -6,11 +6,16 @@ scratch plugin manager: pluggy rejects hookimpls whose arguments do not match a 
 we reject unknown hook names and missing required hooks. Selection happens once per VM, from
 its snapshotted parameters: the chosen backend serves the roles it declares, and the shadow
 backend serves the rest (as KVM's TDP MMU falls back to the shadow MMU for nested roles).
+
+A third-party package whose entry point fails to load or to validate must not hide the other
+backends: discovery skips it, records it (`broken_backends()`, one line each, which `mmu
+backends` and the other commands print) and warns once (`PluginWarning`).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -20,7 +25,7 @@ import pluggy
 from mmu_core import hookspecs
 from mmu_core.errors import PluginError
 from mmu_core.params import Params
-from mmu_core.types import BackendInfo, Role
+from mmu_core.types import BackendInfo, Capabilities, Role
 
 GROUP = "mmu_core.backends"
 FALLBACK = "shadow"
@@ -34,7 +39,29 @@ class Backend:
     source: str  # "entry point <dist>" or "registered"
 
 
+@dataclass(frozen=True)
+class BrokenBackend:
+    """An installed entry point that discovery skipped, and why (one line)."""
+
+    name: str  # the entry point's name
+    value: str  # "module:Class"
+    distribution: str  # the distribution that declares it, or "?"
+    reason: str
+
+    def line(self) -> str:
+        return (f"backend entry point '{self.name}' ({self.value}, from {self.distribution}) "
+                f"skipped: {self.reason}")
+
+
+class PluginWarning(UserWarning):
+    """A backend entry point is broken; the others were loaded."""
+
+
 _extra: dict[str, type] = {}
+_broken: list[BrokenBackend] = []  # filled by discover()
+#: capability flags that promise a hook (types.Capabilities), checked at validation
+_CAPABILITY_HOOKS = {"aging": "mmu_age_gfn_range", "fast_page_fault": "mmu_fast_page_fault",
+                     "audit": "mmu_audit"}
 
 
 def register_backend(cls: type) -> None:
@@ -69,25 +96,55 @@ def _validate(cls: Any, where: str) -> BackendInfo:
     info = pm.hook.mmu_backend_info()
     if not isinstance(info, BackendInfo):
         raise PluginError(f"backend from {where}: mmu_backend_info must return a BackendInfo")
+    if not isinstance(info.capabilities, Capabilities):
+        raise PluginError(f"backend from {where}: BackendInfo.capabilities must be Capabilities")
+    # A declared capability is what the conformance suite goes on to require: a missing hook
+    # is a contradiction best reported here, in one line, not as a failure deep in a run.
+    unkept = [f"{cap} needs {hook}" for cap, hook in _CAPABILITY_HOOKS.items()
+              if getattr(info.capabilities, cap) and hook not in impls]
+    if unkept:
+        raise PluginError(f"backend '{info.name}' from {where} declares capabilities it does not "
+                          f"implement: {', '.join(unkept)}")
     return info
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, PluginError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 @functools.cache
 def discover() -> dict[str, Backend]:
-    """Every installed backend by name; two claiming one name is an error."""
+    """Every installed backend by name. An entry point that fails to load or validate is
+    skipped and recorded (`broken_backends()`); two backends claiming one name is an error,
+    since neither can be chosen safely."""
     found: dict[str, Backend] = {}
+    broken: list[BrokenBackend] = []
     for ep in entry_points(group=GROUP):
         where = f"entry point '{ep.name}' ({ep.value})"
         try:
             cls = ep.load()
-        except Exception as exc:  # a broken third-party package must not hide the others' names
-            raise PluginError(f"{where} failed to load: {exc}") from None
-        info = _validate(cls, where)
+            info = _validate(cls, where)
+        except Exception as exc:  # any error of third-party code, import-time ones included
+            dist = ep.dist.name if getattr(ep, "dist", None) is not None else "?"
+            broken.append(BrokenBackend(ep.name, ep.value, dist, _one_line(exc)))
+            continue
         _claim(found, Backend(info.name, cls, info, where))
     for cls in _extra.values():
         info = _validate(cls, "registered")
         _claim(found, Backend(info.name, cls, info, "registered"))
+    _broken[:] = broken
+    for b in broken:
+        warnings.warn(b.line(), PluginWarning, stacklevel=2)
     return found
+
+
+def broken_backends() -> tuple[BrokenBackend, ...]:
+    """The entry points the last discovery skipped (discovering first if needed)."""
+    discover()
+    return tuple(_broken)
 
 
 def _claim(found: dict[str, Backend], backend: Backend) -> None:

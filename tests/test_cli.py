@@ -33,7 +33,7 @@ def test_run_json_is_one_report_with_a_schema_version():
     p = mmu("run", "demand-paging", "-v", "2", "-b", "256K", "--json", "--seed", "4")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["schema_version"] == 2 and report["verified"] is True
+    assert report["schema_version"] == 3 and report["verified"] is True
     assert report["configuration"] == "tdp"
     assert report["schedule"] == {"policy": "fifo", "seed": 4, "jitter_ns": None,
                                   "pct_depth": None, "pct_steps": None,

@@ -88,7 +88,7 @@ def test_core_imports_no_plugin_and_plugins_import_only_public_core():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.startswith(("mmu_tdp", "mmu_shadow")) for n in names), path
-    public = ("mmu_core", "mmu_core.arch.x86", "mmu_core.hw", "mmu_core.sim")
+    public = ("mmu_core", "mmu_core.backend", "mmu_core.arch.x86", "mmu_core.hw", "mmu_core.sim")
     for plugin in ("tdp", "shadow"):
         for path in (root / "plugins" / plugin).rglob("*.py"):
             tree = ast.parse(path.read_text())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 2  # 2: `schedule` added; wall-clock figures grouped under `wall`
+# 2: `schedule` added; wall-clock figures grouped under `wall`. 3: `backend_stats` (the
+# backend's mmu_stats hook) added.
+SCHEMA_VERSION = 3
 
 
 class Frozen(BaseModel):
@@ -44,6 +46,17 @@ class MemoryFigures(Frozen):
     guest_memory_bytes: int
     page_table_share: float  # of guest memory
     metadata_share: float
+
+
+class BackendStats(Frozen):
+    """The backend's own counts (hook mmu_stats, types.MMUStats), as reported."""
+
+    faults: int  # mmu_page_fault calls the backend handled
+    retries: int  # of those, answered RETRY
+    mapped_4k: int
+    mapped_2m: int
+    mapped_1g: int
+    mmio_sptes: int
 
 
 class ScheduleFigures(Frozen):
@@ -91,7 +104,8 @@ class DemandPagingReport(Frozen):
     lock_wait_share: float  # of summed vCPU time
     faults: dict[str, int]  # by outcome
     exits: dict[str, int]
-    mappings_by_level: dict[str, int]
+    mappings_by_level: dict[str, int]  # from backend_stats; zeros when that is None
+    backend_stats: BackendStats | None  # None: the backend does not implement mmu_stats
     cmpxchg_failures: int
     tlb_flushes: int
     memory: MemoryFigures

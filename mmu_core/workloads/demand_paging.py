@@ -20,11 +20,12 @@ from pydantic import ConfigDict, Field, field_validator
 
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import ScheduleFields, VMConfig
-from mmu_core.errors import InvalidConfig
+from mmu_core.errors import BackendError, InvalidConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name
 from mmu_core.report.models import (
+    BackendStats,
     DemandPagingReport,
     MemoryFigures,
     ScheduleFigures,
@@ -34,6 +35,7 @@ from mmu_core.report.models import (
 )
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
+from mmu_core.types import MMUStats
 
 MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
 PROGRESS_CHUNKS = 32  # progress reports per vCPU
@@ -112,6 +114,20 @@ def _split(stats) -> TimeSplit:
     )
 
 
+def backend_stats(vm) -> BackendStats | None:
+    """The statistics of the backend serving the VM's role, through its mmu_stats hook; None
+    when it does not implement the hook (the report then says so instead of guessing)."""
+    if not vm.hook.mmu_stats.get_hookimpls():
+        return None
+    stats = vm.hook.mmu_stats(vm=vm)
+    if not isinstance(stats, MMUStats):
+        raise BackendError(f"backend '{vm.backend_name}': mmu_stats returned "
+                           f"{type(stats).__name__}, not MMUStats")
+    return BackendStats(faults=stats.faults, retries=stats.retries, mapped_4k=stats.mapped_4k,
+                        mapped_2m=stats.mapped_2m, mapped_1g=stats.mapped_1g,
+                        mmio_sptes=stats.mmio_sptes)
+
+
 def run_demand_paging(
     opts: DemandPagingOptions,
     params: Params,
@@ -167,8 +183,7 @@ def run_demand_paging(
                 faults[k] = faults.get(k, 0) + n
             for k, n in v.exits.items():
                 exits[k] = exits.get(k, 0) + n
-        backend = vm.backend_instances[vm.backend_name]
-        mapped = getattr(backend, "stats", {}).get("mapped", [0, 0, 0, 0])
+        stats = backend_stats(vm)
         mem = vm.memory()
         guest_bytes = spec.data_size
         digest = guest_digest(vm, results)
@@ -205,7 +220,10 @@ def run_demand_paging(
         lock_wait_share=summed.lock_wait_ns / summed.total_ns if summed.total_ns else 0.0,
         faults=faults,
         exits=exits,
-        mappings_by_level={"4K": mapped[1], "2M": mapped[2], "1G": mapped[3]},
+        mappings_by_level={"4K": stats.mapped_4k if stats else 0,
+                           "2M": stats.mapped_2m if stats else 0,
+                           "1G": stats.mapped_1g if stats else 0},
+        backend_stats=stats,
         cmpxchg_failures=cmpxchg_failures,
         tlb_flushes=vm.tlb_flushes,
         memory=MemoryFigures(

@@ -29,6 +29,7 @@ from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
+from mmu_core.backend import MMUStats
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
 
@@ -170,9 +171,10 @@ class ShadowMMU:
     @hookimpl
     def mmu_page_fault(self, vcpu, fault: PageFault):
         self.stats["faults"] += 1
-        if self.direct:
-            return self._direct_fault(vcpu, fault)
-        return self._shadow_fault(vcpu, fault)
+        ret = self._direct_fault(vcpu, fault) if self.direct else self._shadow_fault(vcpu, fault)
+        if ret == Ret.RETRY:
+            self.stats["retries"] += 1  # counted once here: several paths return RETRY
+        return ret
 
     def _guest_walk(self, vcpu, fault: PageFault, acc: int):
         """FNAME(walk_addr): the guest's tables through memslots, setting A/D on success."""
@@ -237,7 +239,6 @@ class ShadowMMU:
         with vm.mmu_lock.write():
             if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn) \
                     or self._gptes_changed(vcpu, tables, ptes):
-                self.stats["retries"] += 1
                 return Ret.RETRY
             keys = R.chain_keys(ctx, vm.root_levels(vcpu), fault.gva, tables, ptes,
                                 int(out[W.OUT_LEVEL]), gpa)
@@ -265,7 +266,7 @@ class ShadowMMU:
                 self._add_rmap((vcpu.as_id, gfn), table, idx)
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
-            self.stats["mapped"][1] += 1
+                self.stats["mapped"][1] += 1
         if fault.write and tracked:
             return self._emulate(fault)
         return Ret.FIXED
@@ -298,10 +299,8 @@ class ShadowMMU:
     def _install_mmio(self, vcpu, fault, gpa, tables, ptes, leaf_level) -> Ret:
         vm = self.vm
         fault.mmio = True
-        self.stats["mmio"] += 1
         with vm.mmu_lock.write():
             if self._gptes_changed(vcpu, tables, ptes):
-                self.stats["retries"] += 1
                 return Ret.RETRY
             keys = R.chain_keys(self._context(vcpu), vm.root_levels(vcpu), fault.gva, tables,
                                 ptes, leaf_level, gpa)
@@ -312,6 +311,7 @@ class ShadowMMU:
                 self._drop_leaf(table, idx, old)
                 vm.spte_write(table, idx, S.make_mmio_spte(gpa >> 12, 0x7,
                                                            vm.memslots_generation(), False))
+                self.stats["mmio"] += 1
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
         return Ret.EMULATE
@@ -365,7 +365,6 @@ class ShadowMMU:
                 for lv in range(root_level, 0, -1)]
         with vm.mmu_lock.write():
             if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn):
-                self.stats["retries"] += 1
                 return Ret.RETRY
             table = self._fetch_chain(vcpu, keys, fault.gpa, goal_level=level)
             if table is None:
@@ -598,7 +597,14 @@ class ShadowMMU:
             bad.append(("guest-disagrees", f"leaf {sp.pfn:#x}[{idx}] is writable, the guest "
                         f"entry at {egpa:#x} ({word:#x}) is not writable and dirty"))
 
-    # --- memory ---------------------------------------------------------------------------------
+    # --- statistics and memory -------------------------------------------------------------------
+    @hookimpl
+    def mmu_stats(self, vm):
+        st = self.stats
+        return MMUStats(faults=st["faults"], retries=st["retries"], mapped_4k=st["mapped"][1],
+                        mapped_2m=st["mapped"][2], mapped_1g=st["mapped"][3],
+                        mmio_sptes=st["mmio"])
+
     @hookimpl
     def mmu_memory(self, vm):
         pages = len(self.pages)

@@ -28,6 +28,7 @@ from mmu_core import (
     mutants,
 )
 from mmu_core.arch.x86 import spte as S
+from mmu_core.backend import MMUStats
 from mmu_tdp.ops import collect_tables, zap_leafs_in_range
 from mmu_tdp.tdp_iter import TdpIter
 
@@ -420,7 +421,14 @@ class TdpMMU:
             direct=True,
         )
 
-    # --- memory -----------------------------------------------------------------------------
+    # --- statistics and memory -------------------------------------------------------------
+    @hookimpl
+    def mmu_stats(self, vm):
+        st = self.stats
+        return MMUStats(faults=st["faults"], retries=st["retries"], mapped_4k=st["mapped"][1],
+                        mapped_2m=st["mapped"][2], mapped_1g=st["mapped"][3],
+                        mmio_sptes=st["mmio"])
+
     @hookimpl
     def mmu_memory(self, vm):
         pages = vm.pt_pages_in_use()
