@@ -132,3 +132,114 @@ def test_observers_see_root_allocations_and_tlb_flushes():
         unregister_observer(counter)
     assert counter.events[0] == ("root", 0, "direct")
     assert ("flush", 1) in counter.events
+
+
+# --- discovery survives broken third-party entry points -----------------------------------------
+@pytest.fixture
+def broken_entry_points(monkeypatch):
+    """Two installed entry points beside the real ones: one whose module does not exist, one
+    that loads a class with no hooks at all."""
+    from importlib.metadata import EntryPoint
+
+    from mmu_core import plugins
+
+    real = plugins.entry_points
+    fakes = [EntryPoint("ghost", "no_such_module_for_mmu_tests:Backend", plugins.GROUP),
+             EntryPoint("hookless", "collections:OrderedDict", plugins.GROUP)]
+
+    def entry_points(group):
+        found = list(real(group=group))
+        return found + fakes if group == plugins.GROUP else found
+
+    monkeypatch.setattr(plugins, "entry_points", entry_points)
+    discover.cache_clear()
+    yield
+    monkeypatch.undo()
+    discover.cache_clear()
+
+
+def test_a_broken_entry_point_is_reported_in_one_line_and_the_rest_load(broken_entry_points):
+    from mmu_core.plugins import PluginWarning, broken_backends
+
+    with pytest.warns(PluginWarning) as caught:
+        found = discover()
+    assert {"tdp", "shadow"} <= set(found)
+    broken = {b.name: b for b in broken_backends()}
+    assert set(broken) == {"ghost", "hookless"}
+    assert "No module named 'no_such_module_for_mmu_tests'" in broken["ghost"].reason
+    assert "lacks required hooks" in broken["hookless"].reason
+    for b in broken.values():
+        assert "\n" not in b.line() and f"'{b.name}'" in b.line()
+    assert sorted(str(w.message) for w in caught) == sorted(b.line() for b in broken.values())
+
+
+def test_a_declared_capability_without_its_hook_is_rejected():
+    from mmu_core import Capabilities
+    from mmu_tdp import TdpMMU
+
+    class Boasting(TdpMMU):
+        @staticmethod
+        @hookimpl
+        def mmu_backend_info():
+            return BackendInfo("boasting", "0", (Role.DIRECT,), "declares aging it lacks",
+                               Capabilities(fault_lock="read", aging=True, fast_page_fault=True))
+
+    with pytest.raises(PluginError) as exc:
+        register_backend(Boasting)
+    assert "aging needs mmu_age_gfn_range" in str(exc.value)
+    assert "fast_page_fault needs mmu_fast_page_fault" in str(exc.value)
+    assert "boasting" not in discover()
+
+
+def test_fast_page_fault_runs_before_the_slow_path_and_none_falls_through():
+    from parity_util import data_gva, spec_for
+
+    from mmu_core import Capabilities, Ret, VMConfig
+    from mmu_core.arch.x86 import paging as P
+    from mmu_core.guest.machine import build_machine
+    from mmu_core.guest.program import Program
+    from mmu_core.params import configuration
+    from mmu_tdp import TdpMMU
+
+    class FastProbe(TdpMMU):
+        """The TDP MMU, logging both paths; its fast path sends the first fault back
+        (RETRY) and lets every later one through (None)."""
+
+        def __init__(self, vm):
+            super().__init__(vm)
+            self.log = []
+
+        @staticmethod
+        @hookimpl
+        def mmu_backend_info():
+            return BackendInfo("fastprobe", "0", (Role.DIRECT,), "test",
+                               Capabilities(fault_lock="read", huge_pages=True, audit=True,
+                                            fast_page_fault=True))
+
+        @hookimpl
+        def mmu_fast_page_fault(self, vcpu, fault):
+            self.log.append(("fast", fault.gpa))
+            return Ret.RETRY if len(self.log) == 1 else None
+
+        @hookimpl
+        def mmu_page_fault(self, vcpu, fault):
+            self.log.append(("slow", fault.gpa))
+            return super().mmu_page_fault(vcpu, fault)
+
+    register_backend(FastProbe)
+    try:
+        m = build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=configuration("fastprobe")))
+        try:
+            m.run_programs([Program().read(data_gva(0)).build()])
+            log = m.vm.backend_instances["fastprobe"].log
+            faults = m.vm.vcpus[0].faults
+        finally:
+            m.vm.destroy()
+    finally:
+        unregister_backend("fastprobe")
+    kinds = [k for k, _ in log]
+    assert kinds[:3] == ["fast", "fast", "slow"]  # the retried fault came back, then fell through
+    assert kinds.count("fast") == kinds.count("slow") + 1
+    assert all(kinds[i] == "fast" for i in range(len(kinds)) if i == 0 or kinds[i - 1] == "slow")
+    assert faults["fast_retry"] == 1
+    assert sum(n for k, n in faults.items() if not k.startswith("fast_")) == kinds.count("slow")
