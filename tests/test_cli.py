@@ -2,6 +2,7 @@
 with exit code 130."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,15 +13,65 @@ import cli
 from mmu_core.sim import Engine
 
 
-def mmu(*args):
+def mmu(*args, pythonpath=None):
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+                          env=env)
 
 
-def test_backends_lists_both_in_tree_backends():
+def test_backends_lists_both_in_tree_backends_with_their_capabilities():
     p = mmu("backends")
     assert p.returncode == 0
-    assert "tdp" in p.stdout and "shadow" in p.stdout
+    rows = {line.split()[1]: line for line in p.stdout.splitlines()
+            if line.startswith("│") and line.split()[1] in ("tdp", "shadow")}
+    assert "faults: read lock" in rows["tdp"] and "faults: write lock" in rows["shadow"]
+    assert "broken" not in p.stdout
+
+
+@pytest.fixture(scope="module")
+def third_party(tmp_path_factory):
+    """A directory that, on PYTHONPATH, installs two more backends: a working TDP MMU
+    named 'mine' and an entry point whose module does not exist."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "mine_mmu.py").write_text(
+        "from mmu_tdp import TdpMMU\n"
+        "from mmu_core.backend import BackendInfo, Capabilities, Role, hookimpl\n\n\n"
+        "class Mine(TdpMMU):\n"
+        "    @staticmethod\n"
+        "    @hookimpl\n"
+        "    def mmu_backend_info():\n"
+        "        return BackendInfo('mine', '9.9', (Role.DIRECT,), 'a third-party TDP MMU',\n"
+        "                           Capabilities(fault_lock='read', huge_pages=True, audit=True))\n")
+    dist = site / "mine_mmu-9.9.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mine-mmu\nVersion: 9.9\n")
+    (dist / "entry_points.txt").write_text(
+        "[mmu_core.backends]\nmine = mine_mmu:Mine\nghost = no_such_module_for_mmu_tests:X\n")
+    return site
+
+
+def test_installed_third_party_backends_are_listed_and_a_broken_one_is_one_line(third_party):
+    p = mmu("backends", pythonpath=third_party)
+    assert p.returncode == 0, p.stderr
+    names = {line.split()[1] for line in p.stdout.splitlines() if line.startswith("│")}
+    assert {"tdp", "shadow", "mine"} <= names
+    broken = [line for line in p.stdout.splitlines() if line.startswith("broken:")]
+    assert len(broken) == 1 and "'ghost'" in broken[0] and "mine-mmu" in broken[0]
+    assert p.stderr == ""
+
+
+def test_compare_runs_an_installed_backend_beside_a_built_in_one(third_party):
+    p = mmu("compare", "demand-paging", "-v", "2", "-b", "256K", "--configs", "tdp,mine",
+            "--json", pythonpath=third_party)
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("mmu: warning: backend entry point "
+                                                         "'ghost'")
+    report = json.loads(p.stdout)
+    assert [r["configuration"] for r in report["runs"]] == ["tdp", "mine"]
+    assert report["identical"] is True
 
 
 def test_params_says_where_values_come_from():
@@ -35,6 +86,9 @@ def test_run_json_is_one_report_with_a_schema_version():
     report = json.loads(p.stdout)
     assert report["schema_version"] == 3 and report["verified"] is True
     assert report["configuration"] == "tdp"
+    stats = report["backend_stats"]
+    assert stats["faults"] == sum(report["faults"].values()) and stats["mapped_4k"] > 0
+    assert report["mappings_by_level"]["4K"] == stats["mapped_4k"]
     assert report["schedule"] == {"policy": "fifo", "seed": 4, "jitter_ns": None,
                                   "pct_depth": None, "pct_steps": None,
                                   "steps": report["schedule"]["steps"]}
@@ -113,6 +167,71 @@ def test_compare_under_pct_reports_the_schedule_and_identical_digests(capsys):
     text = " ".join(out.split())  # the console wraps at its width
     assert "3 vCPUs x 256 KiB" in text and "schedule pct (depth 3, 3,000 steps)" in text
     assert "guest-visible outcomes: identical" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compare", "demand-paging", "--configs", "tdp,nosuch"], "unknown configuration 'nosuch'"),
+    (["compare", "demand-paging", "--configs", "tdp", "--configs", "tdp"], "given twice"),
+    (["compare", "demand-paging", "--configs", ","], "no configuration given"),
+    (["run", "demand-paging", "--configuration", "no such"], "unknown configuration 'no such'"),
+    (["run", "demand-paging", "--configuration", "tdp", "--no-ept"], "--configuration"),
+])
+def test_bad_configurations_are_one_line_and_exit_2(capsys, args, needle):
+    code, out, err = mmu_here(capsys, *args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert (code, len(lines), out) == (2, 1, ""), err
+    assert needle in lines[0] and "Traceback" not in err
+
+
+@pytest.fixture
+def mine():
+    """'mine': the TDP MMU under another name, registered in this process; 'nostats': the
+    same without the mmu_stats hook."""
+    from mmu_core import BackendInfo, Capabilities, Role, hookimpl, register_backend
+    from mmu_core.plugins import unregister_backend
+    from mmu_tdp import TdpMMU
+
+    def named(name):
+        class Renamed(TdpMMU):
+            @staticmethod
+            @hookimpl
+            def mmu_backend_info():
+                return BackendInfo(name, "0", (Role.DIRECT,), "test",
+                                   Capabilities(fault_lock="read", huge_pages=True, audit=True))
+        return Renamed
+
+    nostats = named("nostats")
+    nostats.mmu_stats = None  # not a hookimpl: pluggy does not register it
+    register_backend(named("mine"))
+    register_backend(nostats)
+    yield
+    unregister_backend("mine")
+    unregister_backend("nostats")
+
+
+def test_compare_takes_any_configuration_including_a_registered_backend(capsys, mine):
+    code, out, err = mmu_here(capsys, "compare", "demand-paging", "-v", "2", "-b", "256K",
+                              "--configs", "tdp,legacy", "--configs", "shadow,mine", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    runs = {r["configuration"]: r for r in report["runs"]}
+    assert list(runs) == ["tdp", "legacy", "shadow", "mine"] and report["identical"]
+    assert (runs["mine"]["backend"], runs["mine"]["params"]) == ("mine", {"ept": "true",
+                                                                          "backend": "mine"})
+    assert runs["mine"]["backend_stats"] == runs["tdp"]["backend_stats"]  # the same MMU
+
+
+def test_a_backend_without_mmu_stats_shows_zero_mappings_and_says_why(capsys, mine):
+    code, out, err = mmu_here(capsys, "run", "demand-paging", "-b", "256K",
+                              "--configuration", "nostats")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "0/0/0 (backend has no mmu_stats)" in text and "n/a (no mmu_stats)" in text
+    code, out, err = mmu_here(capsys, "run", "demand-paging", "-b", "256K",
+                              "--configuration", "mine")
+    mapped = re.search(r"mappings 4K/2M/1G │ (\d+)/0/0 │", " ".join(out.split()))
+    assert code == 0 and "no mmu_stats" not in out
+    assert int(mapped.group(1)) >= 64  # every data page, and the guest's page tables
 
 
 @pytest.fixture

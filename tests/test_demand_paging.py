@@ -44,6 +44,47 @@ def test_tdp_metadata_is_nil_while_legacy_and_shadow_report_rmap_and_structs(rep
         assert r.memory.rmap_bytes > 0 and r.memory.mmu_page_structs > 0
 
 
+def test_backend_statistics_agree_with_the_faults_the_core_counted(reports):
+    for name, r in reports.items():
+        st = r.backend_stats
+        assert st is not None, name
+        # One backend serves the VM's role and every fault reached its mmu_page_fault.
+        assert st.faults == sum(r.faults.values()), name
+        assert st.retries == r.faults.get("retry", 0), name
+        assert r.mappings_by_level == {"4K": st.mapped_4k, "2M": st.mapped_2m,
+                                       "1G": st.mapped_1g}
+    # Under TDP every fixed fault installed exactly one leaf (anon memory: 4 KiB leaves).
+    tdp = reports["tdp"]
+    assert tdp.backend_stats.mapped_4k == tdp.faults["fixed"] >= 4 * 256
+
+
+def test_a_backend_whose_mmu_stats_is_not_mmu_stats_is_named():
+    from mmu_core import BackendInfo, Role, hookimpl, register_backend
+    from mmu_core.errors import BackendError
+    from mmu_core.params import configuration
+    from mmu_core.plugins import unregister_backend
+    from mmu_tdp import TdpMMU
+
+    class DictStats(TdpMMU):
+        @staticmethod
+        @hookimpl
+        def mmu_backend_info():
+            return BackendInfo("dictstats", "0", (Role.DIRECT,), "test")
+
+        @hookimpl
+        def mmu_stats(self, vm):
+            return {"mapped": [0, 1, 0, 0]}  # what the report used to read
+
+    register_backend(DictStats)
+    try:
+        with pytest.raises(BackendError, match="'dictstats': mmu_stats returned dict, not "
+                                               "MMUStats"):
+            run_demand_paging(DemandPagingOptions(bytes_per_vcpu=64 << 10),
+                              configuration("dictstats"))
+    finally:
+        unregister_backend("dictstats")
+
+
 def test_same_seed_same_report_figures():
     opts = DemandPagingOptions(vcpus=3, bytes_per_vcpu=256 << 10, seed=11, uffd_delay_ns=5000)
     a = run_demand_paging(opts, CONFIGURATIONS["tdp"])
