@@ -373,6 +373,47 @@ def explore(
               f"scenarios x {len(set(o.config for o in outcomes))} configurations, {policy})")
 
 
+@app.command("new-backend")
+def new_backend(
+    name: Annotated[str, typer.Argument(help="backend name (a Python identifier)")],
+    directory: Annotated[Path | None, typer.Option("--dir", help="where to write it "
+                                                   "(default: ./NAME)")] = None,
+) -> None:
+    """Write a backend distribution from the template: entry point, a backend that already
+    passes the conformance suite, and a pytest setup that runs it."""
+    from mmu_core.template import new_backend as write
+
+    dest = write(name, directory or Path(name))
+    out.print(f"wrote {dest}: pip install -e {dest} && (cd {dest} && pytest)", highlight=False)
+
+
+@app.command()
+def conformance(
+    backend: Annotated[list[str], typer.Argument(help="installed backend(s) or tdp/legacy/shadow")],
+    schedules: Annotated[int, typer.Option("--schedules", help="explorer schedules per "
+                                           "scenario and policy")] = 10,
+    examples: Annotated[int, typer.Option("--examples", help="hypothesis examples per parity "
+                                          "test")] = 25,
+    reference: Annotated[str, typer.Option("--reference", help="reference configuration")] = "tdp",
+) -> None:
+    """Run the conformance suite (the pytest plugin) on backends; exit 0 if they conform."""
+    import os
+
+    import pytest
+
+    from mmu_core.testing.explore import check_names
+    from mmu_core.testing.pytest_plugin import SUITE
+
+    check_names([], [*backend, reference])
+    # Only the suite: no ini file of the current directory (its testpaths, its addopts).
+    args = ["-c", os.devnull, "--rootdir", str(SUITE.parent), str(SUITE), "-q",
+            "-p", "no:cacheprovider", "--mmu-reference", reference,
+            "--mmu-schedules", str(schedules), "--mmu-examples", str(examples)]
+    for name in backend:
+        args += ["--mmu-backend", name]
+    raise typer.Exit(int(pytest.main(args)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer, with every usage or input error reduced to one line and exit 2,
     and Ctrl-C to one line and exit 130."""

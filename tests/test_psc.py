@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity_util import data_gva, run_everywhere, spec_for
-from test_parity import build, op_strategy
 from walker_util import UPPER, Ept, Guest
 
 from mmu_core import VMConfig
@@ -32,6 +31,8 @@ from mmu_core.hw import tlb as T
 from mmu_core.hw import walker as W
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.parity import guest_digest
+from mmu_core.testing.programs import build
+from mmu_core.testing.strategies import op_strategy
 
 GVA = 0x4035_6789  # guest path: PML4 0, PDPT 1, PD 1, PT 0x156
 TABLE_GPA_OFFSET = 0x10_0000_0000  # guest tables at gpa = hpa + this (one EPT PDE region)

@@ -43,7 +43,7 @@ from mmu_core.host.memory import Purpose
 from mmu_core.host.mm import NO_PFN
 from mmu_core.hw import tlb as T
 from mmu_core.hw import walker as W
-from mmu_core.types import BackendAudit
+from mmu_core.types import BackendAudit, Role
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH
 
 _PRESENT = np.uint64(S.SPTE_MMU_PRESENT_MASK)
@@ -149,10 +149,16 @@ class _Frames:
 
 
 def backend_audit(vm) -> BackendAudit:
+    """The backend's report (hook mmu_audit); without the hook, the roots the vCPUs have
+    loaded, with every table page counted as held (so leaks go unseen until teardown)."""
     info = vm.hook.mmu_audit(vm=vm)
-    if info is None:
-        raise MMUError(f"backend '{vm.backend_name}' does not implement mmu_audit")
-    return info
+    if info is not None:
+        return info
+    roots = {(v.as_id, vm.root_levels(v), v.mmu_root) for v in vm.vcpus
+             if v.mmu_root is not None and not v.requests & REQ_MMU_RELOAD}
+    tables = np.flatnonzero(vm.host.frame_state == Purpose.MMU_PT).tolist()
+    return BackendAudit(roots=tuple(sorted(roots)), held_tables=frozenset(tables),
+                        direct=vm.role is Role.DIRECT)
 
 
 def audit(vm) -> list[Violation]:

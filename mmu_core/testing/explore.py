@@ -27,7 +27,8 @@ from mmu_core.errors import HostStateError, InvalidConfig, MMUError, UseAfterFre
 from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MMIO_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.hw import cpu as C
-from mmu_core.params import CONFIGURATIONS
+from mmu_core.params import CONFIGURATIONS, configuration
+from mmu_core.plugins import discover
 from mmu_core.testing.audit import audit
 from mmu_core.vm.vcpu import mmio_read_value
 
@@ -430,10 +431,11 @@ def check_names(scenarios: list[str], configs: list[str]) -> None:
         if s not in SCENARIOS:
             raise InvalidConfig("scenario", f"unknown scenario {s!r} (one of: "
                                 f"{', '.join(SCENARIOS)})")
+    installed = set(discover())
     for c in configs:
-        if c not in CONFIGURATIONS:
+        if c not in CONFIGURATIONS and c not in installed:
             raise InvalidConfig("config", f"unknown configuration {c!r} (one of: "
-                                f"{', '.join(CONFIGURATIONS)})")
+                                f"{', '.join([*CONFIGURATIONS, *sorted(installed - set(CONFIGURATIONS))])})")
 
 
 def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
@@ -452,7 +454,7 @@ def pct_steps_for(scenario: str, config: str) -> int:
     k). Measured once per (scenario, configuration): the steps of its fifo run with seed 0,
     no audit and no mutant, so a replay computes the same value."""
     with mutants.disabled():
-        vmconfig = VMConfig(seed=0, policy="fifo", params=CONFIGURATIONS[config])
+        vmconfig = VMConfig(seed=0, policy="fifo", params=configuration(config))
         run = SCENARIOS[scenario](vmconfig, random.Random(f"{scenario}:0"))
         engine = run.machine.vm.engine
         try:
@@ -466,7 +468,7 @@ def pct_steps_for(scenario: str, config: str) -> int:
 
 def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) -> Outcome:
     extra = {"pct_steps": pct_steps_for(scenario, config)} if policy == "pct" else {}
-    vmconfig = VMConfig(seed=seed, policy=policy, params=CONFIGURATIONS[config], **extra)
+    vmconfig = VMConfig(seed=seed, policy=policy, params=configuration(config), **extra)
     rng = random.Random(f"{scenario}:{seed}")
     run = SCENARIOS[scenario](vmconfig, rng)
     vm = run.machine.vm

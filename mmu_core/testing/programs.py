@@ -1,0 +1,126 @@
+"""Single-vCPU guest programs for backend parity, as a library: the conformance suite for
+third-party backends and the project's own tests share them.
+
+A program follows the architecture's rules for a well-behaved OS: after editing an entry the
+guest invalidates what it changed (INVLPG for a leaf, MOV CR3 for a non-leaf), since what a
+stale TLB entry yields is implementation-specific and may legitimately differ between
+configurations. `run_everywhere` runs one program under several configurations (built-in
+names or installed backends) and returns each one's guest-visible digest and results;
+`assert_parity` says where the first difference is. Random programs come from
+`mmu_core.testing.strategies` (hypothesis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from mmu_core.arch.x86 import paging as P
+from mmu_core.config import VMConfig
+from mmu_core.guest.machine import DATA_GPA, MMIO_GPA, MachineSpec, build_machine
+from mmu_core.guest.program import Program
+from mmu_core.params import CONFIGURATIONS, configuration
+from mmu_core.testing.parity import guest_digest
+
+DATA_PAGES = 16
+MMIO_GVA = MMIO_GPA
+FLAG_BITS = (P.PT_PRESENT, P.PT_WRITABLE, P.PT_USER, P.PT_ACCESSED, P.PT_DIRTY)
+
+
+def spec_for(mode: int, **kw) -> MachineSpec:
+    return MachineSpec(vcpus=1, data_size=DATA_PAGES * 4096, mode=mode, **kw)
+
+
+def data_gva(i: int) -> int:
+    return DATA_GPA + 4096 * i
+
+
+def run_everywhere(spec: MachineSpec, build_program: Callable, seed: int = 0,
+                   configs: Iterable[str] = tuple(CONFIGURATIONS)) -> dict[str, tuple[str, list]]:
+    """{config: (digest, results)}; build_program(machine) -> list of numpy programs."""
+    out = {}
+    for name in configs:
+        machine = build_machine(spec, VMConfig(seed=seed, params=configuration(name)))
+        try:
+            results = machine.run_programs(build_program(machine))
+            out[name] = (guest_digest(machine.vm, results), results)
+        finally:
+            machine.vm.destroy()
+    return out
+
+
+def _gva(i: int) -> int:
+    if i == DATA_PAGES:
+        return MMIO_GVA
+    if i == DATA_PAGES + 1:
+        return data_gva(DATA_PAGES + 600)  # unmapped: not present at the leaf or above
+    return data_gva(i)
+
+
+def build(ops, mode):
+    def program(machine):
+        pts = machine.pts
+        setup = machine.paging
+        ebytes = int(P.MODE_ENTRY_BYTES[mode])
+        prog = Program()
+        cr0, cr4 = setup.cr0, setup.cr4
+        for op in ops:
+            kind = op[0]
+            if kind == "read":
+                prog.read(_gva(op[1]) + 8)
+            elif kind == "write":
+                prog.write(_gva(op[1]), op[2])
+            elif kind == "fetch":
+                prog.fetch(_gva(op[1]))
+            elif kind == "pte" and mode != P.MODE_NONE:
+                _, page, flags, nx, target = op
+                value = sum(b for k, b in enumerate(FLAG_BITS) if flags >> k & 1)
+                if nx and pts.nx:
+                    value |= P.PT_NX
+                e_gpa = pts.entry_gpa(data_gva(page), 1, create=False)
+                prog.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(data_gva(target), value), ebytes)
+                prog.invlpg(data_gva(page))
+            elif kind == "pde" and mode != P.MODE_NONE:
+                _, flags, nx = op
+                value = P.PT_PRESENT | (P.PT_WRITABLE if flags & 1 else 0) | (P.PT_USER if flags & 2 else 0)
+                value |= P.PT_ACCESSED if flags & 4 else 0
+                if nx and pts.nx:
+                    value |= P.PT_NX
+                e_gpa = pts.entry_gpa(data_gva(0), 2, create=False)
+                child = pts.read_entry(e_gpa) & ~0xFFF & ((1 << 52) - 1)
+                prog.store_pte(pts.pt_gva_of(e_gpa), child | value, ebytes)
+                prog.mov_cr3(setup.cr3)
+            elif kind == "cpl":
+                prog.set_cpl(op[1])
+            elif kind == "ac":
+                prog.set_ac(op[1])
+            elif kind == "wp":
+                cr0 = (cr0 | P.CR0_WP) if op[1] else (cr0 & ~P.CR0_WP)
+                prog.mov_cr0(cr0)
+            elif kind == "cr4":
+                cr4 = cr4 & ~(P.CR4_SMEP | P.CR4_SMAP)
+                cr4 |= (P.CR4_SMEP if op[1] else 0) | (P.CR4_SMAP if op[2] else 0)
+                prog.mov_cr4(cr4)
+            elif kind == "cr3":
+                prog.mov_cr3(setup.cr3)
+        # End by reading every data page, so the final state is observed too.
+        for i in range(DATA_PAGES):
+            prog.read(data_gva(i))
+        return [prog.build()]
+
+    return program
+
+
+def assert_parity(runs, reference: str = "tdp"):
+    """Raise AssertionError naming the first op where a configuration differs from
+    `reference`, or the digests if only memory, MMIO or dirty logs differ."""
+    digests = {name: d for name, (d, _) in runs.items()}
+    if len(set(digests.values())) != 1:
+        base = runs[reference][1][0]
+        for name, (_, res) in runs.items():
+            diff = np.flatnonzero((res[0] != base).any(axis=1))
+            if len(diff):
+                raise AssertionError(f"{name} differs from {reference} first at op {diff[0]}: "
+                                     f"{res[0][diff[0]]} vs {base[diff[0]]}; digests {digests}")
+        raise AssertionError(f"digests differ (memory or MMIO): {digests}")
