@@ -51,6 +51,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "memslot-zap-after-install": (
         "delete and move install the final memslots first and zap after (no invalid step)",
         "core: VM.delete_memslot / move_memslot"),
+    "mmio-generation-at-install": (
+        "an MMIO SPTE takes the memslots generation current when it is installed, not the one "
+        "the fault resolved against", "tdp: TdpMMU._map_target"),
     "skip-gpte-recheck": (
         "the shadow fault does not re-check the guest PTEs under the lock (gpte_changed)",
         "shadow: ShadowMMU._gptes_changed"),

@@ -73,6 +73,7 @@ MUTANT_CASES = [
     ("skip-mark-dirty", "dirty-log", "legacy", "random"),
     ("memslot-update-no-retry", "memslots", "tdp", "random"),
     ("memslot-zap-after-install", "memslots", "legacy", "random"),
+    ("mmio-generation-at-install", "memslots", "tdp", "random"),
     ("skip-gpte-recheck", "pte-race", "shadow", "random"),
     ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),
     ("forget-rmap-removal", "dirty-log", "legacy", "random"),
@@ -102,6 +103,16 @@ def test_spte_access_to_a_freed_table_is_a_use_after_free():
             m.vm.spte_read(pfn, 0)
     finally:
         m.vm.destroy()
+
+
+def test_an_mmio_spte_made_while_a_slot_is_created_goes_stale():
+    # Found by the 1,000-schedule random explore: the VMM created a slot between a fault's
+    # retry check and its MMIO SPTE, which took the new generation and hid the slot.
+    o = run_schedule("memslots", "tdp", "random", 36)
+    assert o.ok, f"{o.invariant}: {o.detail}"
+    bad = run_schedule("memslots", "tdp", "random", 36,
+                       mutant_names=("mmio-generation-at-install",))
+    assert bad.invariant == "mmio-current"
 
 
 def test_zap_all_while_vcpus_fault_reloads_instead_of_crashing():

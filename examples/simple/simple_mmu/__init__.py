@@ -87,7 +87,9 @@ class Backend:
         as_id, gfn = vcpu.as_id, fault.gpa >> 12
         # 1. Resolve gfn -> pfn before taking the lock: gfn_to_pfn may sleep (userfault).
         #    Sample the invalidation sequence first, to notice a notifier that runs meanwhile.
-        seq = vm.mmu_invalidate_seq
+        #    An MMIO SPTE gets the generation of the memslots resolved against, so a slot
+        #    created meanwhile finds it stale.
+        seq, gen = vm.mmu_invalidate_seq, vm.memslots_generation()
         res = vm.gfn_to_pfn(as_id, gfn, fault.write)
         if res is not None and fault.write and res.slot.readonly:
             fault.mmio = True  # a write to a READONLY slot exits to userspace as MMIO
@@ -102,7 +104,7 @@ class Backend:
             if res is None:
                 # 3a. No memslot: MMIO. Cache it in an SPTE carrying the memslots generation.
                 fault.mmio = True
-                new = make_mmio_spte(gfn, MMIO_ACCESS, vm.memslots_generation(), True)
+                new = make_mmio_spte(gfn, MMIO_ACCESS, gen, True)
                 if old != new:
                     vm.spte_write(table, idx, new)
                 return Ret.EMULATE

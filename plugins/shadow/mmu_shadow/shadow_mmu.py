@@ -194,6 +194,7 @@ class ShadowMMU:
 
     def _shadow_fault(self, vcpu, fault: PageFault):
         vm = self.vm
+        gen = vm.memslots_generation()  # MMIO SPTEs carry the memslots we resolve against
         acc = EC.ACC_WRITE if fault.write else (EC.ACC_FETCH if fault.fetch else EC.ACC_READ)
         out = self._guest_walk(vcpu, fault, acc)
         st = int(out[W.OUT_STATUS])
@@ -211,14 +212,14 @@ class ShadowMMU:
             if not int(out[W.OUT_CODE]) & (1 << 8):
                 fault.inject_error_code = 0
                 return Ret.EMULATE  # a guest table outside memory: let the emulator fail it
-            return self._install_mmio(vcpu, fault, gpa, tables, ptes, int(out[W.OUT_LEVEL]))
+            return self._install_mmio(vcpu, fault, gpa, tables, ptes, int(out[W.OUT_LEVEL]), gen)
         attr = int(out[W.OUT_ATTR])
         leaf_pte = ptes[-1] if ptes else 0
         gfn = gpa >> 12
         mmu_seq = vm.mmu_invalidate_seq
         res = vm.gfn_to_pfn(vcpu.as_id, gfn, fault.write)
         if res is None:
-            return self._install_mmio(vcpu, fault, gpa, tables, ptes, int(out[W.OUT_LEVEL]))
+            return self._install_mmio(vcpu, fault, gpa, tables, ptes, int(out[W.OUT_LEVEL]), gen)
         pfn, slot = res.pfn, res.slot
         if fault.write and slot.readonly:
             fault.mmio = True
@@ -296,7 +297,7 @@ class ShadowMMU:
         self.stats["emulated"] += 1
         return Ret.EMULATE
 
-    def _install_mmio(self, vcpu, fault, gpa, tables, ptes, leaf_level) -> Ret:
+    def _install_mmio(self, vcpu, fault, gpa, tables, ptes, leaf_level, gen: int) -> Ret:
         vm = self.vm
         fault.mmio = True
         with vm.mmu_lock.write():
@@ -310,7 +311,7 @@ class ShadowMMU:
                 old = int(vm.spte_table(table)[idx])
                 self._drop_leaf(table, idx, old)
                 vm.spte_write(table, idx, S.make_mmio_spte(gpa >> 12, 0x7,
-                                                           vm.memslots_generation(), False))
+                                                           gen, False))
                 self.stats["mmio"] += 1
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
@@ -354,6 +355,7 @@ class ShadowMMU:
         vm = self.vm
         gfn = fault.gpa >> 12
         mmu_seq = vm.mmu_invalidate_seq
+        gen = vm.memslots_generation()  # for an MMIO SPTE: the memslots resolved against
         res = vm.gfn_to_pfn(vcpu.as_id, gfn, fault.write)
         if res is not None and fault.write and res.slot.readonly:
             fault.mmio = True
@@ -372,7 +374,7 @@ class ShadowMMU:
             idx = (gfn >> (9 * (level - 1))) & 511
             old = int(vm.spte_table(table)[idx])
             if res is None:
-                new = S.make_mmio_spte(gfn, 0x7, vm.memslots_generation(), True)
+                new = S.make_mmio_spte(gfn, 0x7, gen, True)
                 fault.mmio = True
             else:
                 slot = res.slot

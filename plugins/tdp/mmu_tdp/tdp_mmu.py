@@ -156,6 +156,10 @@ class TdpMMU:
         # Resolve gfn -> pfn before taking the lock (KVM: kvm_faultin_pfn), remembering the
         # invalidation sequence so a notifier that ran meanwhile makes us retry.
         mmu_seq = vm.mmu_invalidate_seq
+        # An MMIO SPTE carries the generation of the memslots this fault resolved against
+        # (KVM: kvm_vcpu_memslots()->generation), not of the ones current when it is
+        # installed: a slot created in between must find it stale.
+        gen = vm.memslots_generation()
         res = vm.gfn_to_pfn(as_id, gfn, fault.write)
         if res is not None and fault.write and res.slot.readonly:
             fault.mmio = True  # a write to a read-only slot exits to userspace as MMIO
@@ -186,7 +190,7 @@ class TdpMMU:
                     return self._retry()
             else:
                 return self._retry()
-            ret = self._map_target(vcpu, fault, it, res, gfn, goal_level)
+            ret = self._map_target(vcpu, fault, it, res, gfn, goal_level, gen)
         return ret
 
     def _mmio_spte_is_current(self, vcpu, gfn: int) -> bool:
@@ -238,11 +242,14 @@ class TdpMMU:
         it.old_spte = 0
         return True
 
-    def _map_target(self, vcpu, fault: PageFault, it: TdpIter, res, gfn: int, level: int) -> Ret:
+    def _map_target(self, vcpu, fault: PageFault, it: TdpIter, res, gfn: int, level: int,
+                    gen: int) -> Ret:
         vm = self.vm
         table, idx = it.sptep
         if res is None:
-            new = S.make_mmio_spte(gfn, 0x7, vm.memslots_generation(), True)
+            if mutants.on("mmio-generation-at-install"):
+                gen = vm.memslots_generation()
+            new = S.make_mmio_spte(gfn, 0x7, gen, True)
             fault.mmio = True
             if it.old_spte != new and not vm.spte_cmpxchg(table, idx, it.old_spte, new):
                 return self._retry()
