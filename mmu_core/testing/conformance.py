@@ -7,7 +7,7 @@ group, and the run ends with a table, group by group:
 discovery     the backend is installed, validates, and describes its capabilities
 parity        random single-vCPU programs in every paging mode, with dirty logging and MMIO,
               are indistinguishable from the reference configuration (hypothesis)
-memslots      READONLY slots, MMIO and its SPTE cache, deleting a slot
+memslots      READONLY slots, MMIO, deleting a slot, SMM address spaces
 concurrency   every explorer scenario (first touch, guest PTE races, zap-all, dirty logging,
               READONLY, host events, memslot changes, THP split and collapse) under random
               and pct schedules, with the invariant audit after every step and the reference
@@ -37,6 +37,7 @@ from mmu_core.testing.explore import SCENARIOS, run_schedule
 from mmu_core.testing.programs import DATA_PAGES, assert_parity, build, run_everywhere, spec_for
 from mmu_core.testing.strategies import op_strategy
 from mmu_core.types import Role
+from mmu_core.vm.vcpu import REQ_MMU_RELOAD
 from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
 
 
@@ -133,6 +134,29 @@ def test_a_deleted_slot_reads_as_mmio(mmu_backend):
         res = m.run_programs([Program().read(DATA_GPA).build()])[0]
         assert m.vm.vcpus[0].mmio[-1][1] == DATA_GPA, "after the delete the gpa must be MMIO"
         assert res[0, C.RES_VALUE] != 5
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@capability("memslots")
+def test_smm_memory_is_reachable_only_in_smm(mmu_backend):
+    smram = 0x3000_0000
+    m = _machine(mmu_backend, mode=P.MODE_NONE)
+    try:
+        m.vm.add_memslot(9, smram, 4096, as_id=1)
+        vcpu = m.vm.vcpus[0]
+        outside = m.run_programs([Program().read(smram).build()])[0]
+        assert vcpu.mmio and vcpu.mmio[-1][1] == smram, "SMRAM outside SMM must be MMIO"
+        vcpu.smm = True
+        vcpu.make_request(REQ_MMU_RELOAD)  # as an SMM entry does: the address space changed
+        inside = m.run_programs([Program().write(smram, 4).read(smram).build()])[0]
+        assert inside[1, C.RES_VALUE] == 4
+        assert audit(m.vm) == []
+        vcpu.smm = False
+        vcpu.make_request(REQ_MMU_RELOAD)
+        again = m.run_programs([Program().read(smram).build()])[0]
+        assert again[0, C.RES_VALUE] == outside[0, C.RES_VALUE] != 4
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
