@@ -13,8 +13,8 @@ The fault protocol, step by step, for a direct-role backend (EPT; ``mmu_page_fau
     ``get_mmio_spte_generation(spte)`` still equals ``vm.memslots_generation() &
     MMIO_SPTE_GEN_MASK`` may be answered at once: ``fault.mmio = True``, ``Ret.EMULATE``.
     A stale one is treated as absent and the fault goes on.
- 3. ``gfn = fault.gpa >> 12``, ``as_id = vcpu.as_id``; then ``seq = vm.mmu_invalidate_seq``,
-    read *before* the next step.
+ 3. ``gfn = fault.gpa >> 12``, ``as_id = vcpu.as_id``; then ``seq = vm.mmu_invalidate_seq``
+    and ``gen = vm.memslots_generation()``, read *before* the next step.
  4. ``res = vm.gfn_to_pfn(as_id, gfn, fault.write)``, with no lock held: it may block on a
     userfault, read a page back from swap or break copy-on-write. ``None`` means MMIO.
  5. A write to a READONLY slot (``res.slot.readonly``): ``fault.mmio = True``,
@@ -31,8 +31,10 @@ The fault protocol, step by step, for a direct-role backend (EPT; ``mmu_page_fau
     ``make_nonleaf_spte(child)`` where an entry is empty. Under the read lock every change is
     a ``vm.spte_cmpxchg``; on a lost race free what you allocated and return ``Ret.RETRY``.
     Skip ``FROZEN_SPTE`` entries by retrying: another task is changing them.
- 9. MMIO (``res is None``): install ``make_mmio_spte(gfn, access, vm.memslots_generation(),
-    True)``, set ``fault.mmio = True``, return ``Ret.EMULATE``.
+ 9. MMIO (``res is None``): install ``make_mmio_spte(gfn, access, gen, True)`` with the
+    ``gen = vm.memslots_generation()`` read in step 3 (the memslots this fault resolved
+    against: a slot created meanwhile must find the SPTE stale), set ``fault.mmio = True``,
+    return ``Ret.EMULATE``.
 10. The writable policy: ``writable = res.writable and not res.slot.readonly and (not
     res.slot.log_dirty or fault.write)``; ``new = make_leaf_spte(res.pfn - (gfn -
     gfn_round_for_level(gfn, level)), level, writable, True)``.

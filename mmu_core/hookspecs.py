@@ -87,9 +87,12 @@ The contracts (the conformance suite, ``mmu_core.testing``, holds a backend to e
   present SPTE, and before it frees a table page that a walker or a vCPU's paging-structure
   cache may still hold (and, if its walkers are lockless, frees it after an RCU grace period).
 * MMIO. A gfn outside every memslot is MMIO. A backend that caches MMIO
-  (``Capabilities.mmio_spte``) installs ``make_mmio_spte(gfn, access,
-  vm.memslots_generation(), ept)``; an MMIO SPTE whose ``get_mmio_spte_generation`` differs
-  from ``vm.memslots_generation() & MMIO_SPTE_GEN_MASK`` is stale and treated as absent.
+  (``Capabilities.mmio_spte``) installs ``make_mmio_spte(gfn, access, gen, ept)`` with the
+  ``gen = vm.memslots_generation()`` it read together with ``vm.mmu_invalidate_seq``, before
+  ``gfn_to_pfn`` (the memslots it resolved against, as KVM's kvm_vcpu_memslots()->generation;
+  a generation read at install time would hide a slot created in between). An MMIO SPTE whose
+  ``get_mmio_spte_generation`` differs from ``vm.memslots_generation() & MMIO_SPTE_GEN_MASK``
+  is stale and treated as absent.
 * Teardown. After ``mmu_destroy_vm`` every page-table page is freed; the core checks leaks.
 * Capabilities. ``BackendInfo.capabilities`` (``types.Capabilities``) declares what a backend
   offers beyond the required hooks: the lock mode its faults take, huge pages, MMIO SPTEs, how
@@ -203,7 +206,8 @@ def mmu_page_fault(vcpu, fault):
     the core emulate the access (write-tracked guest page tables; set ``fault.mmio`` for an
     address outside every memslot), or ``Ret.INJECT`` with ``fault.inject_error_code`` when
     the guest's own tables forbid the access. A gfn outside every memslot is MMIO: install an
-    MMIO SPTE carrying ``vm.memslots_generation()`` so that later accesses exit as
+    MMIO SPTE carrying the ``vm.memslots_generation()`` read before ``gfn_to_pfn`` so that
+    later accesses exit as
     misconfigurations, and return ``Ret.EMULATE`` with ``fault.mmio = True``. An MMIO SPTE
     with a stale generation must be treated as absent. READONLY slots are never writable:
     a write to one is MMIO too (KVM exits to userspace).

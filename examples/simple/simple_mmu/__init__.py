@@ -15,6 +15,7 @@ from mmu_core.backend import (
     Capabilities,
     FaultKind,
     MMUMemory,
+    MMUStats,
     PageFault,
     Ret,
     Role,
@@ -39,6 +40,7 @@ class Backend:
     def __init__(self, vm) -> None:
         self.vm = vm
         self.roots: dict[tuple[int, int], int] = {}  # (as_id, root level) -> root pfn
+        self.counts = {"faults": 0, "retries": 0, "mapped_4k": 0, "mmio_sptes": 0}
 
     # --- identity -----------------------------------------------------------------------------
     @staticmethod
@@ -84,6 +86,7 @@ class Backend:
     @hookimpl
     def mmu_page_fault(self, vcpu, fault: PageFault):
         vm = self.vm
+        self.counts["faults"] += 1
         as_id, gfn = vcpu.as_id, fault.gpa >> 12
         # 1. Resolve gfn -> pfn before taking the lock: gfn_to_pfn may sleep (userfault).
         #    Sample the invalidation sequence first, to notice a notifier that runs meanwhile.
@@ -97,6 +100,7 @@ class Backend:
         with vm.mmu_lock.write():
             # 2. Under the lock: retry if an invalidation covered gfn since the sample.
             if vm.mmu_invalidate_retry_gfn(seq, as_id, gfn):
+                self.counts["retries"] += 1
                 return Ret.RETRY
             table = self._leaf_table(vcpu, gfn)
             idx = spte_index(gfn, 1)
@@ -107,6 +111,7 @@ class Backend:
                 new = make_mmio_spte(gfn, MMIO_ACCESS, gen, True)
                 if old != new:
                     vm.spte_write(table, idx, new)
+                    self.counts["mmio_sptes"] += 1
                 return Ret.EMULATE
             if fault.kind is FaultKind.EPT_MISCONFIG:
                 old = 0  # a stale MMIO SPTE (older generation): as if absent
@@ -120,6 +125,7 @@ class Backend:
             if old == new:
                 return Ret.SPURIOUS  # another vCPU fixed it first
             vm.spte_write(table, idx, new)
+            self.counts["mapped_4k"] += 1
             if is_shadow_present_pte(old):
                 vm.flush_remote_tlbs()  # the old translation may be cached
             fault.level = 1
@@ -201,6 +207,10 @@ class Backend:
         return MMUMemory(page_table_pages=pages, page_table_bytes=pages * 4096,
                          mmu_page_structs=0, mmu_page_struct_bytes=0, rmap_bytes=0,
                          peak_page_table_pages=pages)
+
+    @hookimpl
+    def mmu_stats(self, vm):
+        return MMUStats(**self.counts)
 
     @hookimpl
     def mmu_audit(self, vm):
