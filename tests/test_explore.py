@@ -169,3 +169,14 @@ def test_range_zap_charges_per_spte_and_yields_when_contended():
         assert vm.backend_instances["tdp"].stats["resched"] > 0
     finally:
         vm.destroy()
+
+
+def test_outcomes_do_not_depend_on_how_the_work_is_split():
+    jobs = plan(["zap-all", "readonly"], ["tdp", "shadow"], "pct", seed=0, schedules=3)
+    local = explore(jobs, workers=1, stop_on_failure=False)
+    assert explore(jobs, workers=2, stop_on_failure=False) == local
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        assert explore(jobs, scheduler=cluster.scheduler_address,
+                       stop_on_failure=False) == local
