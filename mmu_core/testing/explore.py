@@ -53,19 +53,20 @@ class Reference:
         # What a page never written holds: zero, or the handler's pattern in userfault ranges.
         self.initial: Callable[[int], int] = lambda idx: 0
         self.written: set[int] = set()  # gfns written (for the dirty-log check)
-        self.remap: dict[int, tuple[int, int]] = {}  # (vcpu, op) -> (gva page, new gfn)
+        self.remap: dict[tuple[int, int], tuple[int, int]] = {}  # (vcpu, op) -> (page, gfn)
         self.target: dict[int, int] = {}  # gva page -> gfn, for pages a scenario remaps
-        self.ever: dict[int, set[int]] = {}  # gva page -> every gfn it was mapped to
-        self.fresh: dict[tuple[int, int], bool] = {}  # (vcpu, gva page) invalidated since?
+        # (vcpu, gva page) -> the gfns the page was mapped to since that vCPU last
+        # invalidated it: its TLB may still hold any of them (architecturally allowed).
+        self.stale: dict[tuple[int, int], set[int]] = {}
 
-    # What a vCPU may see for a gva page: the current target after its own INVLPG, any
-    # target it ever had before (a stale TLB entry is architecturally allowed).
+    def remappable(self, page: int) -> None:
+        """Declare that a scenario remaps gva page (identity-mapped at the start)."""
+        self.target[page] = page
+
     def _gfns(self, vcpu_id: int, page: int) -> set[int]:
         if page not in self.target:
             return {page}  # identity-mapped data
-        if self.fresh.get((vcpu_id, page), False):
-            return {self.target[page]}
-        return self.ever[page] | {self.target[page]}
+        return {self.target[page]} | self.stale.get((vcpu_id, page), set())
 
     def _value(self, gfn: int) -> tuple[int | None, bool]:
         """(hva index or None for MMIO, slot is read-only)."""
@@ -102,16 +103,14 @@ class Reference:
                 change = self.remap.get((vcpu.id, pc))
                 if change is not None:
                     vpage, gfn = change
-                    self.target[vpage] = gfn
-                    self.ever.setdefault(vpage, set()).add(gfn)
                     for v in self.vm.vcpus:
-                        self.fresh[(v.id, vpage)] = False
+                        self.stale.setdefault((v.id, vpage), set()).add(self.target[vpage])
+                    self.target[vpage] = gfn
             elif op == C.OP_INVLPG:
-                self.fresh[(vcpu.id, page)] = True
+                self.stale.pop((vcpu.id, page), None)
             elif op == C.OP_MOV_CR3:
-                for key in self.fresh:
-                    if key[0] == vcpu.id:
-                        self.fresh[key] = True
+                for key in [k for k in self.stale if k[0] == vcpu.id]:
+                    del self.stale[key]
 
     def discard(self, lo: int, hi: int) -> None:
         """The host dropped hva indices [lo, hi): they read as zero from now on."""
@@ -168,8 +167,7 @@ def scenario_pte_edit(config: VMConfig, rng: random.Random) -> Run:
     pts = m.pts
     x, targets = 0, [4, 5, 6]
     _fill(ref, m, targets, rng)
-    ref.target[_page(x) >> 12] = _page(x) >> 12
-    ref.ever[_page(x) >> 12] = {_page(x) >> 12}
+    ref.remappable(_page(x) >> 12)
     e_gpa = pts.entry_gpa(_page(x), 1, create=False)
     a = Program()
     for k in range(8):
@@ -302,8 +300,7 @@ def scenario_pte_race(config: VMConfig, rng: random.Random) -> Run:
     targets = rng.sample(range(2, 32), 12)
     _fill(ref, m, targets, rng)
     x = _page(0) >> 12
-    ref.target[x] = x
-    ref.ever[x] = {x}
+    ref.remappable(x)
     e_gpa = pts.entry_gpa(_page(0), 1, create=False)
     writer = Program()
     for k, t in enumerate(targets):
