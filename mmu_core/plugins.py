@@ -102,6 +102,14 @@ def _validate(cls: Any, where: str) -> BackendInfo:
     # is a contradiction best reported here, in one line, not as a failure deep in a run.
     unkept = [f"{cap} needs {hook}" for cap, hook in _CAPABILITY_HOOKS.items()
               if getattr(info.capabilities, cap) and hook not in impls]
+    # dirty_log names how the backend re-protects logged pages: "zap" leaves it to the core,
+    # the other two need the dirty-log hooks.
+    logs = {"mmu_enable_dirty_log", "mmu_clear_dirty_log"} & impls
+    if info.capabilities.dirty_log == "zap" and logs:
+        unkept.append(f"dirty_log='zap' but it implements {', '.join(sorted(logs))}")
+    elif info.capabilities.dirty_log != "zap" and len(logs) < 2:
+        unkept.append(f"dirty_log={info.capabilities.dirty_log!r} needs mmu_enable_dirty_log "
+                      "and mmu_clear_dirty_log")
     if unkept:
         raise PluginError(f"backend '{info.name}' from {where} declares capabilities it does not "
                           f"implement: {', '.join(unkept)}")

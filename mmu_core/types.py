@@ -73,7 +73,8 @@ class Capabilities:
     aging: bool = False  # implements mmu_age_gfn_range
     fast_page_fault: bool = False  # implements mmu_fast_page_fault
     audit: bool = False  # implements mmu_audit (needed for the per-step invariant audit)
-    max_root_level: int = 5  # deepest EPT/shadow structure it builds (4 or 5)
+    max_root_level: int = 5  # deepest EPT structure it builds (4 or 5): a VM whose MAXPHYADDR
+    #                          needs 5-level EPT refuses a backend that declares 4
 
     def __post_init__(self) -> None:
         if self.fault_lock not in ("read", "write"):

@@ -243,3 +243,34 @@ def test_fast_page_fault_runs_before_the_slow_path_and_none_falls_through():
     assert all(kinds[i] == "fast" for i in range(len(kinds)) if i == 0 or kinds[i - 1] == "slow")
     assert faults["fast_retry"] == 1
     assert sum(n for k, n in faults.items() if not k.startswith("fast_")) == kinds.count("slow")
+
+
+def test_dirty_log_and_root_level_capabilities_are_held_to_what_the_backend_does():
+    from mmu_core import Capabilities, VMConfig, create_vm
+    from mmu_core.params import Params
+    from mmu_tdp import TdpMMU
+
+    class Claims(TdpMMU):
+        @staticmethod
+        @hookimpl
+        def mmu_backend_info():
+            return BackendInfo("claims", "0", (Role.DIRECT,), "says write-protect, has no hooks",
+                               Capabilities(fault_lock="read", dirty_log="write-protect"))
+
+    with pytest.raises(PluginError, match="dirty_log='write-protect' needs"):
+        register_backend(Claims)
+
+    class Shallow(TdpMMU):
+        @staticmethod
+        @hookimpl
+        def mmu_backend_info():
+            return BackendInfo("shallow", "0", (Role.DIRECT,), "4-level EPT only",
+                               Capabilities(fault_lock="read", max_root_level=4))
+
+    register_backend(Shallow)
+    try:
+        with pytest.raises(PluginError, match="needs 5-level EPT"):
+            create_vm(VMConfig(maxphyaddr=52, params=Params(backend="shallow")))
+        create_vm(VMConfig(maxphyaddr=46, params=Params(backend="shallow"))).destroy()
+    finally:
+        unregister_backend("shallow")

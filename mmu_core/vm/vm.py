@@ -16,7 +16,7 @@ import numpy as np
 from mmu_core import mutants, plugins
 from mmu_core.arch.x86.paging import MODE_5LEVEL
 from mmu_core.config import VMConfig
-from mmu_core.errors import InvalidConfig, MMUError, UseAfterFree
+from mmu_core.errors import InvalidConfig, MMUError, PluginError, UseAfterFree
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.params import Params
@@ -86,6 +86,11 @@ class VM:
         self.observe = plugins.observer_manager().hook
         self.hook = self.managers[self.role].hook
         self.backend_name = self.backends[self.role].name
+        levels = 5 if self.role is Role.DIRECT and config.maxphyaddr > 48 else 4
+        if self.backends[self.role].info.capabilities.max_root_level < levels:
+            raise PluginError(f"backend '{self.backend_name}' builds at most "
+                              f"{self.backends[self.role].info.capabilities.max_root_level}-level "
+                              f"tables; MAXPHYADDR {config.maxphyaddr} needs {levels}-level EPT")
         self.mm.notifiers.append(self)
         self.hook.mmu_init_vm(vm=self)
         self._alive = True

@@ -60,7 +60,7 @@ class TdpMMU:
         self.in_flight: set[int] = set()  # table pages a fault allocated and has not linked
         self.removing: set[int] = set()  # disconnected tables being frozen (handle_removed)
         self.stats = {"faults": 0, "retries": 0, "cmpxchg_lost": 0, "mmio": 0, "mmio_fast": 0,
-                      "spurious": 0, "frozen_waits": 0, "resched": 0,
+                      "spurious": 0, "resched": 0,
                       "tables_linked": 0, "tables_freed": 0, "mapped": [0, 0, 0, 0]}
 
     # --- identity -------------------------------------------------------------------------
@@ -299,7 +299,6 @@ class TdpMMU:
                 child = vm.spte_xchg(table, idx, S.FROZEN_SPTE)
                 if not S.is_frozen_spte(child) or mutants.on("skip-frozen-wait"):
                     break
-                self.stats["frozen_waits"] += 1
                 vm.engine.yield_now()  # cpu_relax(): let the owner of the frozen entry finish
             self._handle_removed(child, level - 1)
         self.removing.discard(table)
