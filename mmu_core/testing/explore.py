@@ -345,8 +345,9 @@ def scenario_memslots(config: VMConfig, rng: random.Random) -> Run:
                 prog.read(gva)
         progs.append(prog.build())
     run = Run(m, progs, ref)
-    steps = [(rng.randrange(0, 15_000), what) for what in (
-        "log_on", "move_b", "log_off", "move_a", "log_on", "delete", "create", "log_off")]
+    steps = [(rng.randrange(0, 8_000), what) for what in (
+        "log_on", "move_b", "log_off", "move_a", "delete", "create", "log_on", "delete",
+        "create", "log_off", "delete", "create")]
 
     def vmm() -> None:
         for delay, what in steps:
