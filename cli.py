@@ -362,7 +362,12 @@ def explore(
         outcomes = [outcome]
     else:
         workers = jobs or (os.cpu_count() or 1)
-        outcomes = run_all(jobs_plan, workers=workers, scheduler=scheduler)
+        with Progress(TextColumn("explore"), BarColumn(), TaskProgressColumn(),
+                      TimeElapsedColumn(), console=err, transient=True,
+                      disable=not err.is_terminal) as bar:
+            task = bar.add_task("explore", total=len(jobs_plan))
+            outcomes = run_all(jobs_plan, workers=workers, scheduler=scheduler,
+                               progress=lambda done, total: bar.update(task, completed=done))
     failed = [o for o in outcomes if not o.ok]
     if failed:
         o = failed[0]
