@@ -7,6 +7,7 @@ problem and exits 2; a parity failure in `compare` exits 1; Ctrl-C prints one li
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -233,6 +234,12 @@ def compare_demand_paging(
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
     chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
+    ignored = [v for v in ("MMU_CONFIG", "MMU_EPT", "MMU_BACKEND", "MMU_TDP_MMU") if v in os.environ]
+    if ignored:
+        # Each column is a named configuration; a parameter source would make them all alike.
+        verb = "does" if len(ignored) == 1 else "do"
+        err.print(f"mmu: note: compare runs the configurations named by --configs; "
+                  f"{', '.join(ignored)} {verb} not apply to it", highlight=False, soft_wrap=True)
     _warn_broken()
     reports = [_run_one(opts, p, name) for name, p in chosen]
     identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
@@ -372,7 +379,8 @@ def explore(
     if failed:
         o = failed[0]
         out.print(f"FAIL {o.scenario}/{o.config} {o.policy} seed {o.seed}: {o.invariant}: "
-                  f"{o.detail}\n  replay: {o.replay_command()}", highlight=False, soft_wrap=True)
+                  f"{o.detail}\n  replay: {o.replay_command()}", highlight=False, markup=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"{len(outcomes)} schedules passed ({len(set(o.scenario for o in outcomes))} "
               f"scenarios x {len(set(o.config for o in outcomes))} configurations, {policy})")
@@ -432,10 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         code = 130
     except _USAGE_ERRORS as exc:
-        err.print(f"mmu: error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"mmu: error: {exc.format_message()}", highlight=False, markup=False,
+                  soft_wrap=True)
         sys.exit(2)
     except MMUError as exc:
-        err.print(f"mmu: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"mmu: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     if code == 130:
         # typer turns a KeyboardInterrupt inside a command into exit code 130; no command

@@ -64,17 +64,30 @@ def load_params(
     path = config_file or env.get("MMU_CONFIG")
     if path:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidConfig("config", f"file {path} does not exist") from None
+        except IsADirectoryError:
+            raise InvalidConfig("config", f"{path} is a directory, not a TOML file") from None
+        except UnicodeDecodeError:
+            raise InvalidConfig("config", f"{path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise InvalidConfig("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidConfig("config", f"{path} is not valid TOML: {exc}") from None
         table = data.get("params", data)
+        if not isinstance(table, dict):
+            raise InvalidConfig("config", f"{path}: [params] must be a table of parameters, "
+                                f"not {type(table).__name__}")
+        _check_agree(table, f"config file {path}")
         for key, raw in table.items():
             _apply(key, raw, values, sources, f"config file {path}")
-    for key, var in (("ept", "MMU_EPT"), ("tdp_mmu", "MMU_TDP_MMU"), ("backend", "MMU_BACKEND")):
-        if var in env:
-            _apply(key, env[var], values, sources, f"environment {var}")
+    env_values = {key: env[var] for key, var in (("ept", "MMU_EPT"), ("tdp_mmu", "MMU_TDP_MMU"),
+                                                 ("backend", "MMU_BACKEND")) if var in env}
+    _check_agree(env_values, "the environment (MMU_BACKEND, MMU_TDP_MMU)")
+    for key, raw in env_values.items():
+        var = {"ept": "MMU_EPT", "tdp_mmu": "MMU_TDP_MMU", "backend": "MMU_BACKEND"}[key]
+        _apply(key, raw, values, sources, f"environment {var}")
     for key, raw in (overrides or {}).items():
         if raw is not None:
             _apply(key, raw, values, sources, "command line")
@@ -91,6 +104,17 @@ def load_params(
         for name, field in Params.model_fields.items()
     ]
     return params, described
+
+
+def _check_agree(given: Mapping[str, object], source: str) -> None:
+    """`backend` and KVM's `tdp_mmu` name the same choice: one source may not say both ways.
+    (Between sources the later wins, command line > environment > file, and `mmu params`
+    shows which one did.)"""
+    if "backend" in given and "tdp_mmu" in given:
+        implied = "tdp" if _parse_bool("tdp_mmu", given["tdp_mmu"]) else "shadow"
+        if str(given["backend"]).strip() != implied:
+            raise InvalidConfig("backend", f"{source} sets backend={given['backend']!r} but "
+                                f"tdp_mmu={given['tdp_mmu']!r} (which means {implied!r})")
 
 
 def _apply(key: str, raw: object, values: dict, sources: dict, source: str) -> None:

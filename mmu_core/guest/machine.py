@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mmu_core.arch.x86 import paging as P
-from mmu_core.config import MemslotConfig, VMConfig
+from mmu_core.config import MemslotConfig, VMConfig, validate
 from mmu_core.guest.pagetables import GuestPageTables, PagingSetup
 from mmu_core.guest.program import new_results
 from mmu_core.host.userfault import Userfaultfd
@@ -109,7 +109,7 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
                       log_dirty=spec.log_dirty, readonly=spec.readonly),
     )
     config = config.model_copy(update={"memslots": slots, "vcpus": spec.vcpus})
-    VMConfig.model_validate(config.model_dump())
+    validate(VMConfig, **config.model_dump())  # one InvalidConfig, not pydantic's report
     vm = create_vm(config)
     try:
         pts = GuestPageTables(vm, spec.mode, 0, pt_size)

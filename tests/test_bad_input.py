@@ -1,0 +1,60 @@
+"""Every bad input is one line on stderr and exit 2, never a traceback (issue: the front door)."""
+
+import pytest
+
+import cli
+from mmu_core.workloads import demand_paging
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    captured = capsys.readouterr()
+    return exc.value.code, captured.err.strip().splitlines()
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "scalar.toml").write_text("params = 3\n")
+    (tmp_path / "latin1.toml").write_bytes(b"[params]\nbackend = '\xff'\n")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "both.toml").write_text('[params]\nbackend = "tdp"\ntdp_mmu = false\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["run", "demand-paging", "-b", "1T", "--no-uffd"], "needs more page tables"),
+    (["run", "demand-paging", "-b", "100T", "--no-uffd"], "MAXPHYADDR"),
+    (["params", "--config", "{d}/scalar.toml"], "[params] must be a table"),
+    (["params", "--config", "{d}/latin1.toml"], "not UTF-8"),
+    (["params", "--config", "{d}/adir"], "is a directory"),
+    (["params", "--config", "{d}/both.toml"], "backend='tdp' but tdp_mmu=False"),
+    (["params", "--config", "{d}/missing.toml"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, files, argv, says):
+    code, lines = run_cli(capsys, *[a.format(d=files) for a in argv])
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("mmu: error: ") and says in lines[0], lines
+
+
+def test_conflicting_environment_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("MMU_BACKEND", "shadow")
+    monkeypatch.setenv("MMU_TDP_MMU", "1")
+    code, lines = run_cli(capsys, "params")
+    assert code == 2 and len(lines) == 1 and "means 'tdp'" in lines[0]
+
+
+def test_a_run_larger_than_the_machine_says_how_much_it_needs(capsys, monkeypatch):
+    monkeypatch.setattr(demand_paging, "host_bytes_available", lambda: 1 << 30)
+    code, lines = run_cli(capsys, "run", "demand-paging", "-b", "4G", "--no-uffd")
+    assert code == 2 and len(lines) == 1
+    assert "needs about 1.4 GiB" in lines[0] and "1.0 GiB is available" in lines[0]
+
+
+def test_compare_says_which_parameter_sources_it_ignores(capsys, monkeypatch):
+    monkeypatch.setenv("MMU_EPT", "0")
+    code, lines = run_cli(capsys, "compare", "demand-paging", "-v", "1", "-b", "64K",
+                          "--configs", "tdp")
+    assert code == 0
+    assert lines[0] == "mmu: note: compare runs the configurations named by --configs; " \
+        "MMU_EPT does not apply to it"
