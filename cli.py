@@ -386,6 +386,18 @@ def explore(
               f"scenarios x {len(set(o.config for o in outcomes))} configurations, {policy})")
 
 
+@app.command()
+def schema(
+    which: Annotated[str, typer.Argument(help="run | compare")] = "run",
+) -> None:
+    """The JSON Schema of what `mmu run ... --json` (run) or `mmu compare ... --json` (compare)
+    prints; its schema_version changes whenever the report's shape does."""
+    models = {"run": DemandPagingReport, "compare": CompareReport}
+    if which not in models:
+        raise InvalidConfig("schema", f"unknown report {which!r} (run or compare)")
+    out.print_json(data=models[which].model_json_schema())
+
+
 @app.command("new-backend")
 def new_backend(
     name: Annotated[str, typer.Argument(help="backend name (a Python identifier)")],

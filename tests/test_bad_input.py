@@ -58,3 +58,18 @@ def test_compare_says_which_parameter_sources_it_ignores(capsys, monkeypatch):
     assert code == 0
     assert lines[0] == "mmu: note: compare runs the configurations named by --configs; " \
         "MMU_EPT does not apply to it"
+
+
+def test_schema_describes_what_json_output_prints(capsys):
+    import json
+
+    from mmu_core.report.models import SCHEMA_VERSION
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["schema", "run"])
+    assert exc.value.code == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "DemandPagingReport"
+    assert schema["properties"]["schema_version"]["default"] == SCHEMA_VERSION
+    code, lines = run_cli(capsys, "schema", "nope")
+    assert code == 2 and lines == ["mmu: error: schema: unknown report 'nope' (run or compare)"]
