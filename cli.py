@@ -120,6 +120,8 @@ PctDepthOpt = Annotated[int, typer.Option("--pct-depth", help="pct: bug depth (c
 PctStepsOpt = Annotated[int, typer.Option(
     "--pct-steps", help="pct: change points fall in steps [1, N]; the report gives a run's steps")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the full report as JSON")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="also draw the report: FILE.png "
+                                              "or FILE.svg (needs matplotlib)")]
 CONFIG_NAMES = "tdp, legacy, shadow, or an installed backend's name (its direct roles on EPT)"
 
 
@@ -192,8 +194,10 @@ def run_demand_paging(
     configuration_name: Annotated[str | None, typer.Option(
         "--configuration", help=f"instead of --backend/--ept/--config: {CONFIG_NAMES}")] = None,
     json: JsonOpt = False,
+    plot: PlotOpt = None,
 ) -> None:
     """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
+    _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
     if configuration_name is not None:
@@ -205,6 +209,7 @@ def run_demand_paging(
         params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
     _warn_broken()
     report = _run_one(opts, params, "run")
+    _draw([report], plot)
     if json:
         out.print_json(report.model_dump_json())
         return
@@ -228,9 +233,11 @@ def compare_demand_paging(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")] = None,
     json: JsonOpt = False,
+    plot: PlotOpt = None,
 ) -> None:
     """The same workload, seed and schedule on each configuration, side by side; the
     guest-visible outcomes must be identical (exit 1 if not)."""
+    _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
     chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
@@ -244,6 +251,7 @@ def compare_demand_paging(
     reports = [_run_one(opts, p, name) for name, p in chosen]
     identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
     cmp = CompareReport(workload="demand-paging", runs=reports, identical=identical)
+    _draw(reports, plot)
     if json:
         out.print_json(cmp.model_dump_json())
     else:
@@ -255,6 +263,37 @@ def compare_demand_paging(
                       + ", ".join(f"{r.configuration}={r.digest[:16]}" for r in reports))
     if not identical:
         raise typer.Exit(1)
+
+
+def _check_plot(path: Path | None) -> None:
+    """Refuse a bad --plot before the run, not after it."""
+    if path is not None:
+        from mmu_core.report.plot import FORMATS, _pyplot
+
+        if path.suffix.lower() not in FORMATS:
+            raise InvalidConfig("--plot", f"{path} must end in .png or .svg")
+        _pyplot()
+
+
+def _draw(reports, path: Path | None) -> None:
+    if path is not None:
+        from mmu_core.report.plot import plot as draw
+
+        err.print(f"mmu: wrote {draw(reports, path)}", highlight=False, markup=False)
+
+
+@app.command("plot")
+def plot_reports(
+    out_file: Annotated[Path, typer.Argument(help="FILE.png or FILE.svg")],
+    reports: Annotated[list[Path], typer.Argument(help="JSON of mmu run/compare --json")],
+) -> None:
+    """Draw saved reports: one vCPU count gives where vCPU time went per configuration;
+    several give the seed's scaling picture (per-vCPU rate and lock-wait share vs vCPUs)."""
+    from mmu_core.report.plot import load_reports
+    from mmu_core.report.plot import plot as draw
+
+    _check_plot(out_file)
+    out.print(f"wrote {draw(load_reports(reports), out_file)}", highlight=False, markup=False)
 
 
 def _size(n: int) -> str:
