@@ -42,6 +42,9 @@ compare_app = typer.Typer(no_args_is_help=True,
                           help="Run a workload on several configurations; check parity.")
 app.add_typer(run_app, name="run")
 app.add_typer(compare_app, name="compare")
+sweep_app = typer.Typer(no_args_is_help=True,
+                        help="Run a workload over configurations x vCPU counts, in parallel.")
+app.add_typer(sweep_app, name="sweep")
 out = Console()
 err = Console(stderr=True)
 
@@ -263,6 +266,54 @@ def compare_demand_paging(
                       + ", ".join(f"{r.configuration}={r.digest[:16]}" for r in reports))
     if not identical:
         raise typer.Exit(1)
+
+
+@sweep_app.command("demand-paging")
+def sweep_demand_paging(
+    vcpu_counts: Annotated[str, typer.Option("--vcpus", help="comma-separated vCPU counts, "
+                                             "e.g. 1,8,64,416")] = "1,8,64",
+    bytes_per_vcpu: BytesOpt = "4M",
+    uffd_delay_us: DelayOpt = 0,
+    backing: BackingOpt = "anon",
+    mode: ModeOpt = "4level",
+    uffd: UffdOpt = True,
+    seed: SeedOpt = 0,
+    policy: PolicyOpt = "fifo",
+    jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
+    pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
+    pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
+    configs: Annotated[list[str] | None, typer.Option(
+        "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
+        "(default: tdp,legacy,shadow)")] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="writes OUT.jsonl (resumable) and "
+                                           "OUT.csv")] = Path("sweep"),
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="local worker processes")] = 0,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="a Dask distributed scheduler address (optional extra)")] = None,
+    plot: PlotOpt = None,
+) -> None:
+    """The grid of configurations x vCPU counts; an interrupted sweep resumes from OUT.jsonl."""
+    from mmu_core.workloads.sweep import sweep
+
+    _check_plot(plot)
+    try:
+        counts = [int(v) for v in vcpu_counts.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidConfig("--vcpus", f"{vcpu_counts!r} is not a list of numbers") from None
+    opts = _options(max(counts or [1]), bytes_per_vcpu, uffd_delay_us, backing, mode, uffd,
+                    seed, _schedule(policy, jitter_ns, pct_depth, pct_steps))
+    names = [name for name, _ in _configurations(configs or [",".join(CONFIGURATIONS)],
+                                                 "--configs")]
+    _warn_broken()
+    with Progress(TextColumn("sweep"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("sweep", total=len(names) * len(counts))
+        reports = sweep(names, counts, opts, out_path, workers=jobs or (os.cpu_count() or 1),
+                        scheduler=scheduler,
+                        progress=lambda done, total: bar.update(task, completed=done))
+    _draw(reports, plot)
+    out.print(f"{len(reports)} points: {out_path.with_suffix('.jsonl')} and "
+              f"{out_path.with_suffix('.csv')}", highlight=False, markup=False)
 
 
 def _check_plot(path: Path | None) -> None:

@@ -35,6 +35,13 @@ def load_reports(paths: list[str | Path]) -> list[DemandPagingReport]:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidConfig("report", f"cannot read {path}: {exc}") from None
+        if Path(path).suffix == ".jsonl":  # a sweep: one report per line
+            try:
+                reports.extend(DemandPagingReport.model_validate_json(line)
+                               for line in text.splitlines() if line.strip())
+            except ValueError:
+                raise InvalidConfig("report", f"{path} is not a sweep's JSON lines") from None
+            continue
         for model in (CompareReport, DemandPagingReport):
             try:
                 report = model.model_validate_json(text)

@@ -1,0 +1,51 @@
+"""Sweeps: a grid in parallel, resumable, the same however it is split, and plottable."""
+
+import pytest
+
+from mmu_core.errors import InvalidConfig
+from mmu_core.workloads import sweep as S
+from mmu_core.workloads.demand_paging import DemandPagingOptions
+
+OPTS = DemandPagingOptions(vcpus=2, bytes_per_vcpu=128 << 10)
+
+
+def test_a_sweep_writes_every_point_and_resumes_without_rerunning(tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    reports = S.sweep(["tdp", "legacy"], [1, 2], OPTS, out)
+    assert [(r.configuration, r.vcpus) for r in reports] == \
+        [("tdp", 1), ("tdp", 2), ("legacy", 1), ("legacy", 2)]
+    rows = (tmp_path / "grid.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(S.CSV_FIELDS) and len(rows) == 5
+    before = rows
+    # Interrupted after three points: only the missing one runs again.
+    lines = (tmp_path / "grid.jsonl").read_text().splitlines()
+    (tmp_path / "grid.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    ran = []
+    real = S._run_point
+    monkeypatch.setattr(S, "_run_point", lambda a: ran.append(a[0]) or real(a))
+    S.sweep(["tdp", "legacy"], [1, 2], OPTS, out)
+    assert len(ran) == 1
+    assert (tmp_path / "grid.csv").read_text().splitlines() == before
+
+
+def test_points_are_the_same_however_the_work_is_split(tmp_path):
+    one = S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "one", workers=1)
+    two = S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "two", workers=2)
+    assert [r.digest for r in one] == [r.digest for r in two]
+    assert [r.total_time_ns for r in one] == [r.total_time_ns for r in two]
+
+
+def test_a_file_of_another_sweep_is_not_resumed(tmp_path):
+    S.sweep(["tdp"], [1], OPTS, tmp_path / "g")
+    other = OPTS.model_copy(update={"bytes_per_vcpu": 256 << 10})
+    with pytest.raises(InvalidConfig, match="other options"):
+        S.sweep(["tdp"], [1], other, tmp_path / "g")
+
+
+def test_a_sweep_plots_as_the_scaling_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mmu_core.report.plot import load_reports, plot
+
+    S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "g")
+    path = plot(load_reports([tmp_path / "g.jsonl"]), tmp_path / "g.svg")
+    assert "lock-wait share" in path.read_text()
