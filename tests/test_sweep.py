@@ -49,3 +49,14 @@ def test_a_sweep_plots_as_the_scaling_picture(tmp_path):
     S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "g")
     path = plot(load_reports([tmp_path / "g.jsonl"]), tmp_path / "g.svg")
     assert "lock-wait share" in path.read_text()
+
+
+def test_a_sweep_on_a_dask_cluster_gives_the_same_points(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    local = S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "local")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        remote = S.sweep(["tdp"], [1, 2], OPTS, tmp_path / "dask",
+                         scheduler=cluster.scheduler_address)
+    assert [r.digest for r in remote] == [r.digest for r in local]
+    assert (tmp_path / "dask.csv").read_text() == (tmp_path / "local.csv").read_text()
