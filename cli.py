@@ -316,6 +316,65 @@ def sweep_demand_paging(
               f"{out_path.with_suffix('.csv')}", highlight=False, markup=False)
 
 
+def _trace_table(reports) -> None:
+    table = Table("", *[r.configuration for r in reports])
+    for label, fn in (
+        ("backend", lambda r: r.backend), ("accesses per vCPU", lambda r: f"{r.accesses:,}"),
+        ("pages touched", lambda r: str(r.pages)),
+        ("faults", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.faults.items())) or "-"),
+        ("exits", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-"),
+        ("total guest time", lambda r: _ms(r.total_time_ns)),
+        ("vCPU lock wait", lambda r: _ms(r.time.lock_wait_ns)),
+        ("guest digest", lambda r: r.digest[:16]), ("wall time", lambda r: f"{r.wall_seconds:.2f} s"),
+    ):
+        table.add_row(label, *[fn(r) for r in reports])
+    out.print(table)
+
+
+TraceArg = Annotated[Path, typer.Argument(help="valgrind lackey trace (--trace-mem=yes), .gz ok")]
+TraceVcpus = Annotated[int, typer.Option("-v", "--vcpus", help="vCPUs, each replaying the trace")]
+LimitOpt = Annotated[int, typer.Option("--limit", help="replay at most N accesses (0: all)")]
+
+
+@run_app.command("trace")
+def run_trace_cmd(
+    trace: TraceArg, vcpus: TraceVcpus = 1, limit: LimitOpt = 0, seed: SeedOpt = 0,
+    configuration_name: Annotated[str, typer.Option("--configuration",
+                                                    help=f"{CONFIG_NAMES}")] = "tdp",
+    json: JsonOpt = False,
+) -> None:
+    """Replay a real program's memory accesses (a valgrind lackey trace) as a guest."""
+    from mmu_core.workloads.trace import TraceOptions, run_trace
+
+    opts = mmu_core.validate(TraceOptions, vcpus=vcpus, limit=limit, seed=seed)
+    [(_, params)] = _configurations([configuration_name], "--configuration")
+    report = run_trace(trace, opts, params)
+    if json:
+        out.print_json(report.model_dump_json())
+        return
+    _trace_table([report])
+
+
+@compare_app.command("trace")
+def compare_trace_cmd(
+    trace: TraceArg, vcpus: TraceVcpus = 1, limit: LimitOpt = 0, seed: SeedOpt = 0,
+    configs: Annotated[list[str] | None, typer.Option(
+        "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES}")] = None,
+) -> None:
+    """The trace on each configuration; the guest-visible outcomes must be identical."""
+    from mmu_core.workloads.trace import TraceOptions, run_trace
+
+    opts = mmu_core.validate(TraceOptions, vcpus=vcpus, limit=limit, seed=seed)
+    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
+    reports = [run_trace(trace, opts, params) for _name, params in chosen]
+    _trace_table(reports)
+    if len({r.digest for r in reports}) != 1:
+        out.print("guest-visible outcomes: DIFFERENT", highlight=False, markup=False)
+        raise typer.Exit(1)
+    out.print(f"guest-visible outcomes: identical (digest {reports[0].digest[:16]})",
+              highlight=False, markup=False)
+
+
 def _check_plot(path: Path | None) -> None:
     """Refuse a bad --plot before the run, not after it."""
     if path is not None:
