@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -128,9 +129,11 @@ PlotOpt = Annotated[Path | None, typer.Option("--plot", help="also draw the repo
 CONFIG_NAMES = "tdp, legacy, shadow, or an installed backend's name (its direct roles on EPT)"
 
 
-def _configurations(names: list[str], option: str) -> list[tuple[str, Params]]:
+def _configurations(names: list[str], option: str,
+                    base: Params | None = None) -> list[tuple[str, Params]]:
     """Resolve configuration names (comma-separated and/or repeated) before anything runs, so
-    a typo in the last one does not cost the runs before it."""
+    a typo in the last one does not cost the runs before it. A configuration names `ept` and
+    `backend`; every other parameter comes from `base` (the usual sources), when given."""
     wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
     if not wanted:
         raise InvalidConfig(option, "no configuration given: use tdp, legacy, shadow or an "
@@ -147,8 +150,29 @@ def _configurations(names: list[str], option: str) -> list[tuple[str, Params]]:
         if params is None or params.backend not in installed:
             raise InvalidConfig(option, f"unknown configuration '{name}': use tdp, legacy, "
                                 f"shadow or an installed backend ({plugins.installed_names()})")
+        if base is not None:
+            params = base.model_copy(update={"ept": params.ept, "backend": params.backend})
         resolved.append((name, params))
     return resolved
+
+
+def _note_ignored(config: Path | None) -> None:
+    """compare and sweep take `ept` and `backend` from each named configuration (a parameter
+    source would make the columns alike) and every other parameter from the usual sources;
+    say so when a source sets one of the two."""
+    ignored = [v for v in ("MMU_EPT", "MMU_BACKEND", "MMU_TDP_MMU") if v in os.environ]
+    path = config or os.environ.get("MMU_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            table = data.get("params", data)
+            ignored += [f"{k} in {path}" for k in ("ept", "backend", "tdp_mmu") if k in table]
+        except (OSError, ValueError):
+            pass  # load_params has already accepted it
+    if ignored:
+        verb = "does" if len(ignored) == 1 else "do"
+        err.print(f"mmu: note: the configurations named by --configs choose ept and backend; "
+                  f"{', '.join(ignored)} {verb} not apply", highlight=False, soft_wrap=True)
 
 
 def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule):
@@ -235,6 +259,7 @@ def compare_demand_paging(
     configs: Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")] = None,
+    config: ConfigOpt = None,
     json: JsonOpt = False,
     plot: PlotOpt = None,
 ) -> None:
@@ -243,13 +268,9 @@ def compare_demand_paging(
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
-    ignored = [v for v in ("MMU_CONFIG", "MMU_EPT", "MMU_BACKEND", "MMU_TDP_MMU") if v in os.environ]
-    if ignored:
-        # Each column is a named configuration; a parameter source would make them all alike.
-        verb = "does" if len(ignored) == 1 else "do"
-        err.print(f"mmu: note: compare runs the configurations named by --configs; "
-                  f"{', '.join(ignored)} {verb} not apply to it", highlight=False, soft_wrap=True)
+    base, _ = load_params(config)
+    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs", base)
+    _note_ignored(config)
     _warn_broken()
     reports = [_run_one(opts, p, name) for name, p in chosen]
     identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)

@@ -94,6 +94,12 @@ class VMConfig(ScheduleFields):
     seed: int = 0
     params: Params = Params()
     cost: CostModel = CostModel()
+    # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, enabled per VM: KVM_GET_DIRTY_LOG only copies the
+    # bitmap, and KVM_CLEAR_DIRTY_LOG clears and re-protects the pages userspace names.
+    dirty_log_manual_protect: bool = False
+    # KVM_DIRTY_LOG_INITIALLY_SET: enabling logging sets every bit and protects nothing; pages
+    # are protected as userspace clears them (needs manual protect).
+    dirty_log_initially_set: bool = False
 
     @field_validator("tlb_entries")
     @classmethod
@@ -104,6 +110,9 @@ class VMConfig(ScheduleFields):
 
     @model_validator(mode="after")
     def _slots(self) -> VMConfig:
+        if self.dirty_log_initially_set and not self.dirty_log_manual_protect:
+            raise ValueError("dirty_log_initially_set needs dirty_log_manual_protect "
+                             "(KVM_DIRTY_LOG_INITIALLY_SET is a flag of MANUAL_PROTECT2)")
         seen: dict[tuple[int, int], MemslotConfig] = {}
         ranges: dict[int, list[MemslotConfig]] = {0: [], 1: []}
         for ms in self.memslots:

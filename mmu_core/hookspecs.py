@@ -291,19 +291,31 @@ def mmu_age_gfn_range(vm, as_id, start, end):
 
 # --- dirty logging -----------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def mmu_enable_dirty_log(vm, slot):
-    """KVM_MEM_LOG_DIRTY_PAGES was set on ``slot``: from now on every guest write to the slot
-    must reach ``vm.mark_page_dirty``, i.e. write-protect (or clear D of) its SPTEs and return
-    True when a flush is needed. No lock held on entry. Optional: without it the core zaps
-    the slot's range, after which every first write faults and is logged.
+def mmu_enable_dirty_log(vm, slot, protect):
+    """KVM_MEM_LOG_DIRTY_PAGES was set on ``slot`` (kvm_mmu_slot_apply_flags). With
+    ``protect`` every later guest write to the slot must reach the dirty bitmap: write-protect
+    its SPTEs, or clear their D bits when PML logs them. Without it (KVM_DIRTY_LOG_INITIALLY_SET)
+    nothing needs protecting until userspace clears bits. Either way a backend may split the
+    slot's huge pages now (eager_page_split). Return True when a flush is needed. No lock held
+    on entry. Optional: without it the core zaps the slot's range (when ``protect``), after
+    which every first write faults and is logged.
+    """
+
+
+@hookspec(firstresult=True)
+def mmu_disable_dirty_log(vm, slot):
+    """KVM_MEM_LOG_DIRTY_PAGES was cleared on ``slot``: the backend may map it with huge
+    pages again (kvm_mmu_recover_huge_pages, formerly zap_collapsible_sptes). Return True
+    when a flush is needed. Optional: without it the slot stays mapped as it is, and huge
+    pages come back only as the slot is zapped and faulted again.
     """
 
 
 @hookspec(firstresult=True)
 def mmu_clear_dirty_log(vm, slot, gfns):
-    """The collector fetched and cleared the dirty bits of ``gfns`` (a numpy array): write-
-    protect them again so the next write is logged. Return True if a flush is needed.
-    Optional: without it the core zaps each gfn.
+    """The collector fetched and cleared the dirty bits of ``gfns`` (a numpy array): protect
+    them again (write-protection, or D-bit clearing under PML) so the next write is logged.
+    Return True if a flush is needed. Optional: without it the core zaps each gfn.
     """
 
 

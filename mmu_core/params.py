@@ -31,6 +31,30 @@ class Params(BaseModel):
         "tdp",
         description="backend for direct (TDP) roles; 'shadow' is KVM's legacy MMU (tdp_mmu=N)",
     )
+    # KVM's module parameters that change how the TDP MMU works; each one is read where KVM
+    # reads it (the plugin or the hardware model), and `mmu params` shows where it came from.
+    ept_ad: bool = Field(True, description="kvm_intel.ept_ad: EPT accessed/dirty bits; off = "
+                         "access tracking by clearing RWX and dirty logging by write-protection")
+    pml: bool = Field(True, description="kvm_intel.enable_pml: page-modification logging for "
+                      "dirty logging (D bits cleared instead of write-protection); needs ept_ad "
+                      "and is off without it, as KVM's hardware_setup turns it off")
+    eager_page_split: bool = Field(True, description="kvm.eager_page_split: split huge pages "
+                                   "when dirty logging is enabled or cleared, not on the first "
+                                   "write")
+    nx_huge_pages: bool = Field(False, description="kvm.nx_huge_pages: iTLB multihit "
+                                "mitigation: executable pages are mapped 4K only; huge pages "
+                                "split for it are recovered by a background worker")
+    nx_huge_pages_recovery_ratio: int = Field(60, ge=0, description="kvm.nx_huge_pages_recovery"
+                                              "_ratio: each recovery run zaps 1/ratio of the "
+                                              "split pages (0 = no recovery)")
+    nx_huge_pages_recovery_period_ms: int = Field(0, ge=0, description="kvm.nx_huge_pages_"
+                                                  "recovery_period_ms: time between recovery "
+                                                  "runs; 0 = 3600 s / ratio, as KVM computes it")
+
+    @property
+    def pml_enabled(self) -> bool:
+        """PML as KVM ends up with it: vmx.c hardware_setup clears enable_pml without A/D."""
+        return self.pml and self.ept_ad
 
 
 class ParamSource(BaseModel):
@@ -82,12 +106,11 @@ def load_params(
         _check_agree(table, f"config file {path}")
         for key, raw in table.items():
             _apply(key, raw, values, sources, f"config file {path}")
-    env_values = {key: env[var] for key, var in (("ept", "MMU_EPT"), ("tdp_mmu", "MMU_TDP_MMU"),
-                                                 ("backend", "MMU_BACKEND")) if var in env}
+    env_names = {name: f"MMU_{name.upper()}" for name in (*Params.model_fields, "tdp_mmu")}
+    env_values = {key: env[var] for key, var in env_names.items() if var in env}
     _check_agree(env_values, "the environment (MMU_BACKEND, MMU_TDP_MMU)")
     for key, raw in env_values.items():
-        var = {"ept": "MMU_EPT", "tdp_mmu": "MMU_TDP_MMU", "backend": "MMU_BACKEND"}[key]
-        _apply(key, raw, values, sources, f"environment {var}")
+        _apply(key, raw, values, sources, f"environment {env_names[key]}")
     for key, raw in (overrides or {}).items():
         if raw is not None:
             _apply(key, raw, values, sources, "command line")
@@ -104,6 +127,12 @@ def load_params(
         for name, field in Params.model_fields.items()
     ]
     return params, described
+
+
+def report_params(params: Params) -> dict[str, str]:
+    """The parameters as reports print them (booleans as true/false, as `mmu params` does)."""
+    return {name: str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in params.model_dump().items()}
 
 
 def _check_agree(given: Mapping[str, object], source: str) -> None:
@@ -131,8 +160,21 @@ def _apply(key: str, raw: object, values: dict, sources: dict, source: str) -> N
             raise InvalidConfig("backend", "empty backend name")
         values["backend"] = name
         sources["backend"] = source
+    elif key in Params.model_fields:
+        if Params.model_fields[key].annotation is bool:
+            values[key] = _parse_bool(key, raw)
+        else:
+            try:
+                value = int(str(raw).strip(), 0)
+            except ValueError:
+                raise InvalidConfig(key, f"{raw!r} is not an integer") from None
+            if value < 0:
+                raise InvalidConfig(key, f"must be at least 0, got {value}")
+            values[key] = value
+        sources[key] = source
     else:
-        raise InvalidConfig(key, f"unknown parameter (known: ept, backend, tdp_mmu) in {source}")
+        known = ", ".join((*Params.model_fields, "tdp_mmu"))
+        raise InvalidConfig(key, f"unknown parameter (known: {known}) in {source}")
 
 
 #: The three configurations of ARCHITECTURE.md, by the names the CLI and reports use.

@@ -56,8 +56,28 @@ def test_compare_says_which_parameter_sources_it_ignores(capsys, monkeypatch):
     code, lines = run_cli(capsys, "compare", "demand-paging", "-v", "1", "-b", "64K",
                           "--configs", "tdp")
     assert code == 0
-    assert lines[0] == "mmu: note: compare runs the configurations named by --configs; " \
-        "MMU_EPT does not apply to it"
+    assert lines[0] == "mmu: note: the configurations named by --configs choose ept and " \
+        "backend; MMU_EPT does not apply"
+
+
+def test_compare_takes_the_other_parameters_from_the_usual_sources(capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MMU_EPT_AD", "0")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "demand-paging", "-v", "1", "-b", "64K", "--configs", "tdp,legacy",
+                  "--json"])
+    assert exc.value.code == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r["params"]["ept_ad"] for r in runs] == ["false", "false"]
+    assert [r["params"]["backend"] for r in runs] == ["tdp", "shadow"]
+
+
+def test_a_bad_tuning_parameter_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("MMU_NX_HUGE_PAGES_RECOVERY_RATIO", "lots")
+    code, lines = run_cli(capsys, "params")
+    assert code == 2 and lines == ["mmu: error: nx_huge_pages_recovery_ratio: 'lots' is not "
+                                   "an integer"]
 
 
 def test_schema_describes_what_json_output_prints(capsys):

@@ -216,8 +216,9 @@ def test_compare_takes_any_configuration_including_a_registered_backend(capsys, 
     report = json.loads(out)
     runs = {r["configuration"]: r for r in report["runs"]}
     assert list(runs) == ["tdp", "legacy", "shadow", "mine"] and report["identical"]
-    assert (runs["mine"]["backend"], runs["mine"]["params"]) == ("mine", {"ept": "true",
-                                                                          "backend": "mine"})
+    assert runs["mine"]["backend"] == "mine"
+    assert {k: runs["mine"]["params"][k] for k in ("ept", "backend")} == {"ept": "true",
+                                                                        "backend": "mine"}
     assert runs["mine"]["backend_stats"] == runs["tdp"]["backend_stats"]  # the same MMU
 
 

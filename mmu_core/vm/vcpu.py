@@ -40,6 +40,9 @@ def mmio_read_value(gpa: int) -> int:
     return (gpa * 0x9E3779B97F4A7C15) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+PML_ENTITY_NUM = 512  # vmx.h: the PML buffer is one 4 KiB page of 8-byte GPAs
+
+
 class Vcpu:
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
@@ -64,7 +67,24 @@ class Vcpu:
         self.faults: dict[str, int] = {}
         self.mmio: list[tuple[int, int, int, int]] = []  # (op index, gpa, is_write, value)
         self.task = None
+        # The page-modification log (SDM 29.3.6), a VMCS-referenced page of 512 GPAs: entry
+        # 0 holds how many are logged, then the GPAs. The hardware appends when it sets an
+        # EPT D bit while PML is on; KVM drains it into the dirty bitmaps on every exit and
+        # when userspace reads the log.
+        self.pml = np.zeros(PML_ENTITY_NUM + 1, dtype=np.int64)
         self._sync_regs()
+
+    def flush_pml(self, kick: bool = False) -> int:
+        """vmx_flush_pml_buffer: mark every logged gfn dirty in its slot and empty the
+        buffer; returns how many entries there were. `kick` charges the IPI that makes a
+        running vCPU exit to do it (kvm_arch_sync_dirty_log kicks every vCPU)."""
+        n = int(self.pml[0])
+        if not n:
+            return 0
+        for gpa in self.pml[1:n + 1].tolist():
+            self.vm.mark_page_dirty(self.as_id, gpa >> 12)
+        self.pml[0] = 0
+        return n
 
     # --- architectural state -------------------------------------------------------------
     @property

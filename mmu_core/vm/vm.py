@@ -226,41 +226,102 @@ class VM:
                       change="move")
 
     def set_dirty_logging(self, as_id: int, slot_id: int, enable: bool) -> None:
+        """Set or clear KVM_MEM_LOG_DIRTY_PAGES on a slot (kvm_mmu_slot_apply_flags).
+
+        Enabling: the bitmap starts empty and the backend protects the slot (write-protection
+        or D-bit clearing) and may split its huge pages eagerly; with
+        KVM_DIRTY_LOG_INITIALLY_SET every bit starts set and nothing is protected until
+        userspace clears it. Disabling: the backend may map the slot huge again."""
         slot = self._slot(as_id, slot_id)
         if enable == slot.log_dirty:
             return
+        initially_set = self.config.dirty_log_initially_set
         if enable:
-            slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
+            fill = 1 if initially_set else 0
+            slot.dirty_bitmap = np.full(slot.npages, fill, dtype=np.uint8)
         slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
         self._install_memslots(as_id)
         if enable:
-            # Until the slot is write-protected the guest may still write through old
-            # writable SPTEs unlogged: the ioctl has not returned, so that is allowed.
+            # Until the slot is protected the guest may still write through old writable
+            # SPTEs unlogged: the ioctl has not returned, so that is allowed.
             enabling = (as_id, set(range(slot.base_gfn, slot.end_gfn)))
             self._collecting.append(enabling)
             try:
                 if self.hook.mmu_enable_dirty_log.get_hookimpls():
-                    if self.hook.mmu_enable_dirty_log(vm=self, slot=slot):
+                    if self.hook.mmu_enable_dirty_log(vm=self, slot=slot,
+                                                      protect=not initially_set):
                         self.flush_remote_tlbs()
-                else:
+                elif not initially_set:
                     self.zap_gfn_range(as_id, slot.base_gfn, slot.end_gfn)
             finally:
                 self._collecting.remove(enabling)
+        else:
+            self.sync_dirty_log()  # PML entries still buffered belong to the old bitmap
+            slot.dirty_bitmap = None
+            if self.hook.mmu_disable_dirty_log.get_hookimpls():
+                if self.hook.mmu_disable_dirty_log(vm=self, slot=slot):
+                    self.flush_remote_tlbs()
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=slot, new=slot,
                       change="flags")
 
-    def get_dirty_log(self, as_id: int, slot_id: int) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG with manual-protect off: fetch, clear, re-protect."""
+    def _logged_slot(self, as_id: int, slot_id: int) -> Memslot:
         slot = self.memslots[as_id].by_id(slot_id)
         if slot is None or slot.dirty_bitmap is None:
             raise InvalidConfig("memslot", f"slot {slot_id} does not log dirty pages")
+        return slot
+
+    def get_dirty_log(self, as_id: int, slot_id: int) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: the dirty gfns. Without manual protection: fetch, clear and
+        re-protect them (kvm_get_dirty_log_protect). With it: only a copy of the bitmap;
+        userspace clears with clear_dirty_log."""
+        slot = self._logged_slot(as_id, slot_id)
+        self.sync_dirty_log()
+        gfns = np.flatnonzero(slot.dirty_bitmap) + slot.base_gfn
+        if self.config.dirty_log_manual_protect:
+            self.engine.delay(slot.npages // 64 * self.engine.cost.atomic_read)
+            return gfns
+        # xchg per bitmap word, charged first: from the harvest to _protect there must be no
+        # switch point, or a writer could see its page neither logged nor protected.
+        self.engine.delay(slot.npages // 64 * self.engine.cost.xchg)
         gfns = np.flatnonzero(slot.dirty_bitmap) + slot.base_gfn
         slot.dirty_bitmap[:] = 0
+        self._protect(slot, gfns)
+        return gfns
+
+    def clear_dirty_log(self, as_id: int, slot_id: int, first_page: int = 0,
+                        num_pages: int | None = None, bitmap: np.ndarray | None = None
+                        ) -> int:
+        """KVM_CLEAR_DIRTY_LOG (manual protection): clear the bits of pages [first_page,
+        first_page + num_pages) of the slot that `bitmap` selects (all when None) and
+        re-protect those that were dirty. Returns how many were. As KVM requires, first_page
+        is a multiple of 64 and the range lies in the slot."""
+        if not self.config.dirty_log_manual_protect:
+            raise InvalidConfig("clear_dirty_log", "needs dirty_log_manual_protect "
+                                "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+        slot = self._logged_slot(as_id, slot_id)
+        num_pages = slot.npages - first_page if num_pages is None else num_pages
+        if first_page % 64 or num_pages < 0 or first_page + num_pages > slot.npages:
+            raise InvalidConfig("clear_dirty_log", f"pages [{first_page}, "
+                                f"{first_page + num_pages}) are not 64-aligned within slot "
+                                f"{slot_id} ({slot.npages} pages)")
+        self.sync_dirty_log()
+        self.engine.delay(-(-num_pages // 64) * self.engine.cost.xchg)  # before the harvest
+        part = slot.dirty_bitmap[first_page:first_page + num_pages]
+        want = part != 0 if bitmap is None else (part != 0) & (np.asarray(bitmap[:num_pages]) != 0)
+        offsets = np.flatnonzero(want)
+        part[offsets] = 0
+        self._protect(slot, offsets + first_page + slot.base_gfn)
+        return len(offsets)
+
+    def _protect(self, slot: Memslot, gfns: np.ndarray) -> None:
+        """Re-protect harvested gfns (kvm_arch_mmu_enable_log_dirty_pt_masked), then flush.
+
+        From the harvest until the re-protection (and its flush) are done, the guest may
+        still write through old writable SPTEs without a new dirty bit: harmless, since the
+        pages are reported dirty now and the caller reads them after we return."""
         if not len(gfns):
-            return gfns
-        # From the harvest until the re-protection (and its flush) are done, the guest may
-        # still write through the old writable SPTEs without a new dirty bit: harmless, since
-        # the pages are reported dirty now and the caller reads them after we return.
+            return
+        as_id = slot.as_id
         collecting = (as_id, set(gfns.tolist()))
         self._collecting.append(collecting)
         try:
@@ -276,7 +337,12 @@ class VM:
                     self.flush_remote_tlbs()
         finally:
             self._collecting.remove(collecting)
-        return gfns
+
+    def sync_dirty_log(self) -> None:
+        """kvm_arch_sync_dirty_log: bring what the hardware logged but KVM has not seen yet
+        into the dirty bitmaps (PML buffers, flushed by kicking each vCPU)."""
+        for vcpu in self.vcpus:
+            vcpu.flush_pml(kick=True)
 
     def collecting_dirty(self, as_id: int, gfn: int) -> bool:
         """Whether a get_dirty_log (or enabling dirty logging) that covers gfn is still

@@ -24,7 +24,7 @@ from mmu_core.config import ScheduleFields, VMConfig
 from mmu_core.errors import BackendError, InvalidConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns, pt_slot_size
 from mmu_core.hw import cpu as C
-from mmu_core.params import Params, configuration_name
+from mmu_core.params import Params, configuration_name, report_params
 from mmu_core.report.models import (
     BackendStats,
     DemandPagingReport,
@@ -235,7 +235,7 @@ def run_demand_paging(
     nfaults = sum(faults.values())
     return DemandPagingReport(
         configuration=configuration_name(params),
-        params={"ept": str(params.ept).lower(), "backend": params.backend},
+        params=report_params(params),
         backend=vm.backend_name,
         seed=opts.seed,
         schedule=ScheduleFigures(
