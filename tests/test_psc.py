@@ -80,8 +80,8 @@ def walk_both(world, psc, acc=EC.ACC_READ, flags=0, gva=GVA):
     ref_pt = mem.pt.copy()
     xl, root, levels = world.args()
     cached, full = W.new_out(), W.new_out()
-    W.walk_cached(mem.pt, mem.pt_slot, regs, gva, acc, True, xl, root, levels, W.EMPTY_MS,
-                  W.EMPTY_HVA, psc, cached)
+    W.walk_cached(mem.pt, mem.pt_slot, regs, gva, acc, True, xl, root, levels, True, W.EMPTY_MS,
+                  W.EMPTY_HVA, psc, W.NO_PML, cached)
     W.walk(ref_pt, mem.pt_slot, regs, gva, acc, True, xl, root, levels, W.EMPTY_MS,
            W.EMPTY_HVA, full)
     assert np.array_equal(mem.pt, ref_pt), "a cached walk changed memory differently"

@@ -2,14 +2,20 @@
 
 `run_ops` is the jitted inner loop. It executes guest operations (rows of a program array)
 and returns to Python only for what real hardware would hand to the hypervisor (EPT
-violation or misconfiguration under TDP, a #PF on the shadow tables under shadow paging) or for
-operations the model handles in Python (INVLPG, MOV to CR0/CR3/CR4, CPL and AC changes). Under
-TDP a guest #PF is delivered by the hardware straight to the guest, with no exit; the guest's
-handler records it and skips the instruction, which is what every program here does.
+violation or misconfiguration, or a full page-modification log, under TDP; a #PF on the shadow
+tables under shadow paging) or for operations the model handles in Python (INVLPG, MOV to
+CR0/CR3/CR4, CPL and AC changes). Under TDP a guest #PF is delivered by the hardware straight
+to the guest, with no exit; the guest's handler records it and skips the instruction, which is
+what every program here does.
 
 A TLB miss walks with the vCPU's paging-structure caches (`tlb` holds both, see hw/tlb.py), so
 a walk reads only the levels below the deepest cached non-leaf entry; ST_WALK_READS counts the
 entries actually read, which the vCPU charges as walk time.
+
+Under TDP with EPT A/D flags a TLB entry's A_DIRTY means that the guest's and EPT's leaf D
+bits were both set when it was filled, so a write through an entry filled by a read walks
+again and sets EPT D (and logs the page when PML is on). KVM clears EPT D bits for dirty
+logging and then flushes the TLBs, so the next write after the flush walks as well.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ X_EPT_MISCONFIG = 2
 X_SHADOW_PF = 3  # #PF on the shadow tables (intercepted under shadow paging)
 X_OP = 4  # an operation Python handles
 X_NEED_TABLE = 5  # a page-table store to a frame that has no table contents yet
-X_NAMES = ("none", "ept_violation", "ept_misconfig", "shadow_pf", "op", "need_table")
+X_PML_FULL = 6  # an EPT A/D update found the PML buffer full (XI_GPA: the gpa it was for)
+X_NAMES = ("none", "ept_violation", "ept_misconfig", "shadow_pf", "op", "need_table",
+           "pml_full")
 
 XI_KIND = 0
 XI_GVA = 1
@@ -94,12 +102,14 @@ def _host_ok(attr, acc):
 
 
 @njit(cache=True)
-def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, root, root_levels, tlb,
-            xinfo, stats, budget):
+def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_levels, tlb,
+            pml, xinfo, stats, budget):
     """Run ops [pc, end) until an exit or `budget` ops; returns the next pc.
 
     `regs` are what the hardware runs with: the guest's own registers under TDP, and KVM's
-    shadow-paging register state (R_CR3 = the shadow root) under shadow paging.
+    shadow-paging register state (R_CR3 = the shadow root) under shadow paging. Under TDP,
+    `ept_ad` is EPTP bit 6 (EPT A/D flags) and `pml` the page-modification log, or
+    walker.NO_PML when PML is off (see walker.ept_translate).
     """
     out = np.zeros(W.OUT_SIZE, np.int64)
     xinfo[XI_KIND] = X_NONE
@@ -132,8 +142,8 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, root, root_levels, 
             else:
                 tlb[i, TLB_VPN] = 0
         if pfn < 0:
-            W.walk_cached(pt, pt_slot, regs, gva, acc, True, xl, root, root_levels, W.EMPTY_MS,
-                          W.EMPTY_HVA, tlb, out)
+            W.walk_cached(pt, pt_slot, regs, gva, acc, True, xl, root, root_levels, ept_ad,
+                          W.EMPTY_MS, W.EMPTY_HVA, tlb, pml, out)
             stats[ST_WALKS] += 1
             stats[ST_WALK_READS] += out[W.OUT_READS]
             stats[ST_PSC_SKIPPED] += out[W.OUT_SKIPPED]
@@ -150,6 +160,14 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, root, root_levels, 
                 xinfo[XI_KIND] = X_SHADOW_PF
                 xinfo[XI_GVA] = gva
                 xinfo[XI_CODE] = out[W.OUT_CODE]
+                xinfo[XI_ACC] = acc
+                return pc
+            if st == W.W_PML_FULL:
+                # SDM 29.3.6: the update that found the log full exits before it happens; the
+                # op runs again once KVM has drained the log.
+                xinfo[XI_KIND] = X_PML_FULL
+                xinfo[XI_GVA] = gva
+                xinfo[XI_GPA] = out[W.OUT_ADDR]
                 xinfo[XI_ACC] = acc
                 return pc
             if st != W.W_OK:

@@ -5,7 +5,9 @@ Rows [0, ntlb) are the TLB: a direct-mapped cache of final translations. An entr
 frame and the combined attributes (walker.A_*), so that permission checks on a hit are
 re-evaluated against the current CR0/CR4/PKRU/CPL. A hit that would fault, or a write through
 an entry whose D bit was clear, drops the entry and walks again, as the SDM requires for setting
-D and as it permits for permission faults.
+D and as it permits for permission faults. Under TDP with EPT A/D flags "D" is the guest leaf's
+and the EPT leaf's together (walker.A_DIRTY): a write must also set a clear EPT D bit (SDM vol.
+3C 29.4), which is what page-modification logging and D-bit dirty logging rely on.
 
 Rows [ntlb, ntlb + PSC_LEVELS * sets) are the paging-structure caches (SDM vol. 3A 4.10.3; for
 EPT, vol. 3C 29.4 "guest-physical mappings"): one direct-mapped region of `sets` rows per level

@@ -20,6 +20,13 @@ Reserved bits and misconfigurations of cached levels are not checked again (only
 are cached, SDM 4.10.3.1), and an entry is cached only once the accessed flags are 1 in it and
 every entry above it, so starting from the cache sets exactly the A/D bits a full walk would.
 The guest's own tables in a 2-D walk are not cached.
+
+A 2-D walk also keeps EPT's own flags when EPTP bit 6 enables them (`ept_ad`, SDM vol. 3C
+29.3.5): A on every EPT entry used and D on the leaf of a written page, where writing a guest
+entry's A/D bits is a write to its table page. Without it the EPT entries are left alone (and
+their A bits do not gate caching). With page-modification logging (a `pml` buffer, 29.3.6),
+each EPT D bit set from 0 to 1 appends that page's gpa to the vCPU's log, and an EPT A/D
+update that finds the log full stops the walk (W_PML_FULL) for the VM exit that drains it.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ W_EPT_MISCONFIG = 3  # OUT_ADDR is the gpa
 W_NEED_GFN = 4  # XL_SLOTS: the host page of guest table gfn OUT_ADDR>>12 is not populated
 # (a missing final data page is not an error: W_OK with OUT_HPA = -1, as walk_addr)
 W_NO_SLOT = 5  # XL_SLOTS: a guest table lies outside every memslot
+W_PML_FULL = 6  # an EPT A/D update found the PML buffer full (OUT_ADDR: the gpa translated)
 
 OUT_STATUS = 0
 OUT_ADDR = 1  # final gpa (W_OK), or the faulting gpa
@@ -88,7 +96,9 @@ OUT_SIZE = 20
 A_USER = 1 << 0  # U/S=1 at every level
 A_WRITABLE = 1 << 1  # R/W=1 at every level
 A_NX = 1 << 2  # XD=1 at some level (only counted when EFER.NXE=1)
-A_DIRTY = 1 << 3  # leaf D bit (after this walk's update)
+A_DIRTY = 1 << 3  # leaf D bit after this walk's update; in a 2-D walk with EPT A/D flags, the
+#                   guest leaf's D and the EPT leaf's D (SDM vol. 3C 29.4: a write through a
+#                   translation cached with either clear walks again to set it)
 A_HOST_R = 1 << 4  # second-dimension permissions (EPT R/W/X; all set without EPT)
 A_HOST_W = 1 << 5
 A_HOST_X = 1 << 6
@@ -135,22 +145,43 @@ def or_entry(pt, pt_slot, hpa, ebytes, bits):
     pt[slot, idx] = pt[slot, idx] | bits
 
 
-RES_SIZE = 6  # ept_translate/_xlate results: status, hpa, perms, level, reads, skipped
+# ept_translate/_xlate results (int64 array of RES_SIZE)
+RES_STATUS = 0
+RES_HPA = 1
+RES_PERM = 2
+RES_LEVEL = 3
+RES_READS = 4
+RES_SKIPPED = 5
+RES_DIRTY = 6  # 0 when EPT A/D flags are on and the leaf's D is clear after the translation
+RES_SIZE = 7
+
+#: the PML buffer is one 4 KiB page of 8-byte GPAs (vmx.h PML_ENTITY_NUM); a buffer array
+#: holds the count in [0] and the GPAs after it, in the order they were logged
+PML_ENTITY_NUM = 512
+NO_PML = np.zeros(0, dtype=np.int64)  # PML off (pass it from Python; jitted code makes its own)
 
 
 @njit(cache=True)
-def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res):
-    """Translate gpa through EPT. res: [status, hpa, perms, level, reads, skipped] (RES_SIZE);
-    `need` is EPT_READ/... `psc` is the vCPU's TLB array (its EPT paging-structure caches are
-    used and filled) or an empty array.
+def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, ept_ad, psc, pml, res):
+    """Translate gpa through EPT. res: see RES_*; `need` is EPT_READ/...
 
-    A/D (EPT A/D enabled, as KVM's TDP MMU runs) are set only when the access is allowed.
+    `ept_ad` is EPTP bit 6, EPT accessed and dirty flags (kvm_intel.ept_ad). With it, and
+    `set_ad`, the walk sets A on every entry it used and, for a write (`dirty`), D on the
+    leaf, only when the access is allowed (SDM vol. 3C 29.3.5). Without it the processor
+    neither sets nor heeds them (and caches entries whatever their A bit says).
+
+    `psc` is the vCPU's TLB array (its EPT paging-structure caches are used and filled) or an
+    empty array. `pml` is the vCPU's page-modification log (SDM 29.3.6) or NO_PML: when this
+    translation is about to set an EPT A or D bit and the log is full, nothing is set and the
+    status is W_PML_FULL (the access does not happen; a VM exit follows); when it sets a leaf's
+    D from 0 to 1, the page-aligned gpa is appended.
     """
     perm = E.EPT_RWX
     table = root
     top = levels
-    res[4] = 0
-    res[5] = 0
+    res[RES_READS] = 0
+    res[RES_SKIPPED] = 0
+    res[RES_DIRTY] = 0
     use_psc = psc_enabled(psc)
     if use_psc:
         hit, cached_table, cached_perm = psc_lookup(psc, PSC_EPT, root, gpa, levels)
@@ -159,7 +190,7 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
             table = cached_table
             perm = cached_perm
             top = hit - 1
-            res[5] = levels - top
+            res[RES_SKIPPED] = levels - top
     leaf_level = 0
     hpa = 0
     slots = np.empty(5, np.int64)
@@ -167,36 +198,40 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
     # An entry is cacheable only when A is 1 in it and in every entry above it (SDM 4.10.3.1);
     # the others become cacheable once this walk sets A on the whole path.
     all_accessed = True
+    unset_a = False  # an entry on the path (read from memory) has A clear
     pend_level = np.empty(5, np.int64)
     pend_table = np.empty(5, np.int64)
     pend_perm = np.empty(5, np.int64)
     npend = 0
     n = 0
+    e = np.int64(0)
     for level in range(top, 0, -1):
         idx = (gpa >> (12 + 9 * (level - 1))) & 511
         slot = pt_slot[table]
         e = np.int64(pt[slot, idx]) if slot >= 0 else np.int64(0)
-        res[4] += 1
+        res[RES_READS] += 1
         rwx = e & E.EPT_RWX
         if rwx == 0:
-            res[0] = W_EPT_VIOLATION
-            res[2] = 0
+            res[RES_STATUS] = W_EPT_VIOLATION
+            res[RES_PERM] = 0
             return
         if (rwx & E.EPT_WRITE) and not (rwx & E.EPT_READ):
-            res[0] = W_EPT_MISCONFIG  # write-only or write+exec: KVM's MMIO SPTEs use this
+            res[RES_STATUS] = W_EPT_MISCONFIG  # write-only or write+exec: KVM's MMIO SPTEs use this
             return
         large = (e & E.EPT_LARGE) != 0
         if large and level > 3:
-            res[0] = W_EPT_MISCONFIG  # bit 7 is reserved in EPT PML4Es/PML5Es
+            res[RES_STATUS] = W_EPT_MISCONFIG  # bit 7 is reserved in EPT PML4Es/PML5Es
             return
         perm &= rwx
         slots[n] = slot
         idxs[n] = idx
         n += 1
+        accessed = (e & E.EPT_ACCESSED) != 0
+        unset_a = unset_a or not accessed
         if level == 1 or large:
             mt = (e & E.EPT_MT_MASK) >> E.EPT_MT_SHIFT
             if mt == 2 or mt == 3 or mt == 7:
-                res[0] = W_EPT_MISCONFIG
+                res[RES_STATUS] = W_EPT_MISCONFIG
                 return
             size = 1 << (12 + 9 * (level - 1))
             hpa = (e & _ADDR_MASK_52 & ~(size - 1)) | (gpa & (size - 1))
@@ -204,7 +239,7 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
             break
         table = (e & _ADDR_MASK_52) >> 12
         if use_psc:
-            all_accessed = all_accessed and (e & E.EPT_ACCESSED) != 0
+            all_accessed = all_accessed and (accessed or not ept_ad)
             if all_accessed:
                 psc_fill(psc, PSC_EPT, root, level, gpa, levels, table, perm)
             else:
@@ -213,53 +248,67 @@ def ept_translate(pt, pt_slot, root, levels, gpa, need, set_ad, dirty, psc, res)
                 pend_perm[npend] = perm
                 npend += 1
     if not (perm & need):
-        res[0] = W_EPT_VIOLATION
-        res[2] = perm
+        res[RES_STATUS] = W_EPT_VIOLATION
+        res[RES_PERM] = perm
         return
-    if set_ad:
+    leaf_dirty = (e & E.EPT_DIRTY) != 0
+    if set_ad and ept_ad:
+        set_d = dirty and not leaf_dirty
+        if pml.shape[0] and (unset_a or set_d):
+            if pml[0] >= pml.shape[0] - 1:
+                res[RES_STATUS] = W_PML_FULL  # before any flag is set: the access waits
+                return
+            if set_d:
+                pml[0] += 1
+                pml[pml[0]] = gpa & ~0xFFF
         for i in range(n):
             pt[slots[i], idxs[i]] |= np.uint64(E.EPT_ACCESSED)
-        if dirty:
+        if set_d:
             pt[slots[n - 1], idxs[n - 1]] |= np.uint64(E.EPT_DIRTY)
+            leaf_dirty = True
         for i in range(npend):
             psc_fill(psc, PSC_EPT, root, pend_level[i], gpa, levels, pend_table[i],
                      pend_perm[i])
-    res[0] = W_OK
-    res[1] = hpa
-    res[2] = perm
-    res[3] = leaf_level
+    res[RES_STATUS] = W_OK
+    res[RES_HPA] = hpa
+    res[RES_PERM] = perm
+    res[RES_LEVEL] = leaf_level
+    res[RES_DIRTY] = 1 if leaf_dirty or not ept_ad else 0
 
 
 @njit(cache=True)
-def _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, need, set_ad, dirty, psc,
-           res):
+def _xlate(pt, pt_slot, xl, ept_root, ept_levels, ept_ad, ms, hva_pfn, gpa, need, set_ad, dirty,
+           psc, pml, res):
     """gpa -> hpa for the walker; res like ept_translate's."""
     if xl == XL_NONE:
-        res[0] = W_OK
-        res[1] = gpa
-        res[2] = E.EPT_RWX
-        res[3] = 1
-        res[4] = 0
-        res[5] = 0
+        res[RES_STATUS] = W_OK
+        res[RES_HPA] = gpa
+        res[RES_PERM] = E.EPT_RWX
+        res[RES_LEVEL] = 1
+        res[RES_READS] = 0
+        res[RES_SKIPPED] = 0
+        res[RES_DIRTY] = 1
     elif xl == XL_EPT:
-        ept_translate(pt, pt_slot, ept_root, ept_levels, gpa, need, set_ad, dirty, psc, res)
+        ept_translate(pt, pt_slot, ept_root, ept_levels, gpa, need, set_ad, dirty, ept_ad, psc,
+                      pml, res)
     else:
-        res[4] = 0
-        res[5] = 0
+        res[RES_READS] = 0
+        res[RES_SKIPPED] = 0
+        res[RES_DIRTY] = 1
         gfn = gpa >> 12
         i = memslot_find(ms, gfn)
         if i < 0:
-            res[0] = W_NO_SLOT
+            res[RES_STATUS] = W_NO_SLOT
             return
         hva = ms[i, MS_HVA] + ((gfn - ms[i, MS_BASE_GFN]) << 12)
         pfn = hva_pfn[(hva - HVA_BASE) >> 12]
         if pfn < 0:
-            res[0] = W_NEED_GFN
+            res[RES_STATUS] = W_NEED_GFN
             return
-        res[0] = W_OK
-        res[1] = (pfn << 12) | (gpa & 0xFFF)
-        res[2] = E.EPT_RWX
-        res[3] = 1
+        res[RES_STATUS] = W_OK
+        res[RES_HPA] = (pfn << 12) | (gpa & 0xFFF)
+        res[RES_PERM] = E.EPT_RWX
+        res[RES_LEVEL] = 1
 
 
 @njit(cache=True)
@@ -342,18 +391,25 @@ def _ept_qual(acc, perm, final):
 @njit(cache=True)
 def walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn, out):
     """Translate linear address `gva` for access `acc`; fills `out` (see OUT_*). No
-    paging-structure caches: KVM's software walk, and the reference for the hardware's."""
-    walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn,
-                np.zeros((0, TLB_COLS), np.int64), out)
+    paging-structure caches and no page-modification log; EPT (XL_EPT) with A/D flags: KVM's
+    software walk, and the reference for the hardware's."""
+    walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, True, ms,
+                hva_pfn, np.zeros((0, TLB_COLS), np.int64), np.zeros(0, np.int64), out)
 
 
 @njit(cache=True)
-def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ms, hva_pfn,
-                psc, out):
+def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ept_ad, ms,
+                hva_pfn, psc, pml, out):
     """walk() as the hardware does it, with the paging-structure caches in `psc` (a vCPU's TLB
     array, see hw/tlb.py): the EPT caches under XL_EPT, the caches for the (shadow) tables of
     4-level and 5-level paging under XL_NONE. OUT_N, OUT_TGPA/TPTE and OUT_ADW then cover only
-    the entries read from memory."""
+    the entries read from memory.
+
+    Under XL_EPT, `ept_ad` (EPTP bit 6) says whether EPT A/D flags are in use and `pml` is
+    the page-modification log or NO_PML (see ept_translate): every EPT D bit the walk sets
+    from 0 to 1, for the data page or for a guest table whose A/D bits it writes, logs that
+    page; a full log ends the walk with W_PML_FULL before the flag that needed it is set
+    (guest A/D bits of entries already updated stay set, as a later walk would set them)."""
     mode = regs[R_MODE]
     flags = regs[R_FLAGS]
     maxphy = regs[R_MAXPHY]
@@ -431,17 +487,17 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
             shift = 12 + ibits * (level - 1)
             idx = (gva >> shift) & ((1 << ibits) - 1)
             pte_gpa = table + idx * ebytes
-            _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, pte_gpa, E.EPT_READ,
-                   False, False, psc, res)
-            out[OUT_READS] += res[4]
-            out[OUT_SKIPPED] += res[5]
-            if res[0] != W_OK:
-                out[OUT_STATUS] = res[0]
+            _xlate(pt, pt_slot, xl, ept_root, ept_levels, ept_ad, ms, hva_pfn, pte_gpa,
+                   E.EPT_READ, False, False, psc, pml, res)
+            out[OUT_READS] += res[RES_READS]
+            out[OUT_SKIPPED] += res[RES_SKIPPED]
+            if res[RES_STATUS] != W_OK:
+                out[OUT_STATUS] = res[RES_STATUS]
                 out[OUT_ADDR] = pte_gpa
-                out[OUT_CODE] = _ept_qual(EC.ACC_READ, res[2], False)
+                out[OUT_CODE] = _ept_qual(EC.ACC_READ, res[RES_PERM], False)
                 out[OUT_N] = n
                 return
-            hpa = res[1]
+            hpa = res[RES_HPA]
             e = read_entry(pt, pt_slot, hpa, ebytes)
             out[OUT_READS] += 1
             out[OUT_TGPA + n] = pte_gpa
@@ -523,23 +579,25 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
         if e & P.PT_DIRTY or acc == EC.ACC_WRITE:
             attr |= A_DIRTY
     # The final address through the second dimension.
-    _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, gpa, _ept_need(acc), set_ad,
-           acc == EC.ACC_WRITE, psc, res)
-    out[OUT_READS] += res[4]
-    out[OUT_SKIPPED] += res[5]
-    if xl == XL_SLOTS and res[0] == W_NEED_GFN:
+    _xlate(pt, pt_slot, xl, ept_root, ept_levels, ept_ad, ms, hva_pfn, gpa, _ept_need(acc),
+           set_ad, acc == EC.ACC_WRITE, psc, pml, res)
+    out[OUT_READS] += res[RES_READS]
+    out[OUT_SKIPPED] += res[RES_SKIPPED]
+    if xl == XL_SLOTS and res[RES_STATUS] == W_NEED_GFN:
         # KVM's walk_addr needs only the final gfn, not its page: the walk succeeds (A/D set)
         # and OUT_HPA = -1 says the data page is not populated yet.
-        res[0] = W_OK
-        res[1] = -1
-        res[2] = E.EPT_RWX
-    if res[0] != W_OK:
-        out[OUT_STATUS] = res[0]
+        res[RES_STATUS] = W_OK
+        res[RES_HPA] = -1
+        res[RES_PERM] = E.EPT_RWX
+    if res[RES_STATUS] != W_OK:
+        out[OUT_STATUS] = res[RES_STATUS]
         out[OUT_ADDR] = gpa
-        out[OUT_CODE] = _ept_qual(acc, res[2], True)
+        out[OUT_CODE] = _ept_qual(acc, res[RES_PERM], True)
         return
-    hpa = res[1]
-    hperm = res[2]
+    hpa = res[RES_HPA]
+    hperm = res[RES_PERM]
+    if not res[RES_DIRTY]:
+        attr &= ~A_DIRTY  # EPT A/D on and the EPT leaf clean: a write must walk to set it
     if set_ad and mode != P.MODE_NONE:
         # A on every entry used, D on a written leaf; in 2-D each is a write through EPT.
         for i in range(n):
@@ -556,12 +614,12 @@ def walk_cached(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, m
             if xl == XL_EPT:
                 # Not counted as reads: the hardware updates the entry with the translation it
                 # made to read it; the model translates again to check EPT write permission.
-                _xlate(pt, pt_slot, xl, ept_root, ept_levels, ms, hva_pfn, out[OUT_TGPA + i],
-                       E.EPT_WRITE, True, True, psc, res)
-                if res[0] != W_OK:
-                    out[OUT_STATUS] = res[0]
+                _xlate(pt, pt_slot, xl, ept_root, ept_levels, ept_ad, ms, hva_pfn,
+                       out[OUT_TGPA + i], E.EPT_WRITE, True, True, psc, pml, res)
+                if res[RES_STATUS] != W_OK:
+                    out[OUT_STATUS] = res[RES_STATUS]
                     out[OUT_ADDR] = out[OUT_TGPA + i]
-                    out[OUT_CODE] = _ept_qual(EC.ACC_WRITE, res[2], False)
+                    out[OUT_CODE] = _ept_qual(EC.ACC_WRITE, res[RES_PERM], False)
                     return
             or_entry(pt, pt_slot, hpas[i], ebytes, np.uint64(bits))
             out[OUT_ADW] |= 1 << i

@@ -98,5 +98,14 @@ class CostModel(BaseModel):
                               "about one cache miss")
     rmap_add: int = _ns(100, "rmap_add: pte_list_add", "often allocates a pte_list_desc")
 
+    # --- page-modification logging ------------------------------------------------------------
+    pml_flush_per_entry: int = _ns(30, "vmx_flush_pml_buffer: each logged GPA marked dirty",
+                                   "a load and kvm_vcpu_mark_page_dirty: the vCPU's last-used "
+                                   "memslot and an atomic set_bit_le in its bitmap, ~tens of ns")
+    vcpu_kick: int = _ns(100, "kvm_vcpu_kick of a running vCPU so that it exits and drains "
+                         "its PML buffer (kvm_arch_sync_dirty_log kicks every vCPU)",
+                         "smp_send_reschedule: one x2APIC ICR write (WRMSR, a few hundred "
+                         "cycles); the sender does not wait for the exit")
+
 
 DEFAULT_COSTS = CostModel()

@@ -4,6 +4,8 @@
 what comes back the way KVM's vcpu_run does: a fault goes to the backend's mmu_page_fault,
 an emulation request to the core emulator, INVLPG/MOV CR to the core and, where shadow paging
 intercepts them, to the backend. Guest-visible results of every operation land in `results`.
+Under EPT the vCPU turns page-modification logging on while any memslot logs dirty pages,
+drains the log at every exit (and when the dirty log is read), and takes the PML-full exit.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def mmio_read_value(gpa: int) -> int:
     return (gpa * 0x9E3779B97F4A7C15) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-PML_ENTITY_NUM = 512  # vmx.h: the PML buffer is one 4 KiB page of 8-byte GPAs
+PML_ENTITY_NUM = W.PML_ENTITY_NUM  # vmx.h: the PML buffer is one 4 KiB page of 8-byte GPAs
 
 
 class Vcpu:
@@ -72,19 +74,61 @@ class Vcpu:
         # EPT D bit while PML is on; KVM drains it into the dirty bitmaps on every exit and
         # when userspace reads the log.
         self.pml = np.zeros(PML_ENTITY_NUM + 1, dtype=np.int64)
+        self._pml_on = False  # PML enabled in this vCPU's VMCS (SECONDARY_EXEC_ENABLE_PML)
+        self._pml_generation = -1  # the memslots generation _pml_on was decided at
         self._sync_regs()
 
     def flush_pml(self, kick: bool = False) -> int:
         """vmx_flush_pml_buffer: mark every logged gfn dirty in its slot and empty the
         buffer; returns how many entries there were. `kick` charges the IPI that makes a
-        running vCPU exit to do it (kvm_arch_sync_dirty_log kicks every vCPU)."""
+        running vCPU exit to do it (kvm_arch_sync_dirty_log kicks every vCPU when PML is in
+        use); the model then drains the buffer in the caller, which is charged for it too.
+        Charged (a switch point) only when there is a kick or an entry."""
+        vm = self.vm
+        engine = vm.engine
+        task = self.task
+        if kick and self._has_pml() and task is not None and task.started and not task.finished:
+            engine.delay(engine.cost.vcpu_kick)
         n = int(self.pml[0])
         if not n:
             return 0
         for gpa in self.pml[1:n + 1].tolist():
-            self.vm.mark_page_dirty(self.as_id, gpa >> 12)
+            vm.mark_page_dirty(self.as_id, gpa >> 12)
         self.pml[0] = 0
+        engine.delay(n * engine.cost.pml_flush_per_entry, None if kick else "exit")
         return n
+
+    def _has_pml(self) -> bool:
+        """KVM uses PML on this VM (enable_pml, which needs EPT A/D; EPT, so not under
+        shadow paging)."""
+        return self.vm.params.pml_enabled and not self.shadowing
+
+    def _pml_log(self) -> np.ndarray:
+        """The log the hardware writes during the next entry: the PML buffer while PML is on
+        for this vCPU, else walker.NO_PML. KVM turns PML on in every vCPU while any memslot
+        logs dirty pages (kvm_mmu_update_cpu_dirty_logging: a request each vCPU services
+        before its next entry, vmx_update_cpu_dirty_logging). Every change of a slot's flags
+        installs new memslots, which bumps the generation, so the vCPU looks again when
+        that changed."""
+        vm = self.vm
+        if self._pml_generation != vm.generation:
+            self._pml_generation = vm.generation
+            self._pml_on = self._has_pml() and any(
+                slot.log_dirty for slots in vm.memslots for slot in slots.slots)
+        return self.pml if self._pml_on else W.NO_PML
+
+    def _drain_pml(self) -> None:
+        """What vmx_handle_exit does first on every VM exit: flush the PML buffer."""
+        if self.pml[0]:
+            self.flush_pml()
+
+    def _exit(self, reason: str) -> None:
+        """A VM exit that KVM handles without the MMU, and the entry after it: counted,
+        charged, and the PML buffer drained."""
+        self._count(self.exits, reason)
+        self._drain_pml()
+        cost = self.vm.engine.cost
+        self.vm.engine.delay(cost.vm_exit + cost.vm_entry, "exit")
 
     # --- architectural state -------------------------------------------------------------
     @property
@@ -191,7 +235,8 @@ class Vcpu:
             pc = C.run_ops(
                 prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
                 self.hwregs if self.shadowing else self.regs, not self.shadowing,
-                self.mmu_root, vm.root_levels(self), self.tlb, self.xinfo, stats, budget,
+                vm.params.ept_ad, self.mmu_root, vm.root_levels(self), self.tlb,
+                self._pml_log(), self.xinfo, stats, budget,
             )
             if vm.recorder is not None and pc > pc0:
                 vm.recorder.ops_done(self, prog, results, pc0, pc)  # before any switch point
@@ -208,6 +253,8 @@ class Vcpu:
                     vm.recorder.ops_done(self, prog, results, pc - 1, pc)
             elif kind == C.X_NEED_TABLE:
                 vm.host.table(int(self.xinfo[C.XI_PFN]))
+            elif kind == C.X_PML_FULL:
+                self._exit("pml_full")  # drains the log; the op that found it full runs again
             else:
                 if pc == stuck_pc:
                     stuck += 1
@@ -252,6 +299,7 @@ class Vcpu:
             fault.error_code |= EC.PFERR_WRITE
         self._count(self.exits, fault.kind.value)
         vm.engine.delay(vm.engine.cost.vm_exit, "exit")
+        self._drain_pml()
         ret = None
         if vm.hook.mmu_fast_page_fault.get_hookimpls():
             # KVM tries fast_page_fault first; None means "not a case the fast path fixes".
@@ -372,8 +420,7 @@ class Vcpu:
         if op == C.OP_INVLPG:
             tlb_flush_va(self.tlb, gva)
             if intercept:
-                self._count(self.exits, "invlpg")
-                vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+                self._exit("invlpg")
                 vm.hook.mmu_invlpg(vcpu=self, gva=gva)
         elif op == C.OP_MOV_CR3:
             self.cr3 = value
@@ -381,8 +428,7 @@ class Vcpu:
                 self._load_pdptrs()
             tlb_flush_all(self.tlb)
             if intercept:
-                self._count(self.exits, "cr3")
-                vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+                self._exit("cr3")
                 self.mmu_root = None
                 vm.hook.mmu_new_cr3(vcpu=self, cr3=value)
         elif op in (C.OP_MOV_CR0, C.OP_MOV_CR4):
@@ -393,8 +439,7 @@ class Vcpu:
                 self.cr4 = value
             tlb_flush_all(self.tlb)
             changed = (old[0] ^ self.cr0) & _CR0_PAGING_BITS or (old[1] ^ self.cr4) & _CR4_PAGING_BITS
-            self._count(self.exits, "cr")
-            vm.engine.delay(vm.engine.cost.vm_exit + vm.engine.cost.vm_entry, "exit")
+            self._exit("cr")
             if changed:
                 if self.mode == P.MODE_PAE:
                     self._load_pdptrs()
