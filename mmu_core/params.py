@@ -51,6 +51,10 @@ class Params(BaseModel):
                                                   "recovery_period_ms: time between recovery "
                                                   "runs; 0 = 3600 s / ratio, as KVM computes it")
 
+    tdp_mmu_revert: str = Field("", description="not KVM's: comma-separated changes to the TDP "
+                                "MMU to undo, to measure what each bought (fast-pf, "
+                                "atomic-clear-d, split-on-fault, recover-in-place; docs/tdp.md)")
+
     @property
     def pml_enabled(self) -> bool:
         """PML as KVM ends up with it: vmx.c hardware_setup clears enable_pml without A/D."""
@@ -163,6 +167,8 @@ def _apply(key: str, raw: object, values: dict, sources: dict, source: str) -> N
     elif key in Params.model_fields:
         if Params.model_fields[key].annotation is bool:
             values[key] = _parse_bool(key, raw)
+        elif Params.model_fields[key].annotation is str:
+            values[key] = str(raw).strip()
         else:
             try:
                 value = int(str(raw).strip(), 0)

@@ -137,6 +137,11 @@ class MMUStats:
     mapped_2m: int = 0
     mapped_1g: int = 0
     mmio_sptes: int = 0  # MMIO SPTEs faults installed
+    # Gauges: present leaf SPTEs mapped now, by level (KVM's pages_4k/2m/1g statistics);
+    # None when the backend does not keep them.
+    pages_4k: int | None = None
+    pages_2m: int | None = None
+    pages_1g: int | None = None
 
     @property
     def mapped_by_level(self) -> dict[str, int]:

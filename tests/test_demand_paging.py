@@ -69,7 +69,8 @@ def test_a_backend_whose_mmu_stats_is_not_mmu_stats_is_named():
         @staticmethod
         @hookimpl
         def mmu_backend_info():
-            return BackendInfo("dictstats", "0", (Role.DIRECT,), "test")
+            return BackendInfo("dictstats", "0", (Role.DIRECT,), "test",
+                               TdpMMU.mmu_backend_info().capabilities)
 
         @hookimpl
         def mmu_stats(self, vm):

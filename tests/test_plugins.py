@@ -174,10 +174,11 @@ def test_a_broken_entry_point_is_reported_in_one_line_and_the_rest_load(broken_e
 
 
 def test_a_declared_capability_without_its_hook_is_rejected():
-    from mmu_core import Capabilities
-    from mmu_tdp import TdpMMU
+    from simple_mmu import Backend as Simple
 
-    class Boasting(TdpMMU):
+    from mmu_core import Capabilities
+
+    class Boasting(Simple):
         @staticmethod
         @hookimpl
         def mmu_backend_info():
@@ -194,7 +195,7 @@ def test_a_declared_capability_without_its_hook_is_rejected():
 def test_fast_page_fault_runs_before_the_slow_path_and_none_falls_through():
     from parity_util import data_gva, spec_for
 
-    from mmu_core import Capabilities, Ret, VMConfig
+    from mmu_core import Ret, VMConfig
     from mmu_core.arch.x86 import paging as P
     from mmu_core.guest.machine import build_machine
     from mmu_core.guest.program import Program
@@ -213,8 +214,7 @@ def test_fast_page_fault_runs_before_the_slow_path_and_none_falls_through():
         @hookimpl
         def mmu_backend_info():
             return BackendInfo("fastprobe", "0", (Role.DIRECT,), "test",
-                               Capabilities(fault_lock="read", huge_pages=True, audit=True,
-                                            fast_page_fault=True))
+                               TdpMMU.mmu_backend_info().capabilities)
 
         @hookimpl
         def mmu_fast_page_fault(self, vcpu, fault):
@@ -246,16 +246,20 @@ def test_fast_page_fault_runs_before_the_slow_path_and_none_falls_through():
 
 
 def test_dirty_log_and_root_level_capabilities_are_held_to_what_the_backend_does():
+    from dataclasses import replace
+
+    from simple_mmu import Backend as Simple
+
     from mmu_core import Capabilities, VMConfig, create_vm
     from mmu_core.params import Params
     from mmu_tdp import TdpMMU
 
-    class Claims(TdpMMU):
+    class Claims(Simple):
         @staticmethod
         @hookimpl
         def mmu_backend_info():
             return BackendInfo("claims", "0", (Role.DIRECT,), "says write-protect, has no hooks",
-                               Capabilities(fault_lock="read", dirty_log="write-protect"))
+                               Capabilities(dirty_log="write-protect"))
 
     with pytest.raises(PluginError, match="dirty_log='write-protect' needs"):
         register_backend(Claims)
@@ -265,7 +269,8 @@ def test_dirty_log_and_root_level_capabilities_are_held_to_what_the_backend_does
         @hookimpl
         def mmu_backend_info():
             return BackendInfo("shallow", "0", (Role.DIRECT,), "4-level EPT only",
-                               Capabilities(fault_lock="read", max_root_level=4))
+                               replace(TdpMMU.mmu_backend_info().capabilities,
+                                       max_root_level=4))
 
     register_backend(Shallow)
     try:

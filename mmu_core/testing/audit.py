@@ -24,7 +24,8 @@ psc-freed         ... or a paging-structure-cache entry to a table page that is 
 table-leak        an allocated MMU table page is neither reachable from a root nor held by the
                   backend (waiting for an RCU callback, or a cached shadow page)
 dirty-log         a writable SPTE in a dirty-logged slot maps a gfn that is not marked dirty
-                  (unless a dirty-log collection of that gfn is in progress)
+                  in the bitmap or a vCPU's PML buffer (unless a dirty-log collection of that
+                  gfn is in progress, or PML will log it: a clean 4K SPTE with A/D bits)
 smm-only          a vCPU outside SMM caches a translation to memory only SMM slots map
 mmio-current      an MMIO SPTE of the current memslots generation names a gfn that has a slot
 backend:*         the backend's own invariants
@@ -51,6 +52,9 @@ _LARGE = np.uint64(S.PT_PAGE_SIZE_MASK)
 _ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
 _FROZEN = np.uint64(S.FROZEN_SPTE)
 _W = np.uint64(S.PT_WRITABLE_MASK)
+_D = np.uint64(S.VMX_EPT_DIRTY_BIT)
+_AD_MASK = np.uint64(S.SPTE_TDP_AD_MASK)
+_AD_DISABLED = np.uint64(S.SPTE_TDP_AD_DISABLED)
 
 
 @dataclass(frozen=True)
@@ -250,8 +254,18 @@ def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: in
             bad("cow-writable", f"as {as_id} gfn {gfn:#x} is writable but the host maps it "
                 "read-only")
     if writable and slot.log_dirty:
+        # Under PML a clean 4K leaf may be writable: the hardware logs the write that sets D.
+        # A huge one may not (PML would log one 4K page of it), nor may a dirty one whose page
+        # is neither in the bitmap nor still in a vCPU's PML buffer.
+        if npages == 1 and vm.params.pml_enabled and not spte & int(_D) \
+                and spte & int(_AD_MASK) != int(_AD_DISABLED):
+            return
         off = gfn - slot.base_gfn
-        if not slot.dirty_bitmap[off : off + npages].all() and not vm.collecting_dirty(as_id, gfn):
+        marked = slot.dirty_bitmap[off : off + npages].astype(bool)
+        if not marked.all():
+            pending = {int(g) >> 12 for v in vm.vcpus for g in v.pml[1 : int(v.pml[0]) + 1]}
+            marked |= np.isin(np.arange(gfn, gfn + npages), list(pending))
+        if not marked.all() and not vm.collecting_dirty(as_id, gfn):
             bad("dirty-log", f"as {as_id} gfn {gfn:#x} is writable in logged slot {slot.id} but "
                 "not marked dirty")
 
