@@ -9,7 +9,7 @@ from mmu_core import VMConfig
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.errors import InvalidConfig
-from mmu_core.guest.machine import DATA_SLOT, MachineSpec, build_machine
+from mmu_core.guest.machine import DATA_SLOT, MMIO_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.params import Params
 from mmu_core.testing.audit import audit as audit_vm
@@ -246,3 +246,23 @@ def test_zap_all_empties_invalid_roots_under_the_read_lock(closing):
 def test_an_unknown_revert_is_one_error():
     with pytest.raises(InvalidConfig, match="unknown change 'nope'"):
         machine(tdp_mmu_revert="nope")
+
+
+def test_mmio_generation_wrap_zaps_every_mmio_spte(closing):
+    from mmu_core.host import Backing
+
+    m = machine(backing="anon", size=MIB2)
+    closing(m)
+    vm = m.vm
+    gva = hole = MMIO_GPA  # identity-mapped by the guest, no memslot: MMIO
+    g0 = vm.generation
+    run(m, Program().read(gva))
+    assert tdp(m).stats["mmio"] == 1
+    # 2^19 - 2 memslot updates later (skipped here), the next update wraps the generation.
+    vm.generation = S.MMIO_SPTE_GEN_MASK
+    zaps = vm.tlb_flushes
+    vm.add_memslot(9, hole, 16 * 4096, Backing.ANON)  # generation 2^19: masked to 0, zap all
+    assert vm.tlb_flushes > zaps and tdp(m).pages[1:4] == [0, 0, 0]
+    vm.generation = S.MMIO_SPTE_GEN_MASK + 1 + g0  # the old SPTE's generation again, masked
+    res = run(m, Program().read(gva))
+    assert res[0, 0] == 0 and len(vm.vcpus[0].mmio) == 1  # memory now, not MMIO

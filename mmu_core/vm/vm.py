@@ -15,6 +15,7 @@ import numpy as np
 
 from mmu_core import mutants, plugins
 from mmu_core.arch.x86.paging import MODE_5LEVEL
+from mmu_core.arch.x86.spte import MMIO_SPTE_GEN_MASK
 from mmu_core.config import VMConfig
 from mmu_core.errors import InvalidConfig, MMUError, PluginError, UseAfterFree
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
@@ -151,6 +152,11 @@ class VM:
         self.generation += 1
         if not mutants.on("memslot-update-no-retry"):
             self.mmu_invalidate_seq += 1
+        if self.generation & MMIO_SPTE_GEN_MASK == 0 and self.vcpus:
+            # kvm_mmu_invalidate_mmio_sptes: SPTEs keep only the low 19 bits of the
+            # generation, so when those wrap an MMIO SPTE from 2^19 updates ago would look
+            # current again. KVM zaps everything then (the very rare case), and so do we.
+            self.zap_all()
 
     def add_memslot(
         self, slot_id: int, gpa: int, size: int, backing: Backing = Backing.ANON, *,

@@ -122,14 +122,6 @@ class DirtyLogging:
             _, young = self.update_range(as_id, start, end, ops.AGE)
         return young > 0
 
-    def test_age_gfn(self, as_id: int, start: int, end: int) -> bool:
-        """kvm_tdp_mmu_test_age_gfn: whether any leaf in the range is young; changes nothing.
-        (The core has no caller yet: the host model's khugepaged does not ask.)"""
-        vm = self.vm
-        with vm.mmu_lock.read():
-            _, young = self.update_range(as_id, start, end, ops.TEST_AGE)
-        return young > 0
-
     # --- fast page fault ----------------------------------------------------------------------
     @hookimpl
     def mmu_fast_page_fault(self, vcpu, fault: PageFault):

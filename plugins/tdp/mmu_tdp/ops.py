@@ -28,8 +28,7 @@ _AD_DISABLED = S.SPTE_TDP_AD_DISABLED
 WRPROT = 0  # clear W, keep MMU-writable (dirty logging by write-protection)
 CLEAR_DIRTY = 1  # clear D; W instead for an SPTE without A/D (kvm_tdp_mmu_clear_dirty_slot)
 AGE = 2  # clear A, or park RWX of an SPTE without A/D (kvm_tdp_mmu_age_gfn_range)
-TEST_AGE = 3  # count young leaves, change nothing (kvm_tdp_mmu_test_age_gfn)
-ZAP = 4  # clear leaves, MMIO SPTEs included (zap_gfn_range under the write lock)
+ZAP = 3  # clear leaves, MMIO SPTEs included (zap_gfn_range under the write lock)
 
 
 @njit(cache=True)
@@ -115,7 +114,7 @@ def update_leafs_in_range(pt, pt_slot, root, root_level, start, end, budget, mod
                           unmapped):
     """Apply `mode` to the leaves at `min_level` or above mapping gfns in [start, end),
     visiting at most about `budget` SPTEs; returns (visited, changed, young, next gfn).
-    `young` counts present leaves whose Accessed bit was set (for AGE and TEST_AGE);
+    `young` counts present leaves whose Accessed bit was set (for AGE);
     unmapped[level] counts present leaves ZAP removed.
 
     The loop is tdp_iter's pre-order (step down / side / up). The caller charges what a call
