@@ -69,23 +69,27 @@ class DemandPagingOptions(ScheduleFields):
             raise InvalidConfig("bytes_per_vcpu",
                 f"{self.bytes_per_vcpu} is not a multiple of the {self.backing} "
                 f"page size ({page})")
-        total = self.vcpus * self.bytes_per_vcpu
-        end = DATA_GPA + total
-        if self.mode in ("32bit", "pae", "none") and end > 0xC000_0000:
-            raise InvalidConfig("bytes_per_vcpu",
-                                "32-bit guests can address at most 2 GiB of test memory here")
-        if end > 1 << GUEST_MAXPHYADDR:
-            raise InvalidConfig("bytes_per_vcpu", f"{total >> 30} GiB of guest memory does not "
-                                f"fit below MAXPHYADDR ({GUEST_MAXPHYADDR} bits)")
-        if pt_slot_size(total >> 12) > DATA_GPA:
-            raise InvalidConfig("bytes_per_vcpu", f"{total >> 30} GiB of guest memory needs more "
-                                f"page tables than the layout's {DATA_GPA >> 20} MiB below the "
-                                "data (at most about 256 GiB)")
-        need, have = host_bytes_needed(self), host_bytes_available()
-        if need > have:
-            raise InvalidConfig("bytes_per_vcpu", f"this run needs about {need / 2**30:.1f} GiB "
-                                f"of host memory for the model, and {have / 2**30:.1f} GiB is "
-                                "available")
+        check_guest_memory("bytes_per_vcpu", self.vcpus * self.bytes_per_vcpu, self.mode)
+
+
+def check_guest_memory(field: str, total: int, mode: str = "4level") -> None:
+    """Refuse, naming `field`, `total` bytes of test memory that the layout cannot hold (the
+    paging mode's reach, MAXPHYADDR, the page-table slot) or this machine cannot model."""
+    end = DATA_GPA + total
+    if mode in ("32bit", "pae", "none") and end > 0xC000_0000:
+        raise InvalidConfig(field, "32-bit guests can address at most 2 GiB of test memory here")
+    if end > 1 << GUEST_MAXPHYADDR:
+        raise InvalidConfig(field, f"{total >> 30} GiB of guest memory does not "
+                            f"fit below MAXPHYADDR ({GUEST_MAXPHYADDR} bits)")
+    if pt_slot_size(total >> 12) > DATA_GPA:
+        raise InvalidConfig(field, f"{total >> 30} GiB of guest memory needs more "
+                            f"page tables than the layout's {DATA_GPA >> 20} MiB below the "
+                            "data (at most about 256 GiB)")
+    need, have = host_bytes_needed(total), host_bytes_available()
+    if need > have:
+        raise InvalidConfig(field, f"this run needs about {need / 2**30:.1f} GiB "
+                            f"of host memory for the model, and {have / 2**30:.1f} GiB is "
+                            "available")
 
 
 #: Host memory the model spends per 4 KiB guest page, all configurations: measured with
@@ -97,8 +101,8 @@ HOST_BYTES_BASE = 400 << 20
 GUEST_MAXPHYADDR = 46  # VMConfig's default: the guest physical address width of these runs
 
 
-def host_bytes_needed(opts: DemandPagingOptions) -> int:
-    return HOST_BYTES_BASE + HOST_BYTES_PER_PAGE * (opts.vcpus * opts.bytes_per_vcpu >> 12)
+def host_bytes_needed(guest_bytes: int) -> int:
+    return HOST_BYTES_BASE + HOST_BYTES_PER_PAGE * (guest_bytes >> 12)
 
 
 def host_bytes_available() -> int:
@@ -152,6 +156,28 @@ def _split(stats) -> TimeSplit:
         tlb_flush_ns=ph.get("tlb_flush", 0),
         other_ns=sum(v for k, v in ph.items() if k not in known),
     )
+
+
+def vcpu_counts(vm) -> tuple[dict[str, int], dict[str, int]]:
+    """Fault outcomes and exits, summed over the VM's vCPUs."""
+    faults: dict[str, int] = {}
+    exits: dict[str, int] = {}
+    for v in vm.vcpus:
+        for k, n in v.faults.items():
+            faults[k] = faults.get(k, 0) + n
+        for k, n in v.exits.items():
+            exits[k] = exits.get(k, 0) + n
+    return faults, exits
+
+
+def schedule_figures(opts, steps: int) -> ScheduleFigures:
+    """How a run with `opts` (ScheduleFields and a seed) was scheduled, for its report."""
+    return ScheduleFigures(
+        policy=opts.policy, seed=opts.seed,
+        jitter_ns=opts.jitter_ns if opts.policy == "random" else None,
+        pct_depth=opts.pct_depth if opts.policy == "pct" else None,
+        pct_steps=opts.pct_steps if opts.policy == "pct" else None,
+        steps=steps)
 
 
 def backend_stats(vm) -> BackendStats | None:
@@ -216,13 +242,7 @@ def run_demand_paging(
                 time=_split(st)))
         summed = TimeSplit(**{f: sum(getattr(v.time, f) for v in per_vcpu)
                               for f in TimeSplit.model_fields})
-        faults: dict[str, int] = {}
-        exits: dict[str, int] = {}
-        for v in vm.vcpus:
-            for k, n in v.faults.items():
-                faults[k] = faults.get(k, 0) + n
-            for k, n in v.exits.items():
-                exits[k] = exits.get(k, 0) + n
+        faults, exits = vcpu_counts(vm)
         stats = backend_stats(vm)
         mem = vm.memory()
         guest_bytes = spec.data_size
@@ -238,12 +258,7 @@ def run_demand_paging(
         params=report_params(params),
         backend=vm.backend_name,
         seed=opts.seed,
-        schedule=ScheduleFigures(
-            policy=opts.policy, seed=opts.seed,
-            jitter_ns=opts.jitter_ns if opts.policy == "random" else None,
-            pct_depth=opts.pct_depth if opts.policy == "pct" else None,
-            pct_steps=opts.pct_steps if opts.policy == "pct" else None,
-            steps=steps),
+        schedule=schedule_figures(opts, steps),
         vcpus=opts.vcpus,
         bytes_per_vcpu=opts.bytes_per_vcpu,
         backing=opts.backing,
