@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
 # 2: `schedule` added; wall-clock figures grouped under `wall`. 3: `backend_stats` (the
-# backend's mmu_stats hook) added.
+# backend's mmu_stats hook) added. The selftest workloads' reports (below) were added in 3 and
+# a compare report's runs may be any of them; the demand-paging report did not change.
 SCHEMA_VERSION = 3
 
 
@@ -113,8 +116,135 @@ class DemandPagingReport(Frozen):
     wall: WallClock
 
 
+# --- the KVM selftests beyond demand paging (mmu_core/workloads/selftests.py) ---------------
+class NamedTime(Frozen):
+    """One timed step as the selftest prints it: its label and virtual nanoseconds."""
+
+    label: str  # e.g. "Iteration 2 get dirty log time", "Writing to idle memory"
+    ns: int
+
+
+class SelftestReport(Frozen):
+    """What every selftest workload reports. `lines` are the selftest's own output lines
+    (pr_info) with virtual times; `timings` hold the same times as numbers, in order."""
+
+    schema_version: int = SCHEMA_VERSION
+    configuration: str
+    params: dict[str, str]
+    backend: str
+    seed: int
+    schedule: ScheduleFigures
+    vcpus: int
+    bytes_per_vcpu: int  # memory each vCPU accesses (kvm-page-table: the shared region)
+    backing: str
+    lines: list[str]
+    timings: list[NamedTime]
+    verified: bool  # every read returned what was last written, no fault reached the guest
+    mismatches: int
+    faults: dict[str, int]  # by outcome, summed over vCPUs
+    exits: dict[str, int]
+    time: TimeSplit  # summed over vCPUs, idle time between rounds left out
+    mappings_by_level: dict[str, int]  # at the end, from backend_stats; zeros when None
+    backend_stats: BackendStats | None
+    tlb_flushes: int
+    digest: str  # guest-visible outcome (mmu_core.testing.parity.guest_digest)
+    wall: WallClock
+
+
+class DirtyLogIteration(Frozen):
+    iteration: int
+    dirty_memory_ns: int
+    get_dirty_log_ns: int
+    clear_dirty_log_ns: int | None  # None without manual protection (-g)
+    pages_written: int
+    pages_logged: int
+    logged_not_written: int  # beyond the pages KVM_DIRTY_LOG_INITIALLY_SET reports
+
+
+class DirtyLogPerfReport(SelftestReport):
+    workload: Literal["dirty-log-perf"] = "dirty-log-perf"
+    iterations: int
+    write_percent: int
+    eager_page_split: bool  # the parameter the VM ran with
+    manual_protect: bool  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET
+    clear_chunk_pages: int  # pages per KVM_CLEAR_DIRTY_LOG call; 0 = the whole slot
+    slots: int
+    run_vcpus_while_disabling: bool
+    populate_ns: int
+    enable_dirty_logging_ns: int
+    disable_dirty_logging_ns: int
+    per_iteration: list[DirtyLogIteration]
+    dirty_memory_total_ns: int
+    get_dirty_log_total_ns: int
+    clear_dirty_log_total_ns: int | None
+    logged_not_written: int  # summed over iterations; 0 with exact (PML/D-bit/WP) logging
+
+
+class IdleMarking(Frozen):
+    """One pass of marking memory idle through page_idle, summed over vCPUs."""
+
+    pages: int
+    still_idle: int  # pages idle since the previous marking: accessed by no one
+    no_pfn: int  # pages with nothing mapped (pagemap not present)
+    tail_pages: int  # pages of huge folios other than the head: page_idle skips them
+
+
+class AccessTrackingReport(SelftestReport):
+    workload: Literal["access-tracking-perf"] = "access-tracking-perf"
+    backend_ages: bool  # the backend implements mmu_age_gfn_range (else every page is young)
+    markings: list[IdleMarking]
+
+
+class MemslotStressReport(SelftestReport):
+    workload: Literal["memslot-modification-stress"] = "memslot-modification-stress"
+    iterations: int
+    delay_ns: int
+    modifications_ns: int  # the main task's add/delete loop, delays included
+    add_memslot_ns: int  # summed over iterations
+    delete_memslot_ns: int
+    passes: list[int]  # passes over its memory each vCPU completed meanwhile
+
+
+class StageFigures(Frozen):
+    stage: str  # KVM_CREATE_MAPPINGS, KVM_UPDATE_MAPPINGS, KVM_ADJUST_MAPPINGS
+    ns: int
+    mappings_by_level: dict[str, int]  # leaf SPTEs installed so far (backend_stats)
+
+
+class PageTableReport(SelftestReport):
+    workload: Literal["kvm-page-table"] = "kvm-page-table"
+    test_mem_size: int  # aligned up to the backing's page size
+    large_page_size: int
+    stages: list[StageFigures]
+    enable_dirty_logging_ns: int
+    disable_dirty_logging_ns: int
+
+
+def _workload_of(value: object) -> str:
+    if isinstance(value, dict):
+        return str(value.get("workload", "demand-paging"))
+    return str(getattr(value, "workload", "demand-paging"))
+
+
+#: Any run's report, told apart by its `workload`.
+RunReport = Annotated[
+    Annotated[DemandPagingReport, Tag("demand-paging")]
+    | Annotated[DirtyLogPerfReport, Tag("dirty-log-perf")]
+    | Annotated[AccessTrackingReport, Tag("access-tracking-perf")]
+    | Annotated[MemslotStressReport, Tag("memslot-modification-stress")]
+    | Annotated[PageTableReport, Tag("kvm-page-table")],
+    Discriminator(_workload_of),
+]
+
+REPORTS: dict[str, type[Frozen]] = {
+    "demand-paging": DemandPagingReport, "dirty-log-perf": DirtyLogPerfReport,
+    "access-tracking-perf": AccessTrackingReport,
+    "memslot-modification-stress": MemslotStressReport, "kvm-page-table": PageTableReport,
+}
+
+
 class CompareReport(Frozen):
     schema_version: int = SCHEMA_VERSION
     workload: str
-    runs: list[DemandPagingReport]
+    runs: list[RunReport]
     identical: bool  # guest-visible digests equal across configurations
