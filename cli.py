@@ -7,11 +7,15 @@ problem and exits 2; a parity failure in `compare` exits 1; Ctrl-C prints one li
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 import sys
 import tomllib
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -30,8 +34,9 @@ try:
     import mmu_core
     from mmu_core import InvalidConfig, MMUError, Params, load_params, plugins
     from mmu_core.params import CONFIGURATIONS, configuration
-    from mmu_core.report.models import CompareReport, DemandPagingReport
+    from mmu_core.report.models import REPORTS, CompareReport, DemandPagingReport
     from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
+    from mmu_core.workloads.checks import CheckFailed
 except KeyboardInterrupt:  # Ctrl-C while these load (numba's cache takes a second or two)
     sys.stderr.write("mmu: interrupted\n")
     sys.exit(130)
@@ -190,16 +195,61 @@ def _schedule(policy, jitter_ns, pct_depth, pct_steps) -> dict:
             "pct_steps": pct_steps}
 
 
-def _run_one(opts, params: Params, label: str) -> DemandPagingReport:
-    from mmu_core.workloads.demand_paging import run_demand_paging
+def _run_one(opts, params: Params, label: str, runner=None):
+    """One run of a workload (demand paging unless `runner` says otherwise) with a
+    progress bar on stderr when it is a terminal."""
+    if runner is None:
+        from mmu_core.workloads.demand_paging import run_demand_paging as runner
 
     with Progress(TextColumn(f"{label:>7}"), BarColumn(), TaskProgressColumn(),
                   TimeElapsedColumn(), console=err, transient=True,
                   disable=not err.is_terminal) as bar:
         task = bar.add_task(label, total=1)
-        return run_demand_paging(
+        return runner(
             opts, params,
             progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _run_params(configuration_name: str | None, backend: str | None, ept: bool | None,
+                config: Path | None) -> Params:
+    """The parameters of `mmu run`: a named configuration, or the usual sources with
+    --backend and --ept/--no-ept on top."""
+    if configuration_name is None:
+        return load_params(config, overrides={"backend": backend, "ept": ept})[0]
+    if backend is not None or ept is not None or config is not None:
+        raise InvalidConfig("--configuration", "names the whole configuration: drop "
+                            "--backend, --ept/--no-ept and --config")
+    [(_, params)] = _configurations([configuration_name], "--configuration")
+    return params
+
+
+def _compare_runs(opts, configs: list[str] | None, config: Path | None,
+                  runner=None) -> list:
+    base, _ = load_params(config)
+    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs", base)
+    _note_ignored(config)
+    _warn_broken()
+    return [_run_one(opts, p, name, runner) for name, p in chosen]
+
+
+def _compare_out(workload: str, reports: list, plot: Path | None, json: bool, render) -> None:
+    """Print a comparison (table or JSON), draw it if asked; exit 1 unless the guest-visible
+    outcomes are identical and every run verified."""
+    identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
+    cmp = CompareReport(workload=workload, runs=reports, identical=identical)
+    _draw(reports, plot)
+    if json:
+        out.print_json(cmp.model_dump_json())
+    else:
+        render(reports)
+        if identical:
+            out.print(f"guest-visible outcomes: [bold green]identical[/] (digest "
+                      f"{reports[0].digest[:16]})")
+        else:
+            out.print("guest-visible outcomes: [bold red]DIFFERENT[/] "
+                      + ", ".join(f"{r.configuration}={r.digest[:16]}" for r in reports))
+    if not identical:
+        raise typer.Exit(1)
 
 
 @run_app.command("demand-paging")
@@ -227,13 +277,7 @@ def run_demand_paging(
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    if configuration_name is not None:
-        if backend is not None or ept is not None or config is not None:
-            raise InvalidConfig("--configuration", "names the whole configuration: drop "
-                                "--backend, --ept/--no-ept and --config")
-        [(_, params)] = _configurations([configuration_name], "--configuration")
-    else:
-        params, _ = load_params(config, overrides={"backend": backend, "ept": ept})
+    params = _run_params(configuration_name, backend, ept, config)
     _warn_broken()
     report = _run_one(opts, params, "run")
     _draw([report], plot)
@@ -268,25 +312,8 @@ def compare_demand_paging(
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    base, _ = load_params(config)
-    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs", base)
-    _note_ignored(config)
-    _warn_broken()
-    reports = [_run_one(opts, p, name) for name, p in chosen]
-    identical = len({r.digest for r in reports}) == 1 and all(r.verified for r in reports)
-    cmp = CompareReport(workload="demand-paging", runs=reports, identical=identical)
-    _draw(reports, plot)
-    if json:
-        out.print_json(cmp.model_dump_json())
-    else:
-        _render(reports)
-        if identical:
-            out.print(f"guest-visible outcomes: [bold green]identical[/] (digest {reports[0].digest[:16]})")
-        else:
-            out.print("guest-visible outcomes: [bold red]DIFFERENT[/] "
-                      + ", ".join(f"{r.configuration}={r.digest[:16]}" for r in reports))
-    if not identical:
-        raise typer.Exit(1)
+    reports = _compare_runs(opts, configs, config)
+    _compare_out("demand-paging", reports, plot, json, _render)
 
 
 @sweep_app.command("demand-paging")
@@ -394,6 +421,251 @@ def compare_trace_cmd(
         raise typer.Exit(1)
     out.print(f"guest-visible outcomes: identical (digest {reports[0].digest[:16]})",
               highlight=False, markup=False)
+
+
+# --- the KVM selftests beyond demand paging (docs/workloads.md) --------------------------------
+@dataclass(frozen=True)
+class _Selftest:
+    """A selftest workload's `mmu run NAME` and `mmu compare NAME`: its own options (CLI
+    parameters named as its options model's fields, or converted by `convert`), the CLI flag
+    of each field for error messages, and its rows in the table."""
+
+    name: str
+    doc: str
+    module: str  # mmu_core.workloads.<module>, holding the options model and the runner
+    options: str
+    runner: str
+    params: tuple[inspect.Parameter, ...]
+    flags: dict[str, str]
+    convert: Callable[[dict], dict]
+    rows: tuple[tuple[str, Callable], ...] = ()
+
+    def load(self):
+        mod = importlib.import_module(f"mmu_core.workloads.{self.module}")
+        return getattr(mod, self.options), getattr(mod, self.runner)
+
+    def make_options(self, kw: dict):
+        model, _ = self.load()
+        values = {**self.convert(kw), "seed": kw["seed"],
+                  **_schedule(kw["policy"], kw["jitter_ns"], kw["pct_depth"], kw["pct_steps"])}
+        try:
+            return mmu_core.validate(model, **values)
+        except InvalidConfig as exc:
+            raise InvalidConfig(self.flags.get(exc.field, exc.field), exc.reason) from None
+
+
+def _opt(name: str, annotation, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=annotation)
+
+
+_SCHEDULE_PARAMS = (
+    _opt("seed", SeedOpt, 0), _opt("policy", PolicyOpt, "fifo"),
+    _opt("jitter_ns", JitterOpt, DEFAULT_JITTER_NS), _opt("pct_depth", PctDepthOpt, DEFAULT_PCT_DEPTH),
+    _opt("pct_steps", PctStepsOpt, DEFAULT_PCT_STEPS))
+_RUN_PARAMS = (
+    *_SCHEDULE_PARAMS,
+    _opt("backend", Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")],
+         None),
+    _opt("ept", Annotated[bool | None, typer.Option("--ept/--no-ept",
+                                                    help="two-dimensional paging")], None),
+    _opt("config", ConfigOpt, None),
+    _opt("configuration_name", Annotated[str | None, typer.Option(
+        "--configuration", help=f"instead of --backend/--ept/--config: {CONFIG_NAMES}")], None),
+    _opt("json", JsonOpt, False), _opt("plot", PlotOpt, None))
+_COMPARE_PARAMS = (
+    *_SCHEDULE_PARAMS,
+    _opt("configs", Annotated[list[str] | None, typer.Option(
+        "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
+        "(default: tdp,legacy,shadow)")], None),
+    _opt("config", ConfigOpt, None), _opt("json", JsonOpt, False), _opt("plot", PlotOpt, None))
+
+
+def _add_selftest(t: _Selftest) -> None:
+    def run_cmd(**kw) -> None:
+        _check_plot(kw["plot"])
+        opts = t.make_options(kw)
+        params = _run_params(kw["configuration_name"], kw["backend"], kw["ept"], kw["config"])
+        _warn_broken()
+        report = _run_one(opts, params, "run", t.load()[1])
+        _draw([report], kw["plot"])
+        if kw["json"]:
+            out.print_json(report.model_dump_json())
+            return
+        for line in report.lines:
+            out.print(line, highlight=False, markup=False)
+        _render_selftest([report], t)
+
+    def compare_cmd(**kw) -> None:
+        _check_plot(kw["plot"])
+        opts = t.make_options(kw)
+        reports = _compare_runs(opts, kw["configs"], kw["config"], t.load()[1])
+        _compare_out(t.name, reports, kw["plot"], kw["json"],
+                     lambda rs: _render_selftest(rs, t))
+
+    for fn, shared, what in ((run_cmd, _RUN_PARAMS, ""),
+                             (compare_cmd, _COMPARE_PARAMS, " On each configuration; the "
+                              "guest-visible outcomes must be identical (exit 1 if not).")):
+        fn.__signature__ = inspect.Signature([*t.params, *shared])
+        fn.__doc__ = t.doc + what
+    run_app.command(t.name)(run_cmd)
+    compare_app.command(t.name)(compare_cmd)
+
+
+def _size_of(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidConfig as exc:
+        raise InvalidConfig(flag, exc.reason) from None
+
+
+_ON_OFF = {"on": True, "y": True, "1": True, "true": True,
+           "off": False, "n": False, "0": False, "false": False}
+
+
+def _on_off(flag: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.strip().lower() not in _ON_OFF:
+        raise InvalidConfig(flag, f"{text!r} is not on or off")
+    return _ON_OFF[text.strip().lower()]
+
+
+def _per_vcpu(kw: dict) -> dict:
+    return {"vcpus": kw["vcpus"], "bytes_per_vcpu": _size_of("-b", kw["bytes_per_vcpu"]),
+            "backing": kw["backing"]}
+
+
+def _per_vcpu_params(size: str) -> tuple[inspect.Parameter, ...]:
+    return (_opt("vcpus", VcpusOpt, 1),
+            _opt("bytes_per_vcpu", Annotated[str, typer.Option(
+                "-b", "--bytes-per-vcpu", help="memory each vCPU accesses")],
+                 size),
+            _opt("backing", BackingOpt, "anon"))
+
+
+_FLAGS = {"vcpus": "-v", "bytes_per_vcpu": "-b", "backing": "-s", "seed": "--seed",
+          "policy": "--policy", "jitter_ns": "--jitter-ns", "pct_depth": "--pct-depth",
+          "pct_steps": "--pct-steps"}
+
+
+SELFTESTS = (
+    _Selftest(
+        "dirty-log-perf",
+        "dirty_log_perf_test: vCPUs dirty their memory in iterations while the log is "
+        "collected and cleared.",
+        "dirty_log_perf", "DirtyLogPerfOptions", "run_dirty_log_perf",
+        (*_per_vcpu_params("16M"),
+         _opt("iterations", Annotated[int, typer.Option("-i", "--iterations",
+                                                        help="iterations (at least 2)")], 2),
+         _opt("write_percent", Annotated[int, typer.Option(
+             "-f", "-w", "--write-percent", help="percentage of accesses that write (0-100)")],
+              100),
+         _opt("eager_split", Annotated[str | None, typer.Option(
+             "-e", "--eager-split", help="on|off: kvm.eager_page_split for this run "
+             "(default: from the parameters)")], None),
+         _opt("no_manual_protect", Annotated[bool, typer.Option(
+             "-g", "--no-manual-protect", help="KVM_GET_DIRTY_LOG clears the log: no "
+             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, no KVM_DIRTY_LOG_INITIALLY_SET")], False),
+         _opt("clear_chunk", Annotated[int, typer.Option(
+             "-c", "--clear-chunk", help="pages per KVM_CLEAR_DIRTY_LOG, a multiple of 64 "
+             "(default 0: the whole slot)")], 0),
+         _opt("slots", Annotated[int, typer.Option("-x", "--slots",
+                                                   help="memslots to split memory into")], 1),
+         _opt("run_while_disabling", Annotated[bool, typer.Option(
+             "--run-while-disabling", help="vCPUs keep running while dirty logging is "
+             "disabled (upstream's -e)")], False)),
+        {**_FLAGS, "iterations": "-i", "write_percent": "-f", "eager_split": "-e",
+         "clear_chunk": "-c", "slots": "-x"},
+        lambda kw: {**_per_vcpu(kw), "iterations": kw["iterations"],
+                    "write_percent": kw["write_percent"],
+                    "eager_split": _on_off("-e", kw["eager_split"]),
+                    "manual_protect": not kw["no_manual_protect"],
+                    "clear_chunk": kw["clear_chunk"], "slots": kw["slots"],
+                    "run_while_disabling": kw["run_while_disabling"]},
+        (("eager_page_split", lambda r: "on" if r.eager_page_split else "off"),
+         ("manual protect", lambda r: "on (initially set)" if r.manual_protect else "off"),
+         ("pages written / logged", lambda r: ", ".join(f"{i.pages_written}/{i.pages_logged}"
+                                                        for i in r.per_iteration)),
+         ("logged, not written", lambda r: str(r.logged_not_written)))),
+    _Selftest(
+        "access-tracking-perf",
+        "access_tracking_perf_test: vCPUs access memory the host's page aging marked idle, "
+        "and memory it did not.",
+        "access_tracking", "AccessTrackingOptions", "run_access_tracking",
+        _per_vcpu_params("64M"), _FLAGS, _per_vcpu,
+        (("backend ages SPTEs", lambda r: "yes" if r.backend_ages else "no (all young)"),
+         ("still idle per marking", lambda r: ", ".join(str(m.still_idle) for m in r.markings)),
+         ("tail pages skipped", lambda r: str(r.markings[0].tail_pages) if r.markings else "-"))),
+    _Selftest(
+        "memslot-modification-stress",
+        "memslot_modification_stress_test: vCPUs access their memory while a memslot is "
+        "added and deleted again and again.",
+        "memslot_stress", "MemslotStressOptions", "run_memslot_stress",
+        (*_per_vcpu_params("16M"),
+         _opt("iterations", Annotated[int, typer.Option(
+             "-i", "--iterations", help="times to add and delete the memslot")], 10),
+         _opt("delay_us", Annotated[int, typer.Option(
+             "-d", "--delay-us", help="delay before each addition, microseconds")], 0)),
+        {**_FLAGS, "iterations": "-i", "delay_us": "-d"},
+        lambda kw: {**_per_vcpu(kw), "iterations": kw["iterations"],
+                    "delay_us": kw["delay_us"]},
+        (("add memslot (all)", lambda r: _ms(r.add_memslot_ns)),
+         ("delete memslot (all)", lambda r: _ms(r.delete_memslot_ns)),
+         ("vCPU passes", lambda r: ", ".join(map(str, r.passes))))),
+    _Selftest(
+        "kvm-page-table",
+        "kvm_page_table_test: create, update (dirty logging: split) and adjust (merged back) "
+        "KVM's mappings of one region all vCPUs access.",
+        "page_table", "PageTableOptions", "run_page_table",
+        (_opt("vcpus", VcpusOpt, 1),
+         _opt("test_mem_size", Annotated[str, typer.Option(
+             "-b", "--mem-size", help="size of the test region")], "64M"),
+         _opt("backing", BackingOpt, "thp")),
+        {**_FLAGS, "test_mem_size": "-b"},
+        lambda kw: {"vcpus": kw["vcpus"], "test_mem_size": _size_of("-b", kw["test_mem_size"]),
+                    "backing": kw["backing"]},
+        (("enable dirty logging", lambda r: _ms(r.enable_dirty_logging_ns)),
+         ("disable dirty logging", lambda r: _ms(r.disable_dirty_logging_ns)),
+         *((f"mappings after {stage[4:]}",
+            lambda r, i=i: "/".join(map(str, r.stages[i].mappings_by_level.values())))
+           for i, stage in enumerate(("KVM_CREATE_MAPPINGS", "KVM_UPDATE_MAPPINGS",
+                                      "KVM_ADJUST_MAPPINGS"))))),
+)
+for _t in SELFTESTS:
+    _add_selftest(_t)
+
+
+def _render_selftest(reports: list, t: _Selftest) -> None:
+    r0 = reports[0]
+    memory = (f"{r0.vcpus} vCPUs sharing {_size(r0.bytes_per_vcpu)}"
+              if r0.workload == "kvm-page-table" else
+              f"{r0.vcpus} vCPUs x {_size(r0.bytes_per_vcpu)}")
+    out.print(f"{t.name}: {memory}, {r0.backing}, seed {r0.seed}, schedule "
+              f"{_policy(r0.schedule)} (times are virtual)", highlight=False)
+    table = Table("", *[r.configuration for r in reports])
+
+    def row(label, fn):
+        table.add_row(label, *[fn(r) for r in reports])
+
+    row("backend (ept)", lambda r: f"{r.backend} ({r.params['ept']})")
+    for i, timing in enumerate(r0.timings):
+        row(timing.label, lambda r, i=i: _ms(r.timings[i].ns) if i < len(r.timings) else "-")
+    for label, fn in t.rows:
+        row(label, fn)
+    row("verified", lambda r: "yes" if r.verified else f"NO ({r.mismatches} mismatches)")
+    row("faults", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.faults.items())) or "-")
+    row("exits", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-")
+    row("mappings 4K/2M/1G", lambda r: "/".join(str(v) for v in r.mappings_by_level.values())
+        + ("" if r.backend_stats else " (backend has no mmu_stats)"))
+    for field, label in (("lock_wait_ns", "vCPU lock wait"), ("lock_held_ns", "vCPU lock held"),
+                         ("walk_ns", "vCPU walk"), ("exit_ns", "vCPU exit")):
+        row(label, lambda r, f=field: _ms(getattr(r.time, f)))
+    row("remote TLB flushes", lambda r: str(r.tlb_flushes))
+    row("guest digest", lambda r: r.digest[:16])
+    row("schedule steps", lambda r: f"{r.schedule.steps:,}")
+    row("wall time", lambda r: f"{r.wall.seconds:.2f} s")
+    out.print(table)
 
 
 def _check_plot(path: Path | None) -> None:
@@ -559,13 +831,18 @@ def explore(
 @app.command()
 def schema(
     which: Annotated[str, typer.Argument(help="run | compare")] = "run",
+    workload: Annotated[str, typer.Argument(help="the workload whose run report to describe: "
+                                            f"{', '.join(REPORTS)}")] = "demand-paging",
 ) -> None:
-    """The JSON Schema of what `mmu run ... --json` (run) or `mmu compare ... --json` (compare)
-    prints; its schema_version changes whenever the report's shape does."""
-    models = {"run": DemandPagingReport, "compare": CompareReport}
-    if which not in models:
+    """The JSON Schema of what `mmu run WORKLOAD ... --json` (run) or `mmu compare ... --json`
+    (compare, any workload) prints; its schema_version changes whenever a report's shape
+    does."""
+    if which not in ("run", "compare"):
         raise InvalidConfig("schema", f"unknown report {which!r} (run or compare)")
-    out.print_json(data=models[which].model_json_schema())
+    if workload not in REPORTS:
+        raise InvalidConfig("schema", f"unknown workload {workload!r} ({', '.join(REPORTS)})")
+    model = CompareReport if which == "compare" else REPORTS[workload]
+    out.print_json(data=model.model_json_schema())
 
 
 @app.command("new-backend")
@@ -625,6 +902,9 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"mmu: error: {exc.format_message()}", highlight=False, markup=False,
                   soft_wrap=True)
         sys.exit(2)
+    except CheckFailed as exc:  # a selftest's assertion: the model misbehaved, not the input
+        err.print(f"mmu: check failed: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
     except MMUError as exc:
         err.print(f"mmu: error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
