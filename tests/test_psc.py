@@ -403,8 +403,10 @@ def test_demand_paging_reads_fewer_entries_with_the_caches_and_sees_the_same():
         return [prog.build()]
 
     on, off = compare_on_off(spec_for(P.MODE_4LEVEL), program)
+    # Each first touch faults, and a fault drops the entries on its address's path (SDM
+    # 4.10.4.1, 29.4.3.1): under shadow paging the caches save less while demand paging.
     for name in CONFIGURATIONS:
-        assert on[name][3] < off[name][3] / 2, (name, on[name][3], off[name][3])
+        assert on[name][3] < off[name][3] * 0.6, (name, on[name][3], off[name][3])
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -266,3 +266,29 @@ def test_mmio_generation_wrap_zaps_every_mmio_spte(closing):
     vm.generation = S.MMIO_SPTE_GEN_MASK + 1 + g0  # the old SPTE's generation again, masked
     res = run(m, Program().read(gva))
     assert res[0, 0] == 0 and len(vm.vcpus[0].mmio) == 1  # memory now, not MMIO
+
+
+def test_a_vcpu_that_cached_a_table_sees_the_huge_leaf_that_replaced_it(closing):
+    """Recovery replaces a table by a huge leaf and flushes only at the end; a vCPU that
+    faults meanwhile through its paging-structure cache must not spin: the EPT violation
+    drops the cached entries on the faulting address's path (SDM vol. 3C 29.4.3.1)."""
+    from mmu_tdp.tdp_iter import TdpIter
+
+    m = machine()
+    closing(m)
+    touch(m, [0, 1])
+    m.vm.set_dirty_logging(0, DATA_SLOT, True)
+    touch(m, [1])  # the walk caches the level-2 entry pointing at the split table
+    t = tdp(m)
+    slot = m.vm.memslots[0].by_id(DATA_SLOT)
+    root = t.all_roots[m.vm.vcpus[0].mmu_root]
+    vm = m.vm
+    # Recover by hand, without the flush that set_dirty_logging(False) would do at the end.
+    slot.flags &= ~0x1  # KVM_MEM_LOG_DIRTY_PAGES
+    with vm.mmu_lock.read():
+        for it in TdpIter(vm, root.pfn, root.level, 2, slot.base_gfn, slot.base_gfn + 1):
+            if it.level == 2:
+                assert t._recover_one(it, slot, zap=False)
+                break
+    res = touch(m, [2], write=False)  # stale cache: violation, spurious, then the huge leaf
+    assert res[0, 0] == 0 and leaf(m, 2)[0] == 2

@@ -26,7 +26,15 @@ from numba import njit
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.hw import walker as W
-from mmu_core.hw.tlb import TLB_ATTR, TLB_PFN, TLB_VPN, tlb_entries
+from mmu_core.hw.tlb import (
+    PSC_EPT,
+    PSC_LINEAR,
+    TLB_ATTR,
+    TLB_PFN,
+    TLB_VPN,
+    invalidate_addr,
+    tlb_entries,
+)
 
 # --- guest operations: rows of (op, gva, value) --------------------------------------------
 OP_READ = 0  # data read; records the page's tag
@@ -148,6 +156,15 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             stats[ST_WALK_READS] += out[W.OUT_READS]
             stats[ST_PSC_SKIPPED] += out[W.OUT_SKIPPED]
             st = out[W.OUT_STATUS]
+            if st == W.W_PF:
+                # A page fault invalidates the TLB and paging-structure-cache entries used to
+                # translate the faulting linear address (SDM vol. 3A 4.10.4.1).
+                invalidate_addr(tlb, PSC_LINEAR, gva, gva)
+            elif st == W.W_EPT_VIOLATION or st == W.W_EPT_MISCONFIG:
+                # An EPT violation or misconfiguration invalidates the guest-physical and
+                # combined mappings for its address (vol. 3C 29.4.3.1): a vCPU that cached a
+                # table KVM has since replaced by a huge leaf sees the leaf when it retries.
+                invalidate_addr(tlb, PSC_EPT, out[W.OUT_ADDR], gva)
             if st == W.W_PF:
                 if tdp:
                     res[pc, RES_VALUE] = 0

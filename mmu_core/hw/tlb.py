@@ -117,6 +117,25 @@ def psc_lookup(tlb, kind, root, addr, top):
 
 
 @njit(cache=True)
+def invalidate_addr(tlb, kind, addr, gva):
+    """What a fault invalidates: the TLB entry for linear address `gva` and the
+    paging-structure-cache entries of `kind` on `addr`'s path, for every root."""
+    ntlb = tlb[0, TLB_GEOM]
+    vpn = gva >> 12
+    i = vpn & (ntlb - 1)
+    if tlb[i, TLB_VPN] == vpn + 1:
+        tlb[i, TLB_VPN] = 0
+    if not psc_enabled(tlb):
+        return
+    addr &= (1 << 57) - 1
+    for level in range(2, PSC_LEVELS + 2):
+        prefix = addr >> (12 + 9 * (level - 1))
+        row = _psc_row(tlb, level, prefix)
+        if tlb[row, PSC_TAG] == ((prefix << 1) | kind) + 1:
+            tlb[row, PSC_TAG] = 0
+
+
+@njit(cache=True)
 def psc_fill(tlb, kind, root, level, addr, top, table, attr):
     """Cache the non-leaf entry at `level` on addr's path (it references `table`; `attr` is
     what the levels from the root down to it grant together)."""

@@ -112,11 +112,11 @@ class HugePages:
         if vm.max_mapping_level(slot, it.gfn, vm.mm.mapping_level(hva)) < it.level:
             return False
         if zap:
-            while S.is_shadow_present_pte(it.old_spte) and not S.is_frozen_spte(it.old_spte):
-                if self._set_spte_atomic(it, 0, it.gfn):
-                    it.old_spte = 0
-                    self.stats["recovered"] += 1
-                    return True
+            # zap_collapsible_spte_range: tdp_mmu_zap_spte_atomic per table, which freezes
+            # the SPTE, flushes remote TLBs and clears it: one flush per zapped table.
+            if self._zap_spte_atomic(it):
+                self.stats["recovered"] += 1
+                return True
             return False
         leaf = self._any_leaf(S.spte_to_pfn(spte), it.level - 1)
         if leaf is None:
