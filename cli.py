@@ -627,8 +627,9 @@ SELFTESTS = (
                     "backing": kw["backing"]},
         (("enable dirty logging", lambda r: _ms(r.enable_dirty_logging_ns)),
          ("disable dirty logging", lambda r: _ms(r.disable_dirty_logging_ns)),
-         *((f"mappings after {stage[4:]}",
-            lambda r, i=i: "/".join(map(str, r.stages[i].mappings_by_level.values())))
+         *((f"mapped 4K/2M/1G after {stage[4:-9]}",
+            lambda r, i=i: "/".join(map(str, r.stages[i].pages_by_level.values()))
+            if r.stages[i].pages_by_level else "n/a (no gauges)")
            for i, stage in enumerate(("KVM_CREATE_MAPPINGS", "KVM_UPDATE_MAPPINGS",
                                       "KVM_ADJUST_MAPPINGS"))))),
 )

@@ -175,6 +175,8 @@ def test_page_table_stages_on_every_configuration(backing, vcpus):
     assert "KVM_ADJUST_MAPPINGS: total execution time: " in r.lines[-1]
     if backing == "thp":  # the create stage maps 2 MiB pages where the host has them
         assert reports["legacy"].stages[0].mappings_by_level["2M"] == 2
+        # split under dirty logging, merged back once it is off (tdp keeps page-size gauges)
+        assert [s.pages_by_level["2M"] for s in r.stages] == [2, 0, 2]
 
 
 def test_page_table_aligns_the_region_up_as_the_selftest_does():

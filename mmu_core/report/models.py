@@ -208,7 +208,10 @@ class MemslotStressReport(SelftestReport):
 class StageFigures(Frozen):
     stage: str  # KVM_CREATE_MAPPINGS, KVM_UPDATE_MAPPINGS, KVM_ADJUST_MAPPINGS
     ns: int
-    mappings_by_level: dict[str, int]  # leaf SPTEs installed so far (backend_stats)
+    mappings_by_level: dict[str, int]  # leaf SPTEs faults installed so far (backend_stats)
+    # leaf SPTEs mapped at the end of the stage (the backend's pages_4k/2m/1g gauges): splits
+    # and merges show here; None when the backend does not keep them
+    pages_by_level: dict[str, int] | None
 
 
 class PageTableReport(SelftestReport):

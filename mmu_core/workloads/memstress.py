@@ -381,6 +381,17 @@ def mappings_by_level(stats) -> dict[str, int]:
             "1G": stats.mapped_1g if stats else 0}
 
 
+def mapped_now(vm) -> dict[str, int] | None:
+    """Leaf SPTEs mapped now by level (the backend's pages_4k/2m/1g gauges, KVM's
+    statistics), or None when the backend does not keep them."""
+    if not vm.hook.mmu_stats.get_hookimpls():
+        return None
+    st = vm.hook.mmu_stats(vm=vm)
+    if getattr(st, "pages_4k", None) is None:
+        return None
+    return {"4K": st.pages_4k, "2M": st.pages_2m, "1G": st.pages_1g}
+
+
 def busy_split(stats) -> TimeSplit:
     """A vCPU thread's time split without the time it sat parked between rounds."""
     split = _split(stats)

@@ -8,8 +8,8 @@ which write-protects or splits the huge mappings. KVM_UPDATE_MAPPINGS: on anonym
 every vCPU writes every page (read-only SPTEs become writable); on huge pages each vCPU writes
 the first page of each large page, breaking it up, and reads the second half of it, which now
 maps at 4 KiB. Then dirty logging is disabled. KVM_ADJUST_MAPPINGS: every vCPU reads every
-page, so KVM maps the region with huge pages again. Each stage is timed; the mappings by
-level after each show the splits and merges.
+page, so KVM maps the region with huge pages again. Each stage is timed; what is mapped at
+each level after it (the backend's page-size gauges) shows the splits and merges.
 
 Data integrity, which the selftest leaves to the guest not crashing, is checked: every read
 returns what was last written to its page (a read racing a write of the same page in the
@@ -34,6 +34,7 @@ from mmu_core.workloads.memstress import (
     Round,
     Selftest,
     SelftestOptions,
+    mapped_now,
     mappings_by_level,
 )
 
@@ -110,7 +111,8 @@ def run_page_table(opts: PageTableOptions, params: Params, cost: CostModel | Non
             ns = st.round(_stage_rounds(st, name, opts))
             st.timed(name, ns, name + ": total execution time: {}")
             stages.append(StageFigures(stage=name, ns=ns,
-                                       mappings_by_level=mappings_by_level(backend_stats(vm))))
+                                       mappings_by_level=mappings_by_level(backend_stats(vm)),
+                                       pages_by_level=mapped_now(vm)))
 
         def set_flags(log: bool) -> int:
             with st.clock() as t:
