@@ -118,20 +118,22 @@ class HugePages:
                 self.stats["recovered"] += 1
                 return True
             return False
-        leaf = self._any_leaf(S.spte_to_pfn(spte), it.level - 1)
-        if leaf is None:
-            return False
-        leaf_spte, leaf_level, leaf_gfn_off = leaf
-        # make_huge_spte: the leaf's bits, the large bit, the frame rounded to the huge page.
-        pfn = S.spte_to_pfn(leaf_spte) - leaf_gfn_off
-        pfn -= pfn % S.pages_per_level(it.level)
-        huge = (leaf_spte & ~S.SPTE_BASE_ADDR_MASK) | S.PT_PAGE_SIZE_MASK | (pfn << 12)
-        if vm.params.nx_huge_pages:
-            huge &= ~S.VMX_EPT_EXECUTABLE_MASK
-        vm.engine.delay(vm.engine.cost.spte_build)
-        if self._set_spte_atomic(it, huge, it.gfn):
-            self.stats["recovered"] += 1
-            return True
+        # A lost cmpxchg retries the same SPTE while it is still a table (KVM: goto retry).
+        while S.is_shadow_present_pte(it.old_spte) and not S.is_last_spte(it.old_spte, it.level):
+            leaf = self._any_leaf(S.spte_to_pfn(it.old_spte), it.level - 1)
+            if leaf is None:
+                return False
+            leaf_spte, leaf_level, leaf_gfn_off = leaf
+            # make_huge_spte: the leaf's bits, the large bit, the frame rounded to the huge page.
+            pfn = S.spte_to_pfn(leaf_spte) - leaf_gfn_off
+            pfn -= pfn % S.pages_per_level(it.level)
+            huge = (leaf_spte & ~S.SPTE_BASE_ADDR_MASK) | S.PT_PAGE_SIZE_MASK | (pfn << 12)
+            if vm.params.nx_huge_pages:
+                huge &= ~S.VMX_EPT_EXECUTABLE_MASK
+            vm.engine.delay(vm.engine.cost.spte_build)
+            if self._set_spte_atomic(it, huge, it.gfn):
+                self.stats["recovered"] += 1
+                return True
         return False
 
     def _any_leaf(self, table: int, level: int) -> tuple[int, int, int] | None:
