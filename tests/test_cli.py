@@ -37,13 +37,13 @@ def third_party(tmp_path_factory):
     site = tmp_path_factory.mktemp("site")
     (site / "mine_mmu.py").write_text(
         "from mmu_tdp import TdpMMU\n"
-        "from mmu_core.backend import BackendInfo, Capabilities, Role, hookimpl\n\n\n"
+        "from mmu_core.backend import BackendInfo, Role, hookimpl\n\n\n"
         "class Mine(TdpMMU):\n"
         "    @staticmethod\n"
         "    @hookimpl\n"
         "    def mmu_backend_info():\n"
         "        return BackendInfo('mine', '9.9', (Role.DIRECT,), 'a third-party TDP MMU',\n"
-        "                           Capabilities(fault_lock='read', huge_pages=True, audit=True))\n")
+        "                           TdpMMU.mmu_backend_info().capabilities)\n")
     dist = site / "mine_mmu-9.9.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mine-mmu\nVersion: 9.9\n")
@@ -187,7 +187,7 @@ def test_bad_configurations_are_one_line_and_exit_2(capsys, args, needle):
 def mine():
     """'mine': the TDP MMU under another name, registered in this process; 'nostats': the
     same without the mmu_stats hook."""
-    from mmu_core import BackendInfo, Capabilities, Role, hookimpl, register_backend
+    from mmu_core import BackendInfo, Role, hookimpl, register_backend
     from mmu_core.plugins import unregister_backend
     from mmu_tdp import TdpMMU
 
@@ -197,7 +197,7 @@ def mine():
             @hookimpl
             def mmu_backend_info():
                 return BackendInfo(name, "0", (Role.DIRECT,), "test",
-                                   Capabilities(fault_lock="read", huge_pages=True, audit=True))
+                                   TdpMMU.mmu_backend_info().capabilities)
         return Renamed
 
     nostats = named("nostats")
