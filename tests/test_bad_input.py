@@ -93,3 +93,17 @@ def test_schema_describes_what_json_output_prints(capsys):
     assert schema["properties"]["schema_version"]["default"] == SCHEMA_VERSION
     code, lines = run_cli(capsys, "schema", "nope")
     assert code == 2 and lines == ["mmu: error: schema: unknown report 'nope' (run or compare)"]
+
+
+def test_a_sweep_whose_parallel_points_do_not_fit_says_so(capsys, monkeypatch, tmp_path):
+    from mmu_core.workloads import sweep
+
+    # About 490 and 580 MiB for the two points: each fits in 1 GiB, both at once do not.
+    monkeypatch.setattr(demand_paging, "host_bytes_available", lambda: 1 << 30)
+    monkeypatch.setattr(sweep, "host_bytes_available", lambda: 1 << 30)
+    code, lines = run_cli(capsys, "sweep", "demand-paging", "--vcpus", "1,2", "-b", "350M",
+                          "--configs", "tdp", "--jobs", "2", "--out",
+                          str(tmp_path / "s"))
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("mmu: error: jobs: 2 points at once need about 1.")
+    assert "use fewer --jobs" in lines[0]
