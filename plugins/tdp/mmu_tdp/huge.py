@@ -86,7 +86,9 @@ class HugePages:
             return False
         zap = "recover-in-place" in self.reverts
         flush = False
-        with vm.mmu_lock.read():
+        # Under RCU, flushing before leaving it: the tables replaced by huge leaves are freed
+        # by RCU callbacks, and a vCPU may still cache them until the flush.
+        with vm.mmu_lock.read(), vm.rcu.read():
             for root in self.roots_yield_safe(slot.as_id):
                 visited = 0
                 walk = TdpIter(vm, root.pfn, root.level, 2, slot.base_gfn, slot.end_gfn)
@@ -95,11 +97,16 @@ class HugePages:
                     if self._recover_one(it, slot, zap):
                         flush = True
                     if visited >= self.CHUNK and vm.mmu_lock.contended:
+                        if flush:  # tdp_mmu_iter_cond_resched flushes before it yields
+                            vm.flush_remote_tlbs()
+                            flush = False
                         visited = 0
                         self.stats["resched"] += 1
                         vm.mmu_lock.cond_resched("read")
                         it.yielded = True
-        return flush
+            if flush:
+                vm.flush_remote_tlbs()
+        return False
 
     def _recover_one(self, it: TdpIter, slot, zap: bool) -> bool:
         vm = self.vm
