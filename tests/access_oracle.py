@@ -4,6 +4,7 @@ Written from the Intel SDM, never from the walker (it imports nothing from mmu_c
   * vol. 3A 4.3-4.5: entry formats, which entry maps a page, which bits are reserved;
   * 4.6.1: access rights (U/S, R/W, XD, CR0.WP, SMEP, SMAP with RFLAGS.AC);
   * 4.6.2: protection keys (PKRU AD/WD, 4-level and 5-level paging only);
+  * 4.4.1: PAE PDPTE registers are loaded by MOV CR3, which refuses a reserved one (#GP);
   * 4.7: the page-fault error code (P, W/R, U/S, RSVD, I/D, PK);
   * 4.8: accessed and dirty flags, set here the way KVM's software walker sets them: A in every
     paging-structure entry used and D in the leaf of a write, and only if the access succeeds.
@@ -172,10 +173,21 @@ def error_code_base(cpu: Cpu, access: str) -> int:
     return code
 
 
+def pdpte_load_faults(cpu: Cpu, value: int) -> bool:
+    """SDM 4.4.1: MOV to CR3 in PAE mode (or a MOV to CR0/CR4 that reloads the PDPTEs) raises
+    #GP(0), and loads none of the four PDPTE registers, if a PDPTE is present with a reserved
+    bit set. A PDPTE register therefore never holds one when a walk uses it."""
+    return bool(value & P_BIT) and bool(value & reserved_mask("pae", 3, value, cpu.nxe, cpu.pse,
+                                                             cpu.maxphyaddr))
+
+
 def translate(cpu: Cpu, values: Sequence[int], access: str) -> Outcome:
-    """Expected result of `access` through the entries `values` (top level first)."""
+    """Expected result of `access` through the entries `values` (top level first). For PAE
+    paging values[0] is a PDPTE register, so it is one that could be loaded (pdpte_load_faults
+    is False)."""
     top = LEVELS[cpu.mode]
     assert len(values) == top
+    assert not (cpu.mode == "pae" and pdpte_load_faults(cpu, values[0])), "MOV CR3 refuses it"
     base = error_code_base(cpu, access)
     used: list[Entry] = []
     for level, value in zip(range(top, 0, -1), values, strict=True):

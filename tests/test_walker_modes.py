@@ -213,27 +213,45 @@ def test_pae_pde_and_pte_address_bits_51_to_maxphyaddr_are_reserved(level, flags
         assert walk(g, flags, access) == (W.W_PF, PF_P | PF_RSVD | extra), bit
 
 
-@pytest.mark.xfail(strict=True, reason="walker bug: PAE PDEs/PTEs reserve bits 62:M and PDPTEs 63:M "
-                   "(SDM tables 4-8..4-11), the walker only checks 51:M (and 63)")
-@pytest.mark.parametrize("level, bit", [(3, 52), (3, 62), (2, 52), (2, 58), (1, 52), (1, 62)])
+@pytest.mark.parametrize("level, bit", [(2, 52), (2, 58), (2, 62), (1, 52), (1, 62)])
 def test_pae_bits_62_52_are_reserved(level, bit):
+    # SDM tables 4-9..4-11: PAE PDEs and PTEs reserve 62:MAXPHYADDR (4-level ignores 62:52)
     g = guest_4k(P.MODE_PAE)
     g.set(level, g.get(level) | (1 << bit))
     assert walk(g, W.F_USER, WRITE) == (W.W_PF, PF_P | PF_RSVD | PF_W | PF_U)
 
 
+def test_pae_2m_leaf_bits_62_52_are_reserved():
+    g = Guest(P.MODE_PAE, gva=GVA2)
+    g.set(2, 0x3F_C000_0000 | URW | PS | (1 << 55))
+    assert walk(g, W.F_USER) == (W.W_PF, PF_P | PF_RSVD | PF_U)
+
+
+# --- PAE PDPTE registers: loaded (or refused) by MOV CR3, never checked again -----------------
+PDPTE = 0x0012_3000 | P.PT_PRESENT
+
+
+@pytest.mark.parametrize("bit", [1, 2, 5, 6, 7, 8, 40, 51, 52, 62, 63])
+def test_a_present_pdpte_with_a_reserved_bit_cannot_be_loaded(bit):
+    # SDM 4.4.1, table 4-8: bits 2:1, 8:5 and 63:MAXPHYADDR; MOV CR3 raises #GP(0)
+    assert W.pdpte_reserved(PDPTE | (1 << bit), maxphy=40)
+
+
+@pytest.mark.parametrize("bits", [0, P.PT_PWT | P.PT_PCD, 0x7 << 9, 1 << 39],
+                         ids=["plain", "pwt-pcd", "ignored-11-9", "address-bit-39"])
+def test_a_pdpte_without_reserved_bits_loads(bits):
+    assert not W.pdpte_reserved(PDPTE | bits, maxphy=40)
+
+
+def test_a_not_present_pdpte_loads_whatever_its_other_bits():
+    assert not W.pdpte_reserved(((1 << 64) - 1) & ~P.PT_PRESENT, maxphy=40)
+
+
 @pytest.mark.parametrize("flags, access, extra", ACCESS_KINDS)
-@pytest.mark.parametrize("bit", [1, 2, 5, 6, 7, 8, 40, 51, 63])
-def test_pae_pdpte_reserved_bits(bit, flags, access, extra):
-    g = guest_4k(P.MODE_PAE, maxphy=40)
-    g.set(3, g.get(3) | (1 << bit))
-    assert walk(g, flags, access) == (W.W_PF, PF_P | PF_RSVD | extra)
-
-
-def test_pae_pdpte_bit_63_is_reserved_even_with_nxe():
+def test_a_not_present_pdpte_faults_when_used(flags, access, extra):
     g = guest_4k(P.MODE_PAE)
-    g.set(3, g.get(3) | P.PT_NX)
-    assert walk(g, W.F_NXE) == (W.W_PF, PF_P | PF_RSVD)
+    g.set(3, g.get(3) & ~P.PT_PRESENT)
+    assert walk(g, flags, access) == (W.W_PF, extra)
 
 
 def test_pae_pdpte_ignored_bits_11_9_do_not_fault():
@@ -448,3 +466,60 @@ def test_set_ad_false_leaves_the_tables_untouched():
     before = g.all_entries()
     assert g.walk(W.F_USER, WRITE, set_ad=False)[W.OUT_STATUS] == W.W_OK
     assert g.all_entries() == before
+
+
+# --- MOV CR3 / CR0 / CR4 refuse a PDPTE with a reserved bit: #GP(0), nothing loaded -----------
+def test_loading_a_reserved_pdpte_raises_gp_and_keeps_the_old_registers():
+    """SDM 4.4.1: MOV to CR3 in PAE mode, or a MOV to CR0/CR4 that reloads the PDPTEs, raises
+    #GP(0) when a present PDPTE has a reserved bit set, and loads none of the four; accesses
+    go on through the registers loaded before, never to a page fault. Same on every
+    configuration (the vCPU's CR-write path does it, not a backend)."""
+    from mmu_core.guest.program import Program
+    from mmu_core.testing.programs import data_gva, run_everywhere, spec_for
+
+    def program(machine):
+        pts, setup = machine.pts, machine.paging
+        pdpte_gva = pts.pt_gva_of(pts.entry_gpa(data_gva(1), 3, create=False))
+        good = pts.read_entry(pts.entry_gpa(data_gva(1), 3, create=False))
+        bad = good | (1 << 5)  # bits 8:5 are reserved in a PDPTE
+        return [Program().write(data_gva(1), 7)
+                .store_pte(pdpte_gva, bad)
+                .mov_cr3(setup.cr3)  # 2: #GP(0)
+                .read(data_gva(1))  # 3: through the PDPTEs loaded before
+                .mov_cr0(setup.cr0 ^ P.CR0_WP)  # 4: reloads the PDPTEs: #GP(0)
+                .mov_cr4(setup.cr4 | P.CR4_SMEP)  # 5: the same
+                .store_pte(pdpte_gva, good)
+                .mov_cr3(setup.cr3)  # 7: loads
+                .read(data_gva(1))
+                .build()]
+
+    runs = run_everywhere(spec_for(P.MODE_PAE), program)
+    assert len({digest for digest, _ in runs.values()}) == 1, runs.keys()
+    res = runs["tdp"][1][0]
+    gp = (0, EC.GP_VECTOR, 0)
+    assert [tuple(int(v) for v in res[i]) for i in (2, 4, 5)] == [gp, gp, gp]
+    assert not res[[0, 1, 3, 6, 7, 8], 1].any()  # no other op faulted
+    assert int(res[3, 0]) == int(res[8, 0]) == 7
+
+
+# --- table addresses beyond host memory ----------------------------------------------------------
+FAR_TABLE = {P.MODE_32: 0xF000_0000, P.MODE_PAE: 1 << 45, P.MODE_4LEVEL: 1 << 45,
+             P.MODE_5LEVEL: 1 << 45}  # below MAXPHYADDR (46), far beyond the host's frames
+
+
+@pytest.mark.parametrize("mode", list(FAR_TABLE), ids=ids(list(FAR_TABLE)))
+def test_a_table_beyond_host_memory_reads_as_not_present(mode):
+    g = guest_4k(mode)
+    assert FAR_TABLE[mode] >> 12 >= len(g.mem.pt_slot)
+    g.set(2, FAR_TABLE[mode] | URW)  # a PDE naming a page table nobody has
+    assert walk(g, W.F_USER, WRITE) == (W.W_PF, PF_W | PF_U)
+
+
+@pytest.mark.parametrize("mode", list(FAR_TABLE), ids=ids(list(FAR_TABLE)))
+def test_a_root_beyond_host_memory_reads_as_not_present(mode):
+    g = guest_4k(mode)
+    if mode == P.MODE_PAE:
+        g.set(3, FAR_TABLE[mode] | P.PT_PRESENT)  # the PDPTE register names the far PD
+    else:
+        g.regs[W.R_CR3] = FAR_TABLE[mode]
+    assert walk(g) == (W.W_PF, 0)

@@ -16,6 +16,11 @@ Under TDP with EPT A/D flags a TLB entry's A_DIRTY means that the guest's and EP
 bits were both set when it was filled, so a write through an entry filled by a read walks
 again and sets EPT D (and logs the page when PML is on). KVM clears EPT D bits for dirty
 logging and then flushes the TLBs, so the next write after the flush walks as well.
+
+The loop, the walker and the TLB are compiled without numba's runtime (`_nrt=False`): they
+cannot allocate an array, and no reference counting runs per access. What they need beyond
+their arguments lives in preallocated per-vCPU arrays (the walker's output block is part of
+`xinfo`).
 """
 
 from __future__ import annotations
@@ -80,7 +85,8 @@ XI_GPA = 2
 XI_CODE = 3  # error code or exit qualification
 XI_ACC = 4
 XI_PFN = 5
-XI_SIZE = 6
+XI_WALK = 6  # the walker's output block (W.OUT_SIZE) for the walks run_ops makes: its scratch
+XI_SIZE = XI_WALK + W.OUT_SIZE
 
 ST_OPS = 0
 ST_TLB_HITS = 1
@@ -91,7 +97,7 @@ ST_PSC_SKIPPED = 5  # entry reads the paging-structure caches saved
 ST_SIZE = 6
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _acc_of(op):
     if op == OP_WRITE or op == OP_WPTE or op == OP_WPTE32:
         return EC.ACC_WRITE
@@ -100,7 +106,7 @@ def _acc_of(op):
     return EC.ACC_READ
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _host_ok(attr, acc):
     if acc == EC.ACC_WRITE:
         return (attr & W.A_HOST_W) != 0
@@ -109,7 +115,7 @@ def _host_ok(attr, acc):
     return (attr & W.A_HOST_R) != 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_levels, tlb,
             pml, xinfo, stats, budget):
     """Run ops [pc, end) until an exit or `budget` ops; returns the next pc.
@@ -119,19 +125,24 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
     `ept_ad` is EPTP bit 6 (EPT A/D flags) and `pml` the page-modification log, or
     walker.NO_PML when PML is off (see walker.ept_translate).
     """
-    out = np.zeros(W.OUT_SIZE, np.int64)
+    out = xinfo[XI_WALK:]  # preallocated with the vCPU: the loop allocates nothing
     xinfo[XI_KIND] = X_NONE
     mode = regs[W.R_MODE]
     has_pkeys = P.MODE_HAS_PKEYS[mode]
     nmask = tlb_entries(tlb) - 1
-    xl = W.XL_EPT if tdp else W.XL_NONE
     done = 0
+    hits = 0
+    ops = 0
+    # The permission check of a TLB hit depends only on (attributes, access kind) while the
+    # registers stay as they are (they do for a whole call): the last outcome is kept.
+    memo_key = -1
+    memo_ok = False
     while pc < end and done < budget:
         op = prog[pc, 0]
         gva = prog[pc, 1]
         if op > MEM_OPS_END:
             xinfo[XI_KIND] = X_OP
-            return pc
+            break
         acc = _acc_of(op)
         vpn = gva >> 12
         i = vpn & nmask
@@ -139,19 +150,29 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
         if tlb[i, TLB_VPN] == vpn + 1:
             attr = tlb[i, TLB_ATTR]
             pkey = (attr >> W.A_PKEY_SHIFT) & 0xF
-            ok = (
-                W.access_fault(attr, acc, regs[W.R_FLAGS], has_pkeys, pkey, regs[W.R_PKRU]) == 0
-                and _host_ok(attr, acc)
-                and (acc != EC.ACC_WRITE or (attr & W.A_DIRTY) != 0)
-            )
-            if ok:
+            key = (attr << 2) | acc
+            if key != memo_key:
+                memo_key = key
+                memo_ok = (
+                    W.access_fault(attr, acc, regs[W.R_FLAGS], has_pkeys, pkey,
+                                   regs[W.R_PKRU]) == 0
+                    and _host_ok(attr, acc)
+                    and (acc != EC.ACC_WRITE or (attr & W.A_DIRTY) != 0)
+                )
+            if memo_ok:
                 pfn = tlb[i, TLB_PFN]
-                stats[ST_TLB_HITS] += 1
+                hits += 1
             else:
                 tlb[i, TLB_VPN] = 0
         if pfn < 0:
-            W.walk_cached(pt, pt_slot, regs, gva, acc, True, xl, root, root_levels, ept_ad,
-                          W.EMPTY_MS, W.EMPTY_HVA, tlb, pml, out)
+            # The walk is inlined here, once per dimension (a constant, so each copy is compiled
+            # for its own): no call and no argument copies per TLB miss.
+            if tdp:
+                W._walk(pt, pt_slot, regs, gva, acc, True, W.XL_EPT, root, root_levels, ept_ad,
+                        W.EMPTY_MS, W.EMPTY_HVA, tlb, pml, out)
+            else:
+                W._walk(pt, pt_slot, regs, gva, acc, True, W.XL_NONE, root, root_levels, ept_ad,
+                        W.EMPTY_MS, W.EMPTY_HVA, tlb, pml, out)
             stats[ST_WALKS] += 1
             stats[ST_WALK_READS] += out[W.OUT_READS]
             stats[ST_PSC_SKIPPED] += out[W.OUT_SKIPPED]
@@ -178,7 +199,7 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
                 xinfo[XI_GVA] = gva
                 xinfo[XI_CODE] = out[W.OUT_CODE]
                 xinfo[XI_ACC] = acc
-                return pc
+                break
             if st == W.W_PML_FULL:
                 # SDM 29.3.6: the update that found the log full exits before it happens; the
                 # op runs again once KVM has drained the log.
@@ -186,19 +207,24 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
                 xinfo[XI_GVA] = gva
                 xinfo[XI_GPA] = out[W.OUT_ADDR]
                 xinfo[XI_ACC] = acc
-                return pc
+                break
             if st != W.W_OK:
                 xinfo[XI_KIND] = X_EPT_VIOLATION if st == W.W_EPT_VIOLATION else X_EPT_MISCONFIG
                 xinfo[XI_GVA] = gva
                 xinfo[XI_GPA] = out[W.OUT_ADDR]
                 xinfo[XI_CODE] = out[W.OUT_CODE]
                 xinfo[XI_ACC] = acc
-                return pc
+                break
             pfn = out[W.OUT_HPA] >> 12
             tlb[i, TLB_VPN] = vpn + 1
             tlb[i, TLB_PFN] = pfn
             tlb[i, TLB_ATTR] = out[W.OUT_ATTR]
-        if op == OP_READ or op == OP_FETCH:
+        if pfn >= tag.shape[0]:
+            # A frame beyond host memory (only nonsense tables lead there): it reads as 0 and
+            # keeps nothing written, and nothing is read or written outside the arrays.
+            if op == OP_READ or op == OP_FETCH or op == OP_RPTE:
+                res[pc, RES_VALUE] = 0
+        elif op == OP_READ or op == OP_FETCH:
             res[pc, RES_VALUE] = tag[pfn]
         elif op == OP_WRITE:
             tag[pfn] = prog[pc, 2]
@@ -207,7 +233,7 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             if slot < 0 and op != OP_RPTE:
                 xinfo[XI_KIND] = X_NEED_TABLE
                 xinfo[XI_PFN] = pfn
-                return pc
+                break
             word = (gva & 0xFFF) >> 3
             if op == OP_RPTE:
                 res[pc, RES_VALUE] = pt[slot, word] if slot >= 0 else 0
@@ -217,9 +243,12 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
                 sh = np.uint64(32 * ((gva >> 2) & 1))
                 keep = pt[slot, word] & ~(np.uint64(0xFFFFFFFF) << sh)
                 pt[slot, word] = keep | ((np.uint64(prog[pc, 2]) & np.uint64(0xFFFFFFFF)) << sh)
-        stats[ST_OPS] += 1
+        ops += 1
         pc += 1
         done += 1
+    # Counted in registers, stored once: no memory update per access.
+    stats[ST_TLB_HITS] += hits
+    stats[ST_OPS] += ops
     return pc
 
 

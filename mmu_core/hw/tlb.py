@@ -68,17 +68,17 @@ def new_tlb(entries: int = DEFAULT_ENTRIES, psc_sets: int | None = None) -> np.n
     return tlb
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tlb_entries(tlb):
     return tlb[0, TLB_GEOM]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tlb_flush_all(tlb):
     tlb[:, TLB_VPN] = 0  # TLB_VPN == PSC_TAG: the PSC rows go too
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tlb_flush_va(tlb, gva):
     ntlb = tlb[0, TLB_GEOM]
     vpn = gva >> 12
@@ -88,7 +88,7 @@ def tlb_flush_va(tlb, gva):
     tlb[ntlb:, PSC_TAG] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _psc_row(tlb, level, prefix):
     ntlb = tlb[0, TLB_GEOM]
     sets = (tlb.shape[0] - ntlb) // PSC_LEVELS
@@ -98,12 +98,12 @@ def _psc_row(tlb, level, prefix):
     return ntlb + (level - 2) * sets + (h & (sets - 1))
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def psc_enabled(tlb):
     return tlb.shape[0] > 0 and tlb.shape[0] > tlb[0, TLB_GEOM]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def psc_lookup(tlb, kind, root, addr, top):
     """The deepest cached non-leaf entry on addr's path below `root` (a structure of `top`
     levels, 9 index bits each): (level, table, attr), or (0, 0, 0) when nothing is cached."""
@@ -116,7 +116,7 @@ def psc_lookup(tlb, kind, root, addr, top):
     return 0, 0, 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def invalidate_addr(tlb, kind, addr, gva):
     """What a fault invalidates: the TLB entry for linear address `gva` and the
     paging-structure-cache entries of `kind` on `addr`'s path, for every root."""
@@ -135,7 +135,7 @@ def invalidate_addr(tlb, kind, addr, gva):
             tlb[row, PSC_TAG] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def psc_fill(tlb, kind, root, level, addr, top, table, attr):
     """Cache the non-leaf entry at `level` on addr's path (it references `table`; `attr` is
     what the levels from the root down to it grant together)."""

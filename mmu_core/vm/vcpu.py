@@ -142,8 +142,8 @@ class Vcpu:
     def set_paging(self, cr0: int, cr4: int, efer: int, cr3: int) -> None:
         """Set up paging state before the vCPU runs (what a test's setup code does)."""
         self.cr0, self.cr4, self.efer, self.cr3 = cr0, cr4, efer, cr3
-        if self.mode == P.MODE_PAE:
-            self._load_pdptrs()
+        if self.mode == P.MODE_PAE and not self._load_pdptrs(cr3):
+            raise GuestError(f"a PDPTE at cr3 {cr3:#x} has a reserved bit set")
         self._sync_regs()
         tlb_flush_all(self.tlb)
         self.mmu_root = None
@@ -186,10 +186,16 @@ class Vcpu:
         h[W.R_PKRU] = 0
         h[W.R_MAXPHY] = S.HOST_MAXPHYADDR  # so shadow MMIO SPTEs hit a reserved bit
 
-    def _load_pdptrs(self) -> None:
-        """MOV CR3 in PAE mode loads the four PDPTE registers from guest memory (SDM 4.4.1)."""
-        base = self.cr3 & 0xFFFFFFE0
-        self.pdptrs = [self.vm.read_guest_u64(self.as_id, base + 8 * i) for i in range(4)]
+    def _load_pdptrs(self, cr3: int) -> bool:
+        """MOV CR3 in PAE mode loads the four PDPTE registers from guest memory (SDM 4.4.1);
+        if one is present with a reserved bit set, it loads none and returns False (the
+        instruction raises #GP(0) and changes nothing)."""
+        base = cr3 & 0xFFFFFFE0
+        pdptrs = [self.vm.read_guest_u64(self.as_id, base + 8 * i) for i in range(4)]
+        if any(W.pdpte_reserved(e, self.vm.config.maxphyaddr) for e in pdptrs):
+            return False
+        self.pdptrs = pdptrs
+        return True
 
     @property
     def shadowing(self) -> bool:
@@ -423,9 +429,11 @@ class Vcpu:
                 self._exit("invlpg")
                 vm.hook.mmu_invlpg(vcpu=self, gva=gva)
         elif op == C.OP_MOV_CR3:
+            if self.mode == P.MODE_PAE and not self._load_pdptrs(value):
+                if intercept:
+                    self._exit("cr3")
+                return self._gp(results, pc)
             self.cr3 = value
-            if self.mode == P.MODE_PAE:
-                self._load_pdptrs()
             tlb_flush_all(self.tlb)
             if intercept:
                 self._exit("cr3")
@@ -440,9 +448,10 @@ class Vcpu:
             tlb_flush_all(self.tlb)
             changed = (old[0] ^ self.cr0) & _CR0_PAGING_BITS or (old[1] ^ self.cr4) & _CR4_PAGING_BITS
             self._exit("cr")
+            if changed and self.mode == P.MODE_PAE and not self._load_pdptrs(self.cr3):
+                self.cr0, self.cr4 = old
+                return self._gp(results, pc)
             if changed:
-                if self.mode == P.MODE_PAE:
-                    self._load_pdptrs()
                 vm.hook_all("mmu_unload", vcpu=self)
                 self.mmu_root = None
                 vm.hook_all("mmu_reset_context", vcpu=self)
@@ -458,4 +467,10 @@ class Vcpu:
         else:
             raise GuestError(f"unknown guest operation {op} at index {pc}")
         self._sync_regs()
+        return pc + 1
+
+    @staticmethod
+    def _gp(results: np.ndarray, pc: int) -> int:
+        """#GP(0) for op pc, which changed nothing; the guest's handler skips it."""
+        results[pc] = (0, EC.GP_VECTOR, 0)
         return pc + 1
