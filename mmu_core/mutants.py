@@ -32,9 +32,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "the TDP fault links a new table with a plain store instead of cmpxchg",
         "tdp: TdpMMU._link_table"),
     "skip-frozen-wait": (
-        "handle_removed_pt does not wait for a frozen child entry to settle (not reachable "
-        "yet: needs two read-lock operations at different levels of one range, which only "
-        "NX huge pages or eager splitting bring; #7)",
+        "handle_removed_pt does not wait for a frozen child entry to settle (not reachable: "
+        "no task freezes an entry of a live table that a read-lock teardown can remove at "
+        "2 MiB; docs/concurrency.md)",
         "tdp: TdpMMU._handle_removed"),
     "drop-root-refcount": (
         "loading a TDP root does not take a reference",
@@ -66,6 +66,29 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "shadow-readonly-writable": (
         "the shadow fault maps a READONLY slot writable once the guest PTE is dirty",
         "shadow: ShadowMMU._shadow_fault"),
+    # The complete TDP MMU (#7): fast page fault, dirty logging, splitting, recovery, NX.
+    "fast-pf-no-mark-dirty": (
+        "the fast page fault makes a write-protected SPTE writable without mark_page_dirty",
+        "tdp: DirtyLogging.mmu_fast_page_fault"),
+    "fast-pf-ignores-mmu-writable": (
+        "the fast page fault makes any write-protected SPTE writable, not only MMU-writable "
+        "ones (READONLY slots, KSM pages)", "tdp: DirtyLogging.mmu_fast_page_fault"),
+    "clear-dirty-log-no-flush": (
+        "re-protecting harvested pages (D bits cleared or write-protected) does not flush "
+        "TLBs: writes through cached translations go unlogged",
+        "tdp: DirtyLogging.mmu_clear_dirty_log"),
+    "pml-huge-writable": (
+        "enabling dirty logging under PML clears D bits but leaves huge leaves writable (PML "
+        "would log one 4 KiB page of each)", "tdp: DirtyLogging.mmu_enable_dirty_log"),
+    "split-plain-store": (
+        "splitting a huge page (eager or on fault) links the new table with a plain store "
+        "instead of cmpxchg", "tdp: TdpMMU._link_table"),
+    "recover-ignores-host-level": (
+        "recovering huge pages when logging stops does not check the host mapping level",
+        "tdp: HugePages._recover_one"),
+    "nx-tracking-kept": (
+        "tearing down a table does not remove it from the NX huge-page recovery list",
+        "tdp: TdpMMU._handle_removed"),
 }
 
 _active: frozenset[str] = frozenset()

@@ -78,6 +78,12 @@ MUTANT_CASES = [
     ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),
     ("forget-rmap-removal", "dirty-log", "legacy", "random"),
     ("shadow-readonly-writable", "readonly", "shadow", "random"),
+    ("fast-pf-no-mark-dirty", "dirty-log-wrprot", "tdp", "pct"),
+    ("fast-pf-ignores-mmu-writable", "readonly", "tdp", "random"),
+    ("clear-dirty-log-no-flush", "dirty-log-pml", "tdp", "random"),
+    ("split-plain-store", "nx-recovery", "tdp", "random"),
+    ("recover-ignores-host-level", "dirty-log-wrprot", "tdp", "random"),
+    ("nx-tracking-kept", "nx-recovery", "tdp", "pct"),
 ]
 
 

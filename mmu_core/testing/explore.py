@@ -52,7 +52,12 @@ class Reference:
         self.mem: dict[int, int] = {}
         # What a page never written holds: zero, or the handler's pattern in userfault ranges.
         self.initial: Callable[[int], int] = lambda idx: 0
-        self.written: set[int] = set()  # gfns written (for the dirty-log check)
+        self.written: set[int] = set()  # gfns written
+        # The gfn of each write completed while `log_window` is open, in completion order: the
+        # writes a dirty log must report (DirtyLogCheck). Scenarios whose logging goes on and
+        # off close the window outside the time logging is guaranteed.
+        self.log_window = True
+        self.logged: list[int] = []
         self.remap: dict[tuple[int, int], tuple[int, int]] = {}  # (vcpu, op) -> (page, gfn)
         self.target: dict[int, int] = {}  # gva page -> gfn, for pages a scenario remaps
         # (vcpu, gva page) -> the gfns the page was mapped to since that vCPU last
@@ -99,6 +104,8 @@ class Reference:
                 if idx is not None and not ro:
                     self.mem[idx] = value
                     self.written.add(gfn)
+                    if self.log_window:
+                        self.logged.append(gfn)
             elif op in (C.OP_WPTE, C.OP_WPTE32):
                 change = self.remap.get((vcpu.id, pc))
                 if change is not None:
@@ -220,26 +227,71 @@ def scenario_zap_all(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+class DirtyLogCheck:
+    """What a dirty log owes userspace: every page written while logging was on is in a
+    harvest that ended after the write.
+
+    A harvest is KVM_GET_DIRTY_LOG (fetch, clear and re-protect) or, with manual protection,
+    KVM_GET_DIRTY_LOG's copy followed by KVM_CLEAR_DIRTY_LOG of the same bits; it ends when the
+    call (the clear) returns, and userspace reads the pages after that. A write that completed
+    before a harvest ended but is not in it must be in a later one: a union over all rounds
+    would hide a write lost after its page had been reported once."""
+
+    def __init__(self, ref: Reference, as_id: int = 0, slot_id: int = DATA_SLOT) -> None:
+        self.ref = ref
+        self.as_id = as_id
+        self.slot_id = slot_id
+        self.rounds: list[tuple[int, set[int]]] = []  # (writes recorded at its end, gfns)
+
+    def harvest(self, vm, rng: random.Random | None = None) -> None:
+        gfns = vm.get_dirty_log(self.as_id, self.slot_id)
+        if vm.config.dirty_log_manual_protect and len(gfns):
+            slot = vm.memslots[self.as_id].by_id(self.slot_id)
+            bitmap = np.zeros(slot.npages, np.uint8)
+            bitmap[gfns - slot.base_gfn] = 1
+            # Userspace clears in 64-page-aligned pieces; two here, split at random.
+            cut = 64 * (rng.randrange(slot.npages // 64 + 1) if rng else 0)
+            for first, num in ((0, cut), (cut, slot.npages - cut)):
+                if num:
+                    vm.clear_dirty_log(self.as_id, self.slot_id, first, num,
+                                       bitmap[first:first + num])
+        self.rounds.append((len(self.ref.logged), set(gfns.tolist())))
+
+    def check(self) -> None:
+        slot = self.ref.vm.memslots[self.as_id].by_id(self.slot_id)
+        later: list[set[int]] = [set()]  # later[k]: gfns of rounds k.. (reversed build)
+        for _, gfns in reversed(self.rounds):
+            later.append(later[-1] | gfns)
+        later.reverse()
+        k = 0
+        for i, gfn in enumerate(self.ref.logged):
+            if not slot.base_gfn <= gfn < slot.end_gfn:
+                continue
+            while k < len(self.rounds) and self.rounds[k][0] <= i:
+                k += 1
+            if gfn not in later[k]:
+                raise Failure("dirty-lost", f"gfn {gfn:#x} written (write {i}) while logging was "
+                              f"on is in no dirty-log harvest that ended after it ({k} of "
+                              f"{len(self.rounds)} had ended)")
+
+
 def scenario_dirty_log(config: VMConfig, rng: random.Random) -> Run:
     """Two vCPUs write a logged slot while a collector fetches and clears the log; every page
-    written must be in some round's log."""
+    written must be in a later round's log."""
     m = _machine(config, 2, 16, log_dirty=True)
     ref = Reference(m)
     run = Run(m, _writers(m, rng, list(range(16)), 30), ref)
-    seen: set[int] = set()
+    log = DirtyLogCheck(ref)
     delays = [rng.randrange(0, 30_000) for _ in range(4)]
 
     def collector() -> None:
         for d in delays:
             m.vm.engine.delay(d)
-            seen.update(m.vm.get_dirty_log(0, DATA_SLOT).tolist())
+            log.harvest(m.vm)
 
     def check() -> None:
-        seen.update(m.vm.get_dirty_log(0, DATA_SLOT).tolist())
-        missing = ref.written - seen
-        if missing:
-            raise Failure("dirty-lost", f"{len(missing)} written page(s) never in the dirty "
-                          f"log, e.g. gfn {min(missing):#x}")
+        log.harvest(m.vm)
+        log.check()
     run.tasks.append(("collector", collector))
     run.final.append(check)
     return run
@@ -391,6 +443,168 @@ def scenario_thp_events(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+# --- scenarios for the complete TDP MMU (#7) --------------------------------------------------
+def _tuned(config: VMConfig, params: dict, **fields) -> VMConfig:
+    """`config` with module parameters (and VM fields) changed. A backend ignores parameters
+    it does not read, so legacy and shadow run the same scenario (PML hardware works under
+    legacy too)."""
+    return config.model_copy(update={"params": config.params.model_copy(update=params),
+                                     **fields})
+
+
+def _then_sleep(vm) -> None:
+    """A VMM or host task has done one operation and sleeps until its next: under pct it
+    yields (its priority drops below the vCPUs'), since a timed delay is no yield there and
+    the task would otherwise run all its operations before any vCPU ran again."""
+    vm.engine.yield_now()
+
+
+#: Pages of one 2 MiB THP page (the audit's cost grows with the 4 KiB leaves of a split one).
+THP_PAGES = [0, 1, 2, 63, 64, 200, 300, 450, 511]
+
+
+def _log_phases(m, ref: Reference, rng: random.Random, phases: int, rounds: int,
+                spread: int) -> tuple[Callable[[], None], DirtyLogCheck]:
+    """A VMM task that, `phases` times, turns dirty logging of the data slot on, harvests
+    `rounds` times, harvests once more and turns logging off (so that huge pages are
+    recovered while the vCPUs fault), and the check of what it harvested. Writes count from
+    when enabling returns until the last harvest of the phase starts."""
+    vm = m.vm
+    log = DirtyLogCheck(ref)
+    ref.log_window = False
+    plan = [(rng.randrange(spread), [rng.randrange(spread) for _ in range(rounds + 1)])
+            for _ in range(phases)]
+    cuts = random.Random(rng.random())  # where manual clears split the slot
+
+    def vmm() -> None:
+        for start, gaps in plan:
+            vm.engine.delay(start)
+            vm.set_dirty_logging(0, DATA_SLOT, True)
+            ref.log_window = True
+            for k, gap in enumerate(gaps):
+                _then_sleep(vm)
+                vm.engine.delay(gap)
+                if k == rounds:
+                    ref.log_window = False
+                log.harvest(vm, cuts)
+            _then_sleep(vm)
+            vm.set_dirty_logging(0, DATA_SLOT, False)
+            _then_sleep(vm)
+    return vmm, log
+
+
+def _scenario_dirty_log_thp(config: VMConfig, rng: random.Random, pml: bool) -> Run:
+    """Two vCPUs write and read THP memory while a VMM task turns dirty logging on (eager
+    split, or split on the first write), harvests the log (KVM_GET_DIRTY_LOG, or with manual
+    protection get + clear, with or without KVM_DIRTY_LOG_INITIALLY_SET) and turns it off
+    (huge pages recovered in place), twice; the host may split and migrate one THP, which then
+    must not be mapped huge again. Every page written while logging was on must be in a later
+    harvest. With `pml`, the TDP MMU clears D bits and the hardware logs; without, it
+    write-protects and the fast page fault logs (EPT A/D on or off: the seed decides)."""
+    manual = rng.random() < 0.5
+    config = _tuned(config, {"pml": pml, "ept_ad": pml or rng.random() < 0.5,
+                             "eager_page_split": rng.random() < 0.5},
+                    dirty_log_manual_protect=manual,
+                    dirty_log_initially_set=manual and rng.random() < 0.5)
+    m = _machine(config, 2, 512, backing="thp")
+    vm = m.vm
+    ref = Reference(m)
+    run = Run(m, _writers(m, rng, THP_PAGES, 40), ref)
+    vmm, log = _log_phases(m, ref, rng, phases=2, rounds=2, spread=12_000)
+    run.tasks.append(("vmm", vmm))
+    run.final.append(log.check)
+    if rng.random() < 0.5:
+        slot = vm.memslots[0].by_id(DATA_SLOT)
+        hva = slot.gfn_to_hva(_page(0) >> 12)
+        when, moved = rng.randrange(40_000), hva + 4096 * rng.choice(THP_PAGES)
+
+        def host() -> None:
+            vm.engine.delay(when)
+            vm.mm.split_huge_page(hva)
+            _then_sleep(vm)
+            if not vm.mm.is_missing(moved):
+                vm.mm.migrate(moved)
+        run.tasks.append(("host", host))
+    return run
+
+
+def scenario_dirty_log_pml(config: VMConfig, rng: random.Random) -> Run:
+    return _scenario_dirty_log_thp(config, rng, pml=True)
+
+
+def scenario_dirty_log_wrprot(config: VMConfig, rng: random.Random) -> Run:
+    return _scenario_dirty_log_thp(config, rng, pml=False)
+
+
+def scenario_aging(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs read and write while the host ages their memory (clear_young: the TDP MMU
+    clears Accessed bits, or without EPT A/D parks the SPTEs for access tracking and the fast
+    page fault restores them) and dirty logging goes on and off once. EPT A/D and THP or
+    4 KiB memory: the seed decides."""
+    config = _tuned(config, {"ept_ad": rng.random() < 0.5})
+    thp = rng.random() < 0.5
+    pages = THP_PAGES if thp else list(range(16))
+    m = _machine(config, 2, 512 if thp else 16, backing="thp" if thp else "anon")
+    vm = m.vm
+    ref = Reference(m)
+    run = Run(m, _writers(m, rng, pages, 40), ref)
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    ages = [(rng.randrange(8_000), rng.choice(pages), rng.choice((1, 8, 512)))
+            for _ in range(8)]
+
+    def ager() -> None:
+        for delay, page, n in ages:
+            vm.engine.delay(delay)
+            vm.mm.age(slot.gfn_to_hva(_page(page) >> 12), 4096 * min(n, slot.npages - page))
+            _then_sleep(vm)
+    vmm, log = _log_phases(m, ref, rng, phases=1, rounds=1, spread=20_000)
+    run.tasks += [("ager", ager), ("vmm", vmm)]
+    run.final.append(log.check)
+    return run
+
+
+NX_PERIOD_MS = 1  # the shortest recovery period kvm.nx_huge_pages_recovery_period_ms allows
+
+
+def scenario_nx_recovery(config: VMConfig, rng: random.Random) -> Run:
+    """With the NX huge-page mitigation, two vCPUs fetch from, read and write THP memory in
+    bursts about a recovery period apart: a fetch maps 4 KiB (splitting a huge leaf; the table
+    is tracked), a data access maps huge again, the recovery worker zaps tracked tables under
+    the read lock every millisecond, and a VMM task zaps everything once (invalid roots are
+    zapped under the read lock). The seed picks the recovery ratio, and one seed in three the
+    fault path from before split-on-fault (tdp_mmu_revert), which freezes and zaps the huge
+    leaf in its way."""
+    params = {"nx_huge_pages": True, "nx_huge_pages_recovery_ratio": rng.choice((1, 2, 4)),
+              "nx_huge_pages_recovery_period_ms": NX_PERIOD_MS}
+    if rng.random() < 1 / 3:
+        params["tdp_mmu_revert"] = "split-on-fault"
+    m = _machine(_tuned(config, params), 2, 512, backing="thp")
+    period = NX_PERIOD_MS * 1_000_000
+    progs = []
+    for _ in range(2):
+        prog = Program()
+        for _ in range(5):
+            prog.pause(period - rng.randrange(0, 60_000))
+            for _ in range(8):
+                gva, what = _page(rng.choice(THP_PAGES)), rng.random()
+                if what < 0.4:
+                    prog.fetch(gva)
+                elif what < 0.7:
+                    prog.read(gva)
+                else:
+                    prog.write(gva, _value(rng))
+                prog.pause(rng.randrange(0, 3000))
+        progs.append(prog.build())
+    run = Run(m, progs, Reference(m))
+    when = rng.randrange(5 * period)
+
+    def vmm() -> None:
+        m.vm.engine.delay(when)
+        m.vm.zap_all()
+    run.tasks.append(("vmm", vmm))
+    return run
+
+
 SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "first-touch": scenario_first_touch,
     "first-touch-thp": scenario_first_touch_thp,
@@ -402,6 +616,10 @@ SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "pte-race": scenario_pte_race,
     "memslots": scenario_memslots,
     "thp-events": scenario_thp_events,
+    "dirty-log-pml": scenario_dirty_log_pml,
+    "dirty-log-wrprot": scenario_dirty_log_wrprot,
+    "aging": scenario_aging,
+    "nx-recovery": scenario_nx_recovery,
 }
 
 
@@ -445,6 +663,11 @@ def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
         return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace)
 
 
+#: A schedule still running after this many steps is a livelock (every scenario finishes in
+#: a few thousand): reported as a failure instead of a hang.
+STEP_LIMIT = 200_000
+
+
 @functools.cache
 def pct_steps_for(scenario: str, config: str) -> int:
     """PCT draws its priority change points from steps [1, pct_steps], and works as its
@@ -481,10 +704,16 @@ def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) 
         if violations:
             raise Failure(violations[0].invariant, violations[0].detail)
 
+    def bounded() -> None:
+        if engine.steps > STEP_LIMIT:
+            raise Failure("livelock", f"{engine.steps:,} steps and not done (a retry loop that "
+                          f"never sees a new value?)")
+        if audit_every_step:
+            step()
+
     try:
         try:
-            if audit_every_step:
-                engine.step_hook = step
+            engine.step_hook = bounded
             for name, fn in run.tasks:
                 engine.spawn(name, fn)
             run.machine.run_programs(run.programs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmu_core import FaultKind, PageFault, Ret, hookimpl
+from mmu_core import FaultKind, PageFault, Ret, hookimpl, mutants
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp import ops
@@ -78,7 +78,7 @@ class DirtyLogging:
                 n, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn,
                                          ops.CLEAR_DIRTY)
                 m, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn, ops.WRPROT,
-                                         min_level=2)
+                                         min_level=6 if mutants.on("pml-huge-writable") else 2)
                 flush |= bool(n or m)
             else:
                 n, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn, ops.WRPROT)
@@ -110,7 +110,7 @@ class DirtyLogging:
             for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
                 n, _ = self.update_range(slot.as_id, lo, hi, mode, lock="write")
                 flush |= bool(n)
-        return flush
+        return flush and not mutants.on("clear-dirty-log-no-flush")
 
     # --- aging --------------------------------------------------------------------------------
     @hookimpl
@@ -153,7 +153,8 @@ class DirtyLogging:
                 new = spte
                 if S.is_access_track_spte(spte):
                     new = S.restore_acc_track_spte(new) | S.VMX_EPT_ACCESS_BIT
-                if fault.write and S.is_mmu_writable_spte(spte, True):
+                if fault.write and (S.is_mmu_writable_spte(spte, True)
+                                    or mutants.on("fast-pf-ignores-mmu-writable")):
                     new |= S.PT_WRITABLE_MASK
                     slot = vm.gfn_to_memslot(vcpu.as_id, gfn)
                     if it.level > 1 and slot is not None and slot.log_dirty:
@@ -163,7 +164,8 @@ class DirtyLogging:
                 table, idx = it.sptep
                 if vm.spte_cmpxchg(table, idx, spte, new):
                     # fast_pf_fix_direct_spte: log the page once the SPTE is writable again.
-                    if S.is_writable_pte(new) and not S.is_writable_pte(spte):
+                    if S.is_writable_pte(new) and not S.is_writable_pte(spte) \
+                            and not mutants.on("fast-pf-no-mark-dirty"):
                         vm.mark_page_dirty(vcpu.as_id, gfn)
                     self.stats["fast_fixed"] += 1
                     fault.level = it.level

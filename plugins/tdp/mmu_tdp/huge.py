@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from mmu_core import hookimpl
+from mmu_core import hookimpl, mutants
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp import ops
 from mmu_tdp.tdp_iter import TdpIter
@@ -116,7 +116,8 @@ class HugePages:
         if it.gfn < slot.base_gfn or it.gfn + S.pages_per_level(it.level) > slot.end_gfn:
             return False
         hva = slot.userspace_addr + ((it.gfn - slot.base_gfn) << 12)
-        if vm.max_mapping_level(slot, it.gfn, vm.mm.mapping_level(hva)) < it.level:
+        host_level = 3 if mutants.on("recover-ignores-host-level") else vm.mm.mapping_level(hva)
+        if vm.max_mapping_level(slot, it.gfn, host_level) < it.level:
             return False
         if zap:
             # zap_collapsible_spte_range: tdp_mmu_zap_spte_atomic per table, which freezes
@@ -190,6 +191,7 @@ class HugePages:
     def _nx_worker_loop(self) -> None:
         vm = self.vm
         while not self._nx_stop:
+            vm.engine.yield_now()  # it sleeps, it is not runnable: pct would let it starve all
             vm.engine.delay(self._nx_period)
             if self._nx_stop or not vm.vcpus:
                 return

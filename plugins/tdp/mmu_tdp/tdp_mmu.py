@@ -259,7 +259,7 @@ class TdpMMU(DirtyLogging, HugePages):
             self.pages[lvl] -= int(unmapped[lvl])
         owned = set(tables.tolist())
         self.removing.update(owned)
-        self.untrack_nx_tables(owned)
+        self.untrack_nx_tables(() if mutants.on("nx-tracking-kept") else owned)
         for t, idx, lvl in waits.tolist():
             while True:
                 child = vm.spte_xchg(t, idx, S.FROZEN_SPTE)
@@ -383,13 +383,15 @@ class TdpMMU(DirtyLogging, HugePages):
         try:
             if children is not None:
                 vm.spte_table(child)[:] = children
-            if mutants.on("plain-write-not-cmpxchg"):
+            if mutants.on("plain-write-not-cmpxchg") or (children is not None
+                                                         and mutants.on("split-plain-store")):
                 vm.engine.atomic("cmpxchg")
                 vm.spte_table(table)[idx] = np.uint64(new)
             elif not vm.spte_cmpxchg(table, idx, old, new):
                 vm.spte_table(child)[:] = 0
                 vm.free_pt_page(child)  # lost the race: the winner's table stays
                 self.stats["cmpxchg_lost"] += 1
+                it.old_spte = int(vm.spte_table(table)[idx])  # try_cmpxchg64's new old value
                 return False
         except BaseException:
             vm.spte_table(child)[:] = 0
@@ -408,16 +410,22 @@ class TdpMMU(DirtyLogging, HugePages):
         return True
 
     def _zap_spte_atomic(self, it: TdpIter) -> bool:
-        """Freeze, flush, then clear one SPTE (KVM: tdp_mmu_zap_spte_atomic)."""
+        """Freeze, flush, then clear one SPTE (KVM: tdp_mmu_zap_spte_atomic). The change is
+        handled at the freeze, as KVM's tdp_mmu_set_spte_atomic(REMOVED_SPTE) does, so the
+        gauges never count a leaf the tables no longer hold; frozen to 0 needs nothing more."""
         vm = self.vm
         table, idx = it.sptep
         old = it.old_spte
         if not vm.spte_cmpxchg(table, idx, old, S.FROZEN_SPTE):
             return False
-        vm.flush_remote_tlbs()
-        vm.spte_write(table, idx, 0)
+        try:
+            self._handle_changed_spte(it.gfn, old, S.FROZEN_SPTE, it.level)
+            vm.flush_remote_tlbs()
+            vm.spte_write(table, idx, 0)
+        except BaseException:
+            vm.spte_table(table)[idx] = 0  # killed at a switch point (Ctrl-C, teardown): no
+            raise  # entry may stay frozen, or the teardown would wait for it forever
         it.old_spte = 0
-        self._handle_changed_spte(it.gfn, old, 0, it.level)
         return True
 
     def leaf_spte(self, pfn: int, level: int, writable: bool, dirty: bool,
