@@ -77,9 +77,6 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "re-protecting harvested pages (D bits cleared or write-protected) does not flush "
         "TLBs: writes through cached translations go unlogged",
         "tdp: DirtyLogging.mmu_clear_dirty_log"),
-    "pml-huge-writable": (
-        "enabling dirty logging under PML clears D bits but leaves huge leaves writable (PML "
-        "would log one 4 KiB page of each)", "tdp: DirtyLogging.mmu_enable_dirty_log"),
     "split-plain-store": (
         "splitting a huge page (eager or on fault) links the new table with a plain store "
         "instead of cmpxchg", "tdp: TdpMMU._link_table"),

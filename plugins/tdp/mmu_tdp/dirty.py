@@ -78,7 +78,7 @@ class DirtyLogging:
                 n, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn,
                                          ops.CLEAR_DIRTY)
                 m, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn, ops.WRPROT,
-                                         min_level=6 if mutants.on("pml-huge-writable") else 2)
+                                         min_level=2)
                 flush |= bool(n or m)
             else:
                 n, _ = self.update_range(slot.as_id, slot.base_gfn, slot.end_gfn, ops.WRPROT)
