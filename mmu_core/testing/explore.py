@@ -25,7 +25,7 @@ from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
 from mmu_core.errors import HostStateError, InvalidConfig, MMUError, UseAfterFree
 from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MMIO_GPA, MachineSpec, build_machine
-from mmu_core.guest.program import Program
+from mmu_core.guest.program import Program, new_results
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS, configuration
 from mmu_core.plugins import discover
@@ -663,9 +663,24 @@ def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
         return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace)
 
 
-#: A schedule still running after this many steps is a livelock (every scenario finishes in
-#: a few thousand): reported as a failure instead of a hang.
+#: A schedule still running after this many steps, or this much virtual time, is a livelock
+#: (every scenario finishes within a few thousand steps and a few ms): a failure, not a hang.
 STEP_LIMIT = 200_000
+TIME_LIMIT_NS = 1_000_000_000
+
+
+def _run_bounded(run: Run) -> None:
+    """run_programs, but a run still going at TIME_LIMIT_NS fails as a livelock (a task that
+    spins on its own never returns to the scheduler, so a step count alone cannot see it)."""
+    vm = run.machine.vm
+    engine = vm.engine
+    for vcpu, prog in zip(vm.vcpus, run.programs, strict=True):
+        vcpu.task = engine.spawn(f"vcpu{vcpu.id}", vcpu.run, prog, new_results(prog))
+    engine.run(until=TIME_LIMIT_NS)
+    stuck = [t.name for t in engine.tasks if not t.finished and not t.daemon]
+    if stuck:
+        raise Failure("livelock", f"{', '.join(stuck)} still running after "
+                      f"{TIME_LIMIT_NS / 1e9:g} s of virtual time")
 
 
 @functools.cache
@@ -716,7 +731,7 @@ def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) 
             engine.step_hook = bounded
             for name, fn in run.tasks:
                 engine.spawn(name, fn)
-            run.machine.run_programs(run.programs)
+            _run_bounded(run)
             engine.step_hook = None
             step()
             for check in run.final:
