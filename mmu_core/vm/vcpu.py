@@ -307,13 +307,13 @@ class Vcpu:
         vm.engine.delay(vm.engine.cost.vm_exit, "exit")
         self._drain_pml()
         ret = None
-        if vm.hook.mmu_fast_page_fault.get_hookimpls():
+        if vm.fast_page_fault is not None:  # the hooks, resolved at VM creation
             # KVM tries fast_page_fault first; None means "not a case the fast path fixes".
-            ret = vm.hook.mmu_fast_page_fault(vcpu=self, fault=fault)
+            ret = vm.fast_page_fault(self, fault)
             if ret is not None:
                 self._count(self.faults, "fast_" + Ret(ret).name.lower())
         if ret is None:
-            ret = vm.hook.mmu_page_fault(vcpu=self, fault=fault)
+            ret = vm.page_fault(self, fault)
             if ret is None:
                 raise GuestError(f"backend returned nothing for {fault.kind.value} at "
                                  f"{fault.gva:#x}")

@@ -86,6 +86,12 @@ class VM:
         self.managers = plugins.build_managers(self, self.backends)
         self.observe = plugins.observer_manager().hook
         self.hook = self.managers[self.role].hook
+        # The per-fault hooks, resolved once: the backend's bound methods when it alone
+        # implements them (no pluggy call per fault), else calls through pluggy
+        # (plugins.dispatcher); fast_page_fault is None when nothing implements it.
+        self.page_fault = plugins.dispatcher(self.hook.mmu_page_fault, "vcpu", "fault")
+        self.fast_page_fault = plugins.dispatcher(self.hook.mmu_fast_page_fault, "vcpu",
+                                                  "fault")
         self.backend_name = self.backends[self.role].name
         levels = 5 if self.role is Role.DIRECT and config.maxphyaddr > 48 else 4
         if self.backends[self.role].info.capabilities.max_root_level < levels:
