@@ -37,6 +37,7 @@ from mmu_core.report.models import (
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.types import MMUStats
+from mmu_core.workloads.heap import frozen_setup
 
 MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
 PROGRESS_CHUNKS = 32  # progress reports per vCPU
@@ -225,7 +226,8 @@ def run_demand_paging(
         start_ns = vm.engine.now
         tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
                  for v, p, r in zip(vm.vcpus, programs, results, strict=True)]
-        vm.engine.run()
+        with frozen_setup():
+            vm.engine.run()
         total_ns = vm.engine.now - start_ns
         pages = opts.bytes_per_vcpu >> 12
         mismatches = 0

@@ -41,6 +41,7 @@ from mmu_core.workloads.demand_paging import (
     schedule_figures,
     vcpu_counts,
 )
+from mmu_core.workloads.heap import frozen_setup
 
 DATA_GFN = DATA_GPA >> 12
 #: the selftests' names of the backing sources (vm_mem_backing_src_alias)
@@ -275,7 +276,8 @@ class Selftest:
                 self.crew.stop()
 
         self.engine.spawn("main", main_task)
-        self.engine.run()
+        with frozen_setup():
+            self.engine.run()
 
     def round(self, rounds: list[Round], record: bool = True) -> int:
         """Run one Round per vCPU; verify it; keep its results for the digest if `record`.

@@ -29,6 +29,7 @@ from mmu_core.params import Params, configuration_name
 from mmu_core.report.models import Frozen, TimeSplit
 from mmu_core.testing.parity import guest_digest
 from mmu_core.workloads.demand_paging import _split
+from mmu_core.workloads.heap import frozen_setup
 
 _KINDS = {"I": (C.OP_FETCH,), "L": (C.OP_READ,), "S": (C.OP_WRITE,), "M": (C.OP_READ, C.OP_WRITE)}
 
@@ -110,7 +111,8 @@ def run_trace(path: str | Path, opts: TraceOptions, params: Params) -> TraceRepo
             prog[:, 1] = DATA_GPA + ((index + v * npages) << 12) + (addrs & 0xFFF)
             prog[:, 2] = np.where(ops == C.OP_WRITE, (lines << 8) | (v + 1), 0)
             programs.append(prog)
-        results = machine.run_programs(programs)
+        with frozen_setup():
+            results = machine.run_programs(programs)
         stats = [v.task.statistics() for v in vm.vcpus]
         split = TimeSplit(**{f: sum(getattr(_split(s), f) for s in stats)
                              for f in TimeSplit.model_fields})

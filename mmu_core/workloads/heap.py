@@ -1,0 +1,35 @@
+"""The collector during a run: setup is done, the engine is about to run the workload.
+
+Everything allocated by then (the interpreter's modules, the machine, the VM and its backend,
+the guest programs) lives as long as the run: the collector's full collections would walk all
+of it again and again for nothing. `frozen_setup()` moves it to the permanent generation
+(`gc.freeze()`) for the run and back afterwards (`gc.unfreeze()`), so that the VM's reference
+cycles are collectable again once it is gone (a process that runs many workloads, the test
+suite, would otherwise keep every one of them).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_depth = 0
+
+
+@contextmanager
+def frozen_setup() -> Iterator[None]:
+    """Freeze what exists now for the duration of the block (nested blocks: the outermost
+    one unfreezes)."""
+    global _depth
+    gc.freeze()
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if not _depth:
+            gc.unfreeze()
+
+
+__all__ = ["frozen_setup"]
