@@ -131,6 +131,9 @@ PctStepsOpt = Annotated[int, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the full report as JSON")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="also draw the report: FILE.png "
                                               "or FILE.svg (needs matplotlib)")]
+JobsOpt = Annotated[int, typer.Option(
+    "--jobs", "-j", help="configurations run at once, each in its own process (default 0: "
+    "one per CPU; 1: one after the other in this process)")]
 CONFIG_NAMES = "tdp, legacy, shadow, or an installed backend's name (its direct roles on EPT)"
 
 
@@ -224,12 +227,49 @@ def _run_params(configuration_name: str | None, backend: str | None, ept: bool |
 
 
 def _compare_runs(opts, configs: list[str] | None, config: Path | None,
-                  runner=None) -> list:
+                  runner=None, jobs: int = 1) -> list:
     base, _ = load_params(config)
     chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs", base)
     _note_ignored(config)
     _warn_broken()
-    return [_run_one(opts, p, name, runner) for name, p in chosen]
+    if runner is None:
+        from mmu_core.workloads.demand_paging import run_demand_paging as runner
+    return _run_configs(chosen, jobs, runner, lambda params: (opts, params), opts,
+                        lambda name, params: _run_one(opts, params, name, runner))
+
+
+def _workers(jobs: int) -> int:
+    if jobs < 0:
+        raise InvalidConfig("--jobs", f"{jobs} is not a number of processes (0: one per CPU)")
+    return jobs or (os.cpu_count() or 1)
+
+
+def _run_configs(chosen: list[tuple[str, Params]], jobs: int, runner, args, opts,
+                 in_process, progress: bool = True) -> list:
+    """One run per configuration: in this process one after the other (`in_process(name,
+    params)`) with -j 1, on a single configuration, or when a backend or observer exists
+    only in this process; else `runner(*args(params))` in worker processes, up to `jobs` at
+    once, with the memory of the runs at once checked first. The reports are the same
+    either way (apart from the wall figures) and come back in the configurations' order."""
+    from mmu_core.workloads import demand_paging, parallel
+
+    workers = min(_workers(jobs), len(chosen))
+    if workers <= 1 or any(plugins.local_to_this_process(p) for _, p in chosen):
+        return [in_process(name, p) for name, p in chosen]
+    parallel.check_parallel_memory([parallel.guest_bytes(opts)] * len(chosen), workers,
+                                   demand_paging.host_bytes_available(), "configurations")
+    # A runner that takes a progress callback always gets one, as _run_one gives it: the
+    # demand-paging runner runs its vCPUs in more slices (more steps) when it has one.
+    show = progress and err.is_terminal
+    jobs_ = [parallel.Job(runner, args(p), label=name,
+                          progress=("relay" if show else "silent") if progress else None)
+             for name, p in chosen]
+    with Progress(TextColumn("{task.description:>7}"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not show) as bar:
+        tasks = [bar.add_task(name, total=1) for name, _ in chosen]
+        return parallel.run_parallel(
+            jobs_, workers, lambda i, done, total: bar.update(tasks[i], completed=done,
+                                                              total=total))
 
 
 def _compare_out(workload: str, reports: list, plot: Path | None, json: bool, render) -> None:
@@ -306,13 +346,15 @@ def compare_demand_paging(
     config: ConfigOpt = None,
     json: JsonOpt = False,
     plot: PlotOpt = None,
+    jobs: JobsOpt = 0,
 ) -> None:
     """The same workload, seed and schedule on each configuration, side by side; the
     guest-visible outcomes must be identical (exit 1 if not)."""
     _check_plot(plot)
+    _workers(jobs)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps))
-    reports = _compare_runs(opts, configs, config)
+    reports = _compare_runs(opts, configs, config, jobs=jobs)
     _compare_out("demand-paging", reports, plot, json, _render)
 
 
@@ -408,13 +450,17 @@ def compare_trace_cmd(
     trace: TraceArg, vcpus: TraceVcpus = 1, limit: LimitOpt = 0, seed: SeedOpt = 0,
     configs: Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES}")] = None,
+    jobs: JobsOpt = 0,
 ) -> None:
     """The trace on each configuration; the guest-visible outcomes must be identical."""
     from mmu_core.workloads.trace import TraceOptions, run_trace
 
+    _workers(jobs)
     opts = mmu_core.validate(TraceOptions, vcpus=vcpus, limit=limit, seed=seed)
     chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs")
-    reports = [run_trace(trace, opts, params) for _name, params in chosen]
+    reports = _run_configs(chosen, jobs, run_trace, lambda params: (trace, opts, params), opts,
+                           lambda _name, params: run_trace(trace, opts, params),
+                           progress=False)
     _trace_table(reports)
     if len({r.digest for r in reports}) != 1:
         out.print("guest-visible outcomes: DIFFERENT", highlight=False, markup=False)
@@ -478,7 +524,8 @@ _COMPARE_PARAMS = (
     _opt("configs", Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")], None),
-    _opt("config", ConfigOpt, None), _opt("json", JsonOpt, False), _opt("plot", PlotOpt, None))
+    _opt("config", ConfigOpt, None), _opt("json", JsonOpt, False), _opt("plot", PlotOpt, None),
+    _opt("jobs", JobsOpt, 0))
 
 
 def _add_selftest(t: _Selftest) -> None:
@@ -498,8 +545,9 @@ def _add_selftest(t: _Selftest) -> None:
 
     def compare_cmd(**kw) -> None:
         _check_plot(kw["plot"])
+        _workers(kw["jobs"])
         opts = t.make_options(kw)
-        reports = _compare_runs(opts, kw["configs"], kw["config"], t.load()[1])
+        reports = _compare_runs(opts, kw["configs"], kw["config"], t.load()[1], kw["jobs"])
         _compare_out(t.name, reports, kw["plot"], kw["json"],
                      lambda rs: _render_selftest(rs, t))
 

@@ -186,6 +186,15 @@ def choose(params: Params) -> dict[Role, Backend]:
     return roles
 
 
+def local_to_this_process(params: Params) -> bool:
+    """Whether a VM created with `params` in another process would differ from one created
+    here: a backend it uses, or an observer, was registered in this process
+    (`register_backend`, `register_observer`) rather than installed."""
+    backends = discover()
+    return bool(_observers) or any(
+        backends[b.name].source == "registered" for b in choose(params).values())
+
+
 def build_managers(vm: Any, roles: dict[Role, Backend]) -> dict[Role, pluggy.PluginManager]:
     """One plugin manager per role, each with that role's backend instance for this VM."""
     instances: dict[str, Any] = {}

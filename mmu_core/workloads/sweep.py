@@ -20,9 +20,9 @@ from mmu_core.report.models import SCHEMA_VERSION, DemandPagingReport
 from mmu_core.workloads.demand_paging import (
     DemandPagingOptions,
     host_bytes_available,
-    host_bytes_needed,
     run_demand_paging,
 )
+from mmu_core.workloads.parallel import check_parallel_memory
 
 CSV_SCHEMA = 1
 CSV_FIELDS = ("csv_schema", "report_schema", "configuration", "vcpus", "bytes_per_vcpu",
@@ -94,8 +94,9 @@ def sweep(configs: list[str], vcpu_counts: list[int], opts: DemandPagingOptions,
             progress(total - sum(p.key() not in done for p in points), total)
 
     args = [(p.configuration, per_point[p.vcpus]) for p in todo]
-    if not scheduler:
-        _check_parallel_memory(todo, opts.bytes_per_vcpu, workers)
+    if not scheduler:  # on a Dask cluster the workers' machines decide
+        check_parallel_memory([p.vcpus * opts.bytes_per_vcpu for p in todo], workers,
+                              host_bytes_available())
     if scheduler:
         try:
             from dask.distributed import Client, as_completed
@@ -117,18 +118,6 @@ def sweep(configs: list[str], vcpu_counts: list[int], opts: DemandPagingOptions,
     reports = [done[p.key()] for p in points]
     _write_csv(table, reports)
     return reports
-
-
-def _check_parallel_memory(todo: list[Point], bytes_per_vcpu: int, workers: int) -> None:
-    """Each point alone fits (its options were validated); `workers` of them at once, each in
-    its own process, must fit together. (On a Dask cluster the workers' machines decide.)"""
-    at_once = sorted((host_bytes_needed(p.vcpus * bytes_per_vcpu) for p in todo),
-                     reverse=True)[:max(1, workers)]
-    need, have = sum(at_once), host_bytes_available()
-    if len(at_once) > 1 and need > have:
-        raise InvalidConfig("jobs", f"{len(at_once)} points at once need about "
-                            f"{need / 2**30:.1f} GiB of host memory for the model, and "
-                            f"{have / 2**30:.1f} GiB is available: use fewer --jobs")
 
 
 def _write_csv(path: Path, reports: list[DemandPagingReport]) -> None:
