@@ -9,9 +9,9 @@ instantiates it once per VM (``Backend(vm)``) and registers the instance in that
 manager for each MMU role it serves, so ``self`` holds the backend's per-VM state (roots,
 caches, statistics), as ``struct kvm_arch`` does. The core calls every hook specified here
 (tests/test_manual.py checks it); the observer hooks at the end are called by backends too.
-Unsync shadow pages (KVM_REQ_MMU_SYNC) and the reclaim of shadow pages (KVM_SET_NR_MMU_PAGES)
-are not modelled, so they have no hooks yet: those come with the shadow-MMU issue that models
-them.
+Unsync shadow pages have ``mmu_sync_roots`` (KVM_REQ_MMU_SYNC) beside ``mmu_invlpg``; the
+page limit and reclaim have ``mmu_set_nr_mmu_pages`` (KVM_SET_NR_MMU_PAGES) and
+``mmu_shrink_scan`` (the MMU shrinker); docs/shadow.md says how the shadow backend uses them.
 
 Conventions for every hook:
 
@@ -244,6 +244,17 @@ def mmu_invlpg(vcpu, gva):
     """
 
 
+@hookspec
+def mmu_sync_roots(vcpu):
+    """KVM_REQ_MMU_SYNC (kvm_mmu_sync_roots), shadow paging only: a backend that lets guest
+    page tables go out of sync (unsync shadow pages) brings every one reachable from the
+    vCPU's root back in sync. The core raises the request at MOV CR3 (with PCIDs off every
+    CR3 load invalidates all non-global translations, kvm_invalidate_pcid) and calls this
+    hook from the vCPU's task before its next entry, once ``vcpu.mmu_root`` is loaded (after
+    ``mmu_load`` when the load was due). No lock held.
+    """
+
+
 # --- memslots ---------------------------------------------------------------------------------
 @hookspec
 def mmu_memslot_changed(vm, as_id, old, new, change):
@@ -324,6 +335,26 @@ def mmu_clear_dirty_log(vm, slot, gfns):
 def mmu_memory(vm):
     """*Required.* Return ``types.MMUMemory``: page-table pages, struct kvm_mmu_page count and
     bytes, rmap bytes, as the kernel would spend them. No lock needed (figures may be racy).
+    """
+
+
+@hookspec(firstresult=True)
+def mmu_set_nr_mmu_pages(vm, nr):
+    """KVM_SET_NR_MMU_PAGES: limit the backend's page-table pages (struct kvm_mmu_page) to
+    ``nr``, zapping the oldest at once if more are in use (kvm_mmu_change_mmu_pages); from
+    then on it no longer follows memslot changes (KVM's default is 2% of guest memory, at
+    least 64 pages). Returns the limit now in force. Raise ``InvalidConfig`` below 64. Called
+    by the VMM (a task or setup code), no lock held. Optional: a backend without a limit
+    (KVM's TDP MMU has none) leaves it unimplemented and the call returns None.
+    """
+
+
+@hookspec(firstresult=True)
+def mmu_shrink_scan(vm, nr_to_scan):
+    """The host is short of memory (KVM's MMU shrinker, mmu_shrink_scan): free up to
+    ``nr_to_scan`` page-table pages that no vCPU holds as a root, oldest first, and return
+    how many were freed. Called from a host task, no lock held. Optional (None: nothing to
+    give back).
     """
 
 

@@ -86,6 +86,22 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "nx-tracking-kept": (
         "tearing down a table does not remove it from the NX huge-page recovery list",
         "tdp: TdpMMU._handle_removed"),
+    # The complete shadow MMU (#8): unsync pages and their sync, reclaim.
+    "invlpg-no-sync": (
+        "INVLPG does not resync the entry of an unsync shadow page",
+        "shadow: ShadowMMU._invalidate_addr"),
+    "sync-roots-skipped": (
+        "KVM_REQ_MMU_SYNC (mmu_sync_roots) does nothing: a CR3 load that reuses a root "
+        "leaves its unsync pages stale", "shadow: ShadowMMU.mmu_sync_roots"),
+    "unsync-no-mark-parents": (
+        "unsyncing a shadow page does not mark its parents (kvm_mmu_mark_parents_unsync)",
+        "shadow: SyncMixin._unsync_page"),
+    "sync-no-write-protect": (
+        "mmu_sync_children syncs unsync pages without write-protecting their gfns first",
+        "shadow: SyncMixin._sync_children"),
+    "reclaim-no-flush": (
+        "reclaiming the oldest shadow pages frees them without the remote TLB flush of "
+        "kvm_mmu_commit_zap_page", "shadow: PagesMixin._zap_oldest"),
 }
 
 _active: frozenset[str] = frozenset()

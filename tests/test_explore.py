@@ -84,6 +84,11 @@ MUTANT_CASES = [
     ("split-plain-store", "nx-recovery", "tdp", "random"),
     ("recover-ignores-host-level", "dirty-log-wrprot", "tdp", "random"),
     ("nx-tracking-kept", "nx-recovery", "tdp", "pct"),
+    ("invlpg-no-sync", "unsync", "shadow", "random"),
+    ("sync-roots-skipped", "unsync", "shadow", "pct"),
+    ("unsync-no-mark-parents", "unsync", "shadow", "random"),
+    ("sync-no-write-protect", "unsync", "shadow", "random"),
+    ("reclaim-no-flush", "reclaim", "shadow", "random"),
 ]
 
 

@@ -837,3 +837,81 @@ def explore(jobs: list[Job], workers: int = 1, scheduler: str | None = None,
 
 __all__ = ["SCENARIOS", "Failure", "Job", "Outcome", "Reference", "explore", "plan",
            "run_schedule"]
+
+
+# --- scenarios for the complete shadow MMU (#8) ------------------------------------------------
+def _remap_program(ref: Reference, m, vcpu_id: int, page: int, targets: list[int],
+                   others: list[int], rng: random.Random, rounds: int) -> Program:
+    """vCPU `vcpu_id` remaps data page `page` among `targets` by storing its PTE, then
+    invalidates by INVLPG, by reloading CR3 or not at all (x86 lets it see the old frame or
+    the new one until it invalidates: the reference allows both), and reads it and `others`."""
+    pts = m.pts
+    cr3 = m.paging.cr3
+    e_gpa = pts.entry_gpa(_page(page), 1, create=False)
+    prog = Program()
+    for _ in range(rounds):
+        t = targets[rng.randrange(len(targets))]
+        ref.remap[(vcpu_id, len(prog.rows))] = (_page(page) >> 12, _page(t) >> 12)
+        prog.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(
+            _page(t), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER | P.PT_ACCESSED))
+        how = rng.random()
+        if how < 0.4:
+            prog.invlpg(_page(page))
+        elif how < 0.8:
+            prog.mov_cr3(cr3)
+        prog.read(_page(page)).read(_page(others[rng.randrange(len(others))]))
+        prog.pause(rng.randrange(0, 3000))
+    return prog
+
+
+def scenario_unsync(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs each remap a page of one guest page table (under shadow paging the table's
+    shadow page goes unsync at the first store and the stores no longer exit), invalidate by
+    INVLPG, by reloading CR3 or not at all, and read both pages: after its own invalidation a
+    vCPU must see the current frame (INVLPG resyncs the entry, the CR3 load syncs the
+    root)."""
+    m = _machine(config, 2, 16)
+    ref = Reference(m)
+    targets = [4, 5, 6, 7, 8, 9]
+    _fill(ref, m, targets, rng)
+    for page in (0, 1):
+        ref.remappable(_page(page) >> 12)
+    progs = [_remap_program(ref, m, v, v, targets, [0, 1, 10 + v], rng, 12).build()
+             for v in (0, 1)]
+    return Run(m, progs, ref)
+
+
+RECLAIM_REGIONS = 8
+
+
+def scenario_reclaim(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs use pages in eight 2 MiB regions (eight last-level tables) while the VMM
+    sets the page limit to KVM's minimum (KVM_SET_NR_MMU_PAGES) and the host's shrinker
+    reclaims the oldest shadow pages, and vCPU 0 remaps one page with INVLPG: reclaimed
+    pages must be unreachable (flushed) before they are freed, and faults rebuild them."""
+    m = _machine(config, 2, 512 * RECLAIM_REGIONS)
+    vm = m.vm
+    ref = Reference(m)
+    pages = [512 * r + rng.randrange(1, 512) for r in range(RECLAIM_REGIONS)]
+    targets = [pages[1], pages[2], pages[3]]
+    _fill(ref, m, targets, rng)
+    ref.remappable(_page(0) >> 12)
+    a = _remap_program(ref, m, 0, 0, targets, pages, rng, 8)
+    for p in pages:
+        a.write(_page(p), _value(rng)).pause(rng.randrange(0, 2000))
+    progs = [a.build(), _writers(m, rng, pages, 30)[1]]
+    run = Run(m, progs, ref)
+    plan = [(rng.randrange(0, 20_000), rng.randrange(2, 20)) for _ in range(5)]
+
+    def host() -> None:
+        vm.hook.mmu_set_nr_mmu_pages(vm=vm, nr=64)
+        for delay, nr in plan:
+            vm.engine.delay(delay)
+            vm.hook.mmu_shrink_scan(vm=vm, nr_to_scan=nr)
+            _then_sleep(vm)
+    run.tasks.append(("host", host))
+    return run
+
+
+SCENARIOS["unsync"] = scenario_unsync
+SCENARIOS["reclaim"] = scenario_reclaim

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # Requests serviced before the next entry (KVM_REQ_*).
 REQ_TLB_FLUSH = 1 << 0
 REQ_MMU_RELOAD = 1 << 1
+REQ_MMU_SYNC = 1 << 2  # KVM_REQ_MMU_SYNC: bring unsync shadow pages in sync (shadow paging)
 #: a vCPU faulting this often on one operation means the backend's fix does not take
 MAX_FAULTS_PER_OP = 1000
 
@@ -217,6 +218,11 @@ class Vcpu:
             tlb_flush_all(self.tlb)
             self.vm.hook_all("mmu_unload", vcpu=self)
             self.mmu_root = None
+        if req & REQ_MMU_SYNC:
+            if self.mmu_root is None:
+                self.requests |= REQ_MMU_SYNC  # after mmu_load: the run loop comes back here
+            else:
+                self.vm.hook_all("mmu_sync_roots", vcpu=self)
 
     def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0,
             end: int | None = None) -> None:
@@ -439,6 +445,9 @@ class Vcpu:
                 self._exit("cr3")
                 self.mmu_root = None
                 vm.hook.mmu_new_cr3(vcpu=self, cr3=value)
+                # PCIDs are off: the load invalidates every translation, so unsync shadow
+                # pages must be in sync before the guest runs again (kvm_invalidate_pcid).
+                self.make_request(REQ_MMU_SYNC)
         elif op in (C.OP_MOV_CR0, C.OP_MOV_CR4):
             old = (self.cr0, self.cr4)
             if op == C.OP_MOV_CR0:

@@ -23,18 +23,34 @@ ACC_ALL = ACC_USER | ACC_WRITE | ACC_EXEC
 
 
 class Role(NamedTuple):
+    """kvm_mmu_page_role: every field that changes how a page's SPTEs are built, so pages
+    built for different contexts are never shared (mmu_internal.h, spte.h)."""
+
     level: int
     direct: bool
     quadrant: int
     access: int
-    guest_mode: int
+    paging_mode: int  # the guest's paging mode (KVM: has_4_byte_gpte, and the root level)
     guest_level: int  # the guest table level shadowed (0: direct or special)
     special: bool  # a root above the guest's top table (keyed by CR3)
     cr0_wp: bool
     efer_nx: bool
     smep_andnot_wp: bool
     smap_andnot_wp: bool
-    as_id: int
+    as_id: int  # KVM: role.smm
+    # A/D bits unavailable in these SPTEs (KVM: role.ad_disabled, set for TDP without EPT
+    # A/D; shadow paging always has them). Constant per VM here, in the role as in KVM.
+    ad_disabled: bool = False
+    # KVM: role.guest_mode, a page built for an L2 guest (nested). No L2 exists yet (#8 item
+    # 7): always False, but keys already keep L1 and L2 pages apart.
+    guest_mode: bool = False
+    # KVM: role.passthrough, a page above the guest's top level that shadows no guest table
+    # (nested NPT with a PAE L1). Not built yet (item 7); shadow paging's equivalent here is
+    # `special`.
+    passthrough: bool = False
+    # KVM: role.invalid, set by kvm_mmu_prepare_zap_page on a root that vCPUs still hold; an
+    # invalid page is out of the hash and freed when its last reference goes.
+    invalid: bool = False
 
 
 class Key(NamedTuple):
@@ -69,15 +85,16 @@ class Context(NamedTuple):
     smep: bool
     smap: bool
     as_id: int
+    ad_disabled: bool = False
 
 
 def make_role(ctx: Context, level: int, *, direct: bool, quadrant: int = 0, access: int = ACC_ALL,
               guest_level: int = 0, special: bool = False) -> Role:
     return Role(
-        level=level, direct=direct, quadrant=quadrant, access=access, guest_mode=ctx.mode,
+        level=level, direct=direct, quadrant=quadrant, access=access, paging_mode=ctx.mode,
         guest_level=guest_level, special=special, cr0_wp=ctx.cr0_wp, efer_nx=ctx.efer_nx,
         smep_andnot_wp=ctx.smep and not ctx.cr0_wp, smap_andnot_wp=ctx.smap and not ctx.cr0_wp,
-        as_id=ctx.as_id,
+        as_id=ctx.as_id, ad_disabled=ctx.ad_disabled,
     )
 
 
@@ -154,7 +171,7 @@ def root_key(ctx: Context, root_level: int) -> Key:
 def affected_indices(role: Role, offset: int, nbytes: int) -> range:
     """Indices of the SPTEs of a shadow page that depend on guest bytes [offset, offset+n) of
     the guest table it shadows (KVM: kvm_mmu_pte_write's get_written_sptes)."""
-    mode = role.guest_mode
+    mode = role.paging_mode
     esize = int(P.MODE_ENTRY_BYTES[mode])
     first_e = offset // esize
     last_e = (offset + nbytes - 1) // esize

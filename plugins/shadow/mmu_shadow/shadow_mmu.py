@@ -1,24 +1,28 @@
 """The shadow MMU backend: shadow paging, and KVM's legacy MMU for direct (TDP) roles.
 
-State follows KVM's mmu.c: shadow pages (struct kvm_mmu_page) in a hash keyed by (gfn,
-role); an rmap from gfn to the leaf SPTEs that map it; guest page-table pages write-tracked
-so that a guest write to one exits, is emulated by the core and reported here
-(mmu_track_write), where the SPTEs that shadowed the overwritten entry are zapped. Every
-fault and every structural change runs under the MMU lock held for write: the monolithic
-lock whose contention the seed measured.
+State follows KVM's mmu.c (docs/shadow.md): shadow pages (struct kvm_mmu_page, pages.py) in
+a hash keyed by (gfn, role) with parent links, unsync state, root reference counts and a
+two-step zap (prepare, then one flush per batch and free); rmaps per memslot and level
+(rmap.py); guest page tables above level 1 write-tracked (a guest write exits, the core
+emulates it and reports it through mmu_track_write, where the SPTEs that shadowed the entry
+are zapped, or the whole page if the writes look like it is no longer a page table), level-1
+tables write-protected and unsynced on a guest write (sync.py), synced on INVLPG, CR3 loads
+and root loads; a previous-roots cache per vCPU; a page limit (nr_mmu_pages) with reclaim of
+the oldest pages. Every fault and every structural change runs under the MMU lock held for
+write: the monolithic lock whose contention the seed measured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import OrderedDict
 
 import numpy as np
 
 from mmu_core import (
-    REQ_MMU_RELOAD,
     BackendAudit,
     BackendInfo,
     Capabilities,
+    InvalidConfig,
     MMUMemory,
     PageFault,
     Ret,
@@ -32,37 +36,45 @@ from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
+from mmu_shadow.pages import (
+    KVM_MIN_ALLOC_MMU_PAGES,
+    KVM_MMU_NUM_PREV_ROOTS,
+    PagesMixin,
+    ShadowPage,
+    VcpuRoots,
+    sptep,
+)
+from mmu_shadow.rmap import Rmaps
+from mmu_shadow.sync import SyncMixin
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 # sizeof(struct kvm_mmu_page) on x86-64 (6.x, pahole: ~184 bytes) and, for indirect pages,
 # the shadowed_translation array (512 x u64) KVM allocates beside it.
 KVM_MMU_PAGE_BYTES = 184
 SHADOWED_TRANSLATION_BYTES = 512 * 8
+PTE_PREFETCH_NUM = 8  # mmu.c: entries around a fault prefetched together
 
 
-@dataclass(eq=False)
-class ShadowPage:
-    key: R.Key
-    pfn: int
-    parent_ptes: set[tuple[int, int]] = field(default_factory=set)
-
-    @property
-    def role(self) -> R.Role:
-        return self.key.role
-
-
-class ShadowMMU:
+class ShadowMMU(PagesMixin, SyncMixin):
     def __init__(self, vm) -> None:
         self.vm = vm
-        self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash)
-        self.by_pfn: dict[int, ShadowPage] = {}
-        self.by_gfn: dict[tuple[int, int], set[ShadowPage]] = {}  # indirect pages per gfn
-        self.rmap: dict[tuple[int, int], set[tuple[int, int]]] = {}  # (as_id, gfn) -> sptes
-        self.leaf_key: dict[tuple[int, int], tuple[int, int]] = {}  # spte -> its rmap key
+        self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
+        self.by_pfn: dict[int, ShadowPage] = {}  # every page not yet freed
+        self.by_gfn: dict[tuple[int, int], set[ShadowPage]] = {}  # pages with gptes, per gfn
+        self.active: OrderedDict[int, ShadowPage] = OrderedDict()  # active_mmu_pages, oldest first
+        self.vroots: dict[int, VcpuRoots] = {}
+        self.rmaps = Rmaps()
         self.direct = False
+        self.n_used = 0  # n_used_mmu_pages
+        self.n_max = KVM_MIN_ALLOC_MMU_PAGES  # n_max_mmu_pages
+        self.n_requested = 0  # n_requested_mmu_pages (KVM_SET_NR_MMU_PAGES)
         self.stats = {"faults": 0, "injected": 0, "emulated": 0, "mmio": 0, "spurious": 0,
                       "retries": 0, "pages_created": 0, "track_writes": 0,
-                      "mapped": [0, 0, 0, 0]}
+                      "mapped": [0, 0, 0, 0], "shadow_zapped": 0, "zap_batches": 0,
+                      "unsync": 0, "sync_pages": 0, "sync_spte": 0, "sync_dropped": 0,
+                      "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
+                      "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
+                      "prev_root_hits": 0, "root_allocs": 0}
 
     @staticmethod
     @hookimpl
@@ -76,11 +88,23 @@ class ShadowMMU:
                                       dirty_log="zap", audit=True, max_root_level=5),
         )
 
+    def counters(self) -> dict[str, int]:
+        """Everything the backend counted (beyond MMUStats), with the page gauges."""
+        out = {k: v for k, v in self.stats.items() if k != "mapped"}
+        out.update(n_used_mmu_pages=self.n_used, n_max_mmu_pages=self.n_max,
+                   unsync_pages=sum(1 for sp in self.by_pfn.values() if sp.unsync))
+        return out
+
     # --- lifecycle ------------------------------------------------------------------------
     @hookimpl
     def mmu_init_vm(self, vm):
+        """Called only when this backend serves the VM's L1 role: KVM then has rmaps from the
+        start (kvm_memslots_have_rmaps: no TDP MMU). An instance that serves only nested
+        roles beside the TDP MMU allocates them with its first shadow root."""
         self.vm = vm
         self.direct = vm.role is MMURole.DIRECT
+        self.rmaps.allocate_all(vm.memslots)
+        self.n_max = self.default_mmu_pages()
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
@@ -88,84 +112,185 @@ class ShadowMMU:
         vm.rcu.barrier()
 
     def _free_all(self) -> None:
-        for sp in list(self.pages.values()):
-            self._free_sp(sp)
-        self.rmap.clear()
-        self.leaf_key.clear()
-
-    def _free_sp(self, sp: ShadowPage) -> None:
         vm = self.vm
-        self.pages.pop(sp.key, None)
-        self.by_pfn.pop(sp.pfn, None)
-        if not sp.role.direct and not sp.role.special:
-            group = self.by_gfn.get((sp.role.as_id, sp.key.gfn))
-            if group is not None:
-                group.discard(sp)
-                if not group:
-                    del self.by_gfn[(sp.role.as_id, sp.key.gfn)]
-            vm.untrack_gfn(sp.role.as_id, sp.key.gfn)
-        vm.free_pt_page(sp.pfn)
+        for sp in list(self.by_pfn.values()):
+            vm.free_pt_page(sp.pfn)
+        self.pages.clear()
+        self.by_pfn.clear()
+        self.by_gfn.clear()
+        self.active.clear()
+        self.vroots.clear()
+        self.n_used = 0
+        for as_id, slots in enumerate(vm.memslots):
+            for slot in slots.slots:
+                self.rmaps.free_slot(as_id, slot.id)
+                self.rmaps.alloc_slot(as_id, slot)
+
+    @hookimpl
+    def mmu_memslot_changed(self, vm, as_id, old, new, change):
+        """kvm_arch_prepare/commit_memory_region: rmaps follow the slot; creating or deleting
+        a slot recomputes the page limit unless userspace set one."""
+        if old is not None and change in ("delete", "move"):
+            self.rmaps.free_slot(as_id, old.id)
+        if new is not None and change in ("create", "move"):
+            self.rmaps.alloc_slot(as_id, new)
+        if change in ("create", "delete") and not self.n_requested:
+            self._change_mmu_pages(self.default_mmu_pages())
+
+    def _first_shadow_root(self) -> None:
+        """mmu_first_shadow_root_alloc: rmaps for every slot, the first time a shadow root
+        appears (only matters for an instance that did not serve L1 from the start)."""
+        self.rmaps.allocate_all(self.vm.memslots)
 
     def _context(self, vcpu) -> R.Context:
+        ad_disabled = self.direct and not self.vm.params.ept_ad
         if self.direct:
-            return R.Context(P.MODE_NONE, 0, True, True, False, False, vcpu.as_id)
+            return R.Context(P.MODE_NONE, 0, True, True, False, False, vcpu.as_id, ad_disabled)
         return R.Context(
             mode=vcpu.mode, cr3=vcpu.cr3 & ~0xFFF if vcpu.mode != P.MODE_PAE else vcpu.cr3 & ~0x1F,
             cr0_wp=bool(vcpu.cr0 & P.CR0_WP), efer_nx=bool(vcpu.efer & P.EFER_NXE),
             smep=bool(vcpu.cr4 & P.CR4_SMEP), smap=bool(vcpu.cr4 & P.CR4_SMAP), as_id=vcpu.as_id,
         )
 
-    def _get_sp(self, key: R.Key) -> ShadowPage:
-        """kvm_mmu_get_shadow_page: find in the hash or create (and write-protect the gfn)."""
-        self.vm.engine.delay(self.vm.engine.cost.sp_hash_lookup)
-        sp = self.pages.get(key)
-        if sp is not None:
-            return sp
-        vm = self.vm
-        sp = ShadowPage(key, vm.alloc_pt_page())
-        self.pages[key] = sp
-        self.by_pfn[sp.pfn] = sp
-        self.stats["pages_created"] += 1
-        role = key.role
-        if not role.direct and not role.special:
-            as_id = role.as_id
-            self.by_gfn.setdefault((as_id, key.gfn), set()).add(sp)
-            first = not vm.is_tracked(as_id, key.gfn)
-            vm.track_gfn(as_id, key.gfn)
-            if first and not mutants.on("no-write-protect-shadowed") \
-                    and self._write_protect_gfn(as_id, key.gfn):
-                vm.flush_remote_tlbs()
-        return sp
+    # --- roots ------------------------------------------------------------------------------
+    def _vstate(self, vcpu) -> VcpuRoots:
+        st = self.vroots.get(vcpu.id)
+        if st is None:
+            st = self.vroots[vcpu.id] = VcpuRoots()
+        return st
 
     @hookimpl
     def mmu_load(self, vcpu):
+        """kvm_mmu_load: a root from the previous-roots cache (the fast CR3 switch; the core's
+        KVM_REQ_MMU_SYNC syncs it), or from the hash or new, with a reference, then synced
+        (kvm_mmu_sync_roots)."""
         vm = self.vm
+        new = False
         with vm.mmu_lock.write():
+            invalid: list[ShadowPage] = []
+            st = self._vstate(vcpu)
+            if st.root is not None:  # the core dropped the root without telling (setup code)
+                self._put_root(st.root, invalid)
+                st.root = None
             key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
-            new = key not in self.pages
-            sp = self._get_sp(key)
+            for i, sp in enumerate(st.prev):
+                if sp.key == key and not sp.role.invalid:
+                    st.root = st.prev.pop(i)
+                    self.stats["prev_root_hits"] += 1
+                    break
+            if st.root is None:
+                self._make_pages_available()
+                if not self.rmaps.allocated:
+                    self._first_shadow_root()
+                new = key not in self.pages
+                sp = self._get_sp(vcpu, key, invalid)
+                sp.root_count += 1
+                st.root = sp
+                self.stats["root_allocs"] += new
+                self._commit_zap(invalid)
+                self._sync_roots(vcpu)
+            self._commit_zap(invalid)
+            root = st.root
         if new:
-            vm.observe.mmu_on_root_alloc(vm=vm, as_id=vcpu.as_id, role=vm.role, root=sp.pfn)
-        vcpu.mmu_root = sp.pfn
+            vm.observe.mmu_on_root_alloc(vm=vm, as_id=vcpu.as_id, role=vm.role, root=root.pfn)
+        vcpu.mmu_root = root.pfn
 
     @hookimpl
     def mmu_unload(self, vcpu):
+        """kvm_mmu_unload: drop the current root and every previous root."""
+        vm = self.vm
+        st = self.vroots.get(vcpu.id)
+        if st is not None and (st.root is not None or st.prev):
+            with vm.mmu_lock.write():
+                invalid: list[ShadowPage] = []
+                for sp in ([st.root] if st.root is not None else []) + st.prev:
+                    self._put_root(sp, invalid)
+                st.root = None
+                st.prev = []
+                self._commit_zap(invalid)
         vcpu.mmu_root = None
 
     @hookimpl
     def mmu_new_cr3(self, vcpu, cr3):
-        if vcpu.mode == P.MODE_PAE:
-            # The PDPTE registers were reloaded: the special root's links may be stale.
-            vm = self.vm
-            with vm.mmu_lock.write():
+        """kvm_mmu_new_pgd: keep the old root in prev_roots (most recent first, three at
+        most) for a later switch back, as fast_pgd_switch does; special roots (PAE and 32-bit
+        guests) are not cached, as KVM's pae_root is no shadow page. For a PAE guest the
+        PDPTE registers were reloaded, so the special root's links may be stale."""
+        vm = self.vm
+        with vm.mmu_lock.write():
+            invalid: list[ShadowPage] = []
+            st = self._vstate(vcpu)
+            old, st.root = st.root, None
+            if old is not None:
+                if old.role.invalid or old.role.special:
+                    self._put_root(old, invalid)
+                else:
+                    st.prev.insert(0, old)
+                    while len(st.prev) > KVM_MMU_NUM_PREV_ROOTS:
+                        self._put_root(st.prev.pop(), invalid)
+            flush = False
+            if vcpu.mode == P.MODE_PAE:
                 key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
                 sp = self.pages.get(key)
-                if sp is not None and self._zap_children(sp):
-                    vm.flush_remote_tlbs()
+                if sp is not None:
+                    flush = self._zap_children(sp)
+            self._flush_or_zap(invalid, flush)
+
+    @hookimpl
+    def mmu_sync_roots(self, vcpu):
+        """KVM_REQ_MMU_SYNC (kvm_mmu_sync_roots): every unsync page under the current root
+        is brought in sync before the guest runs again."""
+        if self.direct or mutants.on("sync-roots-skipped"):
+            return
+        st = self.vroots.get(vcpu.id)
+        if st is None or st.root is None or not st.root.unsync_children:
+            return  # is_unsync_root, checked without the lock
+        with self.vm.mmu_lock.write():
+            self._sync_roots(vcpu)
+
+    @hookimpl
+    def mmu_invlpg(self, vcpu, gva):
+        """kvm_mmu_invlpg: resync the entry for gva in the current and previous roots."""
+        if self.direct:
+            return
+        st = self.vroots.get(vcpu.id)
+        if st is None:
+            return
+        roots = [sp for sp in ([st.root] if st.root is not None else []) + st.prev
+                 if not sp.role.invalid and (sp.unsync_children or sp.unsync)]
+        if not roots:
+            return
+        with self.vm.mmu_lock.write():
+            invalid: list[ShadowPage] = []
+            flush = False
+            for root in roots:
+                if not root.role.invalid:
+                    flush |= self._invalidate_addr(vcpu, root, gva, invalid)
+            self._flush_or_zap(invalid, flush)
 
     @hookimpl
     def mmu_reset_context(self, vcpu):
-        return None  # roles carry the paging state; the core reloads the root
+        return None  # roles carry the paging state; the core unloads the root and reloads
+
+    # --- the page limit ---------------------------------------------------------------------
+    @hookimpl
+    def mmu_set_nr_mmu_pages(self, vm, nr):
+        """KVM_SET_NR_MMU_PAGES (kvm_vm_ioctl_set_nr_mmu_pages)."""
+        if nr < KVM_MIN_ALLOC_MMU_PAGES:
+            raise InvalidConfig("nr_mmu_pages", f"{nr} is below KVM's minimum of "
+                                f"{KVM_MIN_ALLOC_MMU_PAGES}")
+        self._change_mmu_pages(nr)
+        self.n_requested = nr
+        return self.n_max
+
+    @hookimpl
+    def mmu_shrink_scan(self, vm, nr_to_scan):
+        """mmu_shrink_scan (the MMU shrinker, as before KVM 6.x restricted it to caches):
+        zap up to nr_to_scan of the oldest pages; returns how many went."""
+        with vm.mmu_lock.write():
+            n = self._zap_oldest(nr_to_scan)
+        self.stats["shrink_zapped"] += n
+        return n
 
     # --- faults ---------------------------------------------------------------------------
     @hookimpl
@@ -193,6 +318,7 @@ class ShadowMMU:
         return out
 
     def _shadow_fault(self, vcpu, fault: PageFault):
+        """FNAME(page_fault)."""
         vm = self.vm
         gen = vm.memslots_generation()  # MMIO SPTEs carry the memslots we resolve against
         acc = EC.ACC_WRITE if fault.write else (EC.ACC_FETCH if fault.fetch else EC.ACC_READ)
@@ -232,7 +358,11 @@ class ShadowMMU:
             # CR0.WP=0 lets the supervisor write a read-only page: map it writable but
             # supervisor-only (and not executable under SMEP), as FNAME(page_fault) does.
             if user and ctx.smap:
-                return self._emulate(fault)  # cannot express SMAP + WP=0 in one SPTE
+                # Cannot express SMAP + WP=0 in one SPTE: the core emulates the write, and a
+                # level-1 guest table it lands in must not stay in sync without knowing.
+                with vm.mmu_lock.write():
+                    self._try_unsync(vcpu.as_id, gfn, True, False)
+                return self._emulate(fault)
             writable, user = True, False
             if ctx.smep:
                 nx = True
@@ -241,35 +371,47 @@ class ShadowMMU:
             if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn) \
                     or self._gptes_changed(vcpu, tables, ptes):
                 return Ret.RETRY
+            invalid: list[ShadowPage] = []
+            self._make_pages_available()
             keys = R.chain_keys(ctx, vm.root_levels(vcpu), fault.gva, tables, ptes,
                                 int(out[W.OUT_LEVEL]), gpa)
-            table = self._fetch_chain(vcpu, keys, fault.gva)
+            table = self._fetch_chain(vcpu, keys, fault.gva, invalid)
+            self._commit_zap(invalid)
             # Again after linking: creating a shadow page write-protects its guest table with
             # a flush (a switch point), and a vCPU could write the table until that flush.
             if table is None or self._gptes_changed(vcpu, tables, ptes):
                 return Ret.RETRY
-            tracked = vm.is_tracked(vcpu.as_id, gfn)
+            sp = self.by_pfn[table]
             # A read-only slot is never writable, even once the guest's D bit is set (a
             # write to it was emulated as MMIO, and the walk set D on the way).
-            map_writable = writable and dirty and not tracked and res.writable \
+            want_writable = writable and dirty and res.writable \
                 and (not slot.readonly or mutants.on("shadow-readonly-writable"))
             if slot.log_dirty and not fault.write:
-                map_writable = False
+                want_writable = False
+            # make_spte: a shadowed gfn is writable only once its pages are unsync.
+            wrprot = want_writable and not self._try_unsync(vcpu.as_id, gfn, True, False)
+            map_writable = want_writable and not wrprot
             idx = (fault.gva >> 12) & 511
             vm.engine.delay(vm.engine.cost.spte_build)
             new = S.make_shadow_leaf_spte(pfn, map_writable, user, nx)
             old = int(vm.spte_table(table)[idx])
             if map_writable and slot.log_dirty and not mutants.on("skip-mark-dirty"):
                 vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
-            if old != new:
-                self._drop_leaf(table, idx, old)
+            gpte = self._read_gpte(sp, idx) if sp.gptes is not None else 0
+            if old != new or (sp.gptes is not None and int(sp.gptes[idx]) != gpte):
+                if old:
+                    self._zap_spte(sp, idx)
                 vm.spte_write(table, idx, new)
-                self._add_rmap((vcpu.as_id, gfn), table, idx)
+                if sp.gptes is not None:
+                    sp.gptes[idx] = gpte
+                self._add_rmap(sp, idx, gfn)
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
                 self.stats["mapped"][1] += 1
-        if fault.write and tracked:
-            return self._emulate(fault)
+            if sp.gptes is not None:
+                self._pte_prefetch(vcpu, sp, idx)
+        if fault.write and wrprot:
+            return self._emulate(fault)  # RET_PF_WRITE_PROTECTED
         return Ret.FIXED
 
     def _gptes_changed(self, vcpu, tables: list[int], ptes: list[int]) -> bool:
@@ -293,6 +435,54 @@ class ShadowMMU:
                 return True
         return False
 
+    def _pte_prefetch(self, vcpu, sp: ShadowPage, fault_idx: int) -> None:
+        """FNAME(pte_prefetch): map the neighbours of a fault (its aligned group of
+        PTE_PREFETCH_NUM entries) that the guest already maps, present and accessed, to pages
+        the host already has; read-only unless the guest PTE is dirty and the gfn needs no
+        protection. Never while an invalidation is in progress (it could map a page the host
+        is taking away)."""
+        vm = self.vm
+        if vm.mmu_invalidate_in_progress:
+            return
+        row = vm.spte_table(sp.pfn)
+        base = fault_idx & ~(PTE_PREFETCH_NUM - 1)
+        as_id = sp.role.as_id
+        for idx in range(base, base + PTE_PREFETCH_NUM):
+            if idx == fault_idx or int(row[idx]):
+                continue
+            gpte = self._read_gpte(sp, idx)
+            if not (gpte & P.PT_PRESENT and gpte & P.PT_ACCESSED) or self._gpte_reserved(sp, gpte):
+                break  # FNAME(prefetch_invalid_gpte): stop at the first invalid one
+            acc = sp.role.access & R.pte_access(gpte, sp.role.paging_mode, sp.role.efer_nx)
+            if not gpte & P.PT_DIRTY:
+                acc &= ~R.ACC_WRITE  # FNAME(protect_clean_gpte)
+            sp.gptes[idx] = gpte
+            gfn = sp.leaf_gfn(idx)
+            slot = vm.memslots[as_id].find(gfn)
+            if slot is None or (slot.log_dirty and acc & R.ACC_WRITE):
+                break  # gfn_to_memslot_dirty_bitmap refuses it
+            hva = slot.gfn_to_hva(gfn)
+            pfn = vm.mm.lookup(hva)
+            if pfn < 0:
+                break  # gfn_to_pfn_memslot_atomic: not mapped, and no sleeping here
+            writable = bool(acc & R.ACC_WRITE) and vm.host_writable(hva) and not slot.readonly \
+                and self._try_unsync(as_id, gfn, True, True)
+            vm.engine.delay(vm.engine.cost.spte_build)
+            vm.spte_write(sp.pfn, idx, S.make_shadow_leaf_spte(
+                pfn, writable, bool(acc & R.ACC_USER), not acc & R.ACC_EXEC))
+            self._add_rmap(sp, idx, gfn)
+            self.stats["prefetched"] += 1
+
+    def _gpte_reserved(self, sp: ShadowPage, gpte: int) -> bool:
+        """Reserved bits of a level-1 guest PTE (is_rsvd_bits_set): address bits above
+        MAXPHYADDR, and XD without EFER.NXE."""
+        if int(P.MODE_ENTRY_BYTES[sp.role.paging_mode]) == 4:
+            return False
+        maxphy = self.vm.config.maxphyaddr
+        if gpte & ((1 << 52) - 1) >> maxphy << maxphy:
+            return True
+        return bool(gpte & P.PT_NX) and not sp.role.efer_nx
+
     def _emulate(self, fault: PageFault) -> Ret:
         self.stats["emulated"] += 1
         return Ret.EMULATE
@@ -303,28 +493,39 @@ class ShadowMMU:
         with vm.mmu_lock.write():
             if self._gptes_changed(vcpu, tables, ptes):
                 return Ret.RETRY
+            invalid: list[ShadowPage] = []
+            self._make_pages_available()
             keys = R.chain_keys(self._context(vcpu), vm.root_levels(vcpu), fault.gva, tables,
                                 ptes, leaf_level, gpa)
-            table = self._fetch_chain(vcpu, keys, fault.gva)
-            if table is not None:
+            table = self._fetch_chain(vcpu, keys, fault.gva, invalid)
+            self._commit_zap(invalid)
+            if table is not None and not self._gptes_changed(vcpu, tables, ptes):
+                sp = self.by_pfn[table]
                 idx = (fault.gva >> 12) & 511
                 old = int(vm.spte_table(table)[idx])
-                self._drop_leaf(table, idx, old)
-                vm.spte_write(table, idx, S.make_mmio_spte(gpa >> 12, 0x7,
-                                                           gen, False))
+                if old:
+                    self._zap_spte(sp, idx)
+                vm.spte_write(table, idx, S.make_mmio_spte(gpa >> 12, 0x7, gen, False))
+                if sp.gptes is not None:
+                    sp.gptes[idx] = self._read_gpte(sp, idx)
                 self.stats["mmio"] += 1
                 if S.is_shadow_present_pte(old):
                     vm.flush_remote_tlbs()
         return Ret.EMULATE
 
-    def _fetch_chain(self, vcpu, keys: list[R.Key], addr: int, goal_level: int = 1) -> int | None:
+    def _fetch_chain(self, vcpu, keys: list[R.Key], addr: int, invalid: list[ShadowPage],
+                     goal_level: int = 1) -> int | None:
         """FNAME(fetch) / direct_map: link shadow pages from the root down; return the table
-        (pfn) at goal_level in which the leaf goes."""
+        (pfn) at goal_level in which the leaf goes. A page found in the hash with unsync
+        children is synced before it is linked: the guest need not flush for an entry it
+        made present, so the new path must show the current one (FNAME(fetch))."""
         vm = self.vm
-        root = self.by_pfn.get(vcpu.mmu_root)
-        if root is None or root.key != keys[0]:
+        st = self.vroots.get(vcpu.id)
+        root = st.root if st is not None else None
+        if root is None or root.pfn != vcpu.mmu_root or root.role.invalid or root.key != keys[0]:
             return None  # the root went away or no longer matches: reload and retry
         table = root.pfn
+        root.write_flooding_count = 0
         for depth in range(1, len(keys)):
             level = keys[depth - 1].role.level
             if level == goal_level:
@@ -335,18 +536,25 @@ class ShadowMMU:
             if S.is_shadow_present_pte(spte) and not S.is_last_spte(spte, level):
                 child = self.by_pfn.get(S.spte_to_pfn(spte))
                 if child is not None and child.key == child_key:
+                    child.write_flooding_count = 0  # clear_sp_write_flooding_count
                     table = child.pfn
                     continue
+            parent = self.by_pfn[table]
             if S.is_shadow_present_pte(spte):
                 # The hardware may hold the old link in its paging-structure caches.
-                self._zap_spte(table, idx, level)
+                self._zap_spte(parent, idx)
                 vm.flush_remote_tlbs()
             elif spte:
                 vm.spte_write(table, idx, 0)  # an old MMIO SPTE
-            child = self._get_sp(child_key)
-            vm.spte_write(table, idx, S.make_nonleaf_spte(child.pfn) if self.direct
-                          else S.make_shadow_nonleaf_spte(child.pfn))
-            child.parent_ptes.add((table, idx))
+            child = self._get_sp(vcpu, child_key, invalid)
+            if parent.role.invalid or child.role.invalid:
+                return None  # zapped by what _get_sp did: start again
+            if child.unsync_children:
+                flush = self._sync_children(vcpu, child, invalid)
+                self._flush_or_zap(invalid, flush)
+                if parent.role.invalid or child.role.invalid:
+                    return None
+            self._link(table, idx, child)
             table = child.pfn
         return table
 
@@ -368,9 +576,13 @@ class ShadowMMU:
         with vm.mmu_lock.write():
             if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, gfn):
                 return Ret.RETRY
-            table = self._fetch_chain(vcpu, keys, fault.gpa, goal_level=level)
+            invalid: list[ShadowPage] = []
+            self._make_pages_available()
+            table = self._fetch_chain(vcpu, keys, fault.gpa, invalid, goal_level=level)
+            self._commit_zap(invalid)
             if table is None:
                 return Ret.RETRY
+            sp = self.by_pfn[table]
             idx = (gfn >> (9 * (level - 1))) & 511
             old = int(vm.spte_table(table)[idx])
             if res is None:
@@ -385,10 +597,11 @@ class ShadowMMU:
             if old == new:
                 self.stats["spurious"] += 1
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
-            if S.is_shadow_present_pte(old):
-                self._zap_spte(table, idx, level)
-                if not S.is_last_spte(old, level):  # a table becomes a huge leaf: the hardware
-                    vm.flush_remote_tlbs()  # may cache the old link (KVM: mmu_set_spte)
+            if old:
+                self._zap_spte(sp, idx)
+                if S.is_shadow_present_pte(old) and not S.is_last_spte(old, level):
+                    vm.flush_remote_tlbs()  # a table becomes a huge leaf: the hardware may
+                    # cache the old link (KVM: mmu_set_spte)
             if res is not None and writable and slot.log_dirty \
                     and not mutants.on("skip-mark-dirty"):
                 vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
@@ -397,158 +610,170 @@ class ShadowMMU:
                 self.stats["mmio"] += 1
                 return Ret.EMULATE
             base_gfn = gfn & ~((1 << (9 * (level - 1))) - 1)
-            self._add_rmap((vcpu.as_id, base_gfn), table, idx)
+            self._add_rmap(sp, idx, base_gfn)
             self.stats["mapped"][level] += 1
             fault.level = level
         return Ret.FIXED
 
-    # --- SPTE removal ---------------------------------------------------------------------------
-    def _drop_leaf(self, table: int, idx: int, old: int) -> None:
-        """Forget the rmap entry of a leaf SPTE that is about to be overwritten."""
-        if mutants.on("forget-rmap-removal"):
-            return
-        key = self.leaf_key.pop((table, idx), None)
-        if key is None:
-            return
-        sptes = self.rmap[key]
-        sptes.discard((table, idx))
-        if not sptes:
-            del self.rmap[key]
-
-    def _add_rmap(self, key: tuple[int, int], table: int, idx: int) -> None:
-        self.vm.engine.delay(self.vm.engine.cost.rmap_add)
-        self.rmap.setdefault(key, set()).add((table, idx))
-        self.leaf_key[(table, idx)] = key
-
-    def _zap_spte(self, table: int, idx: int, level: int) -> None:
-        """mmu_page_zap_pte: clear one SPTE; unlink a child page, drop a leaf's rmap."""
-        vm = self.vm
-        old = int(vm.spte_table(table)[idx])
-        if S.is_shadow_present_pte(old) and not S.is_last_spte(old, level):
-            child = self.by_pfn.get(S.spte_to_pfn(old))
-            if child is not None:
-                child.parent_ptes.discard((table, idx))
-        else:
-            self._drop_leaf(table, idx, old)
-        vm.spte_write(table, idx, 0)
-
-    def _zap_children(self, sp: ShadowPage) -> bool:
-        row = self.vm.spte_table(sp.pfn)
-        flush = False
-        for idx in np.flatnonzero(row).tolist():
-            flush |= S.is_shadow_present_pte(int(row[idx]))
-            self._zap_spte(sp.pfn, idx, sp.role.level)
-        return flush
-
+    # --- write protection and guest writes ------------------------------------------------------
     def _write_protect_gfn(self, as_id: int, gfn: int) -> bool:
         """Clear W on every SPTE mapping gfn (KVM: kvm_mmu_slot_gfn_write_protect)."""
         vm = self.vm
         flush = False
-        for table, idx in self.rmap.get((as_id, gfn), ()):
-            spte = int(vm.spte_table(table)[idx])
+        for p in self.rmaps.get(as_id, gfn, 1):
+            spte = int(vm.spte_table(p >> 9)[p & 511])
             if S.is_writable_pte(spte):
-                vm.spte_write(table, idx, S.clear_writable(spte))
+                vm.spte_write(p >> 9, p & 511, S.clear_writable(spte))
                 flush = True
         return flush
 
+    @staticmethod
+    def _write_misaligned(sp: ShadowPage, gpa: int, nbytes: int) -> bool:
+        """detect_write_misaligned: a write that is not one whole guest entry (a single byte
+        at an entry's start is let through: clear_bit-style status updates)."""
+        offset = gpa & 0xFFF
+        size = int(P.MODE_ENTRY_BYTES[sp.role.paging_mode])
+        if not offset & (size - 1) and nbytes == 1:
+            return False
+        return bool((offset ^ (offset + nbytes - 1)) & ~(size - 1)) or nbytes < 4
+
+    @staticmethod
+    def _write_flooding(sp: ShadowPage) -> bool:
+        """detect_write_flooding: the third emulated write to a table above level 1 with no
+        fault through it in between says it is no longer a page table."""
+        if sp.role.level == 1:
+            return False
+        sp.write_flooding_count += 1
+        return sp.write_flooding_count >= 3
+
     @hookimpl
     def mmu_track_write(self, vcpu, gpa, nbytes, new):
-        """kvm_mmu_pte_write: zap the SPTEs that shadowed the overwritten guest entry."""
+        """kvm_mmu_track_write: zap the SPTEs that shadowed the overwritten guest entry, or
+        the whole shadow page if the write is misaligned or flooding; one flush for all."""
         vm = self.vm
         self.stats["track_writes"] += 1
         flush = False
         with vm.mmu_lock.write():
+            invalid: list[ShadowPage] = []
             for sp in list(self.by_gfn.get((vcpu.as_id, gpa >> 12), ())):
+                if sp.role.invalid:
+                    continue
+                misaligned = self._write_misaligned(sp, gpa, nbytes)
+                if misaligned or self._write_flooding(sp):
+                    self.stats["misaligned" if misaligned else "flooded"] += 1
+                    self._prepare_zap(sp, invalid)
+                    continue
                 for idx in R.affected_indices(sp.role, gpa & 0xFFF, nbytes):
-                    spte = int(vm.spte_table(sp.pfn)[idx])
-                    if spte:
-                        flush |= S.is_shadow_present_pte(spte)
-                        self._zap_spte(sp.pfn, idx, sp.role.level)
-            if flush:
-                vm.flush_remote_tlbs()
-
-    @hookimpl
-    def mmu_invlpg(self, vcpu, gva):
-        # Shadow pages are kept in sync through write protection (no unsync pages yet), so
-        # nothing is stale here; the core already dropped the TLB entry.
-        return None
+                    flush |= self._zap_spte(sp, idx)
+            self._flush_or_zap(invalid, flush)
 
     # --- zap, notifiers, memslots ---------------------------------------------------------------
     @hookimpl
     def mmu_zap_gfn_range(self, vm, as_id, start, end):
+        """kvm_zap_gfn_range's rmap part: every leaf mapping a gfn of the range, per level."""
         flush = False
         with vm.mmu_lock.write():
-            keys = [k for k in self.rmap if k[0] == as_id and start <= k[1] < end] \
-                if end - start > len(self.rmap) else \
-                [(as_id, g) for g in range(start, end) if (as_id, g) in self.rmap]
-            # huge leaves of the legacy direct MMU are keyed by their base gfn
-            if self.direct:
-                for level_pages in (512, 512 * 512):
-                    base = start & ~(level_pages - 1)
-                    for g in range(base, start, level_pages):
-                        if (as_id, g) in self.rmap:
-                            keys.append((as_id, g))
-            for key in keys:
-                for table, idx in list(self.rmap.get(key, ())):
-                    sp = self.by_pfn.get(table)
-                    level = sp.role.level if sp is not None else 1
-                    flush = True
-                    self._zap_spte(table, idx, level)
+            for level in (1, 2, 3):
+                for p in self.rmaps.in_range(as_id, start, end, level):
+                    sp = self.by_pfn.get(p >> 9)
+                    if sp is not None:
+                        flush |= self._zap_spte(sp, p & 511)
         return flush
 
     @hookimpl
     def mmu_zap_all(self, vm):
-        # Every vCPU reloads before it next enters; a fault in flight finds its root gone
-        # from by_pfn (or replaced by another key) and retries.
+        """kvm_mmu_zap_all: prepare every page (held roots become invalid and their vCPUs
+        reload), one commit for all."""
         with vm.mmu_lock.write():
-            for vcpu in vm.vcpus:
-                vcpu.make_request(REQ_MMU_RELOAD)
-            vm.flush_remote_tlbs()
-            self._free_all()
+            invalid: list[ShadowPage] = []
+            for sp in list(self.active.values()):
+                if sp.pfn in self.active:
+                    self._prepare_zap(sp, invalid)
+            self._commit_zap(invalid)
         return False
 
     # --- audit ----------------------------------------------------------------------------------
     @hookimpl
     def mmu_audit(self, vm):
-        """mmu_audit.c's checks: every leaf has its rmap entry and every rmap entry a leaf;
-        a leaf maps the host's pfn for its gfn; write-tracked, READONLY and host-read-only
-        gfns are never writable; writable leaves in logged slots are dirty; and a leaf of an
-        indirect page agrees with the guest entry it shadows (no unsync pages exist here)."""
+        """mmu_audit.c's checks and the unsync invariants: every leaf has its rmap entry and
+        every rmap entry a leaf; a leaf maps the host's pfn for its gfn; write-tracked,
+        READONLY and host-read-only gfns are never writable, nor a gfn one of whose shadow
+        pages is in sync; writable leaves in logged slots are dirty; a leaf of an in-sync
+        page agrees with the guest entry it shadows; every unsync page is a level-1 page
+        marked on every path up to its roots (so a sync from any root reaches it); root
+        reference counts match the vCPUs' roots; the page count matches."""
         bad: list[tuple[str, str]] = []
-        seen: set[tuple[int, int]] = set()
-        for sp in self.pages.values():
+        seen: set[int] = set()
+        rmapped = {p: (as_id, gfn, level) for as_id, gfn, level, p in self.rmaps.all_entries()}
+        for sp in self.by_pfn.values():
             row = vm.spte_table(sp.pfn)
             level = sp.role.level
             for idx in np.flatnonzero(row).tolist():
                 spte = int(row[idx])
                 if not S.is_shadow_present_pte(spte) or not S.is_last_spte(spte, level):
                     continue
-                key = self.leaf_key.get((sp.pfn, idx))
-                if key is None:
+                p = sptep(sp.pfn, idx)
+                if p not in rmapped:
                     bad.append(("rmap-missing", f"leaf {sp.pfn:#x}[{idx}] has no rmap entry"))
                     continue
-                seen.add((sp.pfn, idx))
+                seen.add(p)
                 if not self.direct:  # the core checks gfn-indexed (direct) roots itself
-                    self._audit_leaf(sp, idx, spte, key, bad)
-        for (table, idx), key in self.leaf_key.items():
-            if (table, idx) not in seen and table in self.by_pfn:
-                bad.append(("rmap-stale", f"rmap of gfn {key[1]:#x} names {table:#x}[{idx}], "
-                            "which is not a present leaf"))
-            elif table not in self.by_pfn:
-                bad.append(("rmap-stale", f"rmap of gfn {key[1]:#x} names freed page {table:#x}"))
-            if (table, idx) not in self.rmap.get(key, ()):
-                bad.append(("rmap-missing", f"{table:#x}[{idx}] is not in the rmap of {key}"))
+                    self._audit_leaf(sp, idx, spte, rmapped[p][:2], bad)
+        for p, (_as_id, gfn, _level) in rmapped.items():
+            if p not in seen:
+                where = "freed page" if (p >> 9) not in self.by_pfn else "not a present leaf"
+                bad.append(("rmap-stale", f"rmap of gfn {gfn:#x} names {p >> 9:#x}[{p & 511}], "
+                            f"{where}"))
         for (as_id, gfn), sps in self.by_gfn.items():
-            if sps and not vm.is_tracked(as_id, gfn):
-                bad.append(("untracked", f"gfn {gfn:#x} is shadowed but not write-tracked"))
+            if any(sp.role.level > 1 for sp in sps) and not vm.is_tracked(as_id, gfn):
+                bad.append(("untracked", f"gfn {gfn:#x} is shadowed above level 1 but not "
+                            "write-tracked"))
+        self._audit_unsync(bad)
+        self._audit_roots(bad)
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
         # unlinked (e.g. a huge leaf replaced it) and stays cached with its rmap'd leaves
         # until it is reused or zapped, as in KVM; it is held, not a root.
-        loaded = {v.mmu_root for v in vm.vcpus}
-        roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.pages.values()
-                      if sp.role.level >= 4 and (sp.pfn in loaded or not sp.parent_ptes))
+        roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.by_pfn.values()
+                      if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes))
         return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn),
                             violations=tuple(bad), direct=self.direct)
+
+    def _audit_unsync(self, bad) -> None:
+        for sp in self.by_pfn.values():
+            if sp.unsync and (sp.role.level != 1 or not sp.has_gptes):
+                bad.append(("unsync-level", f"unsync page {sp.pfn:#x} is not a level-1 guest "
+                            "table"))
+            if sp.unsync and self.vm.is_tracked(sp.role.as_id, sp.gfn):
+                bad.append(("unsync-tracked", f"unsync page {sp.pfn:#x} shadows write-tracked "
+                            f"gfn {sp.gfn:#x}"))
+            if (sp.unsync or sp.unsync_children) and not sp.role.invalid:
+                for p in sp.parent_ptes:
+                    parent = self.by_pfn.get(p >> 9)
+                    if parent is None or not parent.unsync_child_bitmap >> (p & 511) & 1:
+                        bad.append(("unsync-unmarked", f"{'unsync page' if sp.unsync else 'page'}"
+                                    f" {sp.pfn:#x} is not marked in its parent entry "
+                                    f"{p >> 9:#x}[{p & 511}]: a sync from above misses it"))
+            if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
+                bad.append(("unsync-count", f"page {sp.pfn:#x} counts {sp.unsync_children} "
+                            "unsync children, its bitmap says otherwise"))
+
+    def _audit_roots(self, bad) -> None:
+        held: dict[int, int] = {}
+        for st in self.vroots.values():
+            for sp in ([st.root] if st.root is not None else []) + st.prev:
+                held[sp.pfn] = held.get(sp.pfn, 0) + 1
+                if sp.pfn not in self.by_pfn:
+                    bad.append(("root-freed", f"a vCPU holds freed root {sp.pfn:#x}"))
+        for sp in self.by_pfn.values():
+            if sp.root_count != held.get(sp.pfn, 0):
+                bad.append(("root-refcount", f"page {sp.pfn:#x} has root_count "
+                            f"{sp.root_count}, {held.get(sp.pfn, 0)} references are held"))
+            if sp.role.invalid and not sp.root_count:
+                bad.append(("invalid-kept", f"invalid page {sp.pfn:#x} is held by no vCPU "
+                            "but not freed"))
+        if self.n_used != len(self.by_pfn):
+            bad.append(("mmu-pages", f"n_used_mmu_pages is {self.n_used}, {len(self.by_pfn)} "
+                        "pages exist"))
 
     def _audit_leaf(self, sp: ShadowPage, idx: int, spte: int, key, bad) -> None:
         vm = self.vm
@@ -571,6 +796,10 @@ class ShadowMMU:
             if vm.is_tracked(as_id, gfn):
                 bad.append(("tracked-writable", f"write-tracked gfn {gfn:#x} is writable "
                             f"through {sp.pfn:#x}[{idx}]"))
+            synced = [s for s in self.by_gfn.get((as_id, gfn), ()) if not s.unsync]
+            if synced:
+                bad.append(("shadowed-writable", f"gfn {gfn:#x}, a guest table shadowed in sync "
+                            f"by {synced[0].pfn:#x}, is writable through {sp.pfn:#x}[{idx}]"))
             if not vm.host_writable(hva) and not invalidating:
                 bad.append(("cow-writable", f"gfn {gfn:#x} is read-only in the host but "
                             f"writable through {sp.pfn:#x}[{idx}]"))
@@ -579,18 +808,14 @@ class ShadowMMU:
                 bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
                             "but not dirty"))
         role = sp.role
-        if role.direct or role.special or role.guest_level != 1:
-            return
-        if vm.track_write_in_flight(as_id, sp.key.gfn):
+        if role.direct or role.special or role.guest_level != 1 or sp.unsync:
+            return  # an unsync page may lag the guest until it invalidates
+        if vm.track_write_in_flight(as_id, sp.gfn):
             return  # the guest entry was just written; mmu_track_write is on its way
-        ebytes = int(P.MODE_ENTRY_BYTES[role.guest_mode])
-        egpa = (sp.key.gfn << 12) + ((role.quadrant << 9) + idx) * ebytes
-        word = vm.read_guest_u64(as_id, egpa & ~7)
-        if ebytes == 4:
-            word = (word >> (32 * ((egpa >> 2) & 1))) & 0xFFFFFFFF
-            target = word >> 12
-        else:
-            target = (word >> 12) & ((1 << 40) - 1)
+        egpa = sp.gpte_gpa(idx)
+        word = self._read_gpte(sp, idx)
+        target = word >> 12 if int(P.MODE_ENTRY_BYTES[role.paging_mode]) == 4 \
+            else (word >> 12) & ((1 << 40) - 1)
         if not word & P.PT_PRESENT or target != gfn:
             bad.append(("guest-disagrees", f"leaf {sp.pfn:#x}[{idx}] maps gfn {gfn:#x}, the "
                         f"guest entry at {egpa:#x} is {word:#x}"))
@@ -609,19 +834,13 @@ class ShadowMMU:
 
     @hookimpl
     def mmu_memory(self, vm):
-        pages = len(self.pages)
-        indirect = sum(1 for k in self.pages if not k.role.direct)
-        rmap_bytes = 0
-        for slots in vm.memslots:
-            for slot in slots.slots:
-                # kvm_alloc_memslot_metadata: one 8-byte rmap head per gfn per level
-                for level in (1, 2, 3):
-                    rmap_bytes += 8 * (((slot.npages - 1) >> (9 * (level - 1))) + 1)
+        pages = len(self.by_pfn)
+        indirect = sum(1 for sp in self.by_pfn.values() if not sp.role.direct)
         return MMUMemory(
             page_table_pages=vm.pt_pages_in_use(),
             page_table_bytes=vm.pt_pages_in_use() * 4096,
             mmu_page_structs=pages,
             mmu_page_struct_bytes=pages * KVM_MMU_PAGE_BYTES + indirect * SHADOWED_TRANSLATION_BYTES,
-            rmap_bytes=rmap_bytes,
+            rmap_bytes=self.rmaps.nbytes(),
             peak_page_table_pages=int(vm.host.frames_peak[1]),
         )
