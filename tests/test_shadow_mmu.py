@@ -230,3 +230,25 @@ def test_zap_all_keeps_held_roots_invalid_until_released():
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
+
+
+@pytest.mark.parametrize("mode", [P.MODE_PAE, P.MODE_32])
+def test_pae_and_32bit_guests_use_the_per_vcpu_pae_root(mode):
+    m = _machine(mode=mode)
+    try:
+        prog = Program().read(_page(0)).mov_cr3(m.paging.cr3).read(_page(1))
+        m.run_programs([prog.build()])
+        sh = _shadow(m)
+        st = sh.vroots[0]
+        vcpu = m.vm.vcpus[0]
+        assert vcpu.mmu_root == st.pml4_root and st.root is None and not st.prev
+        assert st.pml4_root not in sh.by_pfn and st.pae_root not in sh.by_pfn  # no kvm_mmu_page
+        roots = [sp for sp in st.pae if sp is not None]
+        assert roots and all(sp.role.level == 2 and sp.root_count == 1 for sp in roots)
+        if mode == P.MODE_32:  # four quarters of the one guest page directory
+            assert sorted(sp.role.quadrant for sp in roots) == [0, 1, 2, 3]
+        assert sh.n_used == len(sh.by_pfn)
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+    assert m.vm.pt_pages_in_use() == 0

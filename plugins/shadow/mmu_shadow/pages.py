@@ -70,10 +70,23 @@ class ShadowPage:
 
 @dataclass
 class VcpuRoots:
-    """A vCPU's root (mmu->root) and its previous-roots cache (mmu->prev_roots)."""
+    """A vCPU's root (mmu->root) and its previous-roots cache (mmu->prev_roots). For a PAE or
+    32-bit guest the hardware (4-level here) walks the vCPU's own pml4_root, whose entry 0
+    points at its pae_root, whose four entries point at four page-directory roots, one per
+    PDPTE (PAE) or per quarter of the guest's page directory (32-bit): KVM's
+    mmu_alloc_special_roots / mmu_alloc_shadow_roots. Those two pages are no shadow pages
+    (not in the hash, not counted in n_used_mmu_pages)."""
 
     root: ShadowPage | None = None
     prev: list[ShadowPage] = field(default_factory=list)
+    pml4_root: int | None = None
+    pae_root: int | None = None
+    pae: list[ShadowPage | None] = field(default_factory=lambda: [None] * 4)
+
+    def held(self) -> list[ShadowPage]:
+        """Every page this vCPU holds a root reference on."""
+        out = [self.root] if self.root is not None else []
+        return out + self.prev + [sp for sp in self.pae if sp is not None]
 
 
 def sptep(table: int, idx: int) -> int:
@@ -230,7 +243,7 @@ class PagesMixin:
         else:
             for vcpu in self.vm.vcpus:  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
                 st = self.vroots.get(vcpu.id)
-                if st is not None and (st.root is sp or sp in st.prev):
+                if st is not None and sp in st.held():
                     vcpu.make_request(REQ_MMU_RELOAD)
         if first:
             sp.role = sp.role._replace(invalid=True)

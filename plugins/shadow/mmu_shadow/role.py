@@ -5,7 +5,8 @@ cr0_wp, smep_andnot_wp, smap_andnot_wp, efer_nx, smm, ...). Shadow tables here a
 4-level (5-level for LA57 guests) with 512 entries, so a shadow page at level L covers a
 linear region of 2**(12+9L) bytes, and it shadows the smallest guest table whose region
 contains it; `quadrant` says which part (32-bit tables cover 4 MiB/4 GiB, larger than one
-shadow page). Levels above the guest's top table are special roots keyed by CR3, below a guest
+shadow page). Levels above the guest's top table are `special` keys (for PAE and 32-bit
+guests the vCPU's own pml4_root/pae_root pages stand in for them, pages.VcpuRoots), below a guest
 huge page they are direct pages keyed by the gfn they map, and a nonpaging guest is direct
 throughout: all as KVM does it.
 """

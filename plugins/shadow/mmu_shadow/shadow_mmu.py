@@ -115,6 +115,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
         vm = self.vm
         for sp in list(self.by_pfn.values()):
             vm.free_pt_page(sp.pfn)
+        for st in self.vroots.values():
+            for p in (st.pml4_root, st.pae_root):
+                if p is not None:
+                    vm.free_pt_page(p)
         self.pages.clear()
         self.by_pfn.clear()
         self.by_gfn.clear()
@@ -159,6 +163,56 @@ class ShadowMMU(PagesMixin, SyncMixin):
             st = self.vroots[vcpu.id] = VcpuRoots()
         return st
 
+    def _pae_mode(self, vcpu) -> bool:
+        """A PAE or 32-bit guest: the roots are the vCPU's pml4_root/pae_root structure."""
+        return not self.direct and vcpu.mode in (P.MODE_PAE, P.MODE_32)
+
+    def _drop_roots(self, st: VcpuRoots, invalid: list[ShadowPage], prev: bool) -> None:
+        """kvm_mmu_free_roots: drop the current root (the four PAE roots, their entries
+        cleared), and the previous roots too if `prev`."""
+        if st.root is not None:
+            self._put_root(st.root, invalid)
+            st.root = None
+        for i, sp in enumerate(st.pae):
+            if sp is not None:
+                self._put_root(sp, invalid)
+                st.pae[i] = None
+                self.vm.spte_write(st.pae_root, i, 0)  # INVALID_PAE_ROOT
+        if prev:
+            for sp in st.prev:
+                self._put_root(sp, invalid)
+            st.prev = []
+
+    def _load_pae_roots(self, vcpu, st: VcpuRoots, invalid: list[ShadowPage]) -> bool:
+        """mmu_alloc_special_roots + mmu_alloc_shadow_roots for a PAE or 32-bit guest: the
+        per-vCPU pml4_root -> pae_root pages (allocated once), and one page-directory root per
+        present PDPTE register (PAE) or per quarter of the guest's page directory (32-bit),
+        each with its own reference. Returns whether a root page was allocated."""
+        vm = self.vm
+        if st.pml4_root is None:
+            st.pml4_root = vm.alloc_pt_page()
+            st.pae_root = vm.alloc_pt_page()
+            vm.spte_write(st.pml4_root, 0, S.make_shadow_nonleaf_spte(st.pae_root))
+        ctx = self._context(vcpu)
+        new = False
+        for i in range(4):
+            if vcpu.mode == P.MODE_PAE:
+                pdpte = int(vcpu.pdptrs[i])
+                gfn = (pdpte >> 12) & ((1 << 40) - 1)
+                if not pdpte & P.PT_PRESENT or vm.memslots[vcpu.as_id].find(gfn) is None:
+                    continue  # kvm_vcpu_is_visible_gfn: an invisible PD is not shadowed
+                quadrant = 0
+            else:
+                gfn, quadrant = ctx.cr3 >> 12, i
+            key = R.Key(gfn, R.make_role(ctx, 2, direct=False, quadrant=quadrant,
+                                         guest_level=2))
+            new |= key not in self.pages
+            sp = self._get_sp(vcpu, key, invalid)
+            sp.root_count += 1
+            st.pae[i] = sp
+            vm.spte_write(st.pae_root, i, S.make_shadow_nonleaf_spte(sp.pfn))
+        return new
+
     @hookimpl
     def mmu_load(self, vcpu):
         """kvm_mmu_load: a root from the previous-roots cache (the fast CR3 switch; the core's
@@ -169,53 +223,58 @@ class ShadowMMU(PagesMixin, SyncMixin):
         with vm.mmu_lock.write():
             invalid: list[ShadowPage] = []
             st = self._vstate(vcpu)
-            if st.root is not None:  # the core dropped the root without telling (setup code)
-                self._put_root(st.root, invalid)
-                st.root = None
-            key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
-            for i, sp in enumerate(st.prev):
-                if sp.key == key and not sp.role.invalid:
-                    st.root = st.prev.pop(i)
-                    self.stats["prev_root_hits"] += 1
-                    break
-            if st.root is None:
+            # Roots still held here were dropped by the core without telling (setup code).
+            self._drop_roots(st, invalid, prev=False)
+            if self._pae_mode(vcpu):
                 self._make_pages_available()
                 if not self.rmaps.allocated:
                     self._first_shadow_root()
-                new = key not in self.pages
-                sp = self._get_sp(vcpu, key, invalid)
-                sp.root_count += 1
-                st.root = sp
-                self.stats["root_allocs"] += new
+                new = self._load_pae_roots(vcpu, st, invalid)
                 self._commit_zap(invalid)
                 self._sync_roots(vcpu)
+                root_pfn = st.pml4_root
+            else:
+                key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
+                for i, sp in enumerate(st.prev):
+                    if sp.key == key and not sp.role.invalid:
+                        st.root = st.prev.pop(i)
+                        self.stats["prev_root_hits"] += 1
+                        break
+                if st.root is None:
+                    self._make_pages_available()
+                    if not self.rmaps.allocated:
+                        self._first_shadow_root()
+                    new = key not in self.pages
+                    sp = self._get_sp(vcpu, key, invalid)
+                    sp.root_count += 1
+                    st.root = sp
+                    self._commit_zap(invalid)
+                    self._sync_roots(vcpu)
+                root_pfn = st.root.pfn
+            self.stats["root_allocs"] += new
             self._commit_zap(invalid)
-            root = st.root
         if new:
-            vm.observe.mmu_on_root_alloc(vm=vm, as_id=vcpu.as_id, role=vm.role, root=root.pfn)
-        vcpu.mmu_root = root.pfn
+            vm.observe.mmu_on_root_alloc(vm=vm, as_id=vcpu.as_id, role=vm.role, root=root_pfn)
+        vcpu.mmu_root = root_pfn
 
     @hookimpl
     def mmu_unload(self, vcpu):
         """kvm_mmu_unload: drop the current root and every previous root."""
         vm = self.vm
         st = self.vroots.get(vcpu.id)
-        if st is not None and (st.root is not None or st.prev):
+        if st is not None and st.held():
             with vm.mmu_lock.write():
                 invalid: list[ShadowPage] = []
-                for sp in ([st.root] if st.root is not None else []) + st.prev:
-                    self._put_root(sp, invalid)
-                st.root = None
-                st.prev = []
+                self._drop_roots(st, invalid, prev=True)
                 self._commit_zap(invalid)
         vcpu.mmu_root = None
 
     @hookimpl
     def mmu_new_cr3(self, vcpu, cr3):
         """kvm_mmu_new_pgd: keep the old root in prev_roots (most recent first, three at
-        most) for a later switch back, as fast_pgd_switch does; special roots (PAE and 32-bit
-        guests) are not cached, as KVM's pae_root is no shadow page. For a PAE guest the
-        PDPTE registers were reloaded, so the special root's links may be stale."""
+        most) for a later switch back, as fast_pgd_switch does. A PAE or 32-bit guest's roots
+        are dropped instead (fast_pgd_switch refuses the pae_root): mmu_load builds them from
+        the PDPTE registers just loaded."""
         vm = self.vm
         with vm.mmu_lock.write():
             invalid: list[ShadowPage] = []
@@ -228,36 +287,41 @@ class ShadowMMU(PagesMixin, SyncMixin):
                     st.prev.insert(0, old)
                     while len(st.prev) > KVM_MMU_NUM_PREV_ROOTS:
                         self._put_root(st.prev.pop(), invalid)
-            flush = False
-            if vcpu.mode == P.MODE_PAE:
-                key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
-                sp = self.pages.get(key)
-                if sp is not None:
-                    flush = self._zap_children(sp)
-            self._flush_or_zap(invalid, flush)
+            self._drop_roots(st, invalid, prev=False)
+            self._commit_zap(invalid)
+
+    def _current_roots(self, st: VcpuRoots) -> list[ShadowPage]:
+        if st.root is not None:
+            return [st.root]
+        return [sp for sp in st.pae if sp is not None]
 
     @hookimpl
     def mmu_sync_roots(self, vcpu):
         """KVM_REQ_MMU_SYNC (kvm_mmu_sync_roots): every unsync page under the current root
-        is brought in sync before the guest runs again."""
+        (or the four PAE roots) is brought in sync before the guest runs again."""
         if self.direct or mutants.on("sync-roots-skipped"):
             return
         st = self.vroots.get(vcpu.id)
-        if st is None or st.root is None or not st.root.unsync_children:
+        if st is None or not any(sp.unsync_children for sp in self._current_roots(st)):
             return  # is_unsync_root, checked without the lock
         with self.vm.mmu_lock.write():
             self._sync_roots(vcpu)
 
     @hookimpl
     def mmu_invlpg(self, vcpu, gva):
-        """kvm_mmu_invlpg: resync the entry for gva in the current and previous roots."""
+        """kvm_mmu_invlpg: resync the entry for gva in the current and previous roots (of
+        the four PAE roots, the one gva lies under)."""
         if self.direct:
             return
         st = self.vroots.get(vcpu.id)
         if st is None:
             return
-        roots = [sp for sp in ([st.root] if st.root is not None else []) + st.prev
-                 if not sp.role.invalid and (sp.unsync_children or sp.unsync)]
+        if st.root is None and st.pml4_root is not None and gva < (1 << 32):
+            current = [st.pae[(gva >> 30) & 3]]
+        else:
+            current = [st.root]
+        roots = [sp for sp in current + st.prev
+                 if sp is not None and not sp.role.invalid and (sp.unsync_children or sp.unsync)]
         if not roots:
             return
         with self.vm.mmu_lock.write():
@@ -521,12 +585,24 @@ class ShadowMMU(PagesMixin, SyncMixin):
         made present, so the new path must show the current one (FNAME(fetch))."""
         vm = self.vm
         st = self.vroots.get(vcpu.id)
-        root = st.root if st is not None else None
-        if root is None or root.pfn != vcpu.mmu_root or root.role.invalid or root.key != keys[0]:
+        if st is None:
+            return None
+        start = 1
+        if st.root is None and st.pml4_root is not None and st.pml4_root == vcpu.mmu_root \
+                and len(keys) >= 2 and keys[-2].role.level == 2:
+            root = st.pae[(addr >> 30) & 3]  # the walk starts at a PAE root (level 2)
+            start = len(keys) - 1
+            want = keys[-2]
+        else:
+            root = st.root
+            want = keys[0]
+            if root is not None and root.pfn != vcpu.mmu_root:
+                root = None
+        if root is None or root.role.invalid or root.key != want:
             return None  # the root went away or no longer matches: reload and retry
         table = root.pfn
         root.write_flooding_count = 0
-        for depth in range(1, len(keys)):
+        for depth in range(start, len(keys)):
             level = keys[depth - 1].role.level
             if level == goal_level:
                 break
@@ -735,7 +811,11 @@ class ShadowMMU(PagesMixin, SyncMixin):
         # until it is reused or zapped, as in KVM; it is held, not a root.
         roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.by_pfn.values()
                       if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes))
-        return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn),
+        special = [p for st in self.vroots.values() for p in (st.pml4_root, st.pae_root)
+                   if p is not None]
+        roots += tuple((vcpu.as_id, 4, self.vroots[vcpu.id].pml4_root) for vcpu in vm.vcpus
+                       if vcpu.id in self.vroots and self.vroots[vcpu.id].pml4_root is not None)
+        return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn) | frozenset(special),
                             violations=tuple(bad), direct=self.direct)
 
     def _audit_unsync(self, bad) -> None:
@@ -760,7 +840,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
     def _audit_roots(self, bad) -> None:
         held: dict[int, int] = {}
         for st in self.vroots.values():
-            for sp in ([st.root] if st.root is not None else []) + st.prev:
+            for sp in st.held():
                 held[sp.pfn] = held.get(sp.pfn, 0) + 1
                 if sp.pfn not in self.by_pfn:
                     bad.append(("root-freed", f"a vCPU holds freed root {sp.pfn:#x}"))

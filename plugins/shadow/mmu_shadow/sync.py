@@ -200,12 +200,14 @@ class SyncMixin:
     def _sync_roots(self, vcpu) -> None:
         """kvm_mmu_sync_roots for the vCPU's current root (lock held for write)."""
         st = self.vroots.get(vcpu.id)
-        root = st.root if st is not None else None
-        if root is None or root.role.invalid or not root.unsync_children:
+        if st is None:
             return
         invalid: list[ShadowPage] = []
-        self.stats["sync_roots"] += 1
-        flush = self._sync_children(vcpu, root, invalid)
+        flush = False
+        for root in self._current_roots(st):  # the root, or each of the four PAE roots
+            if not root.role.invalid and root.unsync_children:
+                self.stats["sync_roots"] += 1
+                flush |= self._sync_children(vcpu, root, invalid)
         self._flush_or_zap(invalid, flush)
 
     def _invalidate_addr(self, vcpu, root: ShadowPage, gva: int, invalid: list[ShadowPage]) -> bool:
