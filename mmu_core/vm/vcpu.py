@@ -33,6 +33,9 @@ REQ_MMU_RELOAD = 1 << 1
 REQ_MMU_SYNC = 1 << 2  # KVM_REQ_MMU_SYNC: bring unsync shadow pages in sync (shadow paging)
 #: a vCPU faulting this often on one operation means the backend's fix does not take
 MAX_FAULTS_PER_OP = 1000
+#: a fault handler's return value -> its name in Vcpu.faults (Ret(ret) is an enum lookup per
+#: fault); a value that is not a Ret still raises, from Ret(ret)
+_OUTCOMES = {int(r): r.name.lower() for r in Ret}
 
 _CR0_PAGING_BITS = P.CR0_PG | P.CR0_WP | P.CR0_PE
 _CR4_PAGING_BITS = P.CR4_PAE | P.CR4_PSE | P.CR4_SMEP | P.CR4_SMAP | P.CR4_PKE | P.CR4_LA57
@@ -317,13 +320,13 @@ class Vcpu:
             # KVM tries fast_page_fault first; None means "not a case the fast path fixes".
             ret = vm.fast_page_fault(self, fault)
             if ret is not None:
-                self._count(self.faults, "fast_" + Ret(ret).name.lower())
+                self._count(self.faults, "fast_" + (_OUTCOMES.get(ret) or Ret(ret).name.lower()))
         if ret is None:
             ret = vm.page_fault(self, fault)
             if ret is None:
                 raise GuestError(f"backend returned nothing for {fault.kind.value} at "
                                  f"{fault.gva:#x}")
-            self._count(self.faults, Ret(ret).name.lower())
+            self._count(self.faults, _OUTCOMES.get(ret) or Ret(ret).name.lower())
         done = pc
         if ret == Ret.INJECT:
             results[pc] = (0, EC.PF_VECTOR, fault.inject_error_code)
