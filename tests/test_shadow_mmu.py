@@ -252,3 +252,21 @@ def test_pae_and_32bit_guests_use_the_per_vcpu_pae_root(mode):
     finally:
         m.vm.destroy()
     assert m.vm.pt_pages_in_use() == 0
+
+
+def test_sync_rebuilds_an_entry_whose_permissions_changed():
+    m = _machine()
+    try:
+        e_gpa = m.pts.entry_gpa(_page(0), 1, create=False)
+        gva = m.pts.pt_gva_of(e_gpa)
+        ro = m.pts.leaf_value(_page(0), P.PT_PRESENT | P.PT_USER | P.PT_ACCESSED)
+        prog = Program().write(_page(0), 7)             # the PTE gets D, the SPTE is writable
+        prog.store_pte(gva, ro | P.PT_DIRTY)            # unsync; same frame, no longer writable
+        prog.invlpg(_page(0)).read(_page(0)).write(_page(0), 8)
+        res = m.run_programs([prog.build()])[0]
+        assert res[3, 0] == 7 and res[4, 1] == 14       # the write takes #PF (protection)
+        c = _shadow(m).counters()
+        assert c["sync_rebuilt"] == 1 and c["sync_dropped"] == 0
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()

@@ -71,7 +71,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
         self.stats = {"faults": 0, "injected": 0, "emulated": 0, "mmio": 0, "spurious": 0,
                       "retries": 0, "pages_created": 0, "track_writes": 0,
                       "mapped": [0, 0, 0, 0], "shadow_zapped": 0, "zap_batches": 0,
-                      "unsync": 0, "sync_pages": 0, "sync_spte": 0, "sync_dropped": 0,
+                      "unsync": 0, "sync_pages": 0, "sync_spte": 0, "sync_dropped": 0, "sync_rebuilt": 0,
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0}

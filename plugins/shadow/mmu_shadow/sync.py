@@ -12,9 +12,8 @@ root load (kvm_mmu_load) syncs every unsync page under the root (mmu_sync_childr
 are write-protected again and flushed first, then each page's entries are compared with the
 guest's and the changed ones dropped; the page is in sync again).
 
-FNAME(sync_spte) rebuilds an entry whose permissions changed; this model drops any entry
-whose guest PTE changed at all (the next access faults and rebuilds it), which the guest
-cannot tell from a rebuild.
+FNAME(sync_spte) keeps an entry whose access is unchanged, rebuilds one whose permissions
+changed and drops the rest, as KVM's does.
 """
 
 from __future__ import annotations
@@ -176,18 +175,59 @@ class SyncMixin:
             flush |= self._sync_spte(sp, idx)
         return flush
 
+    def _gpte_access(self, sp: ShadowPage, gpte: int) -> int:
+        """FNAME(gpte_access) under the page's role access, less W for a clean entry
+        (FNAME(protect_clean_gpte))."""
+        acc = sp.role.access & R.pte_access(gpte, sp.role.paging_mode, sp.role.efer_nx)
+        if not gpte & P.PT_DIRTY:
+            acc &= ~R.ACC_WRITE
+        return acc
+
     def _sync_spte(self, sp: ShadowPage, idx: int) -> int:
-        """FNAME(sync_spte): keep the entry if the guest PTE it was built from is unchanged
-        (and present and accessed: FNAME(prefetch_invalid_gpte)); otherwise drop it. Returns
-        1 if a present SPTE was dropped (a flush is due)."""
+        """FNAME(sync_spte): drop the entry if the guest PTE is no longer present, accessed
+        and valid (FNAME(prefetch_invalid_gpte)) or maps another gfn; keep it if the access
+        it grants is unchanged; else rebuild it with the new access (make_spte as for a
+        prefetch: writable only where the gfn needs no protection, never in a logged slot).
+        Returns 1 if a present SPTE changed (a flush is due)."""
         vm = self.vm
         self.stats["sync_spte"] += 1
         gpte = self._read_gpte(sp, idx)
-        if int(sp.gptes[idx]) == gpte and gpte & P.PT_PRESENT and gpte & P.PT_ACCESSED:
+        stored = int(sp.gptes[idx])
+        if stored == gpte and gpte & P.PT_PRESENT and gpte & P.PT_ACCESSED:
             return 0
         old = int(vm.spte_table(sp.pfn)[idx])
-        self.stats["sync_dropped"] += 1
-        return int(self._zap_spte(sp, idx)) if old else 0
+        same_gfn = sp.leaf_gfn(idx) == self._gpte_gfn(sp, gpte)
+        if not (gpte & P.PT_PRESENT and gpte & P.PT_ACCESSED) or not same_gfn \
+                or self._gpte_reserved(sp, gpte) or not S.is_shadow_present_pte(old) \
+                or not sp.role.cr0_wp:
+            # (an MMIO SPTE, or one the CR0.WP=0 path built, is simply dropped: the next
+            # access faults and builds it as that path does)
+            self.stats["sync_dropped"] += 1
+            return int(self._zap_spte(sp, idx)) if old else 0
+        acc = self._gpte_access(sp, gpte)
+        sp.gptes[idx] = gpte
+        if acc == self._gpte_access(sp, stored):
+            return 0
+        as_id = sp.role.as_id
+        gfn = sp.leaf_gfn(idx)
+        slot = vm.memslots[as_id].find(gfn)
+        writable = False
+        if acc & R.ACC_WRITE and slot is not None and not slot.readonly and not slot.log_dirty:
+            writable = vm.host_writable(slot.gfn_to_hva(gfn)) \
+                and self._try_unsync(as_id, gfn, True, True)
+        new = S.make_shadow_leaf_spte(S.spte_to_pfn(old), writable, bool(acc & R.ACC_USER),
+                                      not acc & R.ACC_EXEC)
+        self.stats["sync_rebuilt"] += 1
+        if new == old:
+            return 0
+        vm.spte_write(sp.pfn, idx, new)
+        return 1
+
+    @staticmethod
+    def _gpte_gfn(sp: ShadowPage, gpte: int) -> int:
+        if int(P.MODE_ENTRY_BYTES[sp.role.paging_mode]) == 4:
+            return gpte >> 12
+        return (gpte >> 12) & ((1 << 40) - 1)
 
     def _read_gpte(self, sp: ShadowPage, idx: int) -> int:
         gpa = sp.gpte_gpa(idx)
