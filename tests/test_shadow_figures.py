@@ -1,6 +1,9 @@
 """Shadow MMU figures on KVM's demand_paging_test (docs/shadow.md), per configuration:
 
-    python plugins/shadow/tools/shadow_figures.py [-v 8] [-b 16M] [--nr-mmu-pages N] [--remap K]
+    python tests/test_shadow_figures.py [-v 8] [-b 16M] [--nr-mmu-pages N] [--remap K]
+
+(pytest runs the small case at the end; the script lives with the tests because it builds
+machines through the model's internals, which a backend's own code may not import.)
 
 Exits per fault, emulated guest-PTE writes, unsync and sync counts, shadow pages, reclaim. The
 demand-paging guest never edits its page tables, so `--remap K` adds a phase in which each
@@ -88,6 +91,19 @@ def main() -> None:
         f"{r['exits'] / max(r['faults'], 1):>14.3f}" for r in rows))
     for r in rows:
         print(r["config"], "exits:", r["exits_by_reason"])
+
+
+def test_figures_on_a_small_demand_paging_run():
+    rows = {c: run(c, 2, 2 << 20, None, 8) for c in ("tdp", "shadow")}
+    tdp, shadow = rows["tdp"], rows["shadow"]
+    assert tdp["exits"] == tdp["faults"] and "unsync" not in tdp
+    # each vCPU remaps 8 pages of its own 2 MiB (one table): its first store unsyncs the
+    # table, each INVLPG syncs (drops) one entry
+    assert shadow["unsync"] == 2 and shadow["track_writes"] == 0
+    assert shadow["invlpg_sync"] == shadow["sync_dropped"] == 16
+    assert shadow["exits_by_reason"]["invlpg"] == 16
+    limited = run("shadow", 2, 8 << 20, 64, 0)
+    assert limited["n_used_mmu_pages"] <= 64 and limited["recycled"] == 0
 
 
 if __name__ == "__main__":
