@@ -270,3 +270,29 @@ def test_sync_rebuilds_an_entry_whose_permissions_changed():
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
+
+
+def test_switching_between_two_address_spaces_reuses_cached_roots():
+    m = _machine()
+    try:
+        tags = _tags(m, [4])
+        pts = m.pts
+        cr3_a = m.paging.cr3
+        cr3_b = pts._alloc()  # a second PML4 sharing the lower tables, as two processes might
+        for i in range(512):
+            pts.write_entry(cr3_b + 8 * i, pts.read_entry(cr3_a + 8 * i))
+        prog = Program().read(_page(0)).mov_cr3(cr3_b).read(_page(0))
+        _remap(m, prog, 0, 4)  # unsyncs the shared last-level table
+        prog.mov_cr3(cr3_a).read(_page(0))  # A comes back from prev_roots and is synced
+        prog.mov_cr3(cr3_b).read(_page(0))
+        res = m.run_programs([prog.build()])[0]
+        assert res[5, 0] == tags[4] and res[7, 0] == tags[4]
+        sh = _shadow(m)
+        c = sh.counters()
+        assert c["prev_root_hits"] == 2 and c["sync_roots"] >= 1
+        st = sh.vroots[0]
+        assert st.root.gfn == cr3_b >> 12 and [sp.gfn for sp in st.prev] == [cr3_a >> 12]
+        assert st.root.root_count == 1 and st.prev[0].root_count == 1
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
