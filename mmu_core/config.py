@@ -16,6 +16,7 @@ from mmu_core.errors import InvalidConfig
 from mmu_core.params import Params
 from mmu_core.sim.cost import CostModel
 from mmu_core.sim.engine import (
+    DEFAULT_HOST_CPUS,
     DEFAULT_JITTER_NS,
     DEFAULT_PCT_DEPTH,
     DEFAULT_PCT_STEPS,
@@ -38,6 +39,10 @@ class ScheduleFields(BaseModel):
                            description="pct: bug depth d (d - 1 priority change points)")
     pct_steps: int = Field(DEFAULT_PCT_STEPS, ge=1,
                            description="pct: change points are drawn from steps [1, pct_steps]")
+    host_cpus: int | None = Field(DEFAULT_HOST_CPUS, ge=1,
+                                  description="host logical CPUs shared by vCPU threads, userfault "
+                                  "handlers and workers (None: unlimited); the default is the "
+                                  "seed's kind of host (docs/engine.md)")
 
     @field_validator("policy")
     @classmethod
@@ -58,7 +63,7 @@ class ScheduleFields(BaseModel):
     def engine_options(self) -> dict[str, object]:
         """Keyword arguments for Engine(seed, cost, policy, **these)."""
         return {"jitter_ns": self.jitter_ns, "pct_depth": self.pct_depth,
-                "pct_steps": self.pct_steps}
+                "pct_steps": self.pct_steps, "host_cpus": self.host_cpus}
 
 
 class MemslotConfig(BaseModel):

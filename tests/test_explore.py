@@ -73,7 +73,9 @@ MUTANT_CASES = [
     ("skip-mark-dirty", "dirty-log", "legacy", "random"),
     ("memslot-update-no-retry", "memslots", "tdp", "random"),
     ("memslot-zap-after-install", "memslots", "legacy", "random"),
-    ("mmio-generation-at-install", "memslots", "tdp", "random"),
+    # a narrow window: with the host model's cache-line queueing (docs/engine.md) the first
+    # random schedule that reaches it is the 46th (seeds 45, 46, 166 below 400)
+    ("mmio-generation-at-install", "memslots", "tdp", "random", 60),
     ("skip-gpte-recheck", "pte-race", "shadow", "random"),
     ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),
     ("forget-rmap-removal", "dirty-log", "legacy", "random"),
@@ -92,10 +94,13 @@ MUTANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("mutant", "scenario", "config", "policy"), MUTANT_CASES)
-def test_seeded_mutant_is_caught_and_the_fixed_code_passes(mutant, scenario, config, policy):
-    bad = _caught(scenario, config, policy, mutant, range(40))
-    assert bad is not None, f"{mutant} survived 40 {policy} schedules of {scenario}/{config}"
+@pytest.mark.parametrize(("mutant", "scenario", "config", "policy", "schedules"),
+                         [(*case, 40)[:5] for case in MUTANT_CASES])
+def test_seeded_mutant_is_caught_and_the_fixed_code_passes(mutant, scenario, config, policy,
+                                                          schedules):
+    bad = _caught(scenario, config, policy, mutant, range(schedules))
+    assert bad is not None, (f"{mutant} survived {schedules} {policy} schedules of "
+                             f"{scenario}/{config}")
     fixed = run_schedule(scenario, config, policy, bad.seed)
     assert fixed.ok, f"{fixed.invariant}: {fixed.detail}"
 
@@ -119,7 +124,7 @@ def test_spte_access_to_a_freed_table_is_a_use_after_free():
 def test_an_mmio_spte_made_while_a_slot_is_created_goes_stale():
     # Found by the 1,000-schedule random explore: the VMM created a slot between a fault's
     # retry check and its MMIO SPTE, which took the new generation and hid the slot.
-    bad = _caught("memslots", "tdp", "random", "mmio-generation-at-install", range(40))
+    bad = _caught("memslots", "tdp", "random", "mmio-generation-at-install", range(60))
     assert bad is not None and bad.invariant == "mmio-current"
     fixed = run_schedule("memslots", "tdp", "random", bad.seed)
     assert fixed.ok, f"{fixed.invariant}: {fixed.detail}"

@@ -35,6 +35,14 @@ class CostModel(BaseModel):
     quantum: int = _ns(10_000, "longest stretch of guest code a vCPU runs between switch points",
                        "modelling choice: 10 us keeps interleaving fine and switches rare", ge=1)
 
+    # --- the host scheduler ---------------------------------------------------------------------
+    sched_slice: int = _ns(3_000_000, "how long a preemptible task runs before a task waiting "
+                           "for its CPU gets it", "kernel/sched/fair.c: sysctl_sched_base_slice "
+                           "0.75 ms scaled by 1 + ilog2(min(ncpus, 8)) = 3 ms on a large host")
+    context_switch: int = _ns(2_000, "switching a CPU from one thread to another (schedule(), "
+                              "switch_mm, cold caches)", "lmbench lat_ctx: ~1.5-3 us between two "
+                              "processes on recent Xeons; Li, Ding, Shen, ExpCS 2007")
+
     # --- locks --------------------------------------------------------------------------------
     spin_acquire: int = _ns(20, "uncontended spinlock acquire",
                             "LOCK CMPXCHG ~18-20 cycles on Skylake (Agner Fog's tables), rounded up")
@@ -44,9 +52,10 @@ class CostModel(BaseModel):
     rwlock_write_acquire: int = _ns(20, "uncontended qrwlock write acquire",
                                     "LOCK CMPXCHG on the lock word, as spin_acquire")
     rwlock_release: int = _ns(10, "qrwlock release", "LOCK XADD (read) or a store (write), averaged")
-    lock_handoff: int = _ns(100, "extra cost of acquiring a lock whose cache line another task "
-                            "touched last", "cross-socket cache-line transfer ~100-130 ns on a "
-                            "2-socket Skylake (Intel MLC)")
+    lock_handoff: int = _ns(100, "one transfer of a contended cache line (a lock word, the "
+                            "mmap lock, a uffd wait queue) to the CPU that touches it next; "
+                            "transfers of one line queue", "cross-socket cache-line transfer "
+                            "~100-130 ns on a 2-socket Skylake (Intel MLC)")
 
     # --- atomics on SPTEs ----------------------------------------------------------------------
     atomic_read: int = _ns(2, "READ_ONCE of an SPTE", "L1D hit")

@@ -33,6 +33,7 @@ import random
 import signal
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -54,7 +55,13 @@ DEFAULT_PCT_DEPTH = 3
 #: pct: the change points are drawn from steps [1, pct_steps]; best set near engine.steps of a
 #: whole run (a run with more steps never changes priority after pct_steps)
 DEFAULT_PCT_STEPS = 10_000
+#: host logical CPUs when a config does not say: the seed ran its 416-vCPU test on the host of
+#: a Google Cloud m2-ultramem-416 VM, an 8-socket Cascade Lake machine (8 x 28 cores x 2
+#: threads = 448; Google Cloud's memory-optimized machine family page, Intel ARK 8280L)
+DEFAULT_HOST_CPUS = 448
 DEFAULT_PHASE = "other"
+#: the phase of a task that is due to run but waits for a host CPU
+RUNQUEUE_PHASE = "runqueue"
 _NO_LIMIT = 1 << 62  # "no `until`": far beyond any run, and an int so comparisons stay cheap
 
 
@@ -81,6 +88,7 @@ class TaskStats:
     lock_contended: int
     atomics: int
     cmpxchg_failures: int
+    cpu_ns: int = 0  # on a host CPU: running, or spinning for a lock (what perf samples)
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ class Task:
         "engine", "name", "id", "daemon", "glet", "started", "finished", "result", "start",
         "end", "blocked", "waiting", "holding", "_mark", "_phases", "_stack", "lock_wait",
         "lock_held", "switches", "lock_acquires", "lock_contended", "atomics",
-        "cmpxchg_failures", "priority",
+        "cmpxchg_failures", "priority", "on_cpu", "cpu_since", "cpu_ns", "slice_start", "nopreempt",
     )
 
     def __init__(self, engine: Engine, name: str, tid: int, daemon: bool) -> None:
@@ -127,6 +135,13 @@ class Task:
         self.atomics = 0
         self.cmpxchg_failures = 0
         self.priority: float = 0.0  # pct only: the highest runnable priority runs
+        # The host CPU model: whether the task occupies a CPU (running, due after a delay, or
+        # spinning for a lock), since when, its on-CPU time so far, and when its slice began.
+        self.on_cpu = False
+        self.cpu_since = 0
+        self.cpu_ns = 0
+        self.slice_start = 0
+        self.nopreempt = 0  # spinlocks being taken or held: the CPU is kept, never preempted
 
     def account(self) -> None:
         """Charge the time since the last change of category to the current category.
@@ -161,6 +176,7 @@ class Task:
             lock_contended=self.lock_contended,
             atomics=self.atomics,
             cmpxchg_failures=self.cmpxchg_failures,
+            cpu_ns=self.cpu_ns + (self.engine.now - self.cpu_since if self.on_cpu else 0),
         )
 
     def __repr__(self) -> str:
@@ -206,18 +222,22 @@ class Engine:
         "_pct_changes", "_pct_next", "_pct_floor", "steps", "_atomic_ns", "now", "tasks",
         "current", "trace_enabled", "trace", "_queue", "_seq", "_live", "_until", "_limit",
         "_interrupted", "_main", "_running", "_failed", "_closing", "_primitives",
-        "step_hook", "__dict__", "__weakref__",
+        "step_hook", "host_cpus", "_free_cpus", "_runqueue", "_slice_ns", "_switch_ns",
+        "__dict__", "__weakref__",
     )
 
     def __init__(self, seed: int, cost: CostModel | None = None, policy: str = "fifo",
                  trace: bool = False, *, jitter_ns: int = DEFAULT_JITTER_NS,
-                 pct_depth: int = DEFAULT_PCT_DEPTH, pct_steps: int = DEFAULT_PCT_STEPS) -> None:
+                 pct_depth: int = DEFAULT_PCT_DEPTH, pct_steps: int = DEFAULT_PCT_STEPS,
+                 host_cpus: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r} (one of: {', '.join(POLICIES)})")
         if jitter_ns < 0:
             raise ValueError(f"jitter_ns must be >= 0, not {jitter_ns}")
         if pct_depth < 1:
             raise ValueError(f"pct_depth must be >= 1, not {pct_depth}")
+        if host_cpus is not None and host_cpus < 1:
+            raise ValueError(f"host_cpus must be >= 1 (or None: unlimited), not {host_cpus}")
         if pct_steps < max(1, pct_depth - 1):
             raise ValueError(f"pct_steps must be >= max(1, pct_depth - 1) = "
                              f"{max(1, pct_depth - 1)}, not {pct_steps}")
@@ -265,6 +285,12 @@ class Engine:
         self._closing = False  # close() was called: tasks are being (or have been) killed
         # Primitives holding per-task state (locks, RCU), told to forget the tasks on close().
         self._primitives: list[weakref.ref] = []
+        # The host's CPUs (see "Host CPUs" in the module docstring): None is unlimited.
+        self.host_cpus = host_cpus
+        self._free_cpus = _NO_LIMIT if host_cpus is None else host_cpus
+        self._runqueue: deque[Task] = deque()  # tasks due to run, waiting for a free CPU
+        self._slice_ns = self.cost.sched_slice
+        self._switch_ns = self.cost.context_switch
 
     @property
     def jitter_ns(self) -> int:
@@ -295,11 +321,14 @@ class Engine:
 
         def body() -> None:
             task.result = fn(*args, **kwargs)
-            if task.holding:
-                raise RuntimeError(f"task {task.name} finished holding {task.holding} lock(s)")
+            if task.holding or task.nopreempt:
+                raise RuntimeError(f"task {task.name} finished holding "
+                                   f"{max(task.holding, task.nopreempt)} lock(s)")
             task.account()
             task.finished = True
             task.end = self.now
+            if task.on_cpu:
+                self._put_cpu(task)
             if not task.daemon:
                 self._live -= 1
             if self.trace_enabled:
@@ -313,6 +342,51 @@ class Engine:
         if self.trace_enabled:
             self._record(task, "spawn", daemon)
         return task
+
+    # --- host CPUs ----------------------------------------------------------------------------
+    def _take_cpu(self, task: Task) -> bool:
+        """A task due to run needs a CPU: take a free one, else wait in the run queue."""
+        if self._free_cpus:
+            self._free_cpus -= 1
+            task.on_cpu = True
+            task.cpu_since = task.slice_start = self.now
+            return True
+        task.account()
+        task._stack.append(RUNQUEUE_PHASE)
+        self._runqueue.append(task)
+        if self.trace_enabled:
+            self._record(task, "runqueue", None)
+        return False
+
+    def _put_cpu(self, task: Task) -> None:
+        """`task` leaves its CPU: the run queue's head gets it after a context switch."""
+        task.on_cpu = False
+        task.cpu_ns += self.now - task.cpu_since
+        rq = self._runqueue
+        if rq and not self._closing:
+            nxt = rq.popleft()
+            nxt.account()
+            nxt._stack.pop()
+            nxt.on_cpu = True
+            nxt.cpu_since = nxt.slice_start = self.now
+            self._schedule(nxt, self.now + self._switch_ns)
+        else:
+            self._free_cpus += 1
+
+    def _preempt(self, task: Task) -> None:
+        """The running task used up its slice while others wait for a CPU: to the back."""
+        self._put_cpu(task)
+        task.account()
+        task._stack.append(RUNQUEUE_PHASE)
+        self._runqueue.append(task)
+        if self.trace_enabled:
+            self._record(task, "preempt", None)
+        self._yield()
+
+    @property
+    def runqueue_length(self) -> int:
+        """Tasks due to run that wait for a free host CPU."""
+        return len(self._runqueue)
 
     def _key(self, task: Task, when: int) -> float:
         """Where a task due at `when` goes in the run queue under the policy."""
@@ -394,6 +468,8 @@ class Engine:
                 task = heapq.heappop(queue)[3]
                 if when > self.now:
                     self.now = when
+                if not task.on_cpu and not self._take_cpu(task):
+                    continue  # every CPU is busy: it waits in the run queue
                 self.current = task
                 task.switches += 1
                 if not task.started:
@@ -463,6 +539,7 @@ class Engine:
                     pass  # a teardown error in a task being killed: nobody to report it to
         self.current = None
         self._queue.clear()
+        self._runqueue.clear()
         for ref in self._primitives:
             primitive = ref()
             if primitive is not None:
@@ -483,6 +560,9 @@ class Engine:
             return  # setup code outside the engine: time does not pass
         if ns < 0:
             raise ValueError(f"negative delay {ns}")
+        if (self._runqueue and self.now - task.slice_start >= self._slice_ns
+                and not task.nopreempt and not self._closing):
+            self._preempt(task)  # preemptible code past its slice, with others waiting
         if self.trace_enabled:
             self._record(task, "delay", ns if phase is None else (ns, phase))
         if phase is not None:
@@ -546,11 +626,15 @@ class Engine:
         with _Phase(self, phase):
             self._park(task, phase)
 
-    def _park(self, task: Task, why: str) -> None:
+    def _park(self, task: Task, why: str, spin: bool = False) -> None:
+        """Park until woken. A task spinning for a lock (`spin`), or sleeping while it holds
+        one (preemption is off under a spinlock), keeps its CPU; any other gives it up."""
         task.blocked = why
         if self.trace_enabled:
             self._record(task, "block", why)
         self._step(task)
+        if not spin and not task.nopreempt and task.on_cpu:
+            self._put_cpu(task)
         self._yield()
 
     def wake(self, task: Task, after: int = 0) -> bool:
@@ -614,6 +698,6 @@ class Engine:
             lock_held_ns=total("lock_held_ns"), phases=MappingProxyType(phases),
             switches=total("switches"), lock_acquires=total("lock_acquires"),
             lock_contended=total("lock_contended"), atomics=total("atomics"),
-            cmpxchg_failures=total("cmpxchg_failures"),
+            cmpxchg_failures=total("cmpxchg_failures"), cpu_ns=total("cpu_ns"),
         )
         return EngineStats(now=self.now, tasks=per_task, totals=totals)

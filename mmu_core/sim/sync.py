@@ -8,6 +8,12 @@ Lock accounting: the acquire (its atomic, plus `lock_handoff` when the lock's ca
 from another task) counts as lock wait even when uncontended; the release counts as lock held,
 and the lock is free only once the release's cost has been paid.
 
+A lock's word lives in one cache line (CacheLine), and the line moves between CPUs one
+transfer at a time: each acquire, release and hand-over by a task other than the line's last
+owner reserves the next `lock_handoff` slot of the line. Sixty-four readers taking a rwlock
+at once therefore queue for the line even though none waits for the lock itself, which is
+what makes a read-mostly lock's word a bottleneck on a large machine (see docs/engine.md).
+
 Called outside any task (setup and teardown code), a free lock is taken at no cost; anything
 that would have to wait is a RuntimeError.
 """
@@ -40,22 +46,103 @@ class _Guard:
         self._exit()
 
 
+class CacheLine:
+    """One cache line that atomics from different CPUs (tasks) contend for.
+
+    Transfers are serialized: a task other than the line's owner waits for the line to be
+    free of earlier transfers, then for its own transfer (`transfer_ns`), and becomes the
+    owner. The owner's own accesses hit in its cache and cost nothing here. Used for lock
+    words (the MMU lock, the mmap lock) and other hot shared words (a uffd's wait queue).
+    """
+
+    __slots__ = ("engine", "owner", "free_at", "transfer_ns", "transfers", "wait_ns")
+
+    def __init__(self, engine: Engine, transfer_ns: int | None = None) -> None:
+        self.engine = engine
+        self.owner: Task | None = None
+        self.free_at = 0  # virtual time at which the last reserved transfer completes
+        self.transfer_ns = engine.cost.lock_handoff if transfer_ns is None else transfer_ns
+        self.transfers = 0
+        self.wait_ns = 0  # summed time tasks queued behind other transfers (not their own)
+
+    def reserve(self, task: Task | None) -> int:
+        """Reserve `task`'s transfer of the line; returns how long from now until the line is
+        in its cache (0 if it already is, or outside any task). Does not advance time."""
+        if task is None or self.owner is None or self.owner is task:
+            # Outside the engine nothing costs time; a line nobody has touched yet (or last
+            # touched by setup code) is taken as it is, as the lock's first acquire always was.
+            self.owner = task
+            return 0
+        now = self.engine.now
+        start = self.free_at if self.free_at > now else now
+        self.free_at = start + self.transfer_ns
+        self.wait_ns += start - now
+        self.transfers += 1
+        self.owner = task
+        return self.free_at - now
+
+    def touch(self) -> None:
+        """The current task does an atomic on the line: it waits until the line is its own."""
+        engine = self.engine
+        ns = self.reserve(engine.current)
+        if ns:
+            engine.delay(ns)
+
+    def forget(self) -> None:
+        self.owner = None
+
+
+class _ReadWrite:
+    """read_lock/read_unlock/write_lock/write_unlock and the `with` guards, over a class's
+    `_acquire(write)` and `_release(write)` (RWLock, RWSem)."""
+
+    _read_guard: _Guard
+    _write_guard: _Guard
+
+    def _guards(self) -> None:
+        self._read_guard = _Guard(self.read_lock, self.read_unlock)
+        self._write_guard = _Guard(self.write_lock, self.write_unlock)
+
+    def read_lock(self) -> None:
+        self._acquire(False)
+
+    def read_unlock(self) -> None:
+        self._release(False)
+
+    def write_lock(self) -> None:
+        self._acquire(True)
+
+    def write_unlock(self) -> None:
+        self._release(True)
+
+    def read(self) -> _Guard:
+        """`with lock.read():` holds it for read."""
+        return self._read_guard
+
+    def write(self) -> _Guard:
+        """`with lock.write():` holds it for write."""
+        return self._write_guard
+
+
 class _QueuedLock:
     """The mechanics shared by RWLock and SpinLock: a FIFO queue of (task, write) waiters."""
 
     def __init__(self, engine: Engine, name: str, read_ns: int, write_ns: int,
-                 release_ns: int) -> None:
+                 release_ns: int, accounted: bool = True) -> None:
         self.engine = engine
         self.name = name
+        # An accounted lock's wait and hold are "lock wait" and "lock held" in the tasks'
+        # accounting, which stand for the MMU lock; any other lock's count in the task's
+        # current phase. Either way the task spins and keeps its CPU, preemption off.
+        self.accounted = accounted
         self.readers: dict[Task | None, int] = {}  # holder -> read nesting (None: no task)
         self.writer: Task | None = None
         self._write_held = False  # separate from `writer`, which is None outside tasks
         self._queue: deque[tuple[Task, bool]] = deque()
-        self._last: Task | None = None  # who touched the lock last: the cache line's owner
+        self.line = CacheLine(engine)  # the lock word's cache line
         self._read_ns = read_ns
         self._write_ns = write_ns
         self._release_ns = release_ns
-        self._handoff_ns = engine.cost.lock_handoff
         engine._adopt(self)
 
     def _forget_tasks(self) -> None:
@@ -69,7 +156,7 @@ class _QueuedLock:
             self.writer = None
             self._write_held = False
         self._queue.clear()
-        self._last = None
+        self.line.forget()
 
     def _free_for(self, write: bool) -> bool:
         # Nobody queued also means no writer queued ahead of a reader: that is the fairness.
@@ -87,22 +174,27 @@ class _QueuedLock:
             return
         if (self._write_held and self.writer is task) or (write and task in self.readers):
             raise RuntimeError(f"{self.name}: {task.name} would deadlock against itself")
-        task.account()
-        task.waiting += 1
+        accounted = self.accounted
+        task.nopreempt += 1
+        if accounted:
+            task.account()
+            task.waiting += 1
         if engine.trace_enabled:
             engine._record(task, "lock_acquire", (self.name, WRITE if write else READ))
+        # The atomic needs the lock word's line first (queueing behind other CPUs' transfers),
+        # then executes; what it read decides whether the lock was free.
+        self.line.touch()
         engine.delay(self._write_ns if write else self._read_ns)
         if self._free_for(write):
-            handoff = self._last is not None and self._last is not task
             self._grant(task, write)
-            if handoff:
-                engine.delay(self._handoff_ns)
         else:
-            task.lock_contended += 1
+            if accounted:
+                task.lock_contended += 1
             self._queue.append((task, write))
-            engine._park(task, f"lock_wait {self.name} ({WRITE if write else READ})")
-        task.account()
-        task.waiting -= 1
+            engine._park(task, f"lock_wait {self.name} ({WRITE if write else READ})", spin=True)
+        if accounted:
+            task.account()
+            task.waiting -= 1
         if engine.trace_enabled:
             engine._record(task, "lock", (self.name, WRITE if write else READ))
 
@@ -113,10 +205,9 @@ class _QueuedLock:
             self._write_held = True
         else:
             self.readers[task] = self.readers.get(task, 0) + 1
-        if task is not None:
+        if task is not None and self.accounted:
             task.holding += 1
             task.lock_acquires += 1
-        self._last = task
 
     def _release(self, write: bool) -> None:
         engine = self.engine
@@ -127,9 +218,12 @@ class _QueuedLock:
         elif not self.readers.get(task):
             raise RuntimeError(f"{self.name}: read unlock by a task that does not hold it")
         if task is not None:
+            self.line.touch()
             engine.delay(self._release_ns)
-            task.account()
-            task.holding -= 1
+            task.nopreempt -= 1
+            if self.accounted:
+                task.account()
+                task.holding -= 1
         if write:
             self.writer = None
             self._write_held = False
@@ -139,7 +233,8 @@ class _QueuedLock:
                 del self.readers[task]
             else:
                 self.readers[task] = n - 1
-        self._last = task
+        if task is None:
+            self.line.reserve(None)
         if engine.trace_enabled:
             engine._record(task, "unlock", (self.name, WRITE if write else READ))
         if self._queue:
@@ -153,8 +248,9 @@ class _QueuedLock:
             if write and self.readers:
                 return
             q.popleft()
-            # The cache line travels to the new owner: it resumes after the transfer.
-            after = self._handoff_ns if self._last is not None and self._last is not task else 0
+            # The spinning waiter sees the release once the line has travelled to its CPU
+            # (after any transfers already queued for the line): it resumes then.
+            after = self.line.reserve(task)
             self._grant(task, write)
             self.engine._wake(task, after)
 
@@ -169,35 +265,14 @@ class _QueuedLock:
         return bool(self._queue)
 
 
-class RWLock(_QueuedLock):
+class RWLock(_QueuedLock, _ReadWrite):
     """A fair queued reader-writer lock (Linux's qrwlock), e.g. KVM's mmu_lock."""
 
     def __init__(self, engine: Engine, name: str) -> None:
         c = engine.cost
         super().__init__(engine, name, c.rwlock_read_acquire, c.rwlock_write_acquire,
                          c.rwlock_release)
-        self._read_guard = _Guard(self.read_lock, self.read_unlock)
-        self._write_guard = _Guard(self.write_lock, self.write_unlock)
-
-    def read_lock(self) -> None:
-        self._acquire(False)
-
-    def read_unlock(self) -> None:
-        self._release(False)
-
-    def write_lock(self) -> None:
-        self._acquire(True)
-
-    def write_unlock(self) -> None:
-        self._release(True)
-
-    def read(self) -> _Guard:
-        """`with lock.read():` holds the lock for read."""
-        return self._read_guard
-
-    def write(self) -> _Guard:
-        """`with lock.write():` holds the lock for write."""
-        return self._write_guard
+        self._guards()
 
     def held_by_current(self, mode: str) -> bool:
         task = self.engine.current
@@ -222,11 +297,13 @@ class RWLock(_QueuedLock):
 
 
 class SpinLock(_QueuedLock):
-    """An exclusive FIFO lock (a ticket spinlock)."""
+    """An exclusive FIFO lock (a ticket spinlock). `accounted=False` for locks other than
+    the MMU lock (a uffd's wait queue): their wait is the task's phase, not "lock wait"."""
 
-    def __init__(self, engine: Engine, name: str) -> None:
+    def __init__(self, engine: Engine, name: str, accounted: bool = True) -> None:
         c = engine.cost
-        super().__init__(engine, name, c.spin_acquire, c.spin_acquire, c.spin_release)
+        super().__init__(engine, name, c.spin_acquire, c.spin_acquire, c.spin_release,
+                         accounted)
 
     def lock(self) -> None:
         self._acquire(True)
@@ -247,6 +324,104 @@ class SpinLock(_QueuedLock):
     @property
     def locked(self) -> bool:
         return self._write_held
+
+
+class RWSem(_ReadWrite):
+    """A sleeping reader-writer semaphore, FIFO and fair to writers (Linux's rw_semaphore;
+    the mmap lock).
+
+    Unlike RWLock, a waiter sleeps (it gives its host CPU up) and its wait is not "lock wait"
+    in the accounting, which stands for the MMU lock: it is the phase `name`. The semaphore's
+    count lives in one CacheLine, so down_read/up_read by many CPUs queue for the line even
+    when nobody waits for the semaphore: that is what the seed's 416 vCPUs, all in
+    get_user_pages and UFFDIO_COPY at once, pay for the mmap lock. The atomics cost what the
+    rwlock's do (the same LOCK XADD / CMPXCHG on a count).
+    """
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.line = CacheLine(engine)
+        self.readers = 0
+        self.writer = False
+        self._queue: deque[tuple[Task, bool]] = deque()
+        self._granted: set[Task] = set()
+        c = engine.cost
+        self._read_ns = c.rwlock_read_acquire
+        self._write_ns = c.rwlock_write_acquire
+        self._release_ns = c.rwlock_release
+        self._guards()
+        self.contended = 0  # acquires that slept
+        engine._adopt(self)
+
+    def _forget_tasks(self) -> None:
+        self._queue.clear()
+        self._granted.clear()
+        self.line.forget()
+
+    def _free_for(self, write: bool) -> bool:
+        if self.writer or self._queue:
+            return False
+        return not write or not self.readers
+
+    def _take(self, write: bool) -> None:
+        if write:
+            self.writer = True
+        else:
+            self.readers += 1
+
+    def _acquire(self, write: bool) -> None:
+        engine = self.engine
+        task = engine.current
+        if task is None:
+            if not self._free_for(write):
+                raise RuntimeError(f"{self.name}: contended outside a task (it would wait forever)")
+            self._take(write)
+            return
+        self.line.touch()
+        engine.delay(self._write_ns if write else self._read_ns)
+        if self._free_for(write):
+            self._take(write)
+            return
+        self.contended += 1
+        self._queue.append((task, write))
+        try:
+            while task not in self._granted:
+                engine.block(self.name)
+        except BaseException:
+            # Killed while asleep (engine.close): leave nothing behind in line or granted.
+            if task in self._granted:
+                self._granted.discard(task)
+                self._release(write, charge=False)
+            else:
+                self._queue.remove((task, write))
+            raise
+        self._granted.discard(task)
+
+    def _release(self, write: bool, charge: bool = True) -> None:
+        engine = self.engine
+        if write:
+            if not self.writer:
+                raise RuntimeError(f"{self.name}: write unlock while not write-locked")
+        elif not self.readers:
+            raise RuntimeError(f"{self.name}: read unlock while not read-locked")
+        if charge and engine.current is not None:
+            self.line.touch()
+            engine.delay(self._release_ns)
+        if write:
+            self.writer = False
+        else:
+            self.readers -= 1
+        q = self._queue
+        while q and not self.writer:
+            task, w = q[0]
+            if w and self.readers:
+                break
+            q.popleft()
+            self._take(w)
+            self._granted.add(task)
+            # The sleeper runs once woken and the count's line is in its cache.
+            engine.wake(task, self.line.reserve(task))
 
 
 class Completion:
