@@ -35,7 +35,12 @@ try:
     from mmu_core import InvalidConfig, MMUError, Params, load_params, plugins
     from mmu_core.params import CONFIGURATIONS, configuration
     from mmu_core.report.models import REPORTS, CompareReport, DemandPagingReport
-    from mmu_core.sim.engine import DEFAULT_JITTER_NS, DEFAULT_PCT_DEPTH, DEFAULT_PCT_STEPS
+    from mmu_core.sim.engine import (
+        DEFAULT_HOST_CPUS,
+        DEFAULT_JITTER_NS,
+        DEFAULT_PCT_DEPTH,
+        DEFAULT_PCT_STEPS,
+    )
     from mmu_core.workloads.checks import CheckFailed
 except KeyboardInterrupt:  # Ctrl-C while these load (numba's cache takes a second or two)
     sys.stderr.write("mmu: interrupted\n")
@@ -122,6 +127,10 @@ DelayOpt = Annotated[int, typer.Option("-d", "--uffd-delay-us", help="userfault 
 BackingOpt = Annotated[str, typer.Option("-s", "--backing", help="anon | thp | hugetlb")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="guest paging: 4level 5level pae 32bit none")]
 UffdOpt = Annotated[bool, typer.Option("--uffd/--no-uffd", help="serve faults with userfaultfd")]
+SharedOpt = Annotated[bool, typer.Option(
+    "-a", "--uffd-shared", help="one userfaultfd for all vCPUs, read by a handler per vCPU")]
+HostCpusOpt = Annotated[int, typer.Option(
+    "--host-cpus", help="host logical CPUs the threads share (0: unlimited)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed: runs are reproducible from it")]
 PolicyOpt = Annotated[str, typer.Option("--policy", help="schedule: fifo | random | pct")]
 JitterOpt = Annotated[int, typer.Option("--jitter-ns", help="random: widest reordering, ns")]
@@ -183,19 +192,21 @@ def _note_ignored(config: Path | None) -> None:
                   f"{', '.join(ignored)} {verb} not apply", highlight=False, soft_wrap=True)
 
 
-def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule):
+def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule,
+             uffd_shared=False):
     from mmu_core.workloads.demand_paging import DemandPagingOptions
 
     size = parse_size(bytes_per_vcpu)
     return mmu_core.validate(
         DemandPagingOptions, vcpus=vcpus, bytes_per_vcpu=size, uffd=uffd,
-        uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed, **schedule,
+        uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed,
+        uffd_shared=uffd_shared, **schedule,
     )
 
 
-def _schedule(policy, jitter_ns, pct_depth, pct_steps) -> dict:
+def _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus=DEFAULT_HOST_CPUS) -> dict:
     return {"policy": policy, "jitter_ns": jitter_ns, "pct_depth": pct_depth,
-            "pct_steps": pct_steps}
+            "pct_steps": pct_steps, "host_cpus": host_cpus or None}
 
 
 def _run_one(opts, params: Params, label: str, runner=None):
@@ -300,11 +311,13 @@ def run_demand_paging(
     backing: BackingOpt = "anon",
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
+    uffd_shared: SharedOpt = False,
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
+    host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
     backend: Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")] = None,
     ept: Annotated[bool | None, typer.Option("--ept/--no-ept", help="two-dimensional paging")] = None,
     config: ConfigOpt = None,
@@ -316,7 +329,7 @@ def run_demand_paging(
     """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
-                    _schedule(policy, jitter_ns, pct_depth, pct_steps))
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared)
     params = _run_params(configuration_name, backend, ept, config)
     _warn_broken()
     report = _run_one(opts, params, "run")
@@ -335,11 +348,13 @@ def compare_demand_paging(
     backing: BackingOpt = "anon",
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
+    uffd_shared: SharedOpt = False,
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
+    host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
     configs: Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")] = None,
@@ -353,7 +368,7 @@ def compare_demand_paging(
     _check_plot(plot)
     _workers(jobs)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
-                    _schedule(policy, jitter_ns, pct_depth, pct_steps))
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared)
     reports = _compare_runs(opts, configs, config, jobs=jobs)
     _compare_out("demand-paging", reports, plot, json, _render)
 
@@ -367,11 +382,13 @@ def sweep_demand_paging(
     backing: BackingOpt = "anon",
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
+    uffd_shared: SharedOpt = False,
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
+    host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
     configs: Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")] = None,
@@ -391,7 +408,8 @@ def sweep_demand_paging(
     except ValueError:
         raise InvalidConfig("--vcpus", f"{vcpu_counts!r} is not a list of numbers") from None
     opts = _options(max(counts or [1]), bytes_per_vcpu, uffd_delay_us, backing, mode, uffd,
-                    seed, _schedule(policy, jitter_ns, pct_depth, pct_steps))
+                    seed, _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus),
+                    uffd_shared)
     names = [name for name, _ in _configurations(configs or [",".join(CONFIGURATIONS)],
                                                  "--configs")]
     _warn_broken()
@@ -777,9 +795,11 @@ def _pct(x: float) -> str:
 
 def _render(reports: list[DemandPagingReport]) -> None:
     r0 = reports[0]
+    uffd = ("shared, a handler per vCPU" if r0.uffd_shared else "on") if r0.uffd else "off"
+    cpus = r0.host.host_cpus if r0.host else None
     out.print(f"demand-paging: {r0.vcpus} vCPUs x {_size(r0.bytes_per_vcpu)}, {r0.backing}, "
-              f"guest {r0.paging_mode}, uffd={'on' if r0.uffd else 'off'}, seed {r0.seed}, "
-              f"schedule {_policy(r0.schedule)}")
+              f"guest {r0.paging_mode}, uffd={uffd}, seed {r0.seed}, "
+              f"schedule {_policy(r0.schedule)}, host CPUs {cpus or 'unlimited'}")
     table = Table("", *[r.configuration for r in reports])
 
     def row(label, fn):
@@ -798,6 +818,16 @@ def _render(reports: list[DemandPagingReport]) -> None:
     row("backend faults (retries)", lambda r: f"{r.backend_stats.faults} "
         f"({r.backend_stats.retries})" if r.backend_stats else "n/a (no mmu_stats)")
     row("lock wait share", lambda r: _pct(r.lock_wait_share))
+    if all(r.host for r in reports):
+        row("lock wait / vCPU on-CPU time", lambda r: _pct(r.host.lock_wait_share_on_cpu))
+        row("lock wait / all on-CPU (profile)", lambda r: _pct(r.host.profile_lock_share))
+        row("run-queue wait (all tasks)", lambda r: _ms(r.host.runqueue_ns))
+        row("mmap lock line: transfers, queued",
+            lambda r: f"{r.host.mmap_lock_transfers:,}, {_ms(r.host.mmap_lock_line_wait_ns)}")
+        row("MMU lock line: transfers, queued",
+            lambda r: f"{r.host.mmu_lock_transfers:,}, {_ms(r.host.mmu_lock_line_wait_ns)}")
+        if any(r.uffd_shared for r in reports):
+            row("uffd handlers woken for nothing", lambda r: f"{r.host.uffd_empty_reads:,}")
     for field, label in (("lock_wait_ns", "vCPU lock wait"), ("lock_held_ns", "vCPU lock held"),
                          ("gup_ns", "vCPU gup+userfault"), ("walk_ns", "vCPU walk"),
                          ("exit_ns", "vCPU exit"), ("guest_ns", "vCPU guest")):

@@ -84,7 +84,8 @@ def test_run_json_is_one_report_with_a_schema_version():
     p = mmu("run", "demand-paging", "-v", "2", "-b", "256K", "--json", "--seed", "4")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["schema_version"] == 3 and report["verified"] is True
+    assert report["schema_version"] == 4 and report["verified"] is True
+    assert report["host"]["host_cpus"] == 448 and report["uffd_shared"] is False
     assert report["configuration"] == "tdp"
     stats = report["backend_stats"]
     assert stats["faults"] == sum(report["faults"].values()) and stats["mapped_4k"] > 0
@@ -93,6 +94,19 @@ def test_run_json_is_one_report_with_a_schema_version():
                                   "pct_depth": None, "pct_steps": None,
                                   "steps": report["schedule"]["steps"]}
     assert set(report["wall"]) == {"seconds", "sim_faults_per_sec", "peak_rss_bytes"}
+
+
+def test_run_takes_the_host_cpus_and_a_shared_uffd():
+    p = mmu("run", "demand-paging", "-v", "4", "-b", "64K", "-a", "--host-cpus", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["uffd_shared"] is True and report["verified"] is True
+    assert report["host"]["host_cpus"] == 2 and report["host"]["runqueue_ns"] > 0
+    p = mmu("run", "demand-paging", "-v", "1", "-b", "64K", "--host-cpus", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["host"]["host_cpus"] is None  # 0: unlimited
+    p = mmu("run", "demand-paging", "--host-cpus", "-3")
+    assert p.returncode == 2 and "host_cpus" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_compare_prints_three_columns_and_identical_digests():

@@ -486,7 +486,8 @@ def test_a_swapped_page_is_read_back_once_by_racing_faults_and_costs_swap_in():
 
 
 def test_userfault_waiter_reports_again_when_the_copied_page_was_dropped_before_it_ran():
-    engine = Engine(0)
+    # One host CPU: the waiter UFFDIO_COPY wakes cannot run before the handler sleeps again
+    engine = Engine(0, host_cpus=1)
     mm, mem, _ = new_mm(engine)
     r = mm.mmap(16 * 4096)
     uffd = Userfaultfd(engine, mm, r.start, r.size)

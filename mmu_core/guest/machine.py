@@ -3,7 +3,8 @@
 Layout (guest-physical == guest-linear for data, as the selftests' identity maps):
   slot 0  page tables, at gpa 0, mapped by the guest at PT_GVA_* for its own PTE stores
   slot 1  data, at DATA_GPA (1 GiB, so 1 GiB pages can be aligned), optionally userfault
-          registered in per-vCPU ranges (one handler each, like demand_paging_test)
+          registered in per-vCPU ranges (one handler each, like demand_paging_test), or as
+          one range read by one handler per vCPU (uffd_shared, the selftest's -a)
   MMIO    MMIO_GPA: no memslot; accesses exit to the model's MMIO device
 """
 
@@ -47,6 +48,9 @@ class MachineSpec:
     backing: str = "anon"
     mode: int = P.MODE_4LEVEL
     userfault: bool = False
+    # one userfaultfd over all the data, read by one handler per vCPU (demand_paging_test
+    # -a), instead of one uffd (and one handler) per vCPU's region
+    uffd_shared: bool = False
     data_flags: int = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER
     map_data: bool = True
     log_dirty: bool = False
@@ -74,10 +78,14 @@ class Machine:
         return DATA_GPA + i * per, per
 
     def spawn_uffd_handlers(self, delay_ns: int = 0) -> None:
-        """One handler task per userfaultfd: read a fault, wait `delay_ns`, UFFDIO_COPY."""
+        """Handler tasks that read a fault, wait `delay_ns` and UFFDIO_COPY it: one per
+        userfaultfd, or one per vCPU on the single uffd of `uffd_shared`."""
         engine = self.vm.engine
+        readers = self.spec.vcpus if self.spec.uffd_shared else 1
         for k, uffd in enumerate(self.uffds):
-            engine.spawn(f"uffd{k}", _uffd_handler, engine, uffd, self.vm, delay_ns, daemon=True)
+            for r in range(readers):
+                name = f"uffd{k}" if readers == 1 else f"uffd{k}.{r}"
+                engine.spawn(name, _uffd_handler, engine, uffd, self.vm, delay_ns, daemon=True)
 
     def run_programs(self, programs: list[np.ndarray]) -> list[np.ndarray]:
         """Run one program per vCPU, concurrently in the engine; returns their results."""
@@ -120,8 +128,9 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
         machine = Machine(vm, spec, pts, paging)
         if spec.userfault:
             slot = vm.memslots[0].by_id(DATA_SLOT)
-            per = spec.data_size // spec.vcpus
-            for i in range(spec.vcpus):
+            nuffd = 1 if spec.uffd_shared else spec.vcpus
+            per = spec.data_size // nuffd
+            for i in range(nuffd):
                 machine.uffds.append(
                     Userfaultfd(vm.engine, vm.mm, slot.userspace_addr + i * per, per))
         for vcpu in vm.vcpus:

@@ -49,6 +49,7 @@ from mmu_core import mutants
 from mmu_core.errors import HostStateError, InvalidConfig, MMUError
 from mmu_core.host.memory import HostMemory, Purpose
 from mmu_core.sim.cost import DEFAULT_COSTS, CostModel
+from mmu_core.sim.sync import RWSem
 
 HVA_BASE = 0x7F00_0000_0000  # where the bump allocator starts: looks like a user mmap area
 NO_PFN = -1
@@ -184,6 +185,10 @@ class HostMM:
         # reverse map that migration and swap-out of a shared page need (KSM's rmap_items).
         self._sharers: dict[int, set[int]] = {}
         self._lock = _EventLock(engine)
+        # The mmap lock (mm->mmap_lock): get_user_pages' slow path and UFFDIO_COPY take it
+        # for read, munmap and khugepaged's collapse for write. Without an engine nothing
+        # waits or costs, so there is none.
+        self.mmap_lock = RWSem(engine, "mmap_lock") if engine is not None else None
         self.stats = MMStats()
 
     @property
@@ -355,6 +360,40 @@ class HostMM:
             if self.is_missing(hva) or mutants.on("populate-no-recheck"):
                 self.populate(hva)
 
+    def get_user_pages(self, hva: int, write: bool) -> int:
+        """The pfn behind hva as KVM's hva_to_pfn gets it, waiting for a userfault handler if
+        the page is missing in a userfault region. Charged to the caller's current phase.
+
+        GUP-fast first (`gup_present`: a lockless host page walk and a refcount atomic); it
+        succeeds for a present page (writable, for a write). Otherwise the slow path runs
+        under the mmap lock held for read (get_user_pages_unlocked). A missing page in a
+        userfault region makes handle_userfault drop the mmap lock before it sleeps
+        (VM_FAULT_RETRY); the fault is retried under the lock once the handler has copied
+        the page in. So a userfault costs four acquire/release pairs on the mmap lock's
+        line, two here and two in UFFDIO_COPY, which is what makes that line hot at scale.
+        """
+        self._delay(self.cost.gup_present)
+        i = self.index(hva)
+        pfn = int(self.hva_pfn[i])
+        if pfn != NO_PFN and (not write or self.hva_writable[i]):
+            return pfn
+        lock = self.mmap_lock
+        if lock is None:
+            return self.fault_in(hva, write)
+        lock.read_lock()
+        try:
+            while True:
+                pfn = self.fault_in(hva, write)
+                if pfn != NO_PFN:
+                    return pfn
+                lock.read_unlock()
+                try:
+                    self.userfault_of(hva).wait_for(hva, write)
+                finally:
+                    lock.read_lock()
+        finally:
+            lock.read_unlock()
+
     def _swap_in(self, i: int) -> int:
         """Read the swap entry of hva index i back into a new frame (no switch point). A
         swapped-in page is a private 4 KiB page, even if it was a shared KSM page."""
@@ -406,11 +445,23 @@ class HostMM:
             self._lock.release()
 
     @contextlib.contextmanager
-    def _event(self) -> Iterator[None]:
-        """A host event: its own phase in the task's accounting, under the event lock."""
-        phase = self.engine.phase("host") if self.engine is not None else contextlib.nullcontext()
-        with phase, self._event_lock():
-            yield
+    def _event(self, mmap: str | None = None) -> Iterator[None]:
+        """A host event: its own phase in the task's accounting, under the event lock, and
+        under the mmap lock first if `mmap` says how ("read" or "write")."""
+        if self.engine is None:
+            with self._event_lock():
+                yield
+            return
+        sem = self.mmap_lock
+        with self.engine.phase("host"):
+            if mmap is not None:
+                sem.write_lock() if mmap == "write" else sem.read_lock()
+            try:
+                with self._event_lock():
+                    yield
+            finally:
+                if mmap is not None:
+                    sem.write_unlock() if mmap == "write" else sem.read_unlock()
 
     @contextlib.contextmanager
     def _invalidate(self, ranges: list[tuple[int, int]], event: str) -> Iterator[None]:
@@ -492,7 +543,8 @@ class HostMM:
         A THP mapped huge and only partly covered is split first, as zap_pmd_range splits a
         partly covered huge PMD; hugetlbfs ranges cover whole huge pages.
         """
-        with self._event():
+        # munmap holds the mmap lock for write; MADV_DONTNEED only for read (madvise_need_mmap_write)
+        with self._event("write" if event == "unmap" else "read"):
             start, end = self._range(hva, size)
             if end <= start:
                 return
@@ -643,7 +695,7 @@ class HostMM:
         page there must still raise a userfault); swapped-out pages are read back into it;
         a range holding a KSM (shared) page is left alone. Returns whether it collapsed.
         """
-        with self._event():
+        with self._event("write"):  # collapse_huge_page: mmap_write_lock
             region = self.region_of(hva)
             if region.backing is not Backing.THP:
                 raise UnsupportedHostEvent(

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 # 2: `schedule` added; wall-clock figures grouped under `wall`. 3: `backend_stats` (the
 # backend's mmu_stats hook) added. The selftest workloads' reports (below) were added in 3 and
 # a compare report's runs may be any of them; the demand-paging report did not change.
-SCHEMA_VERSION = 3
+# 4: the host model: `host` (HostFigures) and `uffd_shared` in the demand-paging report.
+SCHEMA_VERSION = 4
 
 
 class Frozen(BaseModel):
@@ -83,6 +84,28 @@ class WallClock(Frozen):
     peak_rss_bytes: int
 
 
+class HostFigures(Frozen):
+    """The host as the engine modelled it (docs/engine.md, "The host"): its CPUs, who was
+    on them, and the cache lines that queued."""
+
+    host_cpus: int | None  # None: unlimited
+    vcpu_on_cpu_ns: int  # vCPU threads running or spinning (not asleep, not in a run queue)
+    all_on_cpu_ns: int  # every task: vCPUs, userfault handlers, workers
+    # The vCPUs' MMU-lock wait as a share of their on-CPU time (lock_wait_share divides by
+    # all of their time, asleep in userfault included)
+    lock_wait_share_on_cpu: float
+    # Every task's MMU-lock wait as a share of all on-CPU time: what a system-wide profile
+    # (the seed's 1-second perf run) samples as time spent waiting for the MMU lock
+    profile_lock_share: float
+    runqueue_ns: int  # summed time tasks were due to run but waited for a free CPU
+    mmap_lock_transfers: int  # of the mmap lock's cache line between CPUs
+    mmap_lock_line_wait_ns: int  # queued behind other CPUs' transfers of that line
+    mmap_lock_sleeps: int  # acquires that found the mmap lock taken and slept
+    mmu_lock_transfers: int
+    mmu_lock_line_wait_ns: int
+    uffd_empty_reads: int  # handlers woken by a fault another handler read first
+
+
 class DemandPagingReport(Frozen):
     schema_version: int = SCHEMA_VERSION
     workload: str = "demand-paging"
@@ -97,6 +120,7 @@ class DemandPagingReport(Frozen):
     paging_mode: str
     uffd: bool
     uffd_delay_ns: int
+    uffd_shared: bool = False  # -a: one uffd for all, one handler per vCPU
     pages: int
     verified: bool
     mismatches: int
@@ -112,6 +136,7 @@ class DemandPagingReport(Frozen):
     cmpxchg_failures: int
     tlb_flushes: int
     memory: MemoryFigures
+    host: HostFigures | None = None  # None in reports of schema 3
     digest: str
     wall: WallClock
 

@@ -402,12 +402,7 @@ class VM:
         hva = slot.gfn_to_hva(gfn)
         mm = self.mm
         with self.engine.phase("gup"):
-            self.engine.delay(self.engine.cost.gup_present)
-            while True:
-                pfn = mm.fault_in(hva, write)
-                if pfn != NO_PFN:
-                    break
-                mm.userfault_of(hva).wait_for(hva, write)  # missing in a userfault region
+            pfn = mm.get_user_pages(hva, write)
         return HostPfn(pfn, mm.mapping_level(hva), slot, mm.host_writable(hva))
 
     def host_writable(self, hva: int) -> bool:

@@ -38,6 +38,7 @@ from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.types import MMUStats
 from mmu_core.workloads.heap import frozen_setup
+from mmu_core.workloads.host_figures import host_figures
 
 MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
 PROGRESS_CHUNKS = 32  # progress reports per vCPU
@@ -53,6 +54,8 @@ class DemandPagingOptions(ScheduleFields):
     bytes_per_vcpu: int = Field(64 << 20, gt=0, description="-b: memory per vCPU")
     uffd: bool = Field(True, description="-u MISSING: serve faults with userfaultfd")
     uffd_delay_ns: int = Field(0, ge=0, description="-d: handler delay per fault")
+    uffd_shared: bool = Field(False, description="-a: one userfaultfd for all vCPUs' memory, "
+                              "read by one handler per vCPU (else one uffd and handler each)")
     backing: str = Field("anon", pattern="^(anon|thp|hugetlb)$", description="-s: backing")
     mode: str = Field("4level", description="guest paging mode")
     seed: int = 0
@@ -203,7 +206,8 @@ def run_demand_paging(
 ) -> DemandPagingReport:
     wall0 = time.perf_counter()
     spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.vcpus * opts.bytes_per_vcpu,
-                       backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd)
+                       backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd,
+                       uffd_shared=opts.uffd_shared)
     config = VMConfig(vcpus=opts.vcpus, seed=opts.seed, params=params, cost=cost or CostModel(),
                       policy=opts.policy, **opts.engine_options())
     machine = build_machine(spec, config)
@@ -251,6 +255,7 @@ def run_demand_paging(
         digest = guest_digest(vm, results)
         cmpxchg_failures = sum(t.statistics().cmpxchg_failures for t in tasks)
         steps = vm.engine.steps
+        host = host_figures(vm, tasks, machine.uffds)
     finally:
         vm.destroy()
     wall = time.perf_counter() - wall0
@@ -267,6 +272,7 @@ def run_demand_paging(
         paging_mode=opts.mode,
         uffd=opts.uffd,
         uffd_delay_ns=opts.uffd_delay_ns,
+        uffd_shared=opts.uffd_shared,
         pages=pages * opts.vcpus,
         verified=mismatches == 0,
         mismatches=mismatches,
@@ -295,6 +301,7 @@ def run_demand_paging(
             page_table_share=mem.page_table_bytes / guest_bytes,
             metadata_share=mem.metadata_bytes / guest_bytes,
         ),
+        host=host,
         digest=digest,
         wall=WallClock(
             seconds=wall,
