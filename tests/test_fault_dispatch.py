@@ -1,5 +1,6 @@
-"""The per-fault hooks are resolved once per VM: the backend's bound methods when it alone
-implements them, pluggy's call (same semantics) in every other case."""
+"""The per-fault hooks (and the per-page aging one) are resolved once per VM: the backend's
+bound methods when it alone implements them, pluggy's call (same semantics) in every other
+case."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def test_a_vm_calls_its_backends_fault_hooks_directly(name, fast):
         backend = vm.backend_instances[vm.backend_name]
         assert vm.page_fault == backend.mmu_page_fault  # the bound method, no pluggy call
         assert vm.page_fault.__self__ is backend
-        if fast:
+        if fast:  # the TDP MMU also ages SPTEs: the host's page aging calls it per page
             assert vm.fast_page_fault == backend.mmu_fast_page_fault
+            assert vm._age_gfn_range == backend.mmu_age_gfn_range
         else:
-            assert vm.fast_page_fault is None
+            assert vm.fast_page_fault is None and vm._age_gfn_range is None
     finally:
         vm.destroy()
 

@@ -92,6 +92,9 @@ class VM:
         self.page_fault = plugins.dispatcher(self.hook.mmu_page_fault, "vcpu", "fault")
         self.fast_page_fault = plugins.dispatcher(self.hook.mmu_fast_page_fault, "vcpu",
                                                   "fault")
+        # and the per-page one: the host's page aging asks about every page it clears
+        self._age_gfn_range = plugins.dispatcher(self.hook.mmu_age_gfn_range, "vm", "as_id",
+                                                 "start", "end")
         self.backend_name = self.backends[self.role].name
         levels = 5 if self.role is Role.DIRECT and config.maxphyaddr > 48 else 4
         if self.backends[self.role].info.capabilities.max_root_level < levels:
@@ -635,11 +638,10 @@ class VM:
 
     def clear_young(self, start: int, end: int) -> int:
         young = 0
+        age = self._age_gfn_range  # resolved at creation; None: the backend does not age
         for as_id in (0, 1):
             for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end):
-                impls = self.hook.mmu_age_gfn_range.get_hookimpls()
-                res = self.hook.mmu_age_gfn_range(vm=self, as_id=as_id, start=first, end=last)
-                young += int(bool(res)) if impls else last - first
+                young += int(bool(age(self, as_id, first, last))) if age else last - first
         return young
 
     # --- figures ---------------------------------------------------------------------------------
