@@ -81,11 +81,16 @@ class CacheLine:
         self.owner = task
         return self.free_at - now
 
-    def touch(self) -> None:
-        """The current task does an atomic on the line: it waits until the line is its own."""
+    def touch(self, op_ns: int | None = None) -> None:
+        """The current task does an atomic on the line: it waits until the line is its own,
+        then for the operation (`op_ns`), a switch point even when free. One switch point for
+        both: nothing another task could observe happens in between, and each switch point
+        costs wall time. Without `op_ns`, only a transfer is a switch point."""
         engine = self.engine
         ns = self.reserve(engine.current)
-        if ns:
+        if op_ns is not None:
+            engine.delay(ns + op_ns)
+        elif ns:
             engine.delay(ns)
 
     def forget(self) -> None:
@@ -183,8 +188,7 @@ class _QueuedLock:
             engine._record(task, "lock_acquire", (self.name, WRITE if write else READ))
         # The atomic needs the lock word's line first (queueing behind other CPUs' transfers),
         # then executes; what it read decides whether the lock was free.
-        self.line.touch()
-        engine.delay(self._write_ns if write else self._read_ns)
+        self.line.touch(self._write_ns if write else self._read_ns)
         if self._free_for(write):
             self._grant(task, write)
         else:
@@ -218,8 +222,7 @@ class _QueuedLock:
         elif not self.readers.get(task):
             raise RuntimeError(f"{self.name}: read unlock by a task that does not hold it")
         if task is not None:
-            self.line.touch()
-            engine.delay(self._release_ns)
+            self.line.touch(self._release_ns)
             task.nopreempt -= 1
             if self.accounted:
                 task.account()
@@ -378,8 +381,7 @@ class RWSem(_ReadWrite):
                 raise RuntimeError(f"{self.name}: contended outside a task (it would wait forever)")
             self._take(write)
             return
-        self.line.touch()
-        engine.delay(self._write_ns if write else self._read_ns)
+        self.line.touch(self._write_ns if write else self._read_ns)
         if self._free_for(write):
             self._take(write)
             return
@@ -406,8 +408,7 @@ class RWSem(_ReadWrite):
         elif not self.readers:
             raise RuntimeError(f"{self.name}: read unlock while not read-locked")
         if charge and engine.current is not None:
-            self.line.touch()
-            engine.delay(self._release_ns)
+            self.line.touch(self._release_ns)
         if write:
             self.writer = False
         else:
