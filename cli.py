@@ -817,6 +817,10 @@ def _render(reports: list[DemandPagingReport]) -> None:
         + ("" if r.backend_stats else " (backend has no mmu_stats)"))
     row("backend faults (retries)", lambda r: f"{r.backend_stats.faults} "
         f"({r.backend_stats.retries})" if r.backend_stats else "n/a (no mmu_stats)")
+    row("reclaimed / unsync / syncs / PTE writes", lambda r: "/".join(
+        "-" if v is None else str(v) for v in (r.backend_stats.reclaimed_pages,
+        r.backend_stats.unsync_pages, r.backend_stats.syncs, r.backend_stats.emulated_pte_writes))
+        if r.backend_stats else "n/a (no mmu_stats)")
     row("lock wait share", lambda r: _pct(r.lock_wait_share))
     if all(r.host for r in reports):
         row("lock wait / vCPU on-CPU time", lambda r: _pct(r.host.lock_wait_share_on_cpu))

@@ -142,6 +142,14 @@ class MMUStats:
     pages_4k: int | None = None
     pages_2m: int | None = None
     pages_1g: int | None = None
+    # The shadow MMU's own events; None when the backend has no such thing (the TDP MMU has
+    # no page limit, no unsync pages and no write-tracked guest tables).
+    reclaimed_pages: int | None = None  # shadow pages zapped to respect the page limit or by
+    # the shrinker (make_mmu_pages_available, kvm_mmu_change_mmu_pages, mmu_shrink_scan)
+    unsync_pages: int | None = None  # times a shadowed level-1 table was marked unsync
+    syncs: int | None = None  # unsync pages synced again (kvm_sync_page)
+    emulated_pte_writes: int | None = None  # emulated guest writes to write-tracked tables
+    # (kvm_mmu_track_write calls)
 
     @property
     def mapped_by_level(self) -> dict[str, int]:

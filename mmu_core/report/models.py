@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 # 2: `schedule` added; wall-clock figures grouped under `wall`. 3: `backend_stats` (the
 # backend's mmu_stats hook) added. The selftest workloads' reports (below) were added in 3 and
 # a compare report's runs may be any of them; the demand-paging report did not change.
-# 4: the host model: `host` (HostFigures) and `uffd_shared` in the demand-paging report.
+# 4: the host model: `host` (HostFigures) and `uffd_shared` in the demand-paging report;
+# BackendStats gained reclaimed_pages, unsync_pages, syncs and emulated_pte_writes (optional,
+# None by default, so reports of 4 without them still load).
 SCHEMA_VERSION = 4
 
 
@@ -61,6 +63,12 @@ class BackendStats(Frozen):
     mapped_2m: int
     mapped_1g: int
     mmio_sptes: int
+    # The shadow MMU's events (types.MMUStats); None for a backend without them (tdp) and in
+    # reports written before they were added.
+    reclaimed_pages: int | None = None
+    unsync_pages: int | None = None
+    syncs: int | None = None
+    emulated_pte_writes: int | None = None
 
 
 class ScheduleFigures(Frozen):

@@ -32,6 +32,8 @@ from mmu_core.vm.memslot import (
 )
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD, REQ_TLB_FLUSH, Vcpu
 
+KVM_MIN_ALLOC_MMU_PAGES = 64  # kvm_host.h: the least KVM_SET_NR_MMU_PAGES accepts
+
 
 def create_vm(config: VMConfig, engine: Engine | None = None) -> VM:
     """Build a VM from a validated config; on failure nothing is left half-built."""
@@ -239,6 +241,21 @@ class VM:
         self._slot_updated(slot, done)
         self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=old, new=slot,
                       change="move")
+
+    def set_nr_mmu_pages(self, n: int) -> int | None:
+        """KVM_SET_NR_MMU_PAGES (kvm_vm_ioctl_set_nr_mmu_pages): limit the MMU's page-table
+        pages to n; below KVM_MIN_ALLOC_MMU_PAGES (64) the ioctl fails with EINVAL. The
+        backend (hook mmu_set_nr_mmu_pages) zaps the oldest pages at once if more are in use
+        and stops following memslot changes. Returns the limit in force, or None when the
+        backend has no limit (KVM's TDP MMU: the ioctl succeeds and changes nothing it uses)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise InvalidConfig("nr_mmu_pages", f"{n!r} is not a page count")
+        if n < KVM_MIN_ALLOC_MMU_PAGES:
+            raise InvalidConfig("nr_mmu_pages", f"{n} is below KVM's minimum of "
+                                f"{KVM_MIN_ALLOC_MMU_PAGES}")
+        if not self.hook.mmu_set_nr_mmu_pages.get_hookimpls():
+            return None
+        return self.hook.mmu_set_nr_mmu_pages(vm=self, nr=int(n))
 
     def set_dirty_logging(self, as_id: int, slot_id: int, enable: bool) -> None:
         """Set or clear KVM_MEM_LOG_DIRTY_PAGES on a slot (kvm_mmu_slot_apply_flags).

@@ -195,7 +195,9 @@ def backend_stats(vm) -> BackendStats | None:
                            f"{type(stats).__name__}, not MMUStats")
     return BackendStats(faults=stats.faults, retries=stats.retries, mapped_4k=stats.mapped_4k,
                         mapped_2m=stats.mapped_2m, mapped_1g=stats.mapped_1g,
-                        mmio_sptes=stats.mmio_sptes)
+                        mmio_sptes=stats.mmio_sptes, reclaimed_pages=stats.reclaimed_pages,
+                        unsync_pages=stats.unsync_pages, syncs=stats.syncs,
+                        emulated_pte_writes=stats.emulated_pte_writes)
 
 
 def run_demand_paging(

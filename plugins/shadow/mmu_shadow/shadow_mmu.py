@@ -910,7 +910,9 @@ class ShadowMMU(PagesMixin, SyncMixin):
         st = self.stats
         return MMUStats(faults=st["faults"], retries=st["retries"], mapped_4k=st["mapped"][1],
                         mapped_2m=st["mapped"][2], mapped_1g=st["mapped"][3],
-                        mmio_sptes=st["mmio"])
+                        mmio_sptes=st["mmio"], reclaimed_pages=st["recycled"],
+                        unsync_pages=st["unsync"], syncs=st["sync_pages"],
+                        emulated_pte_writes=st["track_writes"])
 
     @hookimpl
     def mmu_memory(self, vm):
