@@ -143,3 +143,20 @@ def test_too_few_host_cpus_queue_the_vcpus_and_nothing_else_changes():
     assert narrow.host.runqueue_ns > 0 and wide.host.runqueue_ns == 0
     assert narrow.total_time_ns > wide.total_time_ns
     assert narrow.host.all_on_cpu_ns <= 2 * narrow.total_time_ns
+
+
+def test_userfault_lookup_finds_the_right_range_among_many_and_refuses_overlaps():
+    from mmu_core.errors import HostStateError
+
+    engine = Engine(0)
+    mm, _ = new_mm(engine)
+    r = mm.mmap(64 * 4096)
+    uffds = [Userfaultfd(engine, mm, r.start + k * 4 * 4096, 4 * 4096) for k in (3, 0, 9, 5)]
+    for k, u in zip((3, 0, 9, 5), uffds, strict=True):
+        for page in range(4):
+            assert mm.userfault_of(r.start + (4 * k + page) * 4096 + 7) is u
+    assert mm.userfault_of(r.start + 4 * 4 * 4096) is None  # between registrations
+    assert mm.region_of(r.start + 63 * 4096) is r
+    with pytest.raises(HostStateError, match="EBUSY"):
+        Userfaultfd(engine, mm, r.start + 10 * 4096, 4 * 4096)  # pages 10-13: overlaps 12-15
+    engine.close()
