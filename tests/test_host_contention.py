@@ -160,3 +160,32 @@ def test_userfault_lookup_finds_the_right_range_among_many_and_refuses_overlaps(
     with pytest.raises(HostStateError, match="EBUSY"):
         Userfaultfd(engine, mm, r.start + 10 * 4096, 4 * 4096)  # pages 10-13: overlaps 12-15
     engine.close()
+
+
+@pytest.mark.parametrize(("configuration", "gives_back"), [("legacy", True), ("tdp", False)])
+def test_the_hosts_shrinker_reaches_the_mmu(configuration, gives_back):
+    from mmu_core.config import VMConfig
+    from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
+    from mmu_core.guest.program import Program
+    from mmu_core.testing.audit import audit
+
+    m = build_machine(MachineSpec(vcpus=1, data_size=8 * 512 * 4096),
+                      VMConfig(params=CONFIGURATIONS[configuration]))
+    try:
+        prog = Program()
+        for region in range(8):  # eight last-level tables, none of them a root
+            prog.read(DATA_GPA + region * (2 << 20))
+        m.run_programs([prog.build()])
+        before = m.vm.memory().page_table_pages
+        freed = m.vm.mm.shrink_slab(4)
+        assert m.vm.mm.stats.slab_shrinks == 1 and m.vm.mm.stats.slab_freed == freed
+        if gives_back:  # KVM's MMU shrinker zaps the oldest pages no vCPU holds as a root
+            assert 0 < freed <= 4 and m.vm.memory().page_table_pages == before - freed
+        else:  # the TDP MMU keeps no cache of pages to give back
+            assert freed == 0 and m.vm.memory().page_table_pages == before
+        assert audit(m.vm) == []
+        with pytest.raises(Exception, match="nr_to_scan"):
+            m.vm.mm.shrink_slab(0)
+    finally:
+        m.vm.destroy()
+    assert m.vm._shrink not in m.vm.mm.shrinkers

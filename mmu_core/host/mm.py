@@ -117,6 +117,8 @@ class MMStats:
     cow_reuses: int = 0  # write faults on a read-only page mapped once: made writable in place
     thp_splits: int = 0
     thp_collapses: int = 0
+    slab_shrinks: int = 0  # shrink_slab events
+    slab_freed: int = 0  # objects (page-table pages) the shrinkers gave back
     notifier_calls: dict[str, int] = field(default_factory=dict)
 
 
@@ -178,6 +180,9 @@ class HostMM:
         self.hva_writable = np.zeros(0, dtype=np.bool_)
         self.hva_swapped = np.zeros(0, dtype=np.bool_)
         self.notifiers: list[MMUNotifier] = []
+        # Shrinkers (register_shrinker): called with nr_to_scan when the host reclaims slab
+        # memory; each returns how many objects it freed. KVM registers its MMU shrinker.
+        self.shrinkers: list = []
         # told (hva index lo, hi) when unmap discards pages' contents: reference models
         self.discard_listeners: list = []
         self._uffds: list[tuple[int, int, object]] = []  # (start, end, Userfaultfd), sorted
@@ -759,6 +764,19 @@ class HostMM:
         if self.userfault_of(self.hva_at(first)) is not None and not (present | swapped).all():
             return False  # uffd-armed: a missing page must stay missing
         return True
+
+    def shrink_slab(self, nr_to_scan: int) -> int:
+        """The host is short of memory and reclaims from the shrinkers (mm/shrinker.c
+        shrink_slab, run by kswapd and direct reclaim): each gets `nr_to_scan`. Returns the
+        objects freed. The shrinkers charge their own work (a switch point each)."""
+        if nr_to_scan <= 0:
+            raise InvalidConfig("nr_to_scan", f"must be positive, not {nr_to_scan}")
+        with (self.engine.phase("host") if self.engine is not None
+              else contextlib.nullcontext()):
+            freed = sum(shrink(nr_to_scan) or 0 for shrink in list(self.shrinkers))
+        self.stats.slab_shrinks += 1
+        self.stats.slab_freed += freed
+        return freed
 
     def age(self, hva: int, size: int) -> int:
         """Page aging (kswapd/MGLRU): ask the notifiers whether the range was young."""

@@ -104,6 +104,7 @@ class VM:
                               f"{self.backends[self.role].info.capabilities.max_root_level}-level "
                               f"tables; MAXPHYADDR {config.maxphyaddr} needs {levels}-level EPT")
         self.mm.notifiers.append(self)
+        self.mm.shrinkers.append(self._shrink)  # KVM's mmu_shrinker
         self.hook.mmu_init_vm(vm=self)
         self._alive = True
         for ms in config.memslots:
@@ -134,11 +135,19 @@ class VM:
         if not getattr(self, "_alive", False):
             return
         self._alive = False
+        if self._shrink in self.mm.shrinkers:
+            self.mm.shrinkers.remove(self._shrink)
         self.engine.close()
         for vcpu in self.vcpus:
             vcpu.mmu_root = None
         self.hook.mmu_destroy_vm(vm=self)
         self.rcu.barrier()  # callbacks the backend's teardown queued, if it did not wait
+
+    def _shrink(self, nr_to_scan: int) -> int:
+        """The host's shrinker calls this under memory pressure (HostMM.shrink_slab): the
+        backend frees page-table pages no vCPU holds (mmu_shrink_scan; a backend without a
+        page cache to give back, like the TDP MMU, does not implement it)."""
+        return self.hook.mmu_shrink_scan(vm=self, nr_to_scan=nr_to_scan) or 0
 
     def hook_all(self, name: str, **kwargs: Any) -> None:
         """Call an optional hook on the backend of the VM's role (if it implements it)."""
