@@ -102,6 +102,13 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "reclaim-no-flush": (
         "reclaiming the oldest shadow pages frees them without the remote TLB flush of "
         "kvm_mmu_commit_zap_page", "shadow: PagesMixin._zap_oldest"),
+    # Eager page splitting and dirty logging in the shadow MMU (#8).
+    "shadow-split-no-rmap": (
+        "eager splitting in the shadow MMU installs the 4K leaves without their rmap entries",
+        "shadow: split._split_one"),
+    "shadow-dirty-log-no-wrprot": (
+        "enabling dirty logging without PML leaves the slot's shadow-MMU leaves writable",
+        "shadow: split.enable_dirty_log"),
 }
 
 _active: frozenset[str] = frozenset()

@@ -78,7 +78,9 @@ MUTANT_CASES = [
     ("mmio-generation-at-install", "memslots", "tdp", "random", 60),
     ("skip-gpte-recheck", "pte-race", "shadow", "random"),
     ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),
-    ("forget-rmap-removal", "dirty-log", "legacy", "random"),
+    # dirty-log no longer reaches it under legacy: the shadow MMU write-protects a logged
+    # slot instead of zapping it, and a fault re-adds the very entry the mutant kept
+    ("forget-rmap-removal", "host-events", "legacy", "random"),
     ("shadow-readonly-writable", "readonly", "shadow", "random"),
     ("fast-pf-no-mark-dirty", "dirty-log-wrprot", "tdp", "pct"),
     ("fast-pf-ignores-mmu-writable", "readonly", "tdp", "random"),
@@ -91,6 +93,8 @@ MUTANT_CASES = [
     ("unsync-no-mark-parents", "unsync", "shadow", "random"),
     ("sync-no-write-protect", "unsync", "shadow", "random"),
     ("reclaim-no-flush", "reclaim", "shadow", "random"),
+    ("shadow-split-no-rmap", "shadow-split", "legacy", "random"),
+    ("shadow-dirty-log-no-wrprot", "shadow-split", "legacy", "random"),
 ]
 
 

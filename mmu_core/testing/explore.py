@@ -915,3 +915,37 @@ def scenario_reclaim(config: VMConfig, rng: random.Random) -> Run:
 
 SCENARIOS["unsync"] = scenario_unsync
 SCENARIOS["reclaim"] = scenario_reclaim
+
+
+def scenario_shadow_split(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs write and read THP memory (2M leaves once faulted) while the VMM turns dirty
+    logging on with eager page splitting, harvests twice and turns it off: under the legacy
+    MMU the huge leaves are split under the write lock while the vCPUs write through them
+    (their TLB entries and, with PML, D bits), then their 4K leaves lose D (PML: the seed
+    decides) or W. Every split leaf must be in its rmap (the audit), and every page written
+    while logging was on in a later harvest."""
+    config = _tuned(config, {"eager_page_split": True, "pml": rng.random() < 0.5},
+                    dirty_log_manual_protect=False)
+    m = _machine(config, 2, 1024, backing="thp")
+    ref = Reference(m)
+    pages = THP_PAGES + [512, 513, 700, 1023]
+    progs = []
+    for _ in range(2):  # before, during and after the split (~110 us of rmap adds)
+        prog = Program()
+        for k in range(60):
+            p = pages[rng.randrange(len(pages))]
+            if rng.random() < 0.6:
+                prog.write(_page(p), _value(rng))
+            else:
+                prog.read(_page(p))
+            if k % 3 == 2:
+                prog.pause(rng.randrange(0, 8000))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    vmm, log = _log_phases(m, ref, rng, phases=1, rounds=2, spread=12_000)
+    run.tasks.append(("vmm", vmm))
+    run.final.append(log.check)
+    return run
+
+
+SCENARIOS["shadow-split"] = scenario_shadow_split

@@ -36,6 +36,7 @@ from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
+from mmu_shadow import split as dirty_split
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -85,7 +86,8 @@ class ShadowMMU(PagesMixin, SyncMixin):
             roles=(MMURole.DIRECT, MMURole.SHADOW, MMURole.NESTED),
             description="KVM's shadow MMU: shadow paging and the legacy MMU (rmap, write lock)",
             capabilities=Capabilities(fault_lock="write", huge_pages=True, mmio_spte=True,
-                                      dirty_log="zap", audit=True, max_root_level=5),
+                                      dirty_log="write-protect", audit=True,
+                                      max_root_level=5),
         )
 
     def counters(self) -> dict[str, int]:
@@ -743,6 +745,15 @@ class ShadowMMU(PagesMixin, SyncMixin):
                     flush |= self._zap_spte(sp, idx)
             self._flush_or_zap(invalid, flush)
 
+    # --- dirty logging (split.py: eager page splitting, then D bits or write-protection) ------
+    @hookimpl
+    def mmu_enable_dirty_log(self, vm, slot, protect):
+        return dirty_split.enable_dirty_log(self, slot, protect)
+
+    @hookimpl
+    def mmu_clear_dirty_log(self, vm, slot, gfns):
+        return dirty_split.clear_dirty_log(self, slot, gfns)
+
     # --- zap, notifiers, memslots ---------------------------------------------------------------
     @hookimpl
     def mmu_zap_gfn_range(self, vm, as_id, start, end):
@@ -884,7 +895,8 @@ class ShadowMMU(PagesMixin, SyncMixin):
                 bad.append(("cow-writable", f"gfn {gfn:#x} is read-only in the host but "
                             f"writable through {sp.pfn:#x}[{idx}]"))
             if slot.log_dirty and not slot.dirty_bitmap[gfn - slot.base_gfn] \
-                    and not vm.collecting_dirty(as_id, gfn):
+                    and not vm.collecting_dirty(as_id, gfn) \
+                    and not dirty_split.pml_may_log(self, sp, spte, as_id, gfn):
                 bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
                             "but not dirty"))
         role = sp.role
