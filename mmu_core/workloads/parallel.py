@@ -9,8 +9,11 @@ arguments carry), at most `workers` at once, and the results come back in the jo
 
 Errors come back as what they are: an error a run raises (bad input found only when the run
 reads it, a failed check, a backend breaking the contract) is raised again in the parent with
-its class and message, and the other runs are stopped. Ctrl-C stops every run: the workers
-ignore SIGINT until their job starts (so a Ctrl-C while they import prints nothing), a worker
+its class and message, and the other runs are stopped. Ctrl-C stops every run: a worker starts
+with SIGINT ignored (the disposition is inherited; the signal mask is not) until its job
+starts, so a Ctrl-C while it imports prints nothing; the parent, while it starts a worker,
+ignores SIGINT too but blocks it first, and Linux keeps a blocked signal pending even when it
+is ignored, so that Ctrl-C reaches the parent once the worker has started. A worker
 interrupted inside its run tears its VM down and reports it, and the parent, whatever
 interrupted it, terminates and reaps every worker still alive before it re-raises: no
 process outlives the command.
@@ -91,11 +94,11 @@ class _Rebuilt:
 
 
 def _worker(conn, job: Job) -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored until now
     from mmu_core.plugins import PluginWarning
 
     warnings.simplefilter("ignore", PluginWarning)  # the parent has printed them
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored until now
         kwargs = dict(job.kwargs)
         if job.progress == "relay":
             kwargs["progress"] = lambda done, total: conn.send(("progress", done, total))
@@ -135,11 +138,15 @@ def run_parallel(jobs: Sequence[Job], workers: int,
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_worker, args=(send, job), daemon=True,
                                    name=f"mmu-{job.label or i}")
-                old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the child
+                # ignored in the child until its job starts; blocked and ignored here while
+                # it starts, and delivered here afterwards if it came meanwhile
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
                 try:
                     proc.start()
                 finally:
-                    signal.signal(signal.SIGINT, old)
+                    signal.signal(signal.SIGINT, handler)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 send.close()
                 running[recv] = (i, proc)
             for conn in wait(list(running)):
