@@ -377,6 +377,57 @@ def mmu_stats(vm):
     """
 
 
+# --- nested EPT (the NESTED role; docs/nested.md) ------------------------------------------
+# Called on the backend serving Role.NESTED (vm.managers[Role.NESTED]) while a vCPU runs an L2
+# guest (``vcpu.l2``, set by ``vcpu.enter_l2``). Optional: a VM whose nested-role backend
+# lacks them cannot enter L2 (``enter_l2`` raises GuestError).
+@hookspec(firstresult=True)
+def mmu_nested_load(vcpu, eptp):
+    """Return the pfn of the EPT02 root for an L2 whose VMCS12 EPTP is ``eptp`` (the gpa of
+    L1's EPT12 root), building it if needed. Called before every L2 entry that has no root
+    (after ``vcpu.request_nested_reload`` too) and whenever the host invalidated a mapping or
+    the memslots changed since the last entry. Called from the vCPU's task, no lock held."""
+
+
+@hookspec(firstresult=True)
+def mmu_nested_page_fault(vcpu, fault, eptp):
+    """An EPT violation or misconfiguration on EPT02 at L2 gpa ``fault.gpa``. Return a
+    ``Ret``: ``Ret.INJECT`` when EPT12 does not map the access (the core reflects the exit to
+    L1, KVM's nested_ept_inject_page_fault), ``Ret.EMULATE`` with ``fault.mmio`` for L1 MMIO,
+    else FIXED/SPURIOUS/RETRY as for ``mmu_page_fault``. No lock held."""
+
+
+@hookspec(firstresult=True)
+def mmu_nested_ept12_write(vcpu, gpa, new):
+    """L1 stored ``new`` (8 bytes) at ``gpa`` in its memory, already written. Return True
+    when the page is an EPT12 page the backend write-tracks (the store exited to L0 and was
+    emulated: the core charges it); afterwards no EPT02 entry reflects the overwritten one.
+    No lock held."""
+
+
+@hookspec(firstresult=True)
+def mmu_nested_invept(vcpu, eptp):
+    """L1 executed INVEPT: single-context for ``eptp``, all-context when ``eptp`` is None
+    (handle_invept). Afterwards no vCPU uses an EPT02 translation derived from the EPT12
+    entries as they were. No lock held."""
+
+
+@hookspec(firstresult=True)
+def mmu_nested_zap_gfn_range(vm, as_id, start, end):
+    """L1 gfns [start, end) of ``as_id`` lose their host pages or their L1 mappings (called
+    by the core beside ``mmu_zap_gfn_range``, before it, for MMU-notifier invalidations, memslot
+    deletions and zaps; ``end`` None: everything, beside ``mmu_zap_all``). Afterwards no EPT02
+    entry maps them and no vCPU caches one (the backend flushes). No lock held."""
+
+
+@hookspec(firstresult=True)
+def mmu_nested_audit(vm):
+    """Return a ``types.BackendAudit`` of the nested-role state, or None if there is none:
+    the EPT02 roots (``direct`` False: indexed by L2 gfn), every EPT02 table held, and the
+    nested invariants violated (every leaf one EPT12 maps, no more permissive). Called by
+    ``mmu_core.testing.audit`` between engine steps: read only, no lock."""
+
+
 # --- observers (tracing and statistics plugins) --------------------------------------------
 # Observers are plugins of the entry-point group ``mmu_core.observers`` (or registered with
 # ``plugins.register_observer``); they implement only these hooks. Backends and the core call

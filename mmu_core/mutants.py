@@ -16,6 +16,12 @@ from mmu_core.errors import InvalidConfig
 
 #: name -> (what the bug does, where it lives)
 REGISTRY: dict[str, tuple[str, str]] = {
+    "nested-zap-skipped": (
+        "an MMU-notifier zap of L1 gfns leaves the EPT02 leaves that map them (nested EPT)",
+        "shadow: NestedEpt.zap_gfn_range"),
+    "nested-ept12-write-ignored": (
+        "L1's store to a shadowed EPT12 entry does not zap the EPT02 leaves built through it",
+        "shadow: NestedEpt.ept12_write"),
     "populate-no-recheck": (
         "gfn_to_pfn populates a missing page without looking again after its switch point",
         "core: VM.gfn_to_pfn"),

@@ -206,7 +206,39 @@ def build_managers(vm: Any, roles: dict[Role, Backend]) -> dict[Role, pluggy.Plu
         pm.register(instances[backend.name], name=backend.name)
         managers[role] = pm
     vm.backend_instances = instances
+    l1 = getattr(vm, "role", None)
+    if l1 is Role.DIRECT:
+        # Nested EPT: the core calls the L1 role's hooks; the router passes on what the
+        # nested-role backend needs (docs/nested.md).
+        nested = instances[roles[Role.NESTED].name]
+        separate = nested is not instances[roles[l1].name]
+        managers[l1].register(_NestedRouter(managers[Role.NESTED], nested if separate else None),
+                              name="nested-router")
     return managers
+
+
+class _NestedRouter:
+    """Passes the L1 backend's zaps (before them: the host may free the pages once the L1
+    backend's flush is done) and, when the nested role has an instance of its own (tdp), the
+    VM's teardown on to the nested-role backend. Returns None from firstresult hooks, so the
+    L1 backend's answer stands."""
+
+    def __init__(self, nested_pm: pluggy.PluginManager, separate: Any) -> None:
+        self.hook = nested_pm.hook
+        self.separate = separate
+
+    @hookspecs.hookimpl(tryfirst=True)
+    def mmu_zap_gfn_range(self, vm: Any, as_id: int, start: int, end: int) -> None:
+        self.hook.mmu_nested_zap_gfn_range(vm=vm, as_id=as_id, start=start, end=end)
+
+    @hookspecs.hookimpl(tryfirst=True)
+    def mmu_zap_all(self, vm: Any) -> None:
+        self.hook.mmu_nested_zap_gfn_range(vm=vm, as_id=0, start=0, end=None)
+
+    @hookspecs.hookimpl
+    def mmu_destroy_vm(self, vm: Any) -> None:
+        if self.separate is not None:
+            self.separate.mmu_destroy_vm(vm)
 
 
 def dispatcher(hook: pluggy.HookCaller, *argnames: str) -> Callable[..., Any] | None:

@@ -63,6 +63,8 @@ def _caught(scenario, config, policy, mutant, seeds):
 # has the schedules needed under random and pct (benchmarks/explore.py). skip-frozen-wait is
 # absent: nothing in the model can reach it yet (see the docs).
 MUTANT_CASES = [
+    ("nested-zap-skipped", "nested", "tdp", "random"),
+    ("nested-ept12-write-ignored", "nested", "legacy", "random"),
     ("populate-no-recheck", "first-touch-thp", "tdp", "random"),
     ("skip-invalidate-retry", "host-events", "shadow", "random"),
     ("no-flush-after-zap", "host-events", "tdp", "random"),

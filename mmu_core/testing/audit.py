@@ -184,11 +184,23 @@ def audit(vm) -> list[Violation]:
     gen = vm.memslots_generation() & S.MMIO_SPTE_GEN_MASK
     ept = info.direct
     reachable: set[int] = set()
-    for as_id, level, root in info.roots:
+    roots = [(as_id, level, root, info.direct, "") for as_id, level, root in info.roots]
+    # Nested EPT: the EPT02 roots of the nested-role backend (docs/nested.md), their tables
+    # reachable and their leaves on guest memory; their gfns are L2's, not checked as L1's.
+    nested = vm.managers[Role.NESTED].hook.mmu_nested_audit(vm=vm) \
+        if Role.NESTED in vm.managers else None
+    nested_held: set[int] = set()
+    if nested is not None:
+        nested_held = set(nested.held_tables)
+        if not locked:
+            for name, detail in nested.violations:
+                bad(f"backend:{name}", detail)
+        roots += [(as_id, level, root, False, "EPT02 ") for as_id, level, root in nested.roots]
+    for as_id, level, root, direct, what in roots:
         tables, entries = _walk_tree(host.pt, host.pt_slot, root, level)
         for pfn, lvl in tables.tolist():
             if lvl < 0 or not frames.is_table(pfn):
-                bad("table-freed", f"root {root:#x} (as {as_id}) reaches table {pfn:#x}, "
+                bad("table-freed", f"{what}root {root:#x} (as {as_id}) reaches table {pfn:#x}, "
                     "which is not an allocated MMU table page")
             reachable.add(pfn)
         if not len(entries):
@@ -196,7 +208,7 @@ def audit(vm) -> list[Violation]:
         sptes = entries[:, 4].astype(np.uint64)
         present = ((sptes & _PRESENT) != 0) & (sptes != _FROZEN)
         leaf = present & ((entries[:, 2] == 1) | ((sptes & _LARGE) != 0))
-        if info.direct:
+        if direct:
             mmio = ~present & (sptes != _FROZEN)
             for k in np.flatnonzero(mmio).tolist():
                 spte = int(sptes[k])
@@ -213,13 +225,13 @@ def audit(vm) -> list[Violation]:
             npages = 1 << (9 * (lvl - 1))
             if not frames.live(pfn) or not frames.live(pfn + npages - 1) \
                     or frames.purpose[pfn] != Purpose.GUEST_DATA:
-                bad("leaf-freed", f"SPTE {table:#x}[{idx}] (level {lvl}) maps frame {pfn:#x}, "
-                    "which is not allocated guest memory")
+                bad("leaf-freed", f"{what}SPTE {table:#x}[{idx}] (level {lvl}) maps frame "
+                    f"{pfn:#x}, which is not allocated guest memory")
                 continue
-            if info.direct:
+            if direct:
                 _check_direct_leaf(vm, as_id, first, npages, pfn, spte, bad)
     # Page-table pages that nothing accounts for.
-    owned = reachable | set(info.held_tables)
+    owned = reachable | set(info.held_tables) | nested_held
     tables_alloc = np.flatnonzero(frames.purpose == Purpose.MMU_PT).tolist()
     leaked = [p for p in tables_alloc if p not in owned]
     if leaked and not locked:

@@ -316,6 +316,14 @@ def scenario_host_events(config: VMConfig, rng: random.Random) -> Run:
     plan = [(rng.randrange(0, 20_000), rng.choice(("dontneed", "migrate", "swap", "ksm")),
              rng.randrange(8), rng.randrange(8)) for _ in range(6)]
 
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    return run
+
+
+def _host_events(vm, hvas: list[int], plan: list[tuple[int, str, int, int]]) -> Callable[[], None]:
+    """A host task that, for each (delay, what, i, j) of `plan`, waits and then drops,
+    migrates, swaps out page i or merges it with page j."""
+
     def host() -> None:
         for delay, what, i, j in plan:
             vm.engine.delay(delay)
@@ -327,8 +335,7 @@ def scenario_host_events(config: VMConfig, rng: random.Random) -> Run:
                 vm.mm.swap_out(hvas[i])
             elif i != j:
                 vm.mm.ksm_merge(hvas[i], hvas[j])  # merges only equal pages
-    run.tasks.append(("host", host))
-    return run
+    return host
 
 
 def _fill(ref: Reference, m, pages: list[int], rng: random.Random) -> None:
@@ -605,6 +612,72 @@ def scenario_nx_recovery(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
+    """Nested EPT (docs/nested.md): two vCPUs run one L2 guest whose EPT12 L1 fills lazily
+    (every first touch is an EPT violation reflected to L1, whose EPT12 stores exit once L0
+    shadows the page), while the host drops, migrates, swaps and merges the L1 pages behind
+    EPT02 and an L1 task remaps one L2 page among three L1 pages (read-only or not), with
+    INVEPT after each remap. L2 must read what the reference holds (the remapped page: any page it was mapped
+    to since that vCPU's last INVEPT, as the SDM allows); the audit checks EPT02 after every
+    step. Nested EPT needs EPT in L0: under shadow paging the same programs run in L1."""
+    from mmu_core.arch.x86 import ept as E
+    from mmu_core.guest.nested import L1Hypervisor
+
+    m = _machine(config, 2, 8)
+    ref = Reference(m)
+    vm = m.vm
+    x, targets = 0, [5, 6, 7]
+    _fill(ref, m, targets, rng)
+    progs = []
+    for _ in range(2):  # the remapped page is only read (its writes would race the remaps)
+        prog = Program()
+        for k in range(40):
+            p = rng.randrange(1, 5)
+            if k % 2:
+                prog.read(_page(x)).pause(rng.randrange(0, 2000))
+            elif rng.random() < 0.5:
+                prog.write(_page(p), _value(rng))
+            else:
+                prog.read(_page(p))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(8)]
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 20_000), rng.choice(("dontneed", "migrate", "swap", "ksm")),
+             rng.randrange(1, 8), rng.randrange(1, 8)) for _ in range(5)]
+    if not vm.params.ept:
+        return Run(m, progs, ref)  # no nested EPT without EPT: the programs run in L1
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    ref.remappable(_page(x) >> 12)
+    first = targets[0]
+    hv.map(l2, _page(x), _page(first))
+    ref.target[_page(x) >> 12] = _page(first) >> 12
+    for v in vm.vcpus:
+        v.enter_l2(l2)
+    remaps = [(rng.randrange(2_000, 25_000), targets[rng.randrange(3)],
+               rng.choice((E.EPT_RWX, E.EPT_READ))) for _ in range(3)]
+
+    def l1() -> None:
+        # L1 runs on vCPU 0 between its L2 runs (the model charges its exits there).
+        v0 = vm.vcpus[0]
+        page = _page(x) >> 12
+        for delay, t, perm in remaps:
+            vm.engine.delay(delay)
+            # From L1's store until its INVEPT, a vCPU may use either mapping.
+            for v in vm.vcpus:
+                ref.stale.setdefault((v.id, page), set()).add(ref.target[page])
+            ref.target[page] = _page(t) >> 12
+            hv.map(l2, _page(x), _page(t), perm=perm, vcpu=v0)
+            v0.invept(l2.eptp)
+            for v in vm.vcpus:
+                ref.stale.pop((v.id, page), None)
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    run.tasks.append(("l1", l1))
+    return run
+
+
 SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "first-touch": scenario_first_touch,
     "first-touch-thp": scenario_first_touch_thp,
@@ -620,6 +693,7 @@ SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
     "dirty-log-wrprot": scenario_dirty_log_wrprot,
     "aging": scenario_aging,
     "nx-recovery": scenario_nx_recovery,
+    "nested": scenario_nested,
 }
 
 

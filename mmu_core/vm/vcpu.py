@@ -80,6 +80,11 @@ class Vcpu:
         self.pml = np.zeros(PML_ENTITY_NUM + 1, dtype=np.int64)
         self._pml_on = False  # PML enabled in this vCPU's VMCS (SECONDARY_EXEC_ENABLE_PML)
         self._pml_generation = -1  # the memslots generation _pml_on was decided at
+        # Nested (docs/nested.md): the L2 guest this vCPU runs (KVM's is_guest_mode), or None
+        # in L1; the EPT02 root the hardware walks in L2; the host state it was loaded at.
+        self.l2 = None
+        self.nested_root: int | None = None
+        self._nested_seen = -1
         self._sync_regs()
 
     def flush_pml(self, kick: bool = False) -> int:
@@ -221,6 +226,7 @@ class Vcpu:
             tlb_flush_all(self.tlb)
             self.vm.hook_all("mmu_unload", vcpu=self)
             self.mmu_root = None
+            self.nested_root = None  # the guest-mode roots go with the others
         if req & REQ_MMU_SYNC:
             if self.mmu_root is None:
                 self.requests |= REQ_MMU_SYNC  # after mmu_load: the run loop comes back here
@@ -240,19 +246,34 @@ class Vcpu:
         while pc < end:
             if self.requests:
                 self._service_requests()
-            if self.mmu_root is None:
-                vm.hook.mmu_load(vcpu=self)
-                self._sync_regs()
-                if self.requests:
-                    continue  # raised while mmu_load waited: service it before entering
-            before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
-            pc0 = pc
-            pc = C.run_ops(
-                prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
-                self.hwregs if self.shadowing else self.regs, not self.shadowing,
-                vm.params.ept_ad, self.mmu_root, vm.root_levels(self), self.tlb,
-                self._pml_log(), self.xinfo, stats, budget,
-            )
+            if self.l2 is not None:
+                if self.nested_root is None or self._nested_seen != vm.generation:
+                    self._nested_load()
+                    if self.requests:
+                        continue
+                before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
+                pc0 = pc
+                # L2 runs its own paging (the L2 guest's registers) through EPT02; vmcs02 has
+                # no PML and the model's EPT02 no A/D flags (prepare_vmcs02_early).
+                pc = C.run_ops(
+                    prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
+                    self.regs, True, False, self.nested_root, 4, self.tlb, W.NO_PML,
+                    self.xinfo, stats, budget,
+                )
+            else:
+                if self.mmu_root is None:
+                    vm.hook.mmu_load(vcpu=self)
+                    self._sync_regs()
+                    if self.requests:
+                        continue  # raised while mmu_load waited: service it before entering
+                before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
+                pc0 = pc
+                pc = C.run_ops(
+                    prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
+                    self.hwregs if self.shadowing else self.regs, not self.shadowing,
+                    vm.params.ept_ad, self.mmu_root, vm.root_levels(self), self.tlb,
+                    self._pml_log(), self.xinfo, stats, budget,
+                )
             if vm.recorder is not None and pc > pc0:
                 vm.recorder.ops_done(self, prog, results, pc0, pc)  # before any switch point
             engine.delay(int(stats[C.ST_OPS] - before_ops) * cost.guest_access, "guest")
@@ -280,7 +301,111 @@ class Vcpu:
                             f"{stuck} times in a row")
                 else:
                     stuck_pc, stuck = pc, 0
-                pc = self._fault(prog, pc, results, kind)
+                if self.l2 is not None:
+                    pc = self._nested_fault(prog, pc, results, kind)
+                else:
+                    pc = self._fault(prog, pc, results, kind)
+
+    # --- nested: L2 guests (docs/nested.md) -------------------------------------------------
+    def enter_l2(self, l2) -> None:
+        """L1 runs `l2` (VMLAUNCH/VMRESUME with its VMCS12): `l2` has `eptp` (the gpa of its
+        EPT12 root) and `handle_ept_violation(vcpu, fault)`, L1's handler for the EPT
+        violations reflected to it. The vCPU runs programs in L2 until `leave_l2`. Without
+        VPIDs the transition flushes the TLB (nested_vmx_transition_tlb_flush)."""
+        if not self.vm.params.ept:
+            raise GuestError("nested EPT needs ept=on in L0")
+        if not self.vm.managers[Role.NESTED].hook.mmu_nested_load.get_hookimpls():
+            raise GuestError(f"backend '{self.vm.backends[Role.NESTED].name}' serves no "
+                             "nested EPT")
+        self.l2 = l2
+        self.nested_root = None
+        tlb_flush_all(self.tlb)
+
+    def leave_l2(self) -> None:
+        """Back to L1 (a nested VM exit L1 does not resume from)."""
+        self.l2 = None
+        self.nested_root = None
+        tlb_flush_all(self.tlb)
+
+    def request_nested_reload(self) -> None:
+        """The backend dropped the EPT02 root this vCPU may use: load it again before the
+        next L2 entry, with a flushed TLB (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest mode)."""
+        self.nested_root = None
+        self.make_request(REQ_TLB_FLUSH)
+
+    def _nested_load(self) -> None:
+        vm = self.vm
+        self._nested_seen = vm.generation
+        self.nested_root = None
+        root = self.vm.managers[Role.NESTED].hook.mmu_nested_load(vcpu=self, eptp=self.l2.eptp)
+        if self.nested_root is None and not self.requests:
+            self.nested_root = root
+
+    def l1_store(self, gpa: int, value: int) -> None:
+        """L1 (the guest hypervisor model) stores 8 bytes at its gpa: into its memory, marked
+        dirty; when the page is an EPT12 page L0 write-tracks, the store exits and L0
+        emulates it (charged) and the nested backend updates EPT02."""
+        vm = self.vm
+        pfn = vm.gfn_to_pfn_nowait(self.as_id, gpa >> 12)
+        if pfn is None:
+            raise GuestError(f"L1 store outside every memslot at {gpa:#x}")
+        vm.host.table(pfn)[(gpa & 0xFFF) >> 3] = np.uint64(value & ((1 << 64) - 1))
+        vm.mark_page_dirty(self.as_id, gpa >> 12)
+        inflight = (self.as_id, gpa >> 12)
+        vm._track_writes.append(inflight)  # until the backend has caught up (as emulate)
+        try:
+            tracked = vm.managers[Role.NESTED].hook.mmu_nested_ept12_write(vcpu=self, gpa=gpa,
+                                                                           new=value)
+        finally:
+            vm._track_writes.remove(inflight)
+        if tracked:
+            self._count(self.exits, "ept12_write")
+            cost = vm.engine.cost
+            vm.engine.delay(cost.vm_exit + cost.emulate + cost.vm_entry, "exit")
+
+    def invept(self, eptp: int | None) -> None:
+        """L1 executes INVEPT (an exit L0 handles): single-context for eptp, all-context
+        for None."""
+        self._exit("invept")
+        self.vm.managers[Role.NESTED].hook.mmu_nested_invept(vcpu=self, eptp=eptp)
+        tlb_flush_all(self.tlb)
+
+    def _nested_fault(self, prog: np.ndarray, pc: int, results: np.ndarray, kind: int) -> int:
+        """An EPT violation or misconfiguration on EPT02 while in L2 (KVM: handle_ept_violation
+        with the guest-mode MMU): the nested backend fixes it, or it is reflected to L1."""
+        vm = self.vm
+        x = self.xinfo
+        acc = int(x[C.XI_ACC])
+        qual = int(x[C.XI_CODE])
+        fk = FaultKind.EPT_VIOLATION if kind == C.X_EPT_VIOLATION else FaultKind.EPT_MISCONFIG
+        fault = PageFault(fk, gva=int(x[C.XI_GVA]), gpa=int(x[C.XI_GPA]), error_code=0,
+                          exit_qualification=qual)
+        fault.write = bool(qual & E.EPT_QUAL_WRITE)
+        fault.fetch = acc == EC.ACC_FETCH
+        fault.user = self.cpl == 3
+        self._count(self.exits, "l2_" + fk.value)
+        cost = vm.engine.cost
+        vm.engine.delay(cost.vm_exit, "exit")
+        hook = vm.managers[Role.NESTED].hook
+        ret = hook.mmu_nested_page_fault(vcpu=self, fault=fault, eptp=self.l2.eptp)
+        if ret is None:
+            raise GuestError(f"nested backend returned nothing for {fk.value} at {fault.gpa:#x}")
+        self._count(self.faults, "nested_" + (_OUTCOMES.get(ret) or Ret(ret).name.lower()))
+        done = pc
+        if ret == Ret.INJECT:
+            # EPT12 does not map it: a nested VM exit to L1 (nested_ept_inject_page_fault),
+            # L1's handler, its VMRESUME (an exit to L0) and the entry into L2.
+            self._count(self.exits, "reflected_to_l1")
+            vm.engine.delay(cost.vm_entry + cost.emulate, "exit")  # into L1, vmcs12 synced
+            self.l2.handle_ept_violation(self, fault)
+            vm.engine.delay(cost.vm_exit + cost.emulate, "exit")  # L1's VMRESUME
+            tlb_flush_all(self.tlb)  # no VPID: every L1 <-> L2 switch flushes
+        elif ret == Ret.EMULATE:
+            done = self.emulate(prog, pc, results)
+        elif ret == Ret.RETRY:
+            vm.engine.yield_now()
+        vm.engine.delay(cost.vm_entry, "exit")
+        return done
 
     def _count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1

@@ -37,6 +37,7 @@ from mmu_core.backend import MMUStats
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
+from mmu_shadow.nested import NestedEpt
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -110,6 +111,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
+        self._nested_free()
         self._free_all()
         vm.rcu.barrier()
 
@@ -938,3 +940,54 @@ class ShadowMMU(PagesMixin, SyncMixin):
             rmap_bytes=self.rmaps.nbytes(),
             peak_page_table_pages=int(vm.host.frames_peak[1]),
         )
+
+    # --- nested EPT (#8 item 7; mmu_shadow/nested.py, docs/nested.md) -------------------------
+    # The instance serving Role.NESTED: with `tdp` a second instance of this backend beside the
+    # TDP MMU (it gets mmu_destroy_vm through the core's router, plugins.build_managers), with
+    # `legacy` the same instance that serves L1.
+    def _nested(self) -> NestedEpt:
+        n = getattr(self, "_nested_ept", None)
+        if n is None:
+            n = self._nested_ept = NestedEpt(self.vm)
+        return n
+
+    def nested_counters(self) -> dict[str, int]:
+        n = getattr(self, "_nested_ept", None)
+        return dict(n.stats) if n is not None else {}
+
+    def _nested_free(self) -> None:
+        n = getattr(self, "_nested_ept", None)
+        if n is not None:
+            n.free_all()
+
+    @hookimpl
+    def mmu_nested_load(self, vcpu, eptp):
+        return self._nested().load(vcpu, eptp)
+
+    @hookimpl
+    def mmu_nested_page_fault(self, vcpu, fault, eptp):
+        return self._nested().page_fault(vcpu, fault, eptp)
+
+    @hookimpl
+    def mmu_nested_ept12_write(self, vcpu, gpa, new):
+        return self._nested().ept12_write(vcpu, gpa, new)
+
+    @hookimpl
+    def mmu_nested_invept(self, vcpu, eptp):
+        self._nested().invept(eptp)
+        return True
+
+    @hookimpl
+    def mmu_nested_zap_gfn_range(self, vm, as_id, start, end):
+        n = getattr(self, "_nested_ept", None)
+        if n is not None:
+            if end is None:
+                n.drop(None)
+            else:
+                n.zap_gfn_range(as_id, start, end)
+        return True
+
+    @hookimpl
+    def mmu_nested_audit(self, vm):
+        n = getattr(self, "_nested_ept", None)
+        return n.audit() if n is not None else None

@@ -1,0 +1,115 @@
+"""The L1 guest hypervisor: EPT12 tables in L1 memory and the L2 guests it runs.
+
+Like KVM's selftests with -n (memstress_setup_nested, memstress_setup_ept), L1 gives each L2
+guest EPT tables that map L2 guest-physical addresses 1:1 onto its own, and L2 runs L1's code
+with L1's page tables (CR3), so an L2 program sees what the same program sees in L1. L1 maps
+eagerly (`prefault`, what memstress does for the test memory) or lazily: then every EPT
+violation L0 reflects to L1 is handled by L1 mapping the 4K page (what an L1 KVM's TDP fault
+does for its L2), with stores to EPT12 that exit to L0 when L0 write-tracks the page
+(`Vcpu.l1_store`).
+
+EPT12 table pages come from the guest's page-table memslot (the same bump allocator as the
+guest's own tables). Entries follow the SDM's EPT layout (mmu_core/arch/x86/ept.py): a
+non-leaf entry is the child table's gpa with R/W/X, a 4K leaf the L1 gpa with R/W/X and
+write-back memory type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmu_core.arch.x86 import ept as E
+from mmu_core.errors import GuestError
+from mmu_core.guest.pagetables import GuestPageTables
+
+EPT_LEVELS = 4
+LEAF_FLAGS = E.EPT_RWX | (E.EPT_MT_WB << E.EPT_MT_SHIFT)
+NONLEAF_FLAGS = E.EPT_RWX
+_ADDR = 0x000F_FFFF_FFFF_F000
+
+
+@dataclass
+class L2Guest:
+    """One L2 guest: its VMCS12's EPTP (the gpa of its EPT12 root) and L1's handler."""
+
+    hv: L1Hypervisor
+    eptp: int
+    reflected: int = 0  # EPT violations L1 handled
+    mapped: set[int] = field(default_factory=set)  # L2 gfns L1 mapped
+
+    def handle_ept_violation(self, vcpu, fault) -> None:
+        """L1's EPT-violation handler: map the faulting 4K page 1:1, RWX (also when EPT12
+        maps it without the permission the access needed)."""
+        self.reflected += 1
+        need = E.EPT_WRITE if fault.write else E.EPT_EXEC if fault.fetch else E.EPT_READ
+        entry = self.hv.lookup(self, fault.gpa)
+        if entry is not None and entry & need:
+            return  # another vCPU's exit mapped it meanwhile
+        self.hv.map(self, fault.gpa, fault.gpa, vcpu=vcpu)
+
+
+class L1Hypervisor:
+    """The guest hypervisor of a Machine: builds and edits EPT12 for its L2 guests."""
+
+    def __init__(self, pts: GuestPageTables) -> None:
+        self.pts = pts
+        self.vm = pts.vm
+        self.guests: list[L2Guest] = []
+
+    def new_l2(self, prefault: list[tuple[int, int]] | None = None) -> L2Guest:
+        """A new L2 guest with an empty EPT12, or with `prefault`'s (gpa, bytes) ranges mapped
+        1:1 before it runs (host-side writes: no EPT02 exists yet to keep in sync)."""
+        l2 = L2Guest(self, self.pts._alloc())
+        for gpa, size in prefault or ():
+            for page in range(gpa >> 12, (gpa + size + 0xFFF) >> 12):
+                self.map(l2, page << 12, page << 12, vcpu=None)
+        self.guests.append(l2)
+        return l2
+
+    def _read(self, gpa: int) -> int:
+        return self.vm.read_guest_u64(0, gpa)
+
+    def _store(self, vcpu, gpa: int, value: int) -> None:
+        if vcpu is None:
+            self.pts._table_of_gpa(gpa)[(gpa & 0xFFF) >> 3] = value
+        else:
+            vcpu.l1_store(gpa, value)
+
+    def _entry_gpa(self, l2: L2Guest, l2gpa: int, vcpu, create: bool) -> int | None:
+        table = l2.eptp
+        for level in range(EPT_LEVELS, 1, -1):
+            e_gpa = table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
+            entry = self._read(e_gpa)
+            if not entry & E.EPT_RWX:
+                if not create:
+                    return None
+                child = self.pts._alloc()
+                self._store(vcpu, e_gpa, child | NONLEAF_FLAGS)
+                entry = child | NONLEAF_FLAGS
+            elif entry & E.EPT_LARGE:
+                raise GuestError(f"L2 gpa {l2gpa:#x} lies in a large EPT12 leaf")
+            table = entry & _ADDR
+        return table + 8 * ((l2gpa >> 12) & 511)
+
+    def map(self, l2: L2Guest, l2gpa: int, l1gpa: int, perm: int = E.EPT_RWX, vcpu=None) -> int:
+        """Map one 4K page; returns the leaf's gpa. With a vCPU, L1 runs it (its stores may
+        exit to L0); without, it is set-up code writing L1 memory directly."""
+        e_gpa = self._entry_gpa(l2, l2gpa, vcpu, True)
+        self._store(vcpu, e_gpa, (l1gpa & _ADDR) | (LEAF_FLAGS & ~E.EPT_RWX) | perm)
+        l2.mapped.add(l2gpa >> 12)
+        return e_gpa
+
+    def unmap(self, l2: L2Guest, l2gpa: int, vcpu) -> None:
+        """Clear one 4K leaf (L1 must INVEPT afterwards, as the SDM requires)."""
+        e_gpa = self._entry_gpa(l2, l2gpa, vcpu, False)
+        if e_gpa is not None:
+            self._store(vcpu, e_gpa, 0)
+        l2.mapped.discard(l2gpa >> 12)
+
+    def lookup(self, l2: L2Guest, l2gpa: int) -> int | None:
+        """The leaf entry for l2gpa, or None if EPT12 does not map it."""
+        e_gpa = self._entry_gpa(l2, l2gpa, None, False)
+        if e_gpa is None:
+            return None
+        entry = self._read(e_gpa)
+        return entry if entry & E.EPT_RWX else None

@@ -1,0 +1,207 @@
+"""Nested EPT (#8 item 7): an L1 hypervisor's L2 guests, EPT02 built by the nested-role
+backend, exits reflected to L1, EPT12 write tracking, INVEPT; L2-visible parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmu_core import Role, VMConfig
+from mmu_core.arch.x86 import ept as E
+from mmu_core.errors import GuestError
+from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
+from mmu_core.guest.nested import L1Hypervisor
+from mmu_core.guest.program import Program
+from mmu_core.params import CONFIGURATIONS
+from mmu_core.testing.audit import audit
+
+PAGES = 32
+
+
+def _machine(config, vcpus=1, pages=PAGES, **kw):
+    return build_machine(MachineSpec(vcpus=vcpus, data_size=pages * 4096, **kw),
+                         VMConfig(params=CONFIGURATIONS[config]))
+
+
+def _page(i):
+    return DATA_GPA + 4096 * i
+
+
+def _program(seed, first=0, pages=PAGES, n=200):
+    """Random reads and writes of pages [first, first + pages): vCPUs get disjoint pages,
+    so the final contents do not depend on timing."""
+    rng = np.random.default_rng(seed)
+    p = Program()
+    for k in range(n):
+        page = first + int(rng.integers(pages))
+        if rng.random() < 0.4:
+            p.write(_page(page), 0x5000 + k)
+        else:
+            p.read(_page(page))
+    return p.build()
+
+
+def _digest(m, pages=PAGES):
+    vm = m.vm
+    return [int(vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(i) >> 12, write=False)])
+            for i in range(pages)]
+
+
+def _run(config, nested, seed=1, vcpus=1, prefault=False, check=True):
+    m = _machine(config, vcpus=vcpus)
+    try:
+        l2 = None
+        if nested:
+            hv = L1Hypervisor(m.pts)
+            pre = [(0, m.pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)] if prefault else None
+            l2 = hv.new_l2(prefault=pre)
+            for v in m.vm.vcpus:
+                v.enter_l2(l2)
+        per = PAGES // vcpus
+        progs = [_program(seed + i, i * per, per) for i in range(vcpus)]
+        res = m.run_programs(progs)
+        if check:
+            assert audit(m.vm) == []
+        exits = {}
+        for v in m.vm.vcpus:
+            for k, n in v.exits.items():
+                exits[k] = exits.get(k, 0) + n
+        return [r.tolist() for r in res], _digest(m), exits, l2, m
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_l2_sees_what_l1_sees(config):
+    direct = _run(config, False)
+    for prefault in (False, True):
+        res, digest, exits, l2, _ = _run(config, True, prefault=prefault)
+        assert res == direct[0]
+        assert digest == direct[1]
+        if prefault:
+            assert exits.get("reflected_to_l1", 0) == 0
+        else:
+            # every page L2 touches (data and the guest tables it walks) once, no more
+            assert exits["reflected_to_l1"] == l2.reflected == len(l2.mapped)
+
+
+def test_parity_across_configurations_and_vcpus():
+    outs = {c: _run(c, True, seed=7, vcpus=2) for c in ("tdp", "legacy")}
+    direct = _run("tdp", False, seed=7, vcpus=2)
+    for c, out in outs.items():
+        assert out[1] == direct[1], c
+
+
+def test_backends_per_role():
+    for config, l1 in (("tdp", "tdp"), ("legacy", "shadow")):
+        m = _machine(config)
+        try:
+            assert m.vm.backends[Role.DIRECT].name == l1
+            assert m.vm.backends[Role.NESTED].name == "shadow"
+        finally:
+            m.vm.destroy()
+    m = _machine("shadow")
+    try:
+        with pytest.raises(GuestError):
+            m.vm.vcpus[0].enter_l2(L1Hypervisor(m.pts).new_l2())
+    finally:
+        m.vm.destroy()
+
+
+def _nested_instance(m):
+    return m.vm.managers[Role.NESTED].get_plugin("shadow")
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
+    m = _machine(config)
+    try:
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        vcpu = m.vm.vcpus[0]
+        vcpu.enter_l2(l2)
+        p = Program()
+        for i in range(4):
+            p.write(_page(i), 0x100 + i)
+        m.run_programs([p.build()])
+        first = vcpu.exits["reflected_to_l1"]
+        nested = _nested_instance(m).nested_counters()
+        # L1's later mappings store into EPT12 pages L0 already shadows: they exit
+        assert nested["nested_fixed"] >= 4
+        writes = nested["ept12_writes"]
+        assert vcpu.exits["ept12_write"] == writes > 0
+
+        # L1 remaps L2's page 0 onto L1's page 5 (a store to a tracked EPT12 page: exits,
+        # zaps the EPT02 leaf), then INVEPT as the SDM requires.
+        def remap():
+            hv.map(l2, _page(0), _page(5), vcpu=vcpu)
+            vcpu.invept(l2.eptp)
+
+        m.vm.engine.spawn("l1", remap)
+        m.vm.engine.run()
+        assert vcpu.exits["ept12_write"] == writes + 1
+        assert _nested_instance(m).nested_counters()["ept02_zapped"] == 1
+        assert audit(m.vm) == []
+        p = Program().read(_page(0)).read(_page(1)).write(_page(0), 0x777)
+        res = m.run_programs([p.build()])[0]
+        tag5 = int(m.vm.host.tag[m.vm.gfn_to_pfn_nowait(0, _page(5) >> 12, write=False)])
+        assert tag5 == 0x777  # L2's page 0 is L1's page 5 now
+        assert res[1, 0] == 0x101
+        # after INVEPT everything refaults, but EPT12 maps it: fixed by L0, not reflected
+        assert vcpu.exits["reflected_to_l1"] == first
+        assert audit(m.vm) == []
+
+        # read-only in EPT12: L2's write is reflected; L1 makes it writable
+        def read_only():
+            hv.map(l2, _page(2), _page(2), perm=E.EPT_READ, vcpu=vcpu)
+            vcpu.invept(None)
+
+        m.vm.engine.spawn("l1", read_only)
+        m.vm.engine.run()
+        m.run_programs([Program().read(_page(2)).write(_page(2), 0x42).build()])
+        assert vcpu.exits["reflected_to_l1"] == first + 1
+        assert hv.lookup(l2, _page(2)) & E.EPT_WRITE
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_two_l2_guests_on_two_vcpus(config):
+    m = _machine(config, vcpus=2)
+    try:
+        hv = L1Hypervisor(m.pts)
+        a, b = hv.new_l2(), hv.new_l2()
+        m.vm.vcpus[0].enter_l2(a)
+        m.vm.vcpus[1].enter_l2(b)
+        # b's L2 page 3 is L1's page 9; a's is identity
+        hv.map(b, _page(3), _page(9))
+        pa = Program().write(_page(3), 0xA).read(_page(3)).build()
+        pb = Program().pause(10_000).write(_page(3), 0xB).read(_page(3)).build()
+        ra, rb = m.run_programs([pa, pb])
+        assert ra[1, 0] == 0xA and rb[2, 0] == 0xB
+        assert _digest(m)[3] == 0xA and _digest(m)[9] == 0xB
+        assert len(_nested_instance(m)._nested_ept.roots) == 2
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+def test_host_invalidation_zaps_ept02():
+    m = _machine("tdp")
+    try:
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        vcpu = m.vm.vcpus[0]
+        vcpu.enter_l2(l2)
+        m.run_programs([Program().write(_page(1), 0x11).build()])
+        n = _nested_instance(m)._nested_ept
+        l1gfn = _page(1) >> 12
+        assert l1gfn in n.rmap
+        m.vm.zap_gfn_range(0, l1gfn, l1gfn + 1)
+        assert l1gfn not in n.rmap
+        assert audit(m.vm) == []
+        res = m.run_programs([Program().read(_page(1)).build()])[0]
+        assert res[0, 0] == 0x11
+    finally:
+        m.vm.destroy()
