@@ -867,6 +867,7 @@ def explore(
         "--scheduler", help="a Dask distributed scheduler address (optional extra)")] = None,
     mutant: Annotated[list[str] | None, typer.Option(
         "--mutant", help="switch a seeded protocol bug on (repeat)")] = None,
+    host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
     trace: Annotated[bool, typer.Option("--trace", help="with one schedule: print the "
                                         "interleaving's last 60 events")] = False,
 ) -> None:
@@ -882,12 +883,12 @@ def explore(
     if policy not in ("fifo", "random", "pct"):
         raise InvalidConfig("--policy", f"unknown policy '{policy}' (fifo, random, pct)")
     jobs_plan = plan(scenario or list(SCENARIOS), config or list(CONFIGURATIONS), policy, seed,
-                     schedules, tuple(mutant or ()))
+                     schedules, tuple(mutant or ()), host_cpus or None)
     if trace and len(jobs_plan) == 1:
         events: list = []
         j = jobs_plan[0]
         outcome = run_schedule(j.scenario, j.config, j.policy, j.seed, mutant_names=j.mutants,
-                               trace=events)
+                               trace=events, host_cpus=j.host_cpus)
         for when, task, what, detail in events[-60:]:
             out.print(f"{when:>12} {task:<10} {what:<16} {detail if detail is not None else ''}",
                       highlight=False)

@@ -201,3 +201,14 @@ def test_outcomes_do_not_depend_on_how_the_work_is_split():
                                   dashboard_address=None) as cluster:
         assert explore(jobs, scheduler=cluster.scheduler_address,
                        stop_on_failure=False) == local
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_scenario_holds_on_one_host_cpu(config):
+    # One CPU: tasks wait in the run queue and only one runs at a time, spinning waiters
+    # keep the CPU; interleavings the default 448 CPUs never produce (docs/engine.md).
+    for scenario in SCENARIOS:
+        o = run_schedule(scenario, config, "random", 0, host_cpus=1)
+        assert o.ok, f"{scenario}: {o.invariant}: {o.detail}\n{o.replay_command()}"
+    assert "--host-cpus 1" in o.replay_command()
+    assert "--host-cpus" not in run_schedule(scenario, config, "random", 0).replay_command()

@@ -29,6 +29,7 @@ from mmu_core.guest.program import Program, new_results
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS, configuration
 from mmu_core.plugins import discover
+from mmu_core.sim import DEFAULT_HOST_CPUS
 from mmu_core.testing.audit import audit
 from mmu_core.vm.vcpu import mmio_read_value
 
@@ -709,9 +710,12 @@ class Outcome:
     detail: str = ""
     steps: int = 0
     mutants: tuple[str, ...] = ()
+    host_cpus: int | None = DEFAULT_HOST_CPUS
 
     def replay_command(self) -> str:
         extra = "".join(f" --mutant {m}" for m in self.mutants)
+        if self.host_cpus != DEFAULT_HOST_CPUS:
+            extra += f" --host-cpus {self.host_cpus or 0}"
         return (f"mmu explore --scenario {self.scenario} --config {self.config} "
                 f"--policy {self.policy} --seed {self.seed} --schedules 1{extra}")
 
@@ -730,11 +734,15 @@ def check_names(scenarios: list[str], configs: list[str]) -> None:
 
 def run_schedule(scenario: str, config: str, policy: str, seed: int, *,
                  mutant_names: tuple[str, ...] = (), audit_every_step: bool = True,
-                 trace: list | None = None) -> Outcome:
-    """Run one execution; returns its Outcome (never raises for a failure it can name)."""
+                 trace: list | None = None,
+                 host_cpus: int | None = DEFAULT_HOST_CPUS) -> Outcome:
+    """Run one execution; returns its Outcome (never raises for a failure it can name).
+    `host_cpus` (None: unlimited): with fewer CPUs than tasks, tasks wait in run queues and
+    are preempted outside spinlocks (docs/engine.md), which other interleavings need."""
     check_names([scenario], [config])
     with mutants.enabled(*mutant_names):
-        return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace)
+        return _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace,
+                    host_cpus)
 
 
 #: A schedule still running after this many steps, or this much virtual time, is a livelock
@@ -776,9 +784,11 @@ def pct_steps_for(scenario: str, config: str) -> int:
             run.machine.vm.destroy()
 
 
-def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) -> Outcome:
+def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace,
+         host_cpus) -> Outcome:
     extra = {"pct_steps": pct_steps_for(scenario, config)} if policy == "pct" else {}
-    vmconfig = VMConfig(seed=seed, policy=policy, params=configuration(config), **extra)
+    vmconfig = VMConfig(seed=seed, policy=policy, params=configuration(config),
+                        host_cpus=host_cpus, **extra)
     rng = random.Random(f"{scenario}:{seed}")
     run = SCENARIOS[scenario](vmconfig, rng)
     vm = run.machine.vm
@@ -786,7 +796,7 @@ def _run(scenario, config, policy, seed, mutant_names, audit_every_step, trace) 
     engine.trace_enabled = trace is not None
     vm.recorder = run.ref
     outcome = dict(scenario=scenario, config=config, policy=policy, seed=seed,
-                   mutants=tuple(mutant_names))
+                   mutants=tuple(mutant_names), host_cpus=host_cpus)
 
     def step() -> None:
         violations = audit(vm)
@@ -842,10 +852,12 @@ class Job:
     policy: str
     seed: int
     mutants: tuple[str, ...] = ()
+    host_cpus: int | None = DEFAULT_HOST_CPUS
 
 
 def _run_job(job: Job) -> Outcome:
-    return run_schedule(job.scenario, job.config, job.policy, job.seed, mutant_names=job.mutants)
+    return run_schedule(job.scenario, job.config, job.policy, job.seed, mutant_names=job.mutants,
+                        host_cpus=job.host_cpus)
 
 
 def _run_chunk(jobs: list[Job]) -> list[Outcome]:
@@ -853,10 +865,13 @@ def _run_chunk(jobs: list[Job]) -> list[Outcome]:
 
 
 def plan(scenarios: list[str], configs: list[str], policy: str, seed: int, schedules: int,
-         mutant_names: tuple[str, ...] = ()) -> list[Job]:
+         mutant_names: tuple[str, ...] = (),
+         host_cpus: int | None = DEFAULT_HOST_CPUS) -> list[Job]:
     check_names(scenarios, configs)
     mutants.validate(mutant_names)
-    return [Job(s, c, policy, seed + i, tuple(mutant_names))
+    if host_cpus is not None and host_cpus < 1:
+        raise InvalidConfig("host_cpus", f"must be at least 1 (or unlimited), not {host_cpus}")
+    return [Job(s, c, policy, seed + i, tuple(mutant_names), host_cpus)
             for s in scenarios for c in configs for i in range(schedules)]
 
 
