@@ -205,3 +205,34 @@ def test_host_invalidation_zaps_ept02():
         assert res[0, 0] == 0x11
     finally:
         m.vm.destroy()
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_demand_paging_in_l2_has_the_l1_digest(monkeypatch, prefault):
+    """demand_paging_test with its guest code in L2 (-n: every vCPU in one L2 guest): the
+    L2-visible digest (L1's memory without its EPT12 pages) equals the L1 run's, under tdp
+    and legacy; an eager EPT12 reflects nothing, a lazy one each page once."""
+    import mmu_core.workloads.demand_paging as DP
+    from mmu_core.guest.nested import run_in_l2
+    from mmu_core.testing import parity
+
+    opts = DP.DemandPagingOptions(vcpus=2, bytes_per_vcpu=64 * 4096)
+    direct = {c: DP.run_demand_paging(opts, CONFIGURATIONS[c]) for c in ("tdp", "legacy")}
+    build, hvs = DP.build_machine, []
+
+    def nested_build(spec, config):
+        m = build(spec, config)
+        hvs.append(run_in_l2(m, prefault=prefault).hv)
+        return m
+
+    monkeypatch.setattr(DP, "build_machine", nested_build)
+    monkeypatch.setattr(DP, "guest_digest", lambda vm, results: parity.guest_digest(
+        vm, results, frozenset(hvs[-1].tables)))
+    for c in ("tdp", "legacy"):
+        r = DP.run_demand_paging(opts, CONFIGURATIONS[c])
+        assert r.verified and r.digest == direct[c].digest == direct["tdp"].digest
+        reflected = r.exits.get("reflected_to_l1", 0)
+        if prefault:
+            assert reflected == 0 and "nested_fixed" in r.faults
+        else:
+            assert reflected >= r.pages  # every data page, and the tables L2's walks read

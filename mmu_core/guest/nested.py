@@ -55,11 +55,17 @@ class L1Hypervisor:
         self.pts = pts
         self.vm = pts.vm
         self.guests: list[L2Guest] = []
+        self.tables: set[int] = set()  # gfns of every EPT12 table page: L1's own memory
+
+    def _alloc_table(self) -> int:
+        gpa = self.pts._alloc()
+        self.tables.add(gpa >> 12)
+        return gpa
 
     def new_l2(self, prefault: list[tuple[int, int]] | None = None) -> L2Guest:
         """A new L2 guest with an empty EPT12, or with `prefault`'s (gpa, bytes) ranges mapped
         1:1 before it runs (host-side writes: no EPT02 exists yet to keep in sync)."""
-        l2 = L2Guest(self, self.pts._alloc())
+        l2 = L2Guest(self, self._alloc_table())
         for gpa, size in prefault or ():
             for page in range(gpa >> 12, (gpa + size + 0xFFF) >> 12):
                 self.map(l2, page << 12, page << 12, vcpu=None)
@@ -83,7 +89,7 @@ class L1Hypervisor:
             if not entry & E.EPT_RWX:
                 if not create:
                     return None
-                child = self.pts._alloc()
+                child = self._alloc_table()
                 self._store(vcpu, e_gpa, child | NONLEAF_FLAGS)
                 entry = child | NONLEAF_FLAGS
             elif entry & E.EPT_LARGE:
@@ -113,3 +119,18 @@ class L1Hypervisor:
             return None
         entry = self._read(e_gpa)
         return entry if entry & E.EPT_RWX else None
+
+
+def run_in_l2(machine, prefault: bool = True) -> L2Guest:
+    """Every vCPU of `machine` runs its programs in one L2 guest of L1 (the selftests' -n:
+    memstress_setup_nested), whose EPT12 maps L1's page-table memslot and data 1:1, eagerly
+    as memstress_setup_ept does, or lazily (every first touch reflected to L1)."""
+    from mmu_core.guest.machine import DATA_GPA  # machine imports nothing from here
+
+    pts = machine.pts
+    ranges = [(pts.base_gfn << 12, (pts.end_gfn - pts.base_gfn) << 12),
+              (DATA_GPA, machine.spec.data_size)] if prefault else None
+    l2 = L1Hypervisor(pts).new_l2(prefault=ranges)
+    for vcpu in machine.vm.vcpus:
+        vcpu.enter_l2(l2)
+    return l2

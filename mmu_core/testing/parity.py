@@ -14,7 +14,9 @@ import hashlib
 import numpy as np
 
 
-def guest_digest(vm, results: list[np.ndarray]) -> str:
+def guest_digest(vm, results: list[np.ndarray], exclude: frozenset[int] = frozenset()) -> str:
+    """`exclude`: gfns (address space 0) left out, contents and dirty bits: an L1 hypervisor's
+    own pages (its EPT12 tables, docs/nested.md) when the digest is what its L2 guest sees."""
     h = hashlib.sha256()
     for vcpu, res in zip(vm.vcpus, results, strict=True):
         h.update(b"vcpu%d" % vcpu.id)
@@ -29,6 +31,8 @@ def guest_digest(vm, results: list[np.ndarray]) -> str:
             # A swapped-out page is still guest memory: its contents come from the swap store.
             resident = pfns >= 0
             held = np.flatnonzero(resident | mm.hva_swapped[lo : lo + slot.npages])
+            if exclude and slot.as_id == 0:
+                held = held[~np.isin(held + slot.base_gfn, list(exclude))]
             tags = np.zeros(len(held), dtype=np.uint64)
             in_mem = resident[held]
             tags[in_mem] = vm.host.tag[pfns[held[in_mem]]]
@@ -50,6 +54,11 @@ def guest_digest(vm, results: list[np.ndarray]) -> str:
                 h.update(b"pt%d" % off)
                 h.update(row.tobytes())
             if slot.dirty_bitmap is not None:
+                bits = slot.dirty_bitmap
+                if exclude and slot.as_id == 0:
+                    bits = bits.copy()
+                    offs = [g - slot.base_gfn for g in exclude if slot.base_gfn <= g < slot.end_gfn]
+                    bits[offs] = 0
                 h.update(b"dirty")
-                h.update(slot.dirty_bitmap.tobytes())
+                h.update(bits.tobytes())
     return h.hexdigest()
