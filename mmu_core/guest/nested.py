@@ -39,7 +39,8 @@ class L2Guest:
 
     def handle_ept_violation(self, vcpu, fault) -> None:
         """L1's EPT-violation handler: map the faulting 4K page 1:1, RWX (also when EPT12
-        maps it without the permission the access needed)."""
+        maps it without the permission the access needed). Assumes EPT12 has no large leaf
+        there (L1 maps lazily in 4K pages)."""
         self.reflected += 1
         need = E.EPT_WRITE if fault.write else E.EPT_EXEC if fault.fetch else E.EPT_READ
         entry = self.hv.lookup(self, fault.gpa)
@@ -62,13 +63,15 @@ class L1Hypervisor:
         self.tables.add(gpa >> 12)
         return gpa
 
-    def new_l2(self, prefault: list[tuple[int, int]] | None = None) -> L2Guest:
+    def new_l2(self, prefault: list[tuple[int, int]] | None = None, level: int = 1) -> L2Guest:
         """A new L2 guest with an empty EPT12, or with `prefault`'s (gpa, bytes) ranges mapped
-        1:1 before it runs (host-side writes: no EPT02 exists yet to keep in sync)."""
+        1:1 before it runs (host-side writes: no EPT02 exists yet to keep in sync), with 4K
+        leaves or, at `level` 3, 1G ones covering the ranges (nested_identity_map_1g)."""
         l2 = L2Guest(self, self._alloc_table())
+        shift = 12 + 9 * (level - 1)
         for gpa, size in prefault or ():
-            for page in range(gpa >> 12, (gpa + size + 0xFFF) >> 12):
-                self.map(l2, page << 12, page << 12, vcpu=None)
+            for page in range(gpa >> shift, (gpa + size + (1 << shift) - 1) >> shift):
+                self.map(l2, page << shift, page << shift, vcpu=None, level=level)
         self.guests.append(l2)
         return l2
 
@@ -81,9 +84,10 @@ class L1Hypervisor:
         else:
             vcpu.l1_store(gpa, value)
 
-    def _entry_gpa(self, l2: L2Guest, l2gpa: int, vcpu, create: bool) -> int | None:
+    def _entry_gpa(self, l2: L2Guest, l2gpa: int, vcpu, create: bool,
+                   leaf_level: int = 1) -> int | None:
         table = l2.eptp
-        for level in range(EPT_LEVELS, 1, -1):
+        for level in range(EPT_LEVELS, leaf_level, -1):
             e_gpa = table + 8 * ((l2gpa >> (12 + 9 * (level - 1))) & 511)
             entry = self._read(e_gpa)
             if not entry & E.EPT_RWX:
@@ -95,14 +99,18 @@ class L1Hypervisor:
             elif entry & E.EPT_LARGE:
                 raise GuestError(f"L2 gpa {l2gpa:#x} lies in a large EPT12 leaf")
             table = entry & _ADDR
-        return table + 8 * ((l2gpa >> 12) & 511)
+        return table + 8 * ((l2gpa >> (12 + 9 * (leaf_level - 1))) & 511)
 
-    def map(self, l2: L2Guest, l2gpa: int, l1gpa: int, perm: int = E.EPT_RWX, vcpu=None) -> int:
-        """Map one 4K page; returns the leaf's gpa. With a vCPU, L1 runs it (its stores may
-        exit to L0); without, it is set-up code writing L1 memory directly."""
-        e_gpa = self._entry_gpa(l2, l2gpa, vcpu, True)
-        self._store(vcpu, e_gpa, (l1gpa & _ADDR) | (LEAF_FLAGS & ~E.EPT_RWX) | perm)
-        l2.mapped.add(l2gpa >> 12)
+    def map(self, l2: L2Guest, l2gpa: int, l1gpa: int, perm: int = E.EPT_RWX, vcpu=None,
+            level: int = 1) -> int:
+        """Map one 4K page (or a 2M/1G one at `level` 2/3); returns the leaf's gpa. With a
+        vCPU, L1 runs it (its stores may exit to L0); without, it is set-up code writing L1
+        memory directly."""
+        e_gpa = self._entry_gpa(l2, l2gpa, vcpu, True, level)
+        flags = (LEAF_FLAGS & ~E.EPT_RWX) | perm | (E.EPT_LARGE if level > 1 else 0)
+        self._store(vcpu, e_gpa, (l1gpa & _ADDR) | flags)
+        if level == 1:
+            l2.mapped.add(l2gpa >> 12)
         return e_gpa
 
     def unmap(self, l2: L2Guest, l2gpa: int, vcpu) -> None:
@@ -123,14 +131,13 @@ class L1Hypervisor:
 
 def run_in_l2(machine, prefault: bool = True) -> L2Guest:
     """Every vCPU of `machine` runs its programs in one L2 guest of L1 (the selftests' -n:
-    memstress_setup_nested), whose EPT12 maps L1's page-table memslot and data 1:1, eagerly
-    as memstress_setup_ept does, or lazily (every first touch reflected to L1)."""
+    memstress_setup_nested), whose EPT12 maps L2 1:1 onto L1: eagerly as memstress_setup_ept
+    does (1G leaves over the first 4 GiB and the data), or lazily, 4K pages as L2 touches
+    them (every first touch reflected to L1)."""
     from mmu_core.guest.machine import DATA_GPA  # machine imports nothing from here
 
-    pts = machine.pts
-    ranges = [(pts.base_gfn << 12, (pts.end_gfn - pts.base_gfn) << 12),
-              (DATA_GPA, machine.spec.data_size)] if prefault else None
-    l2 = L1Hypervisor(pts).new_l2(prefault=ranges)
+    ranges = [(0, 1 << 32), (DATA_GPA, machine.spec.data_size)] if prefault else None
+    l2 = L1Hypervisor(machine.pts).new_l2(prefault=ranges, level=3)
     for vcpu in machine.vm.vcpus:
         vcpu.enter_l2(l2)
     return l2

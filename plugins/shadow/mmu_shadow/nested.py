@@ -18,8 +18,8 @@ What this models, and where in KVM it comes from:
   a memslot logging dirty pages, only on a write, which marks it dirty: make_spte).
 * Every EPT12 page a walk went through is write-tracked (account_shadowed): L1's stores to it
   exit to L0, are emulated, and zap the EPT02 leaves built through the written entry
-  (kvm_mmu_pte_write). A nested fault that walked EPT12 before such a write retries
-  (FNAME(gpte_changed)).
+  (kvm_mmu_pte_write). A nested fault whose walked EPT12 entries changed before it took the
+  lock retries (FNAME(gpte_changed)).
 * INVEPT (handle_invept): single-context drops the EPT02 root of that EPTP, all-context every
   EPT02 root (kvm_mmu_free_roots of the guest-mode roots); the vCPUs reload.
 * An MMU-notifier invalidation or a zap of L1 gfns zaps the EPT02 leaves mapping them through
@@ -52,7 +52,6 @@ class NestedEpt:
         self.leaves: dict[tuple[int, int], tuple[int, int]] = {}  # (EPTP, l2 gfn) -> (pfn, idx)
         self.rmap: dict[int, set[tuple[int, int]]] = {}  # L1 gfn -> EPT02 leaves (EPTP, l2 gfn)
         self.tracked: set[int] = set()  # EPT12 table gfns write-tracked
-        self.ept12_seq = 0  # bumped by every tracked EPT12 write (FNAME(gpte_changed)'s role)
         self.synced = vm.generation
         self.users: set = set()  # vCPUs that loaded an EPT02 root
         self.stats = {"nested_faults": 0, "nested_fixed": 0, "nested_reflected": 0,
@@ -62,8 +61,8 @@ class NestedEpt:
     # --- EPT12, in L1 memory ------------------------------------------------------------------
     def walk_ept12(self, eptp: int, l2gpa: int):
         """FNAME(walk_addr_generic), EPT flavour: (l1 gpa or None, EPT12 permissions ANDed over
-        the walk, [(table gfn, index), ...] of the entries read). None when an entry on the
-        way is not present (no R/W/X) or is a misconfiguration (W without R)."""
+        the walk, [(table gfn, index, entry), ...] of the entries read). None when an entry on
+        the way is not present (no R/W/X) or is a misconfiguration (W without R)."""
         vm = self.vm
         table = eptp & _ADDR_MASK
         perm = E.EPT_RWX
@@ -71,7 +70,7 @@ class NestedEpt:
         for level in range(EPT12_LEVELS, 0, -1):
             idx = (l2gpa >> (12 + 9 * (level - 1))) & 511
             entry = vm.read_guest_u64(0, table + 8 * idx)
-            path.append((table >> 12, idx))
+            path.append((table >> 12, idx, entry))
             rwx = entry & E.EPT_RWX
             if not rwx or (rwx & E.EPT_WRITE and not rwx & E.EPT_READ):
                 return None, 0, path
@@ -161,7 +160,6 @@ class NestedEpt:
         """An EPT violation on EPT02 at L2 gpa fault.gpa: Ret.INJECT reflects it to L1."""
         vm = self.vm
         self.stats["nested_faults"] += 1
-        seq12 = self.ept12_seq
         l1gpa, perm, path = self.walk_ept12(eptp, fault.gpa)
         need = E.EPT_WRITE if fault.write else E.EPT_EXEC if fault.fetch else E.EPT_READ
         if l1gpa is None or not perm & need or not perm & E.EPT_READ:
@@ -176,8 +174,9 @@ class NestedEpt:
             fault.mmio = True  # L1 MMIO seen by L2 (the model's L1 maps L2 1:1): emulated
             return Ret.EMULATE
         with vm.mmu_lock.write():
-            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, l1gfn) or seq12 != self.ept12_seq \
-                    or eptp not in self.roots or vm.generation != self.synced:
+            if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, l1gfn) \
+                    or self._ept12_changed(path) or eptp not in self.roots \
+                    or vm.generation != self.synced:
                 self.stats["nested_retries"] += 1
                 return Ret.RETRY
             root = self.roots[eptp]
@@ -210,13 +209,19 @@ class NestedEpt:
                 vm.flush_remote_tlbs()  # a present leaf changed (W added): mmu_set_spte
             self.leaves[(eptp, l2gfn)] = (table, idx)
             self.rmap.setdefault(l1gfn, set()).add((eptp, l2gfn))
-            for gfn, i in path:
+            for gfn, i, _entry in path:
                 self.built.setdefault((gfn, i), set()).add((eptp, l2gfn))
                 if gfn not in self.tracked:
                     self.tracked.add(gfn)  # account_shadowed: L1's stores to it now exit
                     vm.track_gfn(0, gfn)
             self.stats["nested_fixed"] += 1
         return Ret.FIXED
+
+    def _ept12_changed(self, path) -> bool:
+        """FNAME(gpte_changed): an EPT12 entry the walk read holds something else now (L1's
+        store landed; its ept12_write waits for the lock and would miss this fault's leaf)."""
+        return any(self.vm.read_guest_u64(0, (gfn << 12) + 8 * i) != entry
+                   for gfn, i, entry in path)
 
     # --- L1's stores to EPT12 -----------------------------------------------------------------
     def ept12_write(self, vcpu, gpa: int, new: int) -> bool:
@@ -229,7 +234,6 @@ class NestedEpt:
         vm = self.vm
         self.stats["ept12_writes"] += 1
         with vm.mmu_lock.write():
-            self.ept12_seq += 1
             victims = self.built.pop((gfn, (gpa & 0xFFF) >> 3), set())
             if mutants.on("nested-ept12-write-ignored"):
                 victims = set()
