@@ -808,6 +808,12 @@ def _render(reports: list[DemandPagingReport]) -> None:
     row("backend (ept)", lambda r: f"{r.backend} ({r.params['ept']})")
     row("verified pages", lambda r: f"{r.pages - r.mismatches}/{r.pages}")
     row("total guest time", lambda r: _ms(r.total_time_ns))
+    if len(reports) > 1:  # the seed's headline: the change in total time against the first
+        def change(r) -> str:
+            if not r0.total_time_ns:
+                return "-"
+            return f"{100 * (r.total_time_ns - r0.total_time_ns) / r0.total_time_ns:+.1f}%"
+        row(f"total time vs {r0.configuration}", change)
     row("demand paging rate", lambda r: f"{r.pages_per_sec:,.0f} pages/s")
     row("per-vCPU rate (mean)",
         lambda r: f"{sum(v.pages_per_sec for v in r.per_vcpu) / len(r.per_vcpu):,.0f} pages/s")

@@ -115,6 +115,9 @@ def test_compare_prints_three_columns_and_identical_digests():
     assert "identical" in p.stdout
     for name in ("tdp", "legacy", "shadow"):
         assert name in p.stdout
+    # the first column against itself, then the others' change in total time
+    row = next(line for line in p.stdout.splitlines() if "total time vs tdp" in line)
+    assert "+0.0%" in row and row.count("%") == 3
 
 
 @pytest.mark.parametrize("args, needle", [
