@@ -22,6 +22,15 @@ the engine's seed, so (seed, policy, parameters) replays the same interleaving e
 task that would still be picked next keeps running without a greenlet switch: the fast path
 that makes millions of switch points affordable.
 
+Host CPUs. With `host_cpus` set, a task needs a CPU to run: it holds one while it runs, while
+it is due after a `delay` (it is computing) and while it spins for a spinlock; it gives it
+up when it sleeps (`block`) unless it holds or takes a spinlock, and when it finishes. A task
+popped from the heap without a CPU and with none free waits in a FIFO run queue (phase
+"runqueue"); a CPU given up goes to the queue's head, which runs after `context_switch`. A
+task that has run `sched_slice` outside spinlocks goes to the back of the queue at its next
+`delay` if anyone waits. With no limit (None) nobody ever waits, and runs are exactly as
+without the model; on-CPU time is counted either way (`TaskStats.cpu_ns`).
+
 Accounting per task is exclusive: waiting for a lock, else holding one, else the innermost
 phase ("other" by default). The categories always add up to the task's total time.
 """
@@ -285,7 +294,7 @@ class Engine:
         self._closing = False  # close() was called: tasks are being (or have been) killed
         # Primitives holding per-task state (locks, RCU), told to forget the tasks on close().
         self._primitives: list[weakref.ref] = []
-        # The host's CPUs (see "Host CPUs" in the module docstring): None is unlimited.
+        # The host's CPUs ("Host CPUs" in the module docstring): None is unlimited.
         self.host_cpus = host_cpus
         self._free_cpus = _NO_LIMIT if host_cpus is None else host_cpus
         self._runqueue: deque[Task] = deque()  # tasks due to run, waiting for a free CPU
