@@ -129,6 +129,9 @@ ModeOpt = Annotated[str, typer.Option("--mode", help="guest paging: 4level 5leve
 UffdOpt = Annotated[bool, typer.Option("--uffd/--no-uffd", help="serve faults with userfaultfd")]
 SharedOpt = Annotated[bool, typer.Option(
     "-a", "--uffd-shared", help="one userfaultfd for all vCPUs, read by a handler per vCPU")]
+NestedOpt = Annotated[str, typer.Option(
+    "-n", "--nested", help="run the guest code in L2: off | eager (EPT12 mapped up front, as "
+    "the selftests' -n) | lazy (each page reflected to L1 on first touch)")]
 HostCpusOpt = Annotated[int, typer.Option(
     "--host-cpus", help="host logical CPUs the threads share (0: unlimited)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed: runs are reproducible from it")]
@@ -193,14 +196,14 @@ def _note_ignored(config: Path | None) -> None:
 
 
 def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule,
-             uffd_shared=False):
+             uffd_shared=False, nested="off"):
     from mmu_core.workloads.demand_paging import DemandPagingOptions
 
     size = parse_size(bytes_per_vcpu)
     return mmu_core.validate(
         DemandPagingOptions, vcpus=vcpus, bytes_per_vcpu=size, uffd=uffd,
         uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed,
-        uffd_shared=uffd_shared, **schedule,
+        uffd_shared=uffd_shared, nested=nested, **schedule,
     )
 
 
@@ -312,6 +315,7 @@ def run_demand_paging(
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
     uffd_shared: SharedOpt = False,
+    nested: NestedOpt = "off",
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
@@ -329,7 +333,8 @@ def run_demand_paging(
     """demand_paging_test: vCPUs touch disjoint regions served by userfault handlers."""
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
-                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared)
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared,
+                    nested)
     params = _run_params(configuration_name, backend, ept, config)
     _warn_broken()
     report = _run_one(opts, params, "run")
@@ -349,6 +354,7 @@ def compare_demand_paging(
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
     uffd_shared: SharedOpt = False,
+    nested: NestedOpt = "off",
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
@@ -368,7 +374,8 @@ def compare_demand_paging(
     _check_plot(plot)
     _workers(jobs)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
-                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared)
+                    _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared,
+                    nested)
     reports = _compare_runs(opts, configs, config, jobs=jobs)
     _compare_out("demand-paging", reports, plot, json, _render)
 
@@ -383,6 +390,7 @@ def sweep_demand_paging(
     mode: ModeOpt = "4level",
     uffd: UffdOpt = True,
     uffd_shared: SharedOpt = False,
+    nested: NestedOpt = "off",
     seed: SeedOpt = 0,
     policy: PolicyOpt = "fifo",
     jitter_ns: JitterOpt = DEFAULT_JITTER_NS,
@@ -409,7 +417,7 @@ def sweep_demand_paging(
         raise InvalidConfig("--vcpus", f"{vcpu_counts!r} is not a list of numbers") from None
     opts = _options(max(counts or [1]), bytes_per_vcpu, uffd_delay_us, backing, mode, uffd,
                     seed, _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus),
-                    uffd_shared)
+                    uffd_shared, nested)
     names = [name for name, _ in _configurations(configs or [",".join(CONFIGURATIONS)],
                                                  "--configs")]
     _warn_broken()
@@ -797,7 +805,8 @@ def _render(reports: list[DemandPagingReport]) -> None:
     r0 = reports[0]
     uffd = ("shared, a handler per vCPU" if r0.uffd_shared else "on") if r0.uffd else "off"
     cpus = r0.host.host_cpus if r0.host else None
-    out.print(f"demand-paging: {r0.vcpus} vCPUs x {_size(r0.bytes_per_vcpu)}, {r0.backing}, "
+    where = "" if r0.nested == "off" else f" in L2 ({r0.nested} EPT12)"
+    out.print(f"demand-paging{where}: {r0.vcpus} vCPUs x {_size(r0.bytes_per_vcpu)}, {r0.backing}, "
               f"guest {r0.paging_mode}, uffd={uffd}, seed {r0.seed}, "
               f"schedule {_policy(r0.schedule)}, host CPUs {cpus or 'unlimited'}")
     table = Table("", *[r.configuration for r in reports])

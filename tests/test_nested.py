@@ -236,3 +236,22 @@ def test_demand_paging_in_l2_has_the_l1_digest(monkeypatch, prefault):
             assert reflected == 0 and "nested_fixed" in r.faults
         else:
             assert reflected >= r.pages  # every data page, and the tables L2's walks read
+
+
+@pytest.mark.parametrize("nested", ["eager", "lazy"])
+def test_the_nested_option_runs_demand_paging_in_l2_with_the_l1_digest(nested):
+    """-n: DemandPagingOptions.nested puts the guest code in L2; the report says so, and its
+    L2-visible digest is the L1 run's under tdp and legacy. Shadow paging has no nested EPT:
+    one clear error, before anything is built."""
+    from mmu_core import InvalidConfig
+    from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
+
+    opts = dict(vcpus=2, bytes_per_vcpu=32 * 4096)
+    l1 = run_demand_paging(DemandPagingOptions(**opts), CONFIGURATIONS["tdp"])
+    for config in ("tdp", "legacy"):
+        r = run_demand_paging(DemandPagingOptions(**opts, nested=nested), CONFIGURATIONS[config])
+        assert r.nested == nested and r.verified and r.digest == l1.digest
+        assert "l2_ept_violation" in r.exits and "ept_violation" not in r.exits
+        assert (r.exits.get("reflected_to_l1", 0) > 0) == (nested == "lazy")
+    with pytest.raises(InvalidConfig, match="nested EPT needs EPT"):
+        run_demand_paging(DemandPagingOptions(**opts, nested=nested), CONFIGURATIONS["shadow"])

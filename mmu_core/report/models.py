@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 # 2: `schedule` added; wall-clock figures grouped under `wall`. 3: `backend_stats` (the
 # backend's mmu_stats hook) added. The selftest workloads' reports (below) were added in 3 and
 # a compare report's runs may be any of them; the demand-paging report did not change.
-# 4: the host model: `host` (HostFigures) and `uffd_shared` in the demand-paging report;
+# 4: the host model: `host` (HostFigures), `uffd_shared` and `nested` in the demand-paging
+# report;
 # BackendStats gained reclaimed_pages, unsync_pages, syncs and emulated_pte_writes (optional,
 # None by default, so reports of 4 without them still load).
 SCHEMA_VERSION = 4
@@ -129,6 +130,7 @@ class DemandPagingReport(Frozen):
     uffd: bool
     uffd_delay_ns: int
     uffd_shared: bool = False  # -a: one uffd for all, one handler per vCPU
+    nested: str = "off"  # -n: the guest code ran in L2 (eager or lazy EPT12)
     pages: int
     verified: bool
     mismatches: int

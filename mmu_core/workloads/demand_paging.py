@@ -23,6 +23,7 @@ from mmu_core.arch.x86 import paging as P
 from mmu_core.config import ScheduleFields, VMConfig
 from mmu_core.errors import BackendError, InvalidConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns, pt_slot_size
+from mmu_core.guest.nested import run_in_l2
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name, report_params
 from mmu_core.report.models import (
@@ -56,6 +57,10 @@ class DemandPagingOptions(ScheduleFields):
     uffd_delay_ns: int = Field(0, ge=0, description="-d: handler delay per fault")
     uffd_shared: bool = Field(False, description="-a: one userfaultfd for all vCPUs' memory, "
                               "read by one handler per vCPU (else one uffd and handler each)")
+    nested: str = Field("off", pattern="^(off|eager|lazy)$", description="-n: the guest code "
+                        "runs in L2, an L1 hypervisor's guest (docs/nested.md), with EPT12 "
+                        "mapped up front as memstress does (eager) or page by page as L2 "
+                        "touches it (lazy)")
     backing: str = Field("anon", pattern="^(anon|thp|hugetlb)$", description="-s: backing")
     mode: str = Field("4level", description="guest paging mode")
     seed: int = 0
@@ -212,9 +217,16 @@ def run_demand_paging(
                        uffd_shared=opts.uffd_shared)
     config = VMConfig(vcpus=opts.vcpus, seed=opts.seed, params=params, cost=cost or CostModel(),
                       policy=opts.policy, **opts.engine_options())
+    if opts.nested != "off" and not params.ept:
+        raise InvalidConfig("nested", "nested EPT needs EPT in L0: run it with the tdp or "
+                            "legacy configuration (--configs tdp,legacy)")
     machine = build_machine(spec, config)
     vm = machine.vm
     try:
+        ept12: frozenset[int] = frozenset()
+        if opts.nested != "off":
+            # L2's digest is L1's memory without L1's own EPT12 pages (docs/nested.md)
+            hv = run_in_l2(machine, prefault=opts.nested == "eager").hv
         programs = _programs(opts)
         machine.spawn_uffd_handlers(opts.uffd_delay_ns)
         results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
@@ -254,7 +266,9 @@ def run_demand_paging(
         stats = backend_stats(vm)
         mem = vm.memory()
         guest_bytes = spec.data_size
-        digest = guest_digest(vm, results)
+        if opts.nested != "off":
+            ept12 = frozenset(hv.tables)
+        digest = guest_digest(vm, results, ept12)
         cmpxchg_failures = sum(t.statistics().cmpxchg_failures for t in tasks)
         steps = vm.engine.steps
         host = host_figures(vm, tasks, machine.uffds)
@@ -275,6 +289,7 @@ def run_demand_paging(
         uffd=opts.uffd,
         uffd_delay_ns=opts.uffd_delay_ns,
         uffd_shared=opts.uffd_shared,
+        nested=opts.nested,
         pages=pages * opts.vcpus,
         verified=mismatches == 0,
         mismatches=mismatches,
