@@ -165,3 +165,17 @@ def test_split_children_keep_the_bits_and_step_the_frames():
     assert not S.is_large_pte(kids[5]) and int(S.spte_to_pfn(kids[5])) == 0x205
     assert np.uint64(kids[5]) & ~np.uint64(S.SPTE_BASE_ADDR_MASK) == \
         S.make_leaf_spte(0x205, 1, True, True) & ~np.uint64(S.SPTE_BASE_ADDR_MASK)
+
+
+def test_a_write_to_a_write_protected_shadow_leaf_does_not_flush_remote_tlbs():
+    # mmu_set_spte flushes when the frame changes or a writable leaf becomes read-only; making
+    # the same frame writable needs no flush (the stale read-only entry only faults again).
+    # Shadow paging's dirty logging write-protects every leaf: one flush per logged write
+    # before, none now.
+    from mmu_core.params import CONFIGURATIONS
+    from mmu_core.workloads.dirty_log_perf import DirtyLogPerfOptions, run_dirty_log_perf
+
+    r = run_dirty_log_perf(DirtyLogPerfOptions(vcpus=4, bytes_per_vcpu=64 << 12, iterations=2),
+                           CONFIGURATIONS["shadow"])
+    written = sum(it.pages_written for it in r.per_iteration)
+    assert written >= 256 and r.tlb_flushes < 16

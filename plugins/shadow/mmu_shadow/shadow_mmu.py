@@ -57,6 +57,17 @@ SHADOWED_TRANSLATION_BYTES = 512 * 8
 PTE_PREFETCH_NUM = 8  # mmu.c: entries around a fault prefetched together
 
 
+def _replacing_needs_flush(old: int, new: int) -> bool:
+    """Whether replacing a present shadow leaf `old` by `new` must flush remote TLBs, as
+    mmu_set_spte decides: a different frame (drop_spte, then a flush), or a writable leaf made
+    read-only (mmu_spte_update). Adding write permission to the same frame needs none: a
+    stale read-only TLB entry only makes the write fault again, and that fault drops the
+    entry (SDM 4.10.4.1) and finds the leaf already writable, as after dirty logging's
+    write-protection."""
+    w = S.PT_WRITABLE_MASK
+    return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
+
+
 class ShadowMMU(PagesMixin, SyncMixin):
     def __init__(self, vm) -> None:
         self.vm = vm
@@ -473,7 +484,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
                 if sp.gptes is not None:
                     sp.gptes[idx] = gpte
                 self._add_rmap(sp, idx, gfn)
-                if S.is_shadow_present_pte(old):
+                if S.is_shadow_present_pte(old) and _replacing_needs_flush(old, new):
                     vm.flush_remote_tlbs()
                 self.stats["mapped"][1] += 1
             if sp.gptes is not None:
