@@ -11,10 +11,10 @@ Run: python benchmarks/tdp_fidelity.py [--only NAME ...] [--scale F] [--json FIL
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import dataclass
+
+import fidelity_table
 
 from mmu_core import VMConfig
 from mmu_core.guest.machine import MachineSpec, build_machine
@@ -141,30 +141,9 @@ def measure(name: str, scale: float) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", default=[e.name for e in EXPERIMENTS])
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the memory sizes")
-    ap.add_argument("--json", help="also write the rows to this file")
-    args = ap.parse_args()
-    rows = []
-    print(f"{'experiment':<20} {'published':>22} {'ratio':>7} {'measured':>24} {'ratio':>7} "
-          f"{'wall s':>7}")
-    for e in EXPERIMENTS:
-        if e.name not in args.only:
-            continue
-        without, with_, wall = measure(e.name, args.scale)
-        p0, p1 = e.published
-        pr = p0 / p1
-        mr = without / with_ if with_ else float("inf")
-        print(f"{e.name:<20} {p0:>9.4f}s -> {p1:>7.4f}s {pr:>7.2f} "
-              f"{without:>10.6f}s -> {with_:>9.6f}s {mr:>7.2f} {wall:>7.1f}", flush=True)
-        rows.append({"experiment": e.name, "change": e.change, "figure": e.figure,
-                     "letter": e.letter, "scale": e.scale, "published": [p0, p1],
-                     "published_ratio": pr, "measured": [without, with_],
-                     "measured_ratio": mr, "wall_seconds": wall})
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    fidelity_table.main(__doc__.splitlines()[0], EXPERIMENTS, lambda e, scale: measure(e.name, scale),
+                        lambda e: {"change": e.change, "figure": e.figure,
+                                   "letter": e.letter, "scale": e.scale})
 
 
 if __name__ == "__main__":
