@@ -116,10 +116,6 @@ class Userfaultfd:
                 engine.block("uffd_wait")
             woken = True
 
-    @property
-    def pending_messages(self) -> int:
-        return len(self._msgs)
-
     def copy_range(self, hva: int) -> tuple[int, int]:
         """(first hva, number of 4 KiB pages) that one UFFDIO_COPY for hva fills: a small page,
         except in hugetlbfs, which only has huge ones."""
