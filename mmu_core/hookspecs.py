@@ -260,7 +260,10 @@ def mmu_sync_roots(vcpu):
 def mmu_memslot_changed(vm, as_id, old, new, change):
     """A memslot was created, deleted, moved or had its flags changed (``change`` is one of
     "create", "delete", "move", "flags"; ``old``/``new`` are ``Memslot`` or None). Called
-    with no lock held, after the new generation is visible. For delete and move the core has
+    with no lock held, after the new generation is visible: for create and move at once,
+    before the update's SRCU grace period and before any switch point, so metadata the
+    backend allocates here exists before a fault can use the new slot (KVM allocates it in
+    kvm_prepare_memory_region); for delete and flags after the update. For delete and move the core has
     already zapped the old range through ``mmu_zap_gfn_range`` and flushed (KVM:
     kvm_arch_flush_shadow_memslot); this hook is for the backend's own bookkeeping.
     """

@@ -51,8 +51,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "skip-mark-dirty": (
         "a write fault in a dirty-logged slot does not mark the page dirty",
         "tdp and shadow: the fault paths"),
-    "memslot-update-no-retry": (
-        "installing new memslots does not make faults that resolved against the old ones retry",
+    "memslot-update-no-srcu-sync": (
+        "installing new memslots does not wait for an SRCU grace period, so a fault that "
+        "resolved against the old ones may still be installing what it found",
         "core: VM._install_memslots"),
     "memslot-zap-after-install": (
         "delete and move install the final memslots first and zap after (no invalid step)",

@@ -791,6 +791,39 @@ def test_rcu_callback_waits_for_preexisting_readers_and_the_grace_period():
     assert rcu.pending == 0
 
 
+def test_srcu_is_its_own_domain_and_a_sleeping_reader_can_step_outside():
+    # kvm->srcu: vCPUs are readers outside guest mode; a memslot update waits only for them,
+    # not for RCU readers, and a reader that sleeps outside the section does not hold it up.
+    engine = Engine(0, cost=ZERO)
+    rcu = RCU(engine)
+    srcu = RCU(engine, "srcu", grace_ns=500, charge_readers=False)
+    log = []
+
+    def vcpu():
+        with rcu.read():
+            srcu.read_lock()
+            engine.delay(1000)
+            assert srcu.holding()
+            with srcu.outside():
+                assert not srcu.holding()
+                engine.delay(5000)
+            assert srcu.holding()
+            log.append(("back", engine.now))
+            engine.delay(1000)
+            srcu.read_unlock()
+
+    def updater():
+        engine.delay(10)
+        srcu.synchronize_rcu()
+        log.append(("synced", engine.now, engine.current.name))
+
+    engine.spawn("vcpu", vcpu)
+    engine.spawn("vmm", updater)
+    engine.run()
+    assert log == [("synced", 1000, "vmm"), ("back", 6000)]
+    assert any(t.name == "srcu" for t in engine.tasks)
+
+
 def test_rcu_callback_runs_after_the_grace_period_when_readers_leave_early():
     engine = Engine(0, cost=ZERO.model_copy(update={"rcu_grace_period": 1000}))
     rcu = RCU(engine)

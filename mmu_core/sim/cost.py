@@ -68,6 +68,10 @@ class CostModel(BaseModel):
     call_rcu: int = _ns(50, "queueing an RCU callback", "call_rcu: per-CPU list append, irqs off")
     rcu_grace_period: int = _ns(1_000_000, "minimum virtual time from call_rcu to its callback",
                                 "about one tick at HZ=1000; real grace periods take a few ms")
+    srcu_expedited_grace_period: int = _ns(
+        14_000, "synchronize_srcu_expedited(&kvm->srcu) in a memslot update, no reader inside",
+        "KVM_SET_USER_MEMORY_REGION toggling LOG_DIRTY_PAGES on an empty slot: 13-18 us per "
+        "call on the development machine (docs/engine.md), benchmarks/kvm/memslot_update.c")
 
     # --- TLB shootdown -------------------------------------------------------------------------
     remote_tlb_flush_base: int = _ns(2_000, "kvm_flush_remote_tlbs: sending the request IPIs",

@@ -21,7 +21,8 @@ that would have to wait is a RuntimeError.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mmu_core.sim.engine import Engine, Task
@@ -487,13 +488,23 @@ class RCU:
     """Read-copy-update: a callback runs once every reader that predates it has left.
 
     Readers take a sequence number when they enter; a callback queued at sequence s runs, in
-    the "rcu" daemon task, once no reader with an entry number <= s remains and at least
-    rcu_grace_period ns after call_rcu. Entry numbers only grow and the reader dict keeps
-    insertion order, so its first entry is always the oldest reader.
+    the `name` daemon task, once no reader with an entry number <= s remains and at least
+    `grace_ns` (default: rcu_grace_period) after call_rcu. Entry numbers only grow and the
+    reader dict keeps insertion order, so its first entry is always the oldest reader.
+
+    One class serves RCU and SRCU (KVM's kvm->srcu, which protects the memslots): an SRCU
+    domain has its own readers, callbacks and worker, and its read side may sleep. With
+    `charge_readers=False` entering and leaving cost nothing here, for a domain whose
+    read-side cost is already in a larger measured constant (KVM's vCPUs leave and re-enter
+    kvm->srcu around every guest entry: part of the exit cost).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, name: str = "rcu", grace_ns: int | None = None,
+                 charge_readers: bool = True) -> None:
         self.engine = engine
+        self.name = name
+        self.grace_ns = engine.cost.rcu_grace_period if grace_ns is None else grace_ns
+        self.charge_readers = charge_readers
         self._seq = 0
         self._readers: dict[Task | None, list[int]] = {}  # task -> [nesting, entry number]
         self._callbacks: deque[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = deque()
@@ -513,14 +524,14 @@ class RCU:
     def read_lock(self) -> None:
         engine = self.engine
         task = engine.current
-        if task is not None:
+        if task is not None and self.charge_readers:
             engine.delay(engine.cost.rcu_read_lock)
         reader = self._readers.get(task)
         if reader is None:
             self._seq += 1
             self._readers[task] = [1, self._seq]
             if engine.trace_enabled:
-                engine._record(task, "rcu_read_lock", self._seq)
+                engine._record(task, f"{self.name}_read_lock", self._seq)
         else:
             reader[0] += 1
 
@@ -529,21 +540,42 @@ class RCU:
         task = engine.current
         reader = self._readers.get(task)
         if reader is None:
-            raise RuntimeError("rcu_read_unlock without rcu_read_lock")
+            raise RuntimeError(f"{self.name}_read_unlock without {self.name}_read_lock")
         reader[0] -= 1
         if not reader[0]:
             del self._readers[task]
             if engine.trace_enabled:
-                engine._record(task, "rcu_read_unlock", reader[1])
+                engine._record(task, f"{self.name}_read_unlock", reader[1])
             # Only a reader the oldest callback waits for can make it ready.
             if self._callbacks and reader[1] <= self._callbacks[0][0]:
                 self._kick()
-        if task is not None:
+        if task is not None and self.charge_readers:
             engine.delay(engine.cost.rcu_read_unlock)
 
     def read(self) -> _Guard:
         """`with rcu.read():` is a read-side critical section."""
         return self._guard
+
+    def holding(self) -> bool:
+        """Whether the calling task is inside a read-side section. No switch point."""
+        return self.engine.current in self._readers
+
+    @contextmanager
+    def outside(self) -> Iterator[None]:
+        """`with srcu.outside():` leaves the calling task's read-side section (all nesting
+        levels) for the body and re-enters it after, as a new reader: for a sleeping SRCU
+        reader that must not hold up a grace period while it waits. A task outside any
+        section just runs the body."""
+        task = self.engine.current
+        reader = self._readers.get(task)
+        depth = reader[0] if reader is not None else 0
+        for _ in range(depth):
+            self.read_unlock()
+        try:
+            yield
+        finally:
+            for _ in range(depth):
+                self.read_lock()
 
     # --- updaters -----------------------------------------------------------------------------
     @property
@@ -555,9 +587,9 @@ class RCU:
         """Run fn(*args) in the "rcu" task after a grace period."""
         engine = self.engine
         self._seq += 1
-        self._callbacks.append((self._seq, engine.now + engine.cost.rcu_grace_period, fn, args))
+        self._callbacks.append((self._seq, engine.now + self.grace_ns, fn, args))
         if engine.trace_enabled:
-            engine._record(engine.current, "call_rcu", self._seq)
+            engine._record(engine.current, f"call_{self.name}", self._seq)
         self._kick()
         if engine.current is not None:
             engine.delay(engine.cost.call_rcu)
@@ -567,14 +599,15 @@ class RCU:
         engine = self.engine
         task = engine.current
         if task in self._readers:
-            raise RuntimeError("synchronize_rcu inside an RCU read-side critical section")
+            raise RuntimeError(f"synchronize_{self.name} inside a {self.name} read-side critical "
+                               "section")
         if task is None:
             if self._readers:
-                raise RuntimeError("synchronize_rcu outside a task with readers inside")
+                raise RuntimeError(f"synchronize_{self.name} outside a task with readers inside")
             return  # nobody to wait for, and time does not pass outside the engine
         done = Completion(engine)
         self.call_rcu(done.complete)
-        done.wait("rcu_sync")
+        done.wait(f"{self.name}_sync")
 
     def barrier(self) -> None:
         """rcu_barrier: outside the engine, run every queued callback now (teardown);
@@ -596,25 +629,25 @@ class RCU:
         if self._worker is not None:
             engine.wake(self._worker)
         elif not engine.closed:  # after close(), only barrier() runs callbacks
-            self._worker = engine.spawn("rcu", self._work, daemon=True)
+            self._worker = engine.spawn(self.name, self._work, daemon=True)
 
     def _work(self) -> None:
         engine = self.engine
         callbacks = self._callbacks
         while True:
             if not callbacks:
-                engine.block("rcu_idle")
+                engine.block(f"{self.name}_idle")
                 continue
             seq, due, fn, args = callbacks[0]
             if engine.now < due:
-                engine.delay(due - engine.now, "rcu_grace")
+                engine.delay(due - engine.now, f"{self.name}_grace")
                 continue
             readers = self._readers
             if readers and next(iter(readers.values()))[1] <= seq:
-                engine.block("rcu_idle")  # woken when the readers it waits for leave
+                engine.block(f"{self.name}_idle")  # woken when the readers it waits for leave
                 continue
             callbacks.popleft()
             self.callbacks_run += 1
             if engine.trace_enabled:
-                engine._record(engine.current, "rcu_callback", seq)
+                engine._record(engine.current, f"{self.name}_callback", seq)
             fn(*args)

@@ -403,6 +403,9 @@ def scenario_memslots(config: VMConfig, rng: random.Random) -> Run:
                 prog.write(gva, _value(rng))
             else:
                 prog.read(gva)
+            # Each memslot update waits for an SRCU grace period (14 us): the pauses keep the
+            # vCPUs running through all twelve updates (about 300 us).
+            prog.pause(rng.randrange(0, 12_000))
         progs.append(prog.build())
     run = Run(m, progs, ref)
     steps = [(rng.randrange(0, 8_000), what) for what in (

@@ -236,11 +236,20 @@ class Vcpu:
     def run(self, prog: np.ndarray, results: np.ndarray, start: int = 0,
             end: int | None = None) -> None:
         """Run ops [start, end) of `prog`; results[i] gets (value, vector, error code) of op i."""
+        srcu = self.vm.srcu
+        srcu.read_lock()  # kvm_vcpu_srcu_read_lock in vcpu_run: held outside guest mode
+        try:
+            self._run_loop(prog, results, start, len(prog) if end is None else end)
+        finally:
+            if srcu.holding():  # not when killed in guest mode
+                srcu.read_unlock()
+
+    def _run_loop(self, prog: np.ndarray, results: np.ndarray, pc: int, end: int) -> None:
         vm = self.vm
         engine = vm.engine
         cost = engine.cost
+        srcu = vm.srcu
         budget = max(1, cost.quantum // max(1, cost.guest_access))
-        pc, end = start, len(prog) if end is None else end
         stats = self.hw_stats
         stuck_pc, stuck = -1, 0
         while pc < end:
@@ -253,6 +262,7 @@ class Vcpu:
                         continue
                 before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
                 pc0 = pc
+                srcu.read_unlock()  # vcpu_enter_guest leaves kvm->srcu for guest mode
                 # L2 runs its own paging (the L2 guest's registers) through EPT02; vmcs02 has
                 # no PML and the model's EPT02 no A/D flags (prepare_vmcs02_early).
                 pc = C.run_ops(
@@ -268,6 +278,7 @@ class Vcpu:
                         continue  # raised while mmu_load waited: service it before entering
                 before_ops, before_reads = stats[C.ST_OPS], stats[C.ST_WALK_READS]
                 pc0 = pc
+                srcu.read_unlock()
                 pc = C.run_ops(
                     prog, pc, end, results, vm.host.pt, vm.host.pt_slot, vm.host.tag,
                     self.hwregs if self.shadowing else self.regs, not self.shadowing,
@@ -280,6 +291,7 @@ class Vcpu:
             reads = int(stats[C.ST_WALK_READS] - before_reads)
             if reads:
                 engine.delay(reads * cost.walk_level, "walk")
+            srcu.read_lock()  # the VM exit: back in KVM
             kind = int(self.xinfo[C.XI_KIND])
             if kind == C.X_NONE:
                 continue

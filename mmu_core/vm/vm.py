@@ -68,6 +68,11 @@ class VM:
         self.mm = HostMM(self.host, self.engine)
         self.mmu_lock = RWLock(self.engine, "mmu_lock")
         self.rcu = RCU(self.engine)
+        # kvm->srcu: vCPUs hold it while they are out of guest mode (vcpu_run drops it around
+        # each VM entry), so a memslot update's synchronize_srcu_expedited waits for every
+        # exit that may have looked at the old memslots. Its read side is in the exit cost.
+        self.srcu = RCU(self.engine, "srcu", self.engine.cost.srcu_expedited_grace_period,
+                        charge_readers=False)
         self.memslots = [Memslots(0), Memslots(1)]
         self.generation = 0
         self.mmu_invalidate_seq = 0
@@ -163,15 +168,25 @@ class VM:
 
     # --- memslots ------------------------------------------------------------------------------
     # KVM's update protocol (kvm_set_memslot): a slot being deleted or moved is first marked
-    # KVM_MEMSLOT_INVALID, so faults on it wait; then its range is zapped; then the final
+    # KVM_MEMSLOT_INVALID, so faults on it retry; then its range is zapped; then the final
     # memslots are installed. Every installation bumps the generation (MMIO SPTEs go stale)
-    # and mmu_invalidate_seq: a fault that resolved a gfn against the old memslots retries,
-    # which stands in for KVM's synchronize_srcu(&kvm->srcu) before the memslots are reused.
-    def _install_memslots(self, as_id: int) -> None:
+    # and, as kvm_swap_active_memslots does, waits for an SRCU grace period: every vCPU exit
+    # that may have resolved a gfn against the old memslots has finished before the caller
+    # goes on (to zap the slot, or to write-protect it for dirty logging).
+    def _install_memslots(self, as_id: int, change: tuple | None = None) -> None:
+        """Publish the memslots of as_id and wait for the grace period. `change` is
+        (old, new, kind) for a create or move: the backend hears of it (mmu_memslot_changed)
+        as soon as the new memslots are visible, before anything can switch, because a fault
+        may use the new slot from then on and find the backend's metadata for it (KVM
+        allocates the rmaps in kvm_prepare_memory_region, before the swap)."""
         self.memslots[as_id].update()
         self.generation += 1
-        if not mutants.on("memslot-update-no-retry"):
-            self.mmu_invalidate_seq += 1
+        if change is not None:
+            old, new, kind = change
+            self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=old, new=new,
+                          change=kind)
+        if not mutants.on("memslot-update-no-srcu-sync"):
+            self.srcu.synchronize_rcu()
         if self.generation & MMIO_SPTE_GEN_MASK == 0 and self.vcpus:
             # kvm_mmu_invalidate_mmio_sptes: SPTEs keep only the low 19 bits of the
             # generation, so when those wrap an MMIO SPTE from 2^19 updates ago would look
@@ -198,9 +213,7 @@ class VM:
         if log_dirty:
             slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
         self.memslots[as_id].slots.append(slot)
-        self._install_memslots(as_id)
-        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=None, new=slot,
-                      change="create")
+        self._install_memslots(as_id, (None, slot, "create"))
         return slot
 
     def _slot(self, as_id: int, slot_id: int) -> Memslot:
@@ -246,10 +259,8 @@ class VM:
         done = self._invalidate_slot(slot)
         slot.base_gfn = new_base
         slot.flags &= ~KVM_MEMSLOT_INVALID
-        self._install_memslots(as_id)
+        self._install_memslots(as_id, (old, slot, "move"))
         self._slot_updated(slot, done)
-        self.hook_all("mmu_memslot_changed", vm=self, as_id=as_id, old=old, new=slot,
-                      change="move")
 
     def set_nr_mmu_pages(self, n: int) -> int | None:
         """KVM_SET_NR_MMU_PAGES (kvm_vm_ioctl_set_nr_mmu_pages): limit the MMU's page-table
@@ -280,13 +291,14 @@ class VM:
         if enable:
             fill = 1 if initially_set else 0
             slot.dirty_bitmap = np.full(slot.npages, fill, dtype=np.uint8)
-        slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
-        self._install_memslots(as_id)
         if enable:
             # Until the slot is protected the guest may still write through old writable
             # SPTEs unlogged: the ioctl has not returned, so that is allowed.
             enabling = (as_id, set(range(slot.base_gfn, slot.end_gfn)))
             self._collecting.append(enabling)
+        slot.flags ^= KVM_MEM_LOG_DIRTY_PAGES
+        self._install_memslots(as_id)
+        if enable:
             try:
                 if self.hook.mmu_enable_dirty_log.get_hookimpls():
                     if self.hook.mmu_enable_dirty_log(vm=self, slot=slot,
@@ -423,8 +435,12 @@ class VM:
         """
         slot = self.memslots[as_id].find(gfn)
         while slot is not None and slot.invalid:
-            # Being deleted or moved: KVM's fault retries until the update is done.
-            self._slot_updates[(as_id, slot.id)].wait("memslot_update")
+            # Being deleted or moved: KVM's fault returns RET_PF_RETRY and the vCPU re-enters
+            # the guest, leaving kvm->srcu, until the update is done. Waiting stands in for
+            # those retries; it must leave SRCU too, or the update's synchronize would wait
+            # for us while we wait for it.
+            with self.srcu.outside():
+                self._slot_updates[(as_id, slot.id)].wait("memslot_update")
             slot = self.memslots[as_id].find(gfn)
         if slot is None:
             return None
