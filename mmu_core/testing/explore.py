@@ -191,7 +191,10 @@ def scenario_pte_edit(config: VMConfig, rng: random.Random) -> Run:
     return Run(m, [a.build(), b.build()], ref)
 
 
-def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.ndarray]:
+def _writers(m, rng: random.Random, pages: list[int], rounds: int,
+             pause_ns: int = 2000) -> list[np.ndarray]:
+    """A program per vCPU: `rounds` reads or writes of random `pages`, with a pause of up to
+    `pause_ns` after every third."""
     progs = []
     for _ in range(len(m.vm.vcpus)):
         prog = Program()
@@ -202,7 +205,7 @@ def _writers(m, rng: random.Random, pages: list[int], rounds: int) -> list[np.nd
             else:
                 prog.read(_page(p))
             if k % 3 == 2:
-                prog.pause(rng.randrange(0, 2000))
+                prog.pause(rng.randrange(0, pause_ns))
         progs.append(prog.build())
     return progs
 
@@ -520,7 +523,9 @@ def _scenario_dirty_log_thp(config: VMConfig, rng: random.Random, pml: bool) -> 
     m = _machine(config, 2, 512, backing="thp")
     vm = m.vm
     ref = Reference(m)
-    run = Run(m, _writers(m, rng, THP_PAGES, 40), ref)
+    # The VMM's two phases take 100-150 us (each toggle of logging waits for SRCU): pauses
+    # keep the vCPUs writing through all of them.
+    run = Run(m, _writers(m, rng, THP_PAGES, 40, pause_ns=14_000), ref)
     vmm, log = _log_phases(m, ref, rng, phases=2, rounds=2, spread=12_000)
     run.tasks.append(("vmm", vmm))
     run.final.append(log.check)
