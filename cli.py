@@ -823,6 +823,15 @@ def _render(reports: list[DemandPagingReport]) -> None:
                 return "-"
             return f"{100 * (r.total_time_ns - r0.total_time_ns) / r0.total_time_ns:+.1f}%"
         row(f"total time vs {r0.configuration}", change)
+    if all(r.fixed for r in reports):
+        row("fixed phases", lambda r: _ms(r.fixed.total_ns))
+        row("whole test", lambda r: _ms(r.test_time_ns))
+        if len(reports) > 1:
+            def whole(r) -> str:
+                if not r0.test_time_ns:
+                    return "-"
+                return f"{100 * (r.test_time_ns - r0.test_time_ns) / r0.test_time_ns:+.1f}%"
+            row(f"whole test vs {r0.configuration}", whole)
     row("demand paging rate", lambda r: f"{r.pages_per_sec:,.0f} pages/s")
     row("per-vCPU rate (mean)",
         lambda r: f"{sum(v.pages_per_sec for v in r.per_vcpu) / len(r.per_vcpu):,.0f} pages/s")

@@ -84,7 +84,8 @@ def test_run_json_is_one_report_with_a_schema_version():
     p = mmu("run", "demand-paging", "-v", "2", "-b", "256K", "--json", "--seed", "4")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["schema_version"] == 4 and report["verified"] is True
+    assert report["schema_version"] == 5 and report["verified"] is True
+    assert report["test_time_ns"] == report["fixed"]["total_ns"] + report["total_time_ns"]
     assert report["host"]["host_cpus"] == 448 and report["uffd_shared"] is False
     assert report["configuration"] == "tdp"
     stats = report["backend_stats"]

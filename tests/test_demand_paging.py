@@ -9,6 +9,7 @@ import pytest
 
 import mmu_core.workloads.demand_paging as dp
 from mmu_core.params import CONFIGURATIONS
+from mmu_core.sim.cost import CostModel
 from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
 
 
@@ -42,6 +43,24 @@ def test_tdp_metadata_is_nil_while_legacy_and_shadow_report_rmap_and_structs(rep
     assert tdp.memory.page_table_pages > 0
     for r in (legacy, shadow):
         assert r.memory.rmap_bytes > 0 and r.memory.mmu_page_structs > 0
+
+
+def test_the_whole_test_adds_the_fixed_phases_and_legacy_pays_for_its_rmaps(reports):
+    # The seed's lazily allocated rmap: the TDP MMU allocates none with the memslot; the
+    # legacy MMU zeroes one 8-byte head per page and level when the slot is created.
+    cost = CostModel()
+    for r in reports.values():
+        f = r.fixed
+        assert f.vm_create_ns == cost.vm_create and f.vcpu_create_ns == 4 * cost.vcpu_create
+        assert f.threads_ns == (4 + 4) * cost.thread_start_join  # vCPUs and uffd handlers
+        assert f.total_ns == f.vm_create_ns + f.vcpu_create_ns + f.memslot_create_ns \
+            + f.threads_ns
+        assert r.test_time_ns == f.total_ns + r.total_time_ns
+    tdp, legacy = reports["tdp"], reports["legacy"]
+    rmap_pages = -(-legacy.memory.rmap_bytes // 4096)
+    assert rmap_pages >= 1024 * 8 // 4096
+    assert legacy.fixed.memslot_create_ns - tdp.fixed.memslot_create_ns \
+        == rmap_pages * cost.host_page_alloc
 
 
 def test_backend_statistics_agree_with_the_faults_the_core_counted(reports):

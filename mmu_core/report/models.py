@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 # report;
 # BackendStats gained reclaimed_pages, unsync_pages, syncs and emulated_pte_writes (optional,
 # None by default, so reports of 4 without them still load).
-SCHEMA_VERSION = 4
+# 5: `fixed` (the test's fixed phases) and `test_time_ns` in the demand-paging report.
+SCHEMA_VERSION = 5
 
 
 class Frozen(BaseModel):
@@ -115,6 +116,17 @@ class HostFigures(Frozen):
     uffd_empty_reads: int  # handlers woken by a fault another handler read first
 
 
+class FixedPhases(Frozen):
+    """What the whole test costs outside the simulated run, in virtual ns
+    (mmu_core/workloads/fixed_phases.py)."""
+
+    vm_create_ns: int
+    vcpu_create_ns: int  # KVM_CREATE_VCPU for every vCPU
+    memslot_create_ns: int  # SRCU grace periods and the metadata allocated with the slots
+    threads_ns: int  # vCPU and userfault handler threads started and joined
+    total_ns: int
+
+
 class DemandPagingReport(Frozen):
     schema_version: int = SCHEMA_VERSION
     workload: str = "demand-paging"
@@ -147,6 +159,9 @@ class DemandPagingReport(Frozen):
     tlb_flushes: int
     memory: MemoryFigures
     host: HostFigures | None = None  # None in reports of schema 3
+    fixed: FixedPhases | None = None  # None in reports before schema 5
+    # The whole test: fixed phases + total_time_ns (the seed's "total time"); 0 before 5
+    test_time_ns: int = 0
     digest: str
     wall: WallClock
 

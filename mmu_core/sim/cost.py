@@ -73,6 +73,16 @@ class CostModel(BaseModel):
         "KVM_SET_USER_MEMORY_REGION toggling LOG_DIRTY_PAGES on an empty slot: 13-18 us per "
         "call on the development machine (docs/engine.md), benchmarks/kvm/memslot_update.c")
 
+    # --- a test's fixed phases (outside the engine; docs/engine.md, "The test's fixed phases") --
+    vm_create: int = _ns(290_000, "KVM_CREATE_VM (and closing it)",
+                         "benchmarks/kvm/fixed_phases.c, least of 6 runs on the development "
+                         "machine (docs/engine.md)")
+    vcpu_create: int = _ns(41_000, "KVM_CREATE_VCPU and the kvm_run mmap, per vCPU",
+                           "benchmarks/kvm/fixed_phases.c, 64 vCPUs, least of 6 runs")
+    thread_start_join: int = _ns(80_000, "pthread_create and pthread_join of one thread",
+                                 "benchmarks/kvm/fixed_phases.c, least of 6 runs on a loaded "
+                                 "2-CPU machine (an idle host takes a few tens of us)")
+
     # --- TLB shootdown -------------------------------------------------------------------------
     remote_tlb_flush_base: int = _ns(2_000, "kvm_flush_remote_tlbs: sending the request IPIs",
                                      "IPI send and ack ~1-2 us")

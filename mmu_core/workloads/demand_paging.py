@@ -38,6 +38,7 @@ from mmu_core.report.models import (
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.types import MMUStats
+from mmu_core.workloads.fixed_phases import fixed_phases
 from mmu_core.workloads.heap import frozen_setup
 from mmu_core.workloads.host_figures import host_figures
 
@@ -272,6 +273,10 @@ def run_demand_paging(
         cmpxchg_failures = sum(t.statistics().cmpxchg_failures for t in tasks)
         steps = vm.engine.steps
         host = host_figures(vm, tasks, machine.uffds)
+        handlers = len(machine.uffds) * (opts.vcpus if opts.uffd_shared else 1)
+        fixed = fixed_phases(vm.engine.cost, opts.vcpus,
+                             sum(len(slots.slots) for slots in vm.memslots), mem.rmap_bytes,
+                             opts.vcpus + handlers)
     finally:
         vm.destroy()
     wall = time.perf_counter() - wall0
@@ -319,6 +324,8 @@ def run_demand_paging(
             metadata_share=mem.metadata_bytes / guest_bytes,
         ),
         host=host,
+        fixed=fixed,
+        test_time_ns=fixed.total_ns + total_ns,
         digest=digest,
         wall=WallClock(
             seconds=wall,
