@@ -59,7 +59,10 @@ class HostMemory:
         self._free: dict[int, list[int]] = {}
         self.frames_in_use = np.zeros(len(Purpose), dtype=np.int64)
         self.frames_peak = np.zeros(len(Purpose), dtype=np.int64)
-        self._owner: dict[int, tuple[int, int]] = {}  # base pfn -> (count, purpose)
+        # Per frame: log2 of the allocation's frame count at an allocation's base, -1 at every
+        # other frame (the purpose is frame_state's). An array, not a dict of bases: at the
+        # seed's scale a Python object per 4 KiB frame costs more than the rest of the model.
+        self.order = np.full(initial_frames, -1, dtype=np.int8)
         # Per frame, meaningful at an allocation's base: how many mappings hold it.
         self.mapcount = np.zeros(initial_frames, dtype=np.int32)
         # Per frame: the Purpose of the live allocation it belongs to, or FRAME_FREE.
@@ -69,6 +72,8 @@ class HostMemory:
     # --- frames -------------------------------------------------------------------------
     def alloc(self, purpose: Purpose, count: int = 1) -> int:
         """Allocate `count` contiguous frames aligned to `count` (a power of two)."""
+        if count <= 0 or count & (count - 1):
+            raise ValueError(f"allocation of {count} frames: not a power of two")
         free = self._free.get(count)
         if free:
             base = free.pop()
@@ -80,7 +85,7 @@ class HostMemory:
             self._grow(end)
             self._next_pfn = end
         self.tag[base : base + count] = 0
-        self._owner[base] = (count, int(purpose))
+        self.order[base] = count.bit_length() - 1
         self._sizes.add(count)
         self.mapcount[base] = 1
         self.frame_state[base : base + count] = int(purpose)
@@ -90,7 +95,7 @@ class HostMemory:
 
     def free(self, base: int) -> None:
         """Free an allocation that has a single owner (its map count must be 1)."""
-        if base not in self._owner:
+        if not self.is_allocated(base):
             raise HostStateError(f"free of pfn {base:#x}, which is not an allocated base frame")
         if int(self.mapcount[base]) != 1:
             # Freeing here would leave the other mappings pointing at a recycled frame.
@@ -99,14 +104,14 @@ class HostMemory:
 
     def get(self, base: int) -> None:
         """One more mapping of the allocation at `base` (get_page / page_add_anon_rmap)."""
-        if base not in self._owner:
+        if not self.is_allocated(base):
             raise HostStateError(f"get of pfn {base:#x}, which is not an allocated base frame")
         self.mapcount[base] += 1
 
     def put(self, base: int) -> bool:
         """Drop one mapping of the allocation at `base`; frees it with the last. Returns whether
         the frames were freed."""
-        if base not in self._owner:
+        if not self.is_allocated(base):
             raise HostStateError(f"put of pfn {base:#x}, which is not an allocated base frame")
         self.mapcount[base] -= 1
         if self.mapcount[base] > 0:
@@ -115,7 +120,8 @@ class HostMemory:
         return True
 
     def _release(self, base: int) -> None:
-        count, purpose = self._owner.pop(base)
+        count, purpose = 1 << int(self.order[base]), int(self.frame_state[base])
+        self.order[base] = -1
         for off in np.flatnonzero(self.pt_slot[base : base + count] != NO_SLOT):
             self.drop_table(base + int(off))
         self.mapcount[base] = 0
@@ -126,17 +132,16 @@ class HostMemory:
     def split(self, base: int) -> None:
         """Make each frame of the allocation at `base` an allocation of its own, map count 1
         (split_huge_page: the compound page becomes ordinary pages, contents in place)."""
-        count, purpose = self._owner[base]
+        count = 1 << int(self.order[base])
         if int(self.mapcount[base]) != 1:
             raise HostStateError(f"split of pfn {base:#x} mapped {int(self.mapcount[base])} times")
-        for off in range(count):
-            self._owner[base + off] = (1, purpose)
+        self.order[base : base + count] = 0
         self._sizes.add(1)
         self.mapcount[base : base + count] = 1
 
     def is_allocated(self, base: int) -> bool:
         """Whether `base` is the first frame of a live allocation."""
-        return base in self._owner
+        return 0 <= base < len(self.order) and int(self.order[base]) >= 0
 
     def frame_live(self, pfn: int) -> bool:
         """Whether frame `pfn` belongs to a live allocation (at any offset of it)."""
@@ -149,8 +154,7 @@ class HostMemory:
             return None
         for count in sorted(self._sizes):
             base = pfn & ~(count - 1)
-            owner = self._owner.get(base)
-            if owner is not None and owner[0] == count:
+            if int(self.order[base]) == count.bit_length() - 1:
                 return base, count
         return None
 
@@ -191,8 +195,10 @@ class HostMemory:
         mapcount[:size] = self.mapcount
         state = np.full(new, FRAME_FREE, dtype=np.int8)
         state[:size] = self.frame_state
+        order = np.full(new, -1, dtype=np.int8)
+        order[:size] = self.order
         self.tag, self.pt_slot = tag, slot
-        self.mapcount, self.frame_state = mapcount, state
+        self.mapcount, self.frame_state, self.order = mapcount, state, order
 
     # --- table contents -----------------------------------------------------------------
     def table(self, pfn: int) -> np.ndarray:
