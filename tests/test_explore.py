@@ -11,6 +11,7 @@ from mmu_core.guest.program import Program
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.audit import audit
 from mmu_core.testing.explore import SCENARIOS, explore, plan, run_schedule
+from mmu_core.testing.mutant_cases import MUTANT_CASES
 
 CONFIGS = list(CONFIGURATIONS)
 
@@ -59,44 +60,6 @@ def _caught(scenario, config, policy, mutant, seeds):
     return None
 
 
-# (mutant, scenario, configuration, policy): where each seeded bug shows; docs/concurrency.md
-# has the schedules needed under random and pct (benchmarks/explore.py). skip-frozen-wait is
-# absent: nothing in the model can reach it yet (see the docs).
-MUTANT_CASES = [
-    ("nested-zap-skipped", "nested", "tdp", "random"),
-    ("nested-ept12-write-ignored", "nested", "legacy", "random"),
-    ("populate-no-recheck", "first-touch-thp", "tdp", "random"),
-    ("skip-invalidate-retry", "host-events", "shadow", "random"),
-    ("no-flush-after-zap", "host-events", "tdp", "random"),
-    ("free-without-rcu", "zap-all", "tdp", "pct"),
-    ("plain-write-not-cmpxchg", "first-touch", "tdp", "random"),
-    ("drop-root-refcount", "first-touch", "tdp", "random"),
-    ("writable-read-fault-logging", "dirty-log", "tdp", "random"),
-    ("skip-mark-dirty", "dirty-log", "legacy", "random"),
-    ("memslot-update-no-srcu-sync", "memslots", "tdp", "random"),
-    ("memslot-zap-after-install", "memslots", "legacy", "random"),
-    # since memslot updates wait for SRCU (session 5) the window is wide: seeds 4, 21, 28
-    ("mmio-generation-at-install", "memslots", "tdp", "random", 60),
-    ("skip-gpte-recheck", "pte-race", "shadow", "random"),
-    ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),
-    # dirty-log no longer reaches it under legacy: the shadow MMU write-protects a logged
-    # slot instead of zapping it, and a fault re-adds the very entry the mutant kept
-    ("forget-rmap-removal", "host-events", "legacy", "random"),
-    ("shadow-readonly-writable", "readonly", "shadow", "random"),
-    ("fast-pf-no-mark-dirty", "dirty-log-wrprot", "tdp", "pct"),
-    ("fast-pf-ignores-mmu-writable", "readonly", "tdp", "random"),
-    ("clear-dirty-log-no-flush", "dirty-log-pml", "tdp", "random"),
-    ("split-plain-store", "nx-recovery", "tdp", "random"),
-    ("recover-ignores-host-level", "dirty-log-wrprot", "tdp", "random"),
-    ("nx-tracking-kept", "nx-recovery", "tdp", "pct"),
-    ("invlpg-no-sync", "unsync", "shadow", "random"),
-    ("sync-roots-skipped", "unsync", "shadow", "pct"),
-    ("unsync-no-mark-parents", "unsync", "shadow", "random"),
-    ("sync-no-write-protect", "unsync", "shadow", "random"),
-    ("reclaim-no-flush", "reclaim", "shadow", "random"),
-    ("shadow-split-no-rmap", "shadow-split", "legacy", "random"),
-    ("shadow-dirty-log-no-wrprot", "shadow-split", "legacy", "random"),
-]
 
 
 @pytest.mark.parametrize(("mutant", "scenario", "config", "policy", "schedules"),
