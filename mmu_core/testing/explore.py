@@ -24,7 +24,14 @@ from mmu_core import mutants
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
 from mmu_core.errors import HostStateError, InvalidConfig, MMUError, UseAfterFree
-from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MMIO_GPA, MachineSpec, build_machine
+from mmu_core.guest.machine import (
+    DATA_GPA,
+    DATA_SLOT,
+    MMIO_GPA,
+    MachineSpec,
+    build_machine,
+    page_patterns,
+)
 from mmu_core.guest.program import Program, new_results
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS, configuration
@@ -121,9 +128,10 @@ class Reference:
                     del self.stale[key]
 
     def discard(self, lo: int, hi: int) -> None:
-        """The host dropped hva indices [lo, hi): they read as zero from now on."""
+        """The host dropped hva indices [lo, hi): they read as never written from now on
+        (zero, or in a userfault range what the handler supplies when they fault again)."""
         for i in range(lo, hi):
-            self.mem[i] = 0
+            self.mem.pop(i, None)
 
 
 # --- scenarios ----------------------------------------------------------------------------------
@@ -340,6 +348,31 @@ def _host_events(vm, hvas: list[int], plan: list[tuple[int, str, int, int]]) -> 
             elif i != j:
                 vm.mm.ksm_merge(hvas[i], hvas[j])  # merges only equal pages
     return host
+
+
+def scenario_userfault(config: VMConfig, rng: random.Random) -> Run:
+    """Three vCPUs write and read sixteen pages of a userfaultfd range that starts empty (one
+    uffd per vCPU's part with a handler each, or, as the selftest's -a, one uffd with a
+    reader per vCPU: the seed decides), while the host drops pages again with
+    MADV_DONTNEED, migrates and swaps them: a dropped page faults to the handler once more.
+    The faults sleep in handle_userfault with the mmap lock dropped, and UFFDIO_COPY and
+    DONTNEED take it, so the MMU notifiers, the invalidation retry and the uffd wait queues
+    all race the vCPUs' faults. A page the guest never wrote reads as the handler's
+    pattern."""
+    m = _machine(config, 3, 16, userfault=True, uffd_shared=rng.random() < 0.5)
+    vm = m.vm
+    ref = Reference(m)
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    first = vm.mm.index(slot.userspace_addr)
+    ref.initial = lambda idx: int(page_patterns(np.array([slot.base_gfn + idx - first]))[0])
+    m.spawn_uffd_handlers(rng.choice((0, 2_000)))
+    run = Run(m, _writers(m, rng, list(range(16)), 30, pause_ns=4_000), ref)
+    hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(16)]
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 15_000), rng.choice(("dontneed", "dontneed", "migrate", "swap")),
+             rng.randrange(16), 0) for _ in range(8)]
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    return run
 
 
 def _fill(ref: Reference, m, pages: list[int], rng: random.Random) -> None:
@@ -1010,6 +1043,7 @@ def scenario_reclaim(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+SCENARIOS["userfault"] = scenario_userfault
 SCENARIOS["unsync"] = scenario_unsync
 SCENARIOS["reclaim"] = scenario_reclaim
 
