@@ -405,9 +405,11 @@ def sweep_demand_paging(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="local worker processes")] = 0,
     scheduler: Annotated[str | None, typer.Option(
         "--scheduler", help="a Dask distributed scheduler address (optional extra)")] = None,
+    config: ConfigOpt = None,
     plot: PlotOpt = None,
 ) -> None:
-    """The grid of configurations x vCPU counts; an interrupted sweep resumes from OUT.jsonl."""
+    """The grid of configurations x vCPU counts; an interrupted sweep resumes from OUT.jsonl.
+    As compare: each configuration names ept and backend, the usual sources the rest."""
     from mmu_core.workloads.sweep import sweep
 
     _check_plot(plot)
@@ -418,13 +420,14 @@ def sweep_demand_paging(
     opts = _options(max(counts or [1]), bytes_per_vcpu, uffd_delay_us, backing, mode, uffd,
                     seed, _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus),
                     uffd_shared, nested)
-    names = [name for name, _ in _configurations(configs or [",".join(CONFIGURATIONS)],
-                                                 "--configs")]
+    base, _ = load_params(config)
+    chosen = _configurations(configs or [",".join(CONFIGURATIONS)], "--configs", base)
+    _note_ignored(config)
     _warn_broken()
     with Progress(TextColumn("sweep"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("sweep", total=len(names) * len(counts))
-        reports = sweep(names, counts, opts, out_path, workers=jobs or (os.cpu_count() or 1),
+        task = bar.add_task("sweep", total=len(chosen) * len(counts))
+        reports = sweep(chosen, counts, opts, out_path, workers=jobs or (os.cpu_count() or 1),
                         scheduler=scheduler,
                         progress=lambda done, total: bar.update(task, completed=done))
     _draw(reports, plot)

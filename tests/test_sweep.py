@@ -1,8 +1,14 @@
 """Sweeps: a grid in parallel, resumable, the same however it is split, and plottable."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mmu_core.errors import InvalidConfig
+from mmu_core.params import configuration
 from mmu_core.workloads import sweep as S
 from mmu_core.workloads.demand_paging import DemandPagingOptions
 
@@ -40,6 +46,27 @@ def test_a_file_of_another_sweep_is_not_resumed(tmp_path):
     other = OPTS.model_copy(update={"bytes_per_vcpu": 256 << 10})
     with pytest.raises(InvalidConfig, match="other options"):
         S.sweep(["tdp"], [1], other, tmp_path / "g")
+
+
+def test_a_sweep_runs_the_parameters_it_is_given_and_resumes_only_the_same(tmp_path):
+    # As compare: the configuration names ept and backend, the usual sources the rest. Before,
+    # the sweep ran every point with default parameters whatever the sources said.
+    no_ad = configuration("tdp").model_copy(update={"ept_ad": False})
+    [r] = S.sweep([("tdp", no_ad)], [1], OPTS, tmp_path / "g")
+    assert r.params["ept_ad"] in ("False", "false", "0") and r.configuration == "tdp"
+    with pytest.raises(InvalidConfig, match="other parameters"):
+        S.sweep(["tdp"], [1], OPTS, tmp_path / "g")
+
+
+def test_mmu_sweep_takes_parameters_from_the_environment(tmp_path):
+    env = {**os.environ, "MMU_EPT_AD": "0"}
+    p = subprocess.run([sys.executable, "-m", "cli", "sweep", "demand-paging", "--vcpus", "1",
+                        "-b", "128K", "--configs", "tdp", "-j", "1", "--out",
+                        str(tmp_path / "g")], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    [r] = S.load_jsonl(tmp_path / "g.jsonl")
+    assert r.params["ept_ad"] in ("False", "false", "0")
 
 
 def test_a_sweep_plots_as_the_scaling_picture(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmu_core.errors import InvalidConfig
-from mmu_core.params import configuration
+from mmu_core.params import Params, configuration, report_params
 from mmu_core.report.models import SCHEMA_VERSION, DemandPagingReport
 from mmu_core.workloads.demand_paging import (
     DemandPagingOptions,
@@ -39,13 +39,16 @@ class Point:
         return (self.configuration, self.vcpus)
 
 
-def _run_point(args: tuple[str, dict]) -> str:
-    config, opts = args
-    return run_demand_paging(DemandPagingOptions(**opts), configuration(config)).model_dump_json()
+def _run_point(args: tuple[dict, dict]) -> str:
+    params, opts = args
+    return run_demand_paging(DemandPagingOptions(**opts),
+                             Params.model_validate(params)).model_dump_json()
 
 
-def _done(path: Path, opts: DemandPagingOptions) -> dict[tuple[str, int], DemandPagingReport]:
-    """Reports already in OUT.jsonl for this sweep's options (resume)."""
+def _done(path: Path, opts: DemandPagingOptions,
+          params: dict[str, dict[str, str]]) -> dict[tuple[str, int], DemandPagingReport]:
+    """Reports already in OUT.jsonl for this sweep's options and each configuration's
+    parameters (`params`: configuration -> its report_params) (resume)."""
     done: dict[tuple[str, int], DemandPagingReport] = {}
     if not path.exists():
         return done
@@ -63,23 +66,29 @@ def _done(path: Path, opts: DemandPagingOptions) -> dict[tuple[str, int], Demand
         if not same:
             raise InvalidConfig("out", f"{path} holds a sweep with other options (line {n}); "
                                 "choose another --out")
+        if r.configuration in params and r.params != params[r.configuration]:
+            raise InvalidConfig("out", f"{path} holds a sweep with other parameters for "
+                                f"'{r.configuration}' (line {n}); choose another --out")
         done[(r.configuration, r.vcpus)] = r
     return done
 
 
-def sweep(configs: list[str], vcpu_counts: list[int], opts: DemandPagingOptions, out: Path,
-          workers: int = 1, scheduler: str | None = None,
+def sweep(configs: list[str | tuple[str, Params]], vcpu_counts: list[int],
+          opts: DemandPagingOptions, out: Path, workers: int = 1, scheduler: str | None = None,
           progress: Callable[[int, int], None] | None = None) -> list[DemandPagingReport]:
     """Run every (configuration, vCPUs) point not yet in OUT.jsonl; write OUT.csv; return
-    the reports in grid order (configurations, then vCPU counts)."""
+    the reports in grid order (configurations, then vCPU counts). A configuration is a name
+    (its default parameters) or (name, Params)."""
     if not configs or not vcpu_counts:
         raise InvalidConfig("sweep", "needs at least one configuration and one vCPU count")
-    points = [Point(c, v) for c in configs for v in vcpu_counts]
+    chosen = [(c, configuration(c)) if isinstance(c, str) else c for c in configs]
+    by_name = {name: params for name, params in chosen}
+    points = [Point(name, v) for name, _ in chosen for v in vcpu_counts]
     per_point = {v: opts.model_copy(update={"vcpus": v}).model_dump() for v in vcpu_counts}
     for v in vcpu_counts:
         DemandPagingOptions(**per_point[v])  # every point's options are valid before any runs
     jsonl, table = out.with_suffix(".jsonl"), out.with_suffix(".csv")
-    done = _done(jsonl, opts)
+    done = _done(jsonl, opts, {n: report_params(p) for n, p in by_name.items()})
     todo = [p for p in points if p.key() not in done]
     total = len(points)
     if progress:
@@ -93,7 +102,7 @@ def sweep(configs: list[str], vcpu_counts: list[int], opts: DemandPagingOptions,
         if progress:
             progress(total - sum(p.key() not in done for p in points), total)
 
-    args = [(p.configuration, per_point[p.vcpus]) for p in todo]
+    args = [(by_name[p.configuration].model_dump(), per_point[p.vcpus]) for p in todo]
     if not scheduler:  # on a Dask cluster the workers' machines decide
         check_parallel_memory([p.vcpus * opts.bytes_per_vcpu for p in todo], workers,
                               host_bytes_available())
