@@ -166,7 +166,7 @@ def build(npages: int, two_d: bool, seed: int = 12) -> Machine:
     if not two_d:
         return Machine(mem, regs, False, 0, [DATA_GVA + (k << 12) for k in _order(npages, seed)])
     ept = Ept(mem)
-    for pfn in list(mem._owner):  # every guest table page, identity-mapped
+    for pfn in np.flatnonzero(mem.order >= 0).tolist():  # every guest table, identity-mapped
         if int(mem.frame_state[pfn]) == Purpose.MMU_PT and mem.has_table(pfn) and pfn != ept.root:
             ept.map(pfn << 12, (pfn << 12) | EPT_LEAF, EPT_UPPER, lambda t: t << 12)
     for k, pfn in enumerate(data):
