@@ -75,10 +75,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     # The complete TDP MMU (#7): fast page fault, dirty logging, splitting, recovery, NX.
     "fast-pf-no-mark-dirty": (
         "the fast page fault makes a write-protected SPTE writable without mark_page_dirty",
-        "tdp: DirtyLogging.mmu_fast_page_fault"),
+        "tdp and legacy: fastpf.fast_pf_fix_direct_spte"),
     "fast-pf-ignores-mmu-writable": (
         "the fast page fault makes any write-protected SPTE writable, not only MMU-writable "
-        "ones (READONLY slots, KSM pages)", "tdp: DirtyLogging.mmu_fast_page_fault"),
+        "ones (READONLY slots, KSM pages)", "tdp and legacy: fastpf.fast_page_fault"),
     "clear-dirty-log-no-flush": (
         "re-protecting harvested pages (D bits cleared or write-protected) does not flush "
         "TLBs: writes through cached translations go unlogged",
@@ -115,6 +115,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "shadow-dirty-log-no-wrprot": (
         "enabling dirty logging without PML leaves the slot's shadow-MMU leaves writable",
         "shadow: split.enable_dirty_log"),
+    "lockless-walk-no-wait": (
+        "committing zapped shadow pages frees them without waiting for the vCPUs in a "
+        "lockless walk (the legacy MMU's fast page fault) that began before the flush",
+        "shadow: fastpf.LocklessWalks.wait"),
 }
 
 _active: frozenset[str] = frozenset()

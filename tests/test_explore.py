@@ -97,6 +97,10 @@ MUTANT_CASES = [
     ("reclaim-no-flush", "reclaim", "shadow", "random"),
     ("shadow-split-no-rmap", "shadow-split", "legacy", "random"),
     ("shadow-dirty-log-no-wrprot", "shadow-split", "legacy", "random"),
+    # the legacy MMU's fast page fault (fastpf.py): the shared mutants, and the wait
+    ("lockless-walk-no-wait", "fast-pf", "legacy", "pct"),
+    ("fast-pf-no-mark-dirty", "fast-pf", "legacy", "random"),
+    ("fast-pf-ignores-mmu-writable", "readonly", "legacy", "random"),
 ]
 
 

@@ -255,8 +255,10 @@ class PagesMixin:
         if not invalid:
             return
         vm = self.vm
+        walkers = self.lockless.seq  # the flush waits for lockless walks begun before it
         if flush:
             vm.flush_remote_tlbs()
+        self.lockless.wait(walkers)
         self.stats["zap_batches"] += 1
         for sp in invalid:
             self.by_pfn.pop(sp.pfn, None)

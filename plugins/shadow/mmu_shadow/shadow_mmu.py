@@ -34,9 +34,11 @@ from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats
+from mmu_core.direct_spte import make_direct_leaf
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
+from mmu_shadow.fastpf import FastPageFault, LocklessWalks
 from mmu_shadow.nested import NestedEpt
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
@@ -68,7 +70,7 @@ def _replacing_needs_flush(old: int, new: int) -> bool:
     return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
 
 
-class ShadowMMU(PagesMixin, SyncMixin):
+class ShadowMMU(PagesMixin, SyncMixin, FastPageFault):
     def __init__(self, vm) -> None:
         self.vm = vm
         self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
@@ -77,6 +79,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
         self.active: OrderedDict[int, ShadowPage] = OrderedDict()  # active_mmu_pages, oldest first
         self.vroots: dict[int, VcpuRoots] = {}
         self.rmaps = Rmaps()
+        self.lockless = LocklessWalks(vm)  # the legacy MMU's fast page fault (fastpf.py)
         self.direct = False
         self.n_used = 0  # n_used_mmu_pages
         self.n_max = KVM_MIN_ALLOC_MMU_PAGES  # n_max_mmu_pages
@@ -87,7 +90,8 @@ class ShadowMMU(PagesMixin, SyncMixin):
                       "unsync": 0, "sync_pages": 0, "sync_spte": 0, "sync_dropped": 0, "sync_rebuilt": 0,
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
-                      "prev_root_hits": 0, "root_allocs": 0}
+                      "prev_root_hits": 0, "root_allocs": 0,
+                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0}
 
     @staticmethod
     @hookimpl
@@ -99,13 +103,14 @@ class ShadowMMU(PagesMixin, SyncMixin):
             description="KVM's shadow MMU: shadow paging and the legacy MMU (rmap, write lock)",
             capabilities=Capabilities(fault_lock="write", huge_pages=True, mmio_spte=True,
                                       dirty_log="write-protect", audit=True,
-                                      max_root_level=5),
+                                      fast_page_fault=True, max_root_level=5),
         )
 
     def counters(self) -> dict[str, int]:
         """Everything the backend counted (beyond MMUStats), with the page gauges."""
         out = {k: v for k, v in self.stats.items() if k != "mapped"}
         out.update(n_used_mmu_pages=self.n_used, n_max_mmu_pages=self.n_max,
+                   lockless_waits=self.lockless.waits,
                    unsync_pages=sum(1 for sp in self.by_pfn.values() if sp.unsync))
         return out
 
@@ -682,9 +687,13 @@ class ShadowMMU(PagesMixin, SyncMixin):
             else:
                 slot = res.slot
                 base = res.pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
-                writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
+                may_write = res.writable and not slot.readonly
+                writable = may_write and (not slot.log_dirty or fault.write)
                 vm.engine.delay(vm.engine.cost.spte_build)
-                new = S.make_leaf_spte(base, level, writable, True)
+                # MMU-writable whenever the slot and host allow writes, so that the first
+                # write to a page of a logged slot is a fast page fault, which logs it
+                # (fastpf.py); A/D-disabled without EPT A/D, for access tracking (aging.py).
+                new = make_direct_leaf(vm, base, level, writable, True, may_write, True)
             if old == new:
                 self.stats["spurious"] += 1
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
