@@ -101,6 +101,7 @@ MUTANT_CASES = [
     ("lockless-walk-no-wait", "fast-pf", "legacy", "pct"),
     ("fast-pf-no-mark-dirty", "fast-pf", "legacy", "random"),
     ("fast-pf-ignores-mmu-writable", "readonly", "legacy", "random"),
+    ("access-track-not-present", "aging", "legacy", "random"),
 ]
 
 

@@ -4,46 +4,22 @@ slot's leaves keeping MMU-writable, and each first write is fixed with a cmpxchg
 without the MMU lock; the committer of zapped shadow pages waits for lockless walks begun
 before its flush. Shadow paging has no fast path (FNAME(page_fault) never tries it)."""
 
-from mmu_core import VMConfig
-from mmu_core.arch.x86 import paging as P
+from shadow_util import clean, leaves, shadow, touch
+from shadow_util import machine as _machine
+
 from mmu_core.arch.x86 import spte as S
-from mmu_core.guest.machine import DATA_SLOT, MachineSpec, build_machine
-from mmu_core.guest.program import Program
-from mmu_core.params import CONFIGURATIONS
-from mmu_core.testing.audit import audit
+from mmu_core.guest.machine import DATA_SLOT
 from mmu_core.testing.explore import run_schedule
-from mmu_core.testing.programs import data_gva
 
 
-def machine(request, config="legacy", pages=16, backing="anon", params=None, **spec):
-    """A one-vCPU machine without PML, destroyed when the test ends."""
-    params = CONFIGURATIONS[config].model_copy(update={"pml": False, **(params or {})})
-    m = build_machine(MachineSpec(vcpus=1, data_size=pages * 4096, backing=backing,
-                                  mode=P.MODE_4LEVEL, **spec), VMConfig(params=params))
-    request.addfinalizer(m.vm.destroy)
-    return m
-
-
-def shadow(m):
-    return m.vm.backend_instances["shadow"]
-
-
-def touch(m, pages, write=True):
-    prog = Program()
-    for p in pages:
-        prog = prog.write(data_gva(p), p + 1) if write else prog.read(data_gva(p))
-    return m.run_programs([prog.build()])[0]
+def machine(request, config="legacy", params=None, **kw):
+    """Without PML: dirty logging write-protects, and logged writes are fast page faults."""
+    return _machine(request, config, params={"pml": False, **(params or {})}, **kw)
 
 
 def leaf(m, page):
-    """The 4K leaf mapping data page `page` (legacy: from the rmap)."""
-    slot = m.vm.memslots[0].by_id(DATA_SLOT)
-    (p,) = shadow(m).rmaps.get(0, slot.base_gfn + page, 1)
-    return int(m.vm.spte_table(p >> 9)[p & 511])
-
-
-def clean(m):
-    assert audit(m.vm) == []
+    (spte,) = leaves(m, page)
+    return spte
 
 
 def test_logged_writes_are_fast_page_faults_and_the_log_is_exact(request):

@@ -38,6 +38,7 @@ from mmu_core.direct_spte import make_direct_leaf
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
+from mmu_shadow.aging import Aging
 from mmu_shadow.fastpf import FastPageFault, LocklessWalks
 from mmu_shadow.nested import NestedEpt
 from mmu_shadow.pages import (
@@ -70,7 +71,7 @@ def _replacing_needs_flush(old: int, new: int) -> bool:
     return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
 
 
-class ShadowMMU(PagesMixin, SyncMixin, FastPageFault):
+class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
     def __init__(self, vm) -> None:
         self.vm = vm
         self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
@@ -91,7 +92,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault):
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0,
-                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0}
+                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0}
 
     @staticmethod
     @hookimpl
@@ -103,7 +104,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault):
             description="KVM's shadow MMU: shadow paging and the legacy MMU (rmap, write lock)",
             capabilities=Capabilities(fault_lock="write", huge_pages=True, mmio_spte=True,
                                       dirty_log="write-protect", audit=True,
-                                      fast_page_fault=True, max_root_level=5),
+                                      fast_page_fault=True, aging=True, max_root_level=5),
         )
 
     def counters(self) -> dict[str, int]:
