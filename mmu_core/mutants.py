@@ -119,6 +119,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "committing zapped shadow pages frees them without waiting for the vCPUs in a "
         "lockless walk (the legacy MMU's fast page fault) that began before the flush",
         "shadow: fastpf.LocklessWalks.wait"),
+    "recover-keeps-rmap": (
+        "recovering huge pages when dirty logging stops clears the collapsible 4K leaves "
+        "without taking them out of their rmaps", "shadow: recover.recover_huge_pages"),
     "access-track-not-present": (
         "marking an SPTE for access tracking clears its MMU-present bit too (as when presence "
         "was read from RWX): its rmap entry then names an SPTE that is not present",

@@ -102,6 +102,7 @@ MUTANT_CASES = [
     ("fast-pf-no-mark-dirty", "fast-pf", "legacy", "random"),
     ("fast-pf-ignores-mmu-writable", "readonly", "legacy", "random"),
     ("access-track-not-present", "aging", "legacy", "random"),
+    ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
 ]
 
 

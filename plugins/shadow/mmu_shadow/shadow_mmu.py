@@ -36,6 +36,7 @@ from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats
 from mmu_core.direct_spte import make_direct_leaf
 from mmu_core.hw import walker as W
+from mmu_shadow import recover
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
 from mmu_shadow.aging import Aging
@@ -92,7 +93,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0,
-                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0}
+                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
+                      "collapsible_zapped": 0}
 
     @staticmethod
     @hookimpl
@@ -776,6 +778,10 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
     @hookimpl
     def mmu_clear_dirty_log(self, vm, slot, gfns):
         return dirty_split.clear_dirty_log(self, slot, gfns)
+
+    @hookimpl
+    def mmu_disable_dirty_log(self, vm, slot):
+        return recover.recover_huge_pages(self, slot)  # recover.py
 
     # --- zap, notifiers, memslots ---------------------------------------------------------------
     @hookimpl
