@@ -122,6 +122,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "recover-keeps-rmap": (
         "recovering huge pages when dirty logging stops clears the collapsible 4K leaves "
         "without taking them out of their rmaps", "shadow: recover.recover_huge_pages"),
+    "direct-prefetch-logged-slot": (
+        "the legacy MMU's prefetch maps neighbours of a fault writable in a dirty-logged slot "
+        "(gfn_to_memslot_dirty_bitmap's refusal skipped): writes to them go unlogged",
+        "shadow: direct_prefetch._prefetch_many"),
     "access-track-not-present": (
         "marking an SPTE for access tracking clears its MMU-present bit too (as when presence "
         "was read from RWX): its rmap entry then names an SPTE that is not present",

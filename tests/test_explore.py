@@ -103,6 +103,7 @@ MUTANT_CASES = [
     ("fast-pf-ignores-mmu-writable", "readonly", "legacy", "random"),
     ("access-track-not-present", "aging", "legacy", "random"),
     ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
+    ("direct-prefetch-logged-slot", "memslots", "legacy", "random"),
 ]
 
 

@@ -2,14 +2,14 @@
 mmu_core/fastpf.py): under ept with tdp_mmu=N and no PML, dirty logging write-protects the
 slot's leaves keeping MMU-writable, and each first write is fixed with a cmpxchg and logged
 without the MMU lock; the committer of zapped shadow pages waits for lockless walks begun
-before its flush. Shadow paging has no fast path (FNAME(page_fault) never tries it)."""
+before its flush (the mutant lockless-walk-no-wait, tests/test_explore.py). Shadow paging has
+no fast path (FNAME(page_fault) never tries it)."""
 
 from shadow_util import clean, leaves, shadow, touch
 from shadow_util import machine as _machine
 
 from mmu_core.arch.x86 import spte as S
 from mmu_core.guest.machine import DATA_SLOT
-from mmu_core.testing.explore import run_schedule
 
 
 def machine(request, config="legacy", params=None, **kw):
@@ -90,12 +90,3 @@ def test_a_huge_leaf_of_a_logged_slot_is_left_to_the_slow_path(request):
     base = m.vm.memslots[0].by_id(DATA_SLOT).base_gfn
     assert (m.vm.get_dirty_log(0, DATA_SLOT) - base).tolist() == [7]
     clean(m)
-
-
-def test_a_zap_waits_for_the_lockless_walk_begun_before_its_flush():
-    """fast-pf/legacy, pct seed 2: a vCPU is inside its walk when zap_all commits; without
-    the wait the table it reads next is already freed (the mutant's use-after-free)."""
-    bad = run_schedule("fast-pf", "legacy", "pct", 2, mutant_names=("lockless-walk-no-wait",))
-    assert not bad.ok and bad.invariant == "use-after-free"
-    good = run_schedule("fast-pf", "legacy", "pct", 2)
-    assert good.ok, f"{good.invariant}: {good.detail}"

@@ -40,6 +40,7 @@ from mmu_shadow import recover
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
 from mmu_shadow.aging import Aging
+from mmu_shadow.direct_prefetch import direct_pte_prefetch
 from mmu_shadow.fastpf import FastPageFault, LocklessWalks
 from mmu_shadow.nested import NestedEpt
 from mmu_shadow.pages import (
@@ -94,7 +95,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0,
                       "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
-                      "collapsible_zapped": 0}
+                      "collapsible_zapped": 0, "direct_prefetched": 0}
 
     @staticmethod
     @hookimpl
@@ -716,6 +717,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             self._add_rmap(sp, idx, base_gfn)
             self.stats["mapped"][level] += 1
             fault.level = level
+            direct_pte_prefetch(self, sp, idx)  # direct_map: the neighbours (direct_prefetch.py)
         return Ret.FIXED
 
     # --- write protection and guest writes ------------------------------------------------------
