@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from mmu_core import mutants
 from mmu_core.arch.x86 import spte as S
-from mmu_core.direct_spte import make_direct_leaf
+from mmu_core.backend import make_direct_leaf
 
 PTE_PREFETCH_NUM = 8
 

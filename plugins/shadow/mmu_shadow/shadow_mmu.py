@@ -33,8 +33,7 @@ from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
-from mmu_core.backend import MMUStats
-from mmu_core.direct_spte import make_direct_leaf
+from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_core.hw import walker as W
 from mmu_shadow import recover
 from mmu_shadow import role as R

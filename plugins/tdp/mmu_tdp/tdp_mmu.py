@@ -35,8 +35,7 @@ from mmu_core import (
     mutants,
 )
 from mmu_core.arch.x86 import spte as S
-from mmu_core.backend import MMUStats
-from mmu_core.direct_spte import make_direct_leaf
+from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_tdp import ops
 from mmu_tdp.dirty import DirtyLogging
 from mmu_tdp.huge import HugePages
