@@ -126,6 +126,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "the legacy MMU's prefetch maps neighbours of a fault writable in a dirty-logged slot "
         "(gfn_to_memslot_dirty_bitmap's refusal skipped): writes to them go unlogged",
         "shadow: direct_prefetch._prefetch_many"),
+    "fast-zap-no-kick": (
+        "the fast zap frees the obsolete shadow pages without the remote flush that waits "
+        "for vCPUs in a lockless walk (kvm_zap_obsolete_pages's kvm_mmu_commit_zap_page)",
+        "shadow: fastzap._zap_obsolete_pages"),
     "access-track-not-present": (
         "marking an SPTE for access tracking clears its MMU-present bit too (as when presence "
         "was read from RWX): its rmap entry then names an SPTE that is not present",

@@ -104,6 +104,7 @@ MUTANT_CASES = [
     ("access-track-not-present", "aging", "legacy", "random"),
     ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
     ("direct-prefetch-logged-slot", "memslots", "legacy", "random"),
+    ("fast-zap-no-kick", "fast-pf", "legacy", "pct"),
 ]
 
 

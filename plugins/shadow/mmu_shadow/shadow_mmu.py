@@ -35,7 +35,7 @@ from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_core.hw import walker as W
-from mmu_shadow import recover
+from mmu_shadow import fastzap, recover
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
 from mmu_shadow.aging import Aging
@@ -84,6 +84,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
         self.lockless = LocklessWalks(vm)  # the legacy MMU's fast page fault (fastpf.py)
         self.direct = False
         self.n_used = 0  # n_used_mmu_pages
+        self.mmu_valid_gen = 0  # kvm->arch.mmu_valid_gen (fastzap.py)
         self.n_max = KVM_MIN_ALLOC_MMU_PAGES  # n_max_mmu_pages
         self.n_requested = 0  # n_requested_mmu_pages (KVM_SET_NR_MMU_PAGES)
         self.stats = {"faults": 0, "injected": 0, "emulated": 0, "mmio": 0, "spurious": 0,
@@ -94,7 +95,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0,
                       "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
-                      "collapsible_zapped": 0, "direct_prefetched": 0}
+                      "collapsible_zapped": 0, "direct_prefetched": 0,
+                      "fast_zaps": 0, "fast_zap_yields": 0}
 
     @staticmethod
     @hookimpl
@@ -259,7 +261,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             else:
                 key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
                 for i, sp in enumerate(st.prev):
-                    if sp.key == key and not sp.role.invalid:
+                    if sp.key == key and not fastzap.is_obsolete_sp(self, sp):  # is_root_usable
                         st.root = st.prev.pop(i)
                         self.stats["prev_root_hits"] += 1
                         break
@@ -621,8 +623,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             want = keys[0]
             if root is not None and root.pfn != vcpu.mmu_root:
                 root = None
-        if root is None or root.role.invalid or root.key != want:
-            return None  # the root went away or no longer matches: reload and retry
+        if root is None or fastzap.is_obsolete_sp(self, root) or root.key != want:
+            return None  # the root went away, is obsolete (is_page_fault_stale) or no longer
+            # matches: reload and retry
         table = root.pfn
         root.write_flooding_count = 0
         for depth in range(start, len(keys)):
@@ -799,14 +802,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
 
     @hookimpl
     def mmu_zap_all(self, vm):
-        """kvm_mmu_zap_all: prepare every page (held roots become invalid and their vCPUs
-        reload), one commit for all."""
-        with vm.mmu_lock.write():
-            invalid: list[ShadowPage] = []
-            for sp in list(self.active.values()):
-                if sp.pfn in self.active:
-                    self._prepare_zap(sp, invalid)
-            self._commit_zap(invalid)
+        """kvm_mmu_zap_all_fast (fastzap.py): every page obsolete at once, every vCPU told to
+        reload, the obsolete pages zapped in batches with the lock yielded, one commit."""
+        fastzap.zap_all_fast(self)
         return False
 
     # --- audit ----------------------------------------------------------------------------------
@@ -845,6 +843,10 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             if any(sp.role.level > 1 for sp in sps) and not vm.is_tracked(as_id, gfn):
                 bad.append(("untracked", f"gfn {gfn:#x} is shadowed above level 1 but not "
                             "write-tracked"))
+        for sp in self.pages.values():
+            if fastzap.is_obsolete_sp(self, sp):  # lookups must not find it (for_each_valid_sp)
+                bad.append(("obsolete-in-hash", f"page {sp.pfn:#x} of generation "
+                            f"{sp.mmu_valid_gen} (now {self.mmu_valid_gen}) is in the hash"))
         self._audit_unsync(bad)
         self._audit_roots(bad)
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
