@@ -626,6 +626,25 @@ _FLAGS = {"vcpus": "-v", "bytes_per_vcpu": "-b", "backing": "-s", "seed": "--see
           "pct_steps": "--pct-steps"}
 
 
+def _backend_faults(r) -> str:
+    return f"{r.backend_stats.faults} ({r.backend_stats.retries})" if r.backend_stats \
+        else "n/a (no mmu_stats)"
+
+
+def _shadow_mmu_stats(r) -> str:
+    """The shadow MMU's counters (None, "-", under a backend without them)."""
+    b = r.backend_stats
+    if not b:
+        return "n/a (no mmu_stats)"
+    return "/".join("-" if v is None else str(v) for v in (
+        b.reclaimed_pages, b.unsync_pages, b.syncs, b.emulated_pte_writes))
+
+
+#: Rows from the backend's mmu_stats, in the demand-paging and dirty-log-perf tables.
+_BACKEND_ROWS = (("backend faults (retries)", _backend_faults),
+                 ("reclaimed / unsync / syncs / PTE writes", _shadow_mmu_stats))
+
+
 SELFTESTS = (
     _Selftest(
         "dirty-log-perf",
@@ -664,7 +683,8 @@ SELFTESTS = (
          ("manual protect", lambda r: "on (initially set)" if r.manual_protect else "off"),
          ("pages written / logged", lambda r: ", ".join(f"{i.pages_written}/{i.pages_logged}"
                                                         for i in r.per_iteration)),
-         ("logged, not written", lambda r: str(r.logged_not_written)))),
+         ("logged, not written", lambda r: str(r.logged_not_written)),
+         *_BACKEND_ROWS)),
     _Selftest(
         "access-tracking-perf",
         "access_tracking_perf_test: vCPUs access memory the host's page aging marked idle, "
@@ -842,12 +862,8 @@ def _render(reports: list[DemandPagingReport]) -> None:
     row("exits", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) or "-")
     row("mappings 4K/2M/1G", lambda r: "/".join(str(v) for v in r.mappings_by_level.values())
         + ("" if r.backend_stats else " (backend has no mmu_stats)"))
-    row("backend faults (retries)", lambda r: f"{r.backend_stats.faults} "
-        f"({r.backend_stats.retries})" if r.backend_stats else "n/a (no mmu_stats)")
-    row("reclaimed / unsync / syncs / PTE writes", lambda r: "/".join(
-        "-" if v is None else str(v) for v in (r.backend_stats.reclaimed_pages,
-        r.backend_stats.unsync_pages, r.backend_stats.syncs, r.backend_stats.emulated_pte_writes))
-        if r.backend_stats else "n/a (no mmu_stats)")
+    for label, fn in _BACKEND_ROWS:
+        row(label, fn)
     row("lock wait share", lambda r: _pct(r.lock_wait_share))
     if all(r.host for r in reports):
         row("lock wait / vCPU on-CPU time", lambda r: _pct(r.host.lock_wait_share_on_cpu))

@@ -98,6 +98,7 @@ from mmu_core.arch.x86.spte import (
     spte_index,
     spte_to_pfn,
 )
+from mmu_core.direct_spte import make_direct_leaf
 from mmu_core.hookspecs import hookimpl
 from mmu_core.types import (
     BackendAudit,
@@ -145,6 +146,7 @@ __all__ = [
     "pages_per_level",
     # building SPTEs the walker reads: EPT (direct roles) and x86 (shadow paging)
     "make_leaf_spte",
+    "make_direct_leaf",
     "make_nonleaf_spte",
     "make_mmio_spte",
     "make_shadow_leaf_spte",

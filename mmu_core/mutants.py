@@ -76,10 +76,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
     # The complete TDP MMU (#7): fast page fault, dirty logging, splitting, recovery, NX.
     "fast-pf-no-mark-dirty": (
         "the fast page fault makes a write-protected SPTE writable without mark_page_dirty",
-        "tdp: DirtyLogging.mmu_fast_page_fault"),
+        "tdp and legacy: fastpf.fast_pf_fix_direct_spte"),
     "fast-pf-ignores-mmu-writable": (
         "the fast page fault makes any write-protected SPTE writable, not only MMU-writable "
-        "ones (READONLY slots, KSM pages)", "tdp: DirtyLogging.mmu_fast_page_fault"),
+        "ones (READONLY slots, KSM pages)", "tdp and legacy: fastpf.fast_page_fault"),
     "clear-dirty-log-no-flush": (
         "re-protecting harvested pages (D bits cleared or write-protected) does not flush "
         "TLBs: writes through cached translations go unlogged",
@@ -116,6 +116,25 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "shadow-dirty-log-no-wrprot": (
         "enabling dirty logging without PML leaves the slot's shadow-MMU leaves writable",
         "shadow: split.enable_dirty_log"),
+    "lockless-walk-no-wait": (
+        "committing zapped shadow pages frees them without waiting for the vCPUs in a "
+        "lockless walk (the legacy MMU's fast page fault) that began before the flush",
+        "shadow: fastpf.LocklessWalks.wait"),
+    "recover-keeps-rmap": (
+        "recovering huge pages when dirty logging stops clears the collapsible 4K leaves "
+        "without taking them out of their rmaps", "shadow: recover.recover_huge_pages"),
+    "direct-prefetch-logged-slot": (
+        "the legacy MMU's prefetch maps neighbours of a fault writable in a dirty-logged slot "
+        "(gfn_to_memslot_dirty_bitmap's refusal skipped): writes to them go unlogged",
+        "shadow: direct_prefetch._prefetch_many"),
+    "fast-zap-no-kick": (
+        "the fast zap frees the obsolete shadow pages without the remote flush that waits "
+        "for vCPUs in a lockless walk (kvm_zap_obsolete_pages's kvm_mmu_commit_zap_page)",
+        "shadow: fastzap._zap_obsolete_pages"),
+    "access-track-not-present": (
+        "marking an SPTE for access tracking clears its MMU-present bit too (as when presence "
+        "was read from RWX): its rmap entry then names an SPTE that is not present",
+        "shadow: aging.Aging._aged"),
 }
 
 _active: frozenset[str] = frozenset()

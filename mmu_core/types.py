@@ -103,6 +103,10 @@ class BackendAudit:
     held_tables: frozenset[int]  # table pages it holds that may be unreachable from a root
     violations: tuple[tuple[str, str], ...] = ()  # its own invariants: (name, detail)
     direct: bool = True  # roots are indexed by gfn (TDP), not by guest-virtual page (shadow)
+    # Roots no vCPU may enter the guest through again (KVM: role.invalid, after the fast
+    # zap), still walked until they are torn down; the dirty-log rule skips them once every
+    # vCPU that has one loaded must reload first.
+    invalid_roots: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def _variant(name: str, old: str, new: str):
 # (contract broken, the line changed, scenario that shows it, invariants that may name it)
 BROKEN = [
     ("readonly", "writable = res.writable and not slot.readonly and",
-     "writable = res.writable and", "readonly", {"readonly-writable", "reference"}),
+     "writable = res.writable and", "readonly",
+     {"readonly-writable", "mmu-writable", "reference"}),
     ("noflush", "                    flush |= self._zap(root, root_level, 0, start, end)\n"
      "        return flush", "                    flush |= self._zap(root, root_level, 0, "
      "start, end)\n        return False", "host-events", {"tlb-freed"}),

@@ -89,10 +89,13 @@ def test_eager_split_leaves_every_4k_mapping_correct_and_in_its_rmap(pml):
                 assert not S.is_writable_pte(spte) and S.is_mmu_writable_spte(spte, True)
         assert shadow(m).stats["eager_split"] == 2
         clean(m)
-        faults = shadow(m).stats["faults"]
+        faults, fast = shadow(m).stats["faults"], shadow(m).stats["fast_fixed"]
         assert read_pages(m, PAGES) == [p + 1 for p in PAGES]
         write_all(m, 5000)
-        assert shadow(m).stats["faults"] - faults == (0 if pml else 1024)
+        # PML logs the writes without a fault; write-protection takes one fast page fault
+        # per page (MMU-writable kept), none of them under the MMU lock.
+        assert shadow(m).stats["faults"] - faults == 0
+        assert shadow(m).stats["fast_fixed"] - fast == (0 if pml else 1024)
         assert len(m.vm.get_dirty_log(0, DATA_SLOT)) == 1024
         clean(m)
         assert read_pages(m, PAGES) == [p + 5001 for p in PAGES]
@@ -179,3 +182,45 @@ def test_a_write_to_a_write_protected_shadow_leaf_does_not_flush_remote_tlbs():
                            CONFIGURATIONS["shadow"])
     written = sum(it.pages_written for it in r.per_iteration)
     assert written >= 256 and r.tlb_flushes < 16
+
+
+def test_disabling_logging_zaps_collapsible_leaves_and_faults_map_huge_again():
+    """kvm_mmu_recover_huge_pages for the rmaps (recover.py): the split 4K leaves of a THP the
+    host still maps 2M are zapped when logging stops, and the next access maps 2M; those of
+    a THP the host split stay."""
+    m = machine()
+    try:
+        write_all(m)
+        m.vm.set_dirty_logging(0, DATA_SLOT, True)
+        slot = m.vm.memslots[0].by_id(DATA_SLOT)
+        m.vm.mm.split_huge_page(slot.gfn_to_hva(slot.base_gfn + 512))  # the second THP
+        write_all(m, 100)
+        clean(m)
+        flushes = m.vm.tlb_flushes
+        m.vm.set_dirty_logging(0, DATA_SLOT, False)
+        leaves = slot_leaves(m)
+        assert not leaves[2] and sorted(g - slot.base_gfn for _, g, _ in leaves[1]) == \
+            list(range(512, 1024))
+        assert shadow(m).stats["collapsible_zapped"] == 512
+        assert m.vm.tlb_flushes == flushes + 1  # once, under the lock
+        clean(m)
+        assert read_pages(m, PAGES) == [p + 101 for p in PAGES]
+        leaves = slot_leaves(m)
+        assert len(leaves[2]) == 1 and len(leaves[1]) == 512
+        clean(m)
+    finally:
+        m.vm.destroy()
+
+
+def test_shadow_paging_keeps_the_guests_4k_mappings_when_logging_stops():
+    m = machine("shadow")
+    try:
+        write_all(m)
+        m.vm.set_dirty_logging(0, DATA_SLOT, True)
+        write_all(m, 7)
+        m.vm.set_dirty_logging(0, DATA_SLOT, False)
+        assert shadow(m).stats["collapsible_zapped"] == 0  # indirect pages: the guest's 4K
+        assert read_pages(m, PAGES) == [p + 8 for p in PAGES]
+        clean(m)
+    finally:
+        m.vm.destroy()

@@ -400,18 +400,22 @@ class HostMM:
         if lock is None:
             return self.fault_in(hva, write)
         lock.read_lock()
+        held = True  # a Ctrl-C may land while the retry takes the lock again: not held then
         try:
             while True:
                 pfn = self.fault_in(hva, write)
                 if pfn != NO_PFN:
                     return pfn
                 lock.read_unlock()
+                held = False
                 try:
                     self.userfault_of(hva).wait_for(hva, write)
                 finally:
                     lock.read_lock()
+                    held = True
         finally:
-            lock.read_unlock()
+            if held:
+                lock.read_unlock()
 
     def _swap_in(self, i: int) -> int:
         """Read the swap entry of hva index i back into a new frame (no switch point). A

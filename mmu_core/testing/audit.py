@@ -17,6 +17,8 @@ spte-pfn          a present leaf of a direct (gpa-indexed) root maps exactly the
 spte-no-slot      a present leaf of a direct root maps a gfn outside every memslot
 readonly-writable no SPTE, TLB entry or host mapping makes a READONLY slot writable
 cow-writable      no SPTE or TLB entry is writable to a page the host maps read-only (KSM/COW)
+mmu-writable      no direct leaf that a READONLY slot or a read-only host page backs is
+                  MMU-writable: the fast page fault makes such a leaf writable without the lock
 leaf-freed        a present leaf maps a frame that is not allocated
 table-freed       a present non-leaf SPTE points at a frame that is not an allocated MMU table
 tlb-freed         a vCPU that may enter the guest caches a translation to a freed frame
@@ -25,7 +27,8 @@ table-leak        an allocated MMU table page is neither reachable from a root n
                   backend (waiting for an RCU callback, or a cached shadow page)
 dirty-log         a writable SPTE in a dirty-logged slot maps a gfn that is not marked dirty
                   in the bitmap or a vCPU's PML buffer (unless a dirty-log collection of that
-                  gfn is in progress, or PML will log it: a clean 4K SPTE with A/D bits)
+                  gfn is in progress, or PML will log it: a clean 4K SPTE with A/D bits, or
+                  its root is invalid and no vCPU can enter the guest through it)
 smm-only          a vCPU outside SMM caches a translation to memory only SMM slots map
 mmio-current      an MMIO SPTE of the current memslots generation names a gfn that has a slot
 backend:*         the backend's own invariants
@@ -196,6 +199,10 @@ def audit(vm) -> list[Violation]:
             for name, detail in nested.violations:
                 bad(f"backend:{name}", detail)
         roots += [(as_id, level, root, False, "EPT02 ") for as_id, level, root in nested.roots]
+    # A root no vCPU can enter through (invalid, and every vCPU still on it must reload
+    # first) keeps writable leaves in logged slots until it is zapped: no write reaches them.
+    entered = {vcpu.mmu_root for vcpu in vm.vcpus if not vcpu.requests & REQ_MMU_RELOAD}
+    dead = {r for r in info.invalid_roots if r not in entered}
     for as_id, level, root, direct, what in roots:
         tables, entries = _walk_tree(host.pt, host.pt_slot, root, level)
         for pfn, lvl in tables.tolist():
@@ -229,7 +236,7 @@ def audit(vm) -> list[Violation]:
                     f"{pfn:#x}, which is not allocated guest memory")
                 continue
             if direct:
-                _check_direct_leaf(vm, as_id, first, npages, pfn, spte, bad)
+                _check_direct_leaf(vm, as_id, first, npages, pfn, spte, bad, root in dead)
     # Page-table pages that nothing accounts for.
     owned = reachable | set(info.held_tables) | nested_held
     tables_alloc = np.flatnonzero(frames.purpose == Purpose.MMU_PT).tolist()
@@ -241,7 +248,8 @@ def audit(vm) -> list[Violation]:
     return out
 
 
-def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: int, bad) -> None:
+def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: int, bad,
+                       dead_root: bool = False) -> None:
     slot = vm.memslots[as_id].find(gfn)
     if slot is None or gfn + npages > slot.end_gfn:
         if not vm.invalidating_gfn(as_id, gfn):
@@ -257,6 +265,11 @@ def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: in
             bad("spte-pfn", f"as {as_id} gfn {gfn + off:#x} maps frame {pfn + off:#x}, the host "
                 f"has {'nothing' if expect == NO_PFN else hex(expect)}")
             break
+    if spte & S.EPT_SPTE_MMU_WRITABLE and (slot.readonly or (
+            not vm.host_writable(slot.gfn_to_hva(gfn)) and not vm.invalidating_gfn(as_id, gfn))):
+        bad("mmu-writable", f"as {as_id} gfn {gfn:#x} is MMU-writable, but its "
+            f"{'slot is READONLY' if slot.readonly else 'host page is read-only'}: the fast "
+            "page fault would make it writable")
     writable = bool(spte & int(_W))
     if writable and slot.readonly:
         bad("readonly-writable", f"as {as_id} gfn {gfn:#x} is in READONLY slot {slot.id} but its "
@@ -265,7 +278,7 @@ def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: in
         if not vm.invalidating_gfn(as_id, gfn):
             bad("cow-writable", f"as {as_id} gfn {gfn:#x} is writable but the host maps it "
                 "read-only")
-    if writable and slot.log_dirty:
+    if writable and slot.log_dirty and not dead_root:
         # Under PML a clean 4K leaf may be writable: the hardware logs the write that sets D.
         # A huge one may not (PML would log one 4K page of it), nor may a dirty one whose page
         # is neither in the bitmap nor still in a vCPU's PML buffer.

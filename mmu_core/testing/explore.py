@@ -1080,3 +1080,60 @@ def scenario_shadow_split(config: VMConfig, rng: random.Random) -> Run:
 
 
 SCENARIOS["shadow-split"] = scenario_shadow_split
+
+
+def scenario_fast_pf(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs read and then write pages of a slot logged by write-protection (no PML; EPT
+    A/D on or off: the seed decides), so that their writes are fast page faults, without the
+    MMU lock (legacy: a lockless walk of the shadow pages, fastpf.py; tdp: under RCU), while a
+    collector harvests and re-protects the log, the host ages the pages (without A/D the
+    SPTEs are access-tracked and the fast page fault restores them) and a VMM task zaps every
+    page twice (the legacy MMU frees the zapped tables once the walks that began before its
+    flush are done). Every page written must be in a later harvest."""
+    config = _tuned(config, {"pml": False, "ept_ad": rng.random() < 0.5})
+    m = _machine(config, 2, 16, log_dirty=True)
+    vm = m.vm
+    ref = Reference(m)
+    progs = []
+    for _ in range(2):
+        prog = Program()
+        for k in range(30):
+            p = rng.randrange(16)
+            prog.read(_page(p)).write(_page(p), _value(rng))
+            if k % 3 == 2:
+                prog.pause(rng.randrange(0, 2000))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    log = DirtyLogCheck(ref)
+    harvests = [rng.randrange(0, 20_000) for _ in range(4)]
+    zaps = [rng.randrange(0, 40_000) for _ in range(2)]
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    ages = [(rng.randrange(10_000), rng.randrange(16), rng.choice((1, 16))) for _ in range(4)]
+
+    def ager() -> None:
+        for d, page, n in ages:
+            vm.engine.delay(d)
+            vm.mm.age(slot.gfn_to_hva(_page(page) >> 12), 4096 * min(n, 16 - page))
+            _then_sleep(vm)
+
+    def collector() -> None:
+        for d in harvests:
+            vm.engine.delay(d)
+            log.harvest(vm)
+            _then_sleep(vm)
+
+    def vmm() -> None:
+        for d in zaps:
+            vm.engine.delay(d)
+            vm.zap_all()
+            _then_sleep(vm)
+
+    def check() -> None:
+        log.harvest(vm)
+        log.check()
+    run.tasks += [("collector", collector), ("vmm", vmm), ("ager", ager)]
+    run.final.append(check)
+    return run
+
+
+SCENARIOS["fast-pf"] = scenario_fast_pf

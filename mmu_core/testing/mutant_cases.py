@@ -39,4 +39,12 @@ MUTANT_CASES = [
     ("reclaim-no-flush", "reclaim", "shadow", "random"),
     ("shadow-split-no-rmap", "shadow-split", "legacy", "random"),
     ("shadow-dirty-log-no-wrprot", "shadow-split", "legacy", "random"),
+    # the legacy MMU's fast page fault (fastpf.py): the shared mutants, and the wait
+    ("lockless-walk-no-wait", "fast-pf", "legacy", "pct"),
+    ("fast-pf-no-mark-dirty", "fast-pf", "legacy", "random"),
+    ("fast-pf-ignores-mmu-writable", "readonly", "legacy", "random"),
+    ("access-track-not-present", "aging", "legacy", "random"),
+    ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
+    ("direct-prefetch-logged-slot", "memslots", "legacy", "random"),
+    ("fast-zap-no-kick", "fast-pf", "legacy", "pct"),
 ]

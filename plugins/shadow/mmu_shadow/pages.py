@@ -40,6 +40,7 @@ class ShadowPage:
     unsync_children: int = 0
     unsync_child_bitmap: int = 0  # bit i: entry i leads to an unsync page
     write_flooding_count: int = 0
+    mmu_valid_gen: int = 0  # the VM's generation when it was made (fastzap.py)
     # For pages that shadow guest PTEs: the guest entry each leaf was built from (KVM keeps
     # gfn and access per entry in shadowed_translation; the whole entry says both).
     gptes: np.ndarray | None = None
@@ -100,7 +101,7 @@ class PagesMixin:
     def _alloc_sp(self, key: R.Key) -> ShadowPage:
         """kvm_mmu_alloc_shadow_page + account: a new page, in the hash, on the active list."""
         vm = self.vm
-        sp = ShadowPage(key.gfn, key.role, vm.alloc_pt_page())
+        sp = ShadowPage(key.gfn, key.role, vm.alloc_pt_page(), mmu_valid_gen=self.mmu_valid_gen)
         if sp.has_gptes and key.role.level == 1:
             sp.gptes = np.zeros(512, dtype=np.uint64)
         self.pages[key] = sp
@@ -232,8 +233,8 @@ class PagesMixin:
             self._unaccount_shadowed(sp)
         if sp.unsync:
             self._unlink_unsync(sp)
-        if first:
-            self.pages.pop(sp.key, None)
+        if first and self.pages.get(sp.key) is sp:  # an obsolete page's key may be reused
+            del self.pages[sp.key]
         self.active.pop(sp.pfn, None)
         if sp.root_count == 0:
             zapped += 1
@@ -255,8 +256,10 @@ class PagesMixin:
         if not invalid:
             return
         vm = self.vm
+        walkers = self.lockless.seq  # the flush waits for lockless walks begun before it
         if flush:
             vm.flush_remote_tlbs()
+        self.lockless.wait(walkers)
         self.stats["zap_batches"] += 1
         for sp in invalid:
             self.by_pfn.pop(sp.pfn, None)

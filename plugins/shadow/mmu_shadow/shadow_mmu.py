@@ -33,10 +33,14 @@ from mmu_core import Role as MMURole
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
-from mmu_core.backend import MMUStats
+from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_core.hw import walker as W
+from mmu_shadow import fastzap, recover
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
+from mmu_shadow.aging import Aging
+from mmu_shadow.direct_prefetch import direct_pte_prefetch
+from mmu_shadow.fastpf import FastPageFault, LocklessWalks
 from mmu_shadow.nested import NestedEpt
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
@@ -68,7 +72,7 @@ def _replacing_needs_flush(old: int, new: int) -> bool:
     return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
 
 
-class ShadowMMU(PagesMixin, SyncMixin):
+class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
     def __init__(self, vm) -> None:
         self.vm = vm
         self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
@@ -77,8 +81,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
         self.active: OrderedDict[int, ShadowPage] = OrderedDict()  # active_mmu_pages, oldest first
         self.vroots: dict[int, VcpuRoots] = {}
         self.rmaps = Rmaps()
+        self.lockless = LocklessWalks(vm)  # the legacy MMU's fast page fault (fastpf.py)
         self.direct = False
         self.n_used = 0  # n_used_mmu_pages
+        self.mmu_valid_gen = 0  # kvm->arch.mmu_valid_gen (fastzap.py)
         self.n_max = KVM_MIN_ALLOC_MMU_PAGES  # n_max_mmu_pages
         self.n_requested = 0  # n_requested_mmu_pages (KVM_SET_NR_MMU_PAGES)
         self.stats = {"faults": 0, "injected": 0, "emulated": 0, "mmio": 0, "spurious": 0,
@@ -87,7 +93,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
                       "unsync": 0, "sync_pages": 0, "sync_spte": 0, "sync_dropped": 0, "sync_rebuilt": 0,
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
-                      "prev_root_hits": 0, "root_allocs": 0}
+                      "prev_root_hits": 0, "root_allocs": 0,
+                      "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
+                      "collapsible_zapped": 0, "direct_prefetched": 0,
+                      "fast_zaps": 0, "fast_zap_yields": 0}
 
     @staticmethod
     @hookimpl
@@ -99,13 +108,14 @@ class ShadowMMU(PagesMixin, SyncMixin):
             description="KVM's shadow MMU: shadow paging and the legacy MMU (rmap, write lock)",
             capabilities=Capabilities(fault_lock="write", huge_pages=True, mmio_spte=True,
                                       dirty_log="write-protect", audit=True,
-                                      max_root_level=5),
+                                      fast_page_fault=True, aging=True, max_root_level=5),
         )
 
     def counters(self) -> dict[str, int]:
         """Everything the backend counted (beyond MMUStats), with the page gauges."""
         out = {k: v for k, v in self.stats.items() if k != "mapped"}
         out.update(n_used_mmu_pages=self.n_used, n_max_mmu_pages=self.n_max,
+                   lockless_waits=self.lockless.waits,
                    unsync_pages=sum(1 for sp in self.by_pfn.values() if sp.unsync))
         return out
 
@@ -251,7 +261,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
             else:
                 key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
                 for i, sp in enumerate(st.prev):
-                    if sp.key == key and not sp.role.invalid:
+                    if sp.key == key and not fastzap.is_obsolete_sp(self, sp):  # is_root_usable
                         st.root = st.prev.pop(i)
                         self.stats["prev_root_hits"] += 1
                         break
@@ -613,8 +623,9 @@ class ShadowMMU(PagesMixin, SyncMixin):
             want = keys[0]
             if root is not None and root.pfn != vcpu.mmu_root:
                 root = None
-        if root is None or root.role.invalid or root.key != want:
-            return None  # the root went away or no longer matches: reload and retry
+        if root is None or fastzap.is_obsolete_sp(self, root) or root.key != want:
+            return None  # the root went away, is obsolete (is_page_fault_stale) or no longer
+            # matches: reload and retry
         table = root.pfn
         root.write_flooding_count = 0
         for depth in range(start, len(keys)):
@@ -682,9 +693,13 @@ class ShadowMMU(PagesMixin, SyncMixin):
             else:
                 slot = res.slot
                 base = res.pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
-                writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
+                may_write = res.writable and not slot.readonly
+                writable = may_write and (not slot.log_dirty or fault.write)
                 vm.engine.delay(vm.engine.cost.spte_build)
-                new = S.make_leaf_spte(base, level, writable, True)
+                # MMU-writable whenever the slot and host allow writes, so that the first
+                # write to a page of a logged slot is a fast page fault, which logs it
+                # (fastpf.py); A/D-disabled without EPT A/D, for access tracking (aging.py).
+                new = make_direct_leaf(vm, base, level, writable, True, may_write, True)
             if old == new:
                 self.stats["spurious"] += 1
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
@@ -704,6 +719,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
             self._add_rmap(sp, idx, base_gfn)
             self.stats["mapped"][level] += 1
             fault.level = level
+            direct_pte_prefetch(self, sp, idx)  # direct_map: the neighbours (direct_prefetch.py)
         return Ret.FIXED
 
     # --- write protection and guest writes ------------------------------------------------------
@@ -767,6 +783,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
     def mmu_clear_dirty_log(self, vm, slot, gfns):
         return dirty_split.clear_dirty_log(self, slot, gfns)
 
+    @hookimpl
+    def mmu_disable_dirty_log(self, vm, slot):
+        return recover.recover_huge_pages(self, slot)  # recover.py
+
     # --- zap, notifiers, memslots ---------------------------------------------------------------
     @hookimpl
     def mmu_zap_gfn_range(self, vm, as_id, start, end):
@@ -782,14 +802,9 @@ class ShadowMMU(PagesMixin, SyncMixin):
 
     @hookimpl
     def mmu_zap_all(self, vm):
-        """kvm_mmu_zap_all: prepare every page (held roots become invalid and their vCPUs
-        reload), one commit for all."""
-        with vm.mmu_lock.write():
-            invalid: list[ShadowPage] = []
-            for sp in list(self.active.values()):
-                if sp.pfn in self.active:
-                    self._prepare_zap(sp, invalid)
-            self._commit_zap(invalid)
+        """kvm_mmu_zap_all_fast (fastzap.py): every page obsolete at once, every vCPU told to
+        reload, the obsolete pages zapped in batches with the lock yielded, one commit."""
+        fastzap.zap_all_fast(self)
         return False
 
     # --- audit ----------------------------------------------------------------------------------
@@ -828,6 +843,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
             if any(sp.role.level > 1 for sp in sps) and not vm.is_tracked(as_id, gfn):
                 bad.append(("untracked", f"gfn {gfn:#x} is shadowed above level 1 but not "
                             "write-tracked"))
+        for sp in self.pages.values():
+            if fastzap.is_obsolete_sp(self, sp):  # lookups must not find it (for_each_valid_sp)
+                bad.append(("obsolete-in-hash", f"page {sp.pfn:#x} of generation "
+                            f"{sp.mmu_valid_gen} (now {self.mmu_valid_gen}) is in the hash"))
         self._audit_unsync(bad)
         self._audit_roots(bad)
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmu_core import FaultKind, PageFault, Ret, hookimpl, mutants
-from mmu_core.arch.x86 import errcode as EC
+from mmu_core import PageFault, fastpf, hookimpl, mutants
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp import ops
 from mmu_tdp.tdp_iter import TdpIter
-
-FAST_PF_RETRIES = 4  # fast_page_fault gives up after this many lost cmpxchgs
 
 
 class DirtyLogging:
@@ -125,53 +122,27 @@ class DirtyLogging:
     # --- fast page fault ----------------------------------------------------------------------
     @hookimpl
     def mmu_fast_page_fault(self, vcpu, fault: PageFault):
-        """fast_page_fault for the TDP MMU: fix, without the MMU lock and under RCU only, a
-        write to a write-protected but MMU-writable SPTE (dirty logging), or an access to an
-        access-tracked one. None when the fault is not one of those; the slow path runs."""
+        """fast_page_fault for the TDP MMU (mmu_core.fastpf): fix, without the MMU lock and
+        under RCU only, a write to a write-protected but MMU-writable SPTE (dirty logging),
+        or an access to an access-tracked one. None when the fault is not one of those; the
+        slow path runs."""
         vm = self.vm
-        if fault.kind is not FaultKind.EPT_VIOLATION or "fast-pf" in self.reverts:
-            return None
-        present = bool(fault.error_code & EC.PFERR_PRESENT)
-        # page_fault_can_be_fast: a non-present fault may be an access-tracked SPTE, which
-        # exists only without A/D bits; a present one is fixable only if it is a write.
-        if not (fault.write if present else not vm.params.ept_ad):
+        if "fast-pf" in self.reverts or not fastpf.page_fault_can_be_fast(vm, fault):
             return None
         root = self.all_roots.get(vcpu.mmu_root) if vcpu.mmu_root is not None else None
         if root is None or root.invalid:
             return None
-        gfn = fault.gpa >> 12
         vm.engine.delay(vm.engine.cost.rcu_read_lock)
         with vm.rcu.read():
-            for _ in range(FAST_PF_RETRIES + 1):
-                it = self._last_spte(root, gfn)  # kvm_tdp_mmu_fast_pf_get_last_sptep
-                spte = it.old_spte
-                if not S.is_shadow_present_pte(spte) or not S.is_last_spte(spte, it.level):
-                    return None
-                if self.access_allowed(fault, spte):
-                    self.stats["fast_spurious"] += 1
-                    return Ret.SPURIOUS
-                new = spte
-                if S.is_access_track_spte(spte):
-                    new = S.restore_acc_track_spte(new) | S.VMX_EPT_ACCESS_BIT
-                if fault.write and (S.is_mmu_writable_spte(spte, True)
-                                    or mutants.on("fast-pf-ignores-mmu-writable")):
-                    new |= S.PT_WRITABLE_MASK
-                    slot = vm.gfn_to_memslot(vcpu.as_id, gfn)
-                    if it.level > 1 and slot is not None and slot.log_dirty:
-                        return None  # a huge page must be split by the slow path first
-                if new == spte or not self.access_allowed(fault, new):
-                    return None
-                table, idx = it.sptep
-                if vm.spte_cmpxchg(table, idx, spte, new):
-                    # fast_pf_fix_direct_spte: log the page once the SPTE is writable again.
-                    if S.is_writable_pte(new) and not S.is_writable_pte(spte) \
-                            and not mutants.on("fast-pf-no-mark-dirty"):
-                        vm.mark_page_dirty(vcpu.as_id, gfn)
-                    self.stats["fast_fixed"] += 1
-                    fault.level = it.level
-                    return Ret.FIXED
-                self.stats["cmpxchg_lost"] += 1
-        return None
+            return fastpf.fast_page_fault(vm, vcpu, fault,
+                                          lambda gfn: self._fast_pf_last_spte(root, gfn),
+                                          self.stats)
+
+    def _fast_pf_last_spte(self, root, gfn: int):
+        """kvm_tdp_mmu_fast_pf_get_last_sptep, as mmu_core.fastpf wants it."""
+        it = self._last_spte(root, gfn)
+        table, idx = it.sptep
+        return table, idx, it.level, it.old_spte
 
     def _last_spte(self, root, gfn: int) -> TdpIter:
         """The last SPTE on gfn's path (present leaf or the first non-present entry)."""

@@ -30,11 +30,12 @@ from mmu_core import (
     PageFault,
     Ret,
     Role,
+    fastpf,
     hookimpl,
     mutants,
 )
 from mmu_core.arch.x86 import spte as S
-from mmu_core.backend import MMUStats
+from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_tdp import ops
 from mmu_tdp.dirty import DirtyLogging
 from mmu_tdp.huge import HugePages
@@ -430,19 +431,9 @@ class TdpMMU(DirtyLogging, HugePages):
 
     def leaf_spte(self, pfn: int, level: int, writable: bool, dirty: bool,
                   mmu_writable: bool, executable: bool) -> int:
-        """make_spte for the TDP MMU: EPT leaf, Accessed; W only when `writable`, D only
-        when `dirty` too (a clean writable SPTE lets PML log the first write);
-        MMU-writable when the SPTE may be made writable without the lock (fast page fault).
-        Without EPT A/D (ept_ad=0) the SPTE is marked A/D-disabled, and the A bit is the
-        software Accessed bit access tracking clears."""
-        spte = S.make_leaf_spte(pfn, level, writable, executable)
-        if writable and not dirty:
-            spte &= ~S.VMX_EPT_DIRTY_BIT
-        if not writable and mmu_writable:
-            spte |= S.EPT_SPTE_MMU_WRITABLE
-        if not self.vm.params.ept_ad:
-            spte = (spte & ~S.VMX_EPT_DIRTY_BIT) | S.SPTE_TDP_AD_DISABLED
-        return spte
+        """make_spte for the TDP MMU (mmu_core.direct_spte, shared with the legacy MMU)."""
+        return make_direct_leaf(self.vm, pfn, level, writable, dirty, mmu_writable,
+                                executable)
 
     def _map_target(self, vcpu, fault: PageFault, it: TdpIter, res, gfn: int, level: int,
                     gen: int) -> Ret:
@@ -490,14 +481,7 @@ class TdpMMU(DirtyLogging, HugePages):
         fault.level = level
         return Ret.FIXED
 
-    @staticmethod
-    def access_allowed(fault: PageFault, spte: int) -> bool:
-        """is_access_allowed: the SPTE grants what the faulting access needs."""
-        if fault.write:
-            return bool(spte & S.PT_WRITABLE_MASK)
-        if fault.fetch:
-            return bool(spte & S.VMX_EPT_EXECUTABLE_MASK)
-        return bool(spte & S.VMX_EPT_READABLE_MASK)
+    access_allowed = staticmethod(fastpf.is_access_allowed)
 
     # --- zap ----------------------------------------------------------------------------------
     @hookimpl
@@ -607,6 +591,7 @@ class TdpMMU(DirtyLogging, HugePages):
         return BackendAudit(
             roots=tuple((r.as_id, r.level, r.pfn) for r in self.all_roots.values()),
             held_tables=frozenset(self.rcu_pending | self.in_flight | self.removing),
+            invalid_roots=frozenset(r.pfn for r in self.all_roots.values() if r.invalid),
             violations=tuple(bad),
             direct=True,
         )
