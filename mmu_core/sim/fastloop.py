@@ -1,0 +1,836 @@
+"""The compiled event loop for demand paging (docs/fastloop.md; issue #9 item 3).
+
+The same model as the exact engine (engine.py, sync.py, the vCPU loop of vm/vcpu.py, GUP of
+host/mm.py) for the one path it supports, as a state machine per task over numpy arrays:
+an array heap keyed `(key, sequence)` as the exact engine's, the MMU rwlock and the mmap
+lock with their cache lines, lazy accounting per task. The backend's part of a fault (and of
+loading a root) is a compiled *kernel* obtained through the `mmu_compiled_kernels` hook: a
+numba function called at each of the backend's switch points, which does the SPTE work on
+the VM's real arrays and returns the next request (a delay, an atomic, a lock operation,
+done). docs/fastloop.md is the specification; tests/test_fastloop.py checks that both engines
+agree exactly.
+
+What it supports is decided by `unsupported()`: anything else runs on the exact engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mmu_core.arch.x86 import ept as EPT
+from mmu_core.host.memory import FRAME_FREE, NO_SLOT, Purpose
+from mmu_core.hw import cpu as C
+from mmu_core.hw import walker as W
+
+_GUEST_DATA = int(Purpose.GUEST_DATA)
+MMU_PT = int(Purpose.MMU_PT)  # the purpose a kernel allocates table pages for
+
+# --- requests a kernel returns (docs/plugin-guide.md, "Compiled kernels") -------------------
+R_DELAY = 1  # arg ns: engine.delay(ns)
+R_READ = 2  # engine.atomic("read")
+R_CMPXCHG = 3  # engine.atomic("cmpxchg")
+R_RLOCK = 4  # vm.mmu_lock.read_lock()
+R_RUNLOCK = 5
+R_WLOCK = 6
+R_WUNLOCK = 7
+R_RCU_LOCK = 8  # vm.rcu.read_lock()
+R_RCU_UNLOCK = 9
+R_CMPXCHG_FAILED = 10  # engine.note_cmpxchg_failure(): no switch point, the kernel goes on
+R_DONE = 11  # arg: the Ret of the fault (K_FAULT) or 0 (K_LOAD)
+R_ERROR = 12  # arg: a kernel-specific code for a state the kernel does not model
+
+# --- what the core asks a kernel to do ---------------------------------------------------------
+K_LOAD = 0  # mmu_load: the vCPU has no root
+K_FAULT = 1  # mmu_page_fault with the gfn resolved (KS_* inputs)
+
+# --- a kernel's per-task row (int64): the core fills the inputs of a fault ------------------
+KS_STATE = 0  # the kernel's own state; the core sets it to 0 before each K_LOAD / K_FAULT
+KS_GFN = 1
+KS_WRITE = 2
+KS_PFN = 3  # the host pfn gfn_to_pfn found
+KS_LEVEL = 4  # the largest level it may be mapped at (max_mapping_level)
+KS_WRITABLE = 5  # the host maps it writable and the slot is not read-only
+KS_ROOT = 6  # the vCPU's root (-1: none); the kernel sets it in K_LOAD
+KS_FREE = 8  # from here on the kernel's own
+KS_SIZE = 32
+KSU_SIZE = 8  # a per-task uint64 row for SPTE values
+
+# --- the memory tuple's int64 counters -----------------------------------------------------
+M_NEXT = 0  # HostMemory._next_pfn
+M_NFREE1 = 1  # entries on the 1-frame free stack
+M_NSLOTS = 2  # entries on the free table-row stack
+M_LOGN = 3  # rows in the allocation log
+M_POP4K = 4  # HostMM.stats.populated_4k
+M_INUSE = 8  # frames_in_use[purpose]
+M_PEAK = 12  # frames_peak[purpose]
+M_SIZE = 16
+LOG_ALLOC = 1
+LOG_FREE = 2
+
+# --- phases ------------------------------------------------------------------------------------
+PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP = range(5)
+PHASE_NAMES = ("other", "guest", "walk", "exit", "gup")
+NPH = len(PHASE_NAMES)
+PSTACK = 8
+
+# --- task fields ----------------------------------------------------------------------------
+(T_STATE, T_PC, T_END, T_CHUNK, T_MARK, T_WAITING, T_HOLDING, T_DEPTH, T_POP, T_LOCK_WAIT,
+ T_LOCK_HELD, T_SWITCHES, T_ACQ, T_CONT, T_ATOMICS, T_CMPXFAIL, T_START, T_ENDT, T_FINISHED,
+ T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
+ T_OUT) = range(29)
+NOUT = 5  # fault outcomes counted per Ret value
+T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
+T_SIZE = T_FIRST + NOUT
+
+# --- engine fields ------------------------------------------------------------------------
+(E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_READERS, E_WHELD, E_WRITER, E_QH, E_QN,
+ E_ML_OWNER, E_ML_FREE, E_ML_TRANS, E_ML_WAIT, E_SL_OWNER, E_SL_FREE, E_SL_TRANS, E_SL_WAIT,
+ E_SEM_READERS, E_ERROR, E_ERROR_TASK) = range(22)
+E_SIZE = 24
+ML = E_ML_OWNER  # the MMU lock's line: owner, free_at, transfers, wait at ML..ML+3
+SL = E_SL_OWNER  # the mmap lock's line
+
+# --- cost fields -------------------------------------------------------------------------------
+(C_GUEST, C_WALK, C_EXIT, C_ENTRY, C_HANDOFF, C_RACQ, C_WACQ, C_REL, C_ATOMIC_READ, C_CMPXCHG,
+ C_RCU_LOCK, C_RCU_UNLOCK, C_GUP, C_ALLOC, C_BUDGET) = range(15)
+C_SIZE = 15
+
+# --- errors (E_ERROR) --------------------------------------------------------------------
+ERR_EXIT_KIND = 1  # the CPU loop exited for something other than an EPT violation
+ERR_NO_SLOT = 2  # a fault outside every memslot (MMIO)
+ERR_WRITE_PROTECTED = 3  # a write to a page the host maps read-only
+ERR_KERNEL = 4  # the kernel returned R_ERROR
+ERR_STUCK = 5  # MAX_FAULTS_PER_OP faults on one op
+ERR_SEM = 6  # the mmap lock was not free for read (a writer: not in this workload)
+ERROR_TEXT = {
+    ERR_EXIT_KIND: "the CPU loop exited for something other than an EPT violation",
+    ERR_NO_SLOT: "a fault outside every memslot (MMIO)",
+    ERR_WRITE_PROTECTED: "a write fault on a page the host maps read-only",
+    ERR_KERNEL: "the backend's kernel reached a state it does not model",
+    ERR_STUCK: "no progress: one op faulted more than MAX_FAULTS_PER_OP times",
+    ERR_SEM: "the mmap lock was not free for read",
+}
+
+# --- vCPU states -----------------------------------------------------------------------------
+(V_LOOP, V_AFTER_GUEST, V_AFTER_WALK, V_GUP1, V_GUP2, V_FAULTIN, V_FAULTIN2, V_GUP3,
+ V_KERNEL, V_KRESUME, V_ENTRY, V_ENTRY2, V_DONE) = range(13)
+# kernel-request continuations (the state to go to once the switch point is passed)
+(V_LOCK2, V_LOCK3, V_UNLOCK2, V_RCU2) = range(20, 24)
+
+
+@njit(cache=True)
+def _account(E, T, PS, PH, t):
+    now = E[E_NOW]
+    dt = now - T[t, T_MARK]
+    if dt:
+        T[t, T_MARK] = now
+        if T[t, T_WAITING]:
+            T[t, T_LOCK_WAIT] += dt
+        elif T[t, T_HOLDING]:
+            T[t, T_LOCK_HELD] += dt
+        else:
+            PH[t, PS[t, T[t, T_DEPTH]]] += dt
+
+
+@njit(cache=True)
+def _less(HP, a, b):
+    return HP[a, 0] < HP[b, 0] or (HP[a, 0] == HP[b, 0] and HP[a, 1] < HP[b, 1])
+
+
+@njit(cache=True)
+def _swap(HP, a, b):
+    for k in range(4):
+        x = HP[a, k]
+        HP[a, k] = HP[b, k]
+        HP[b, k] = x
+
+
+@njit(cache=True)
+def _push(E, HP, key, due, t):
+    E[E_SEQ] += 1
+    i = E[E_HN]
+    E[E_HN] = i + 1
+    HP[i, 0] = key
+    HP[i, 1] = E[E_SEQ]
+    HP[i, 2] = due
+    HP[i, 3] = t
+    while i > 0:
+        p = (i - 1) >> 1
+        if _less(HP, i, p):
+            _swap(HP, i, p)
+            i = p
+        else:
+            break
+
+
+@njit(cache=True)
+def _pop(E, HP):
+    """Remove the head (heapq order); returns its row index 0's task after moving it."""
+    n = E[E_HN] - 1
+    E[E_HN] = n
+    _swap(HP, 0, n)
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            break
+        m = left
+        if left + 1 < n and _less(HP, left + 1, left):
+            m = left + 1
+        if _less(HP, m, i):
+            _swap(HP, m, i)
+            i = m
+        else:
+            break
+    return n  # the popped row now sits at index n
+
+
+@njit(cache=True)
+def _delay(E, HP, t, ns):
+    """engine.delay(ns) under fifo: True if the caller keeps running (the fast path)."""
+    E[E_STEPS] += 1
+    target = E[E_NOW] + ns
+    if E[E_HN] == 0 or HP[0, 0] > target:
+        E[E_NOW] = target
+        return True
+    _push(E, HP, target, target, t)
+    return False
+
+
+@njit(cache=True)
+def _delay_phase(E, HP, T, PS, PH, t, ns, phase):
+    _account(E, T, PS, PH, t)
+    d = T[t, T_DEPTH] + 1
+    T[t, T_DEPTH] = d
+    PS[t, d] = phase
+    T[t, T_POP] = 1  # popped when the task resumes (at the due time)
+    return _delay(E, HP, t, ns)
+
+
+@njit(cache=True)
+def _push_phase(E, T, PS, PH, t, phase):
+    _account(E, T, PS, PH, t)
+    d = T[t, T_DEPTH] + 1
+    T[t, T_DEPTH] = d
+    PS[t, d] = phase
+
+
+@njit(cache=True)
+def _pop_phase(E, T, PS, PH, t):
+    _account(E, T, PS, PH, t)
+    T[t, T_DEPTH] -= 1
+
+
+@njit(cache=True)
+def _reserve(E, line, t, cost):
+    """CacheLine.reserve for task t; returns the wait until the line is in t's cache."""
+    owner = E[line]
+    if owner == -1 or owner == t:
+        E[line] = t
+        return 0
+    now = E[E_NOW]
+    start = E[line + 1] if E[line + 1] > now else now
+    E[line + 1] = start + cost[C_HANDOFF]
+    E[line + 3] += start - now
+    E[line + 2] += 1
+    E[line] = t
+    return E[line + 1] - now
+
+
+@njit(cache=True)
+def _grant(E, T, t, write):
+    """_QueuedLock._grant of the MMU lock to task t (still waiting: no accounting change)."""
+    if write:
+        E[E_WHELD] = 1
+        E[E_WRITER] = t
+    else:
+        E[E_READERS] += 1
+    T[t, T_HOLDING] += 1
+    T[t, T_ACQ] += 1
+
+
+# --- host memory (HostMemory.alloc / free / table for one frame) --------------------------
+@njit(cache=True)
+def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
+    """HostMemory.alloc(purpose, 1): the free stack first, else the bump pointer."""
+    if mem[M_NFREE1]:
+        mem[M_NFREE1] -= 1
+        base = free1[mem[M_NFREE1]]
+    else:
+        base = mem[M_NEXT]
+        mem[M_NEXT] = base + 1
+    tag[base] = 0
+    mapcount[base] = 1
+    frame_state[base] = purpose
+    mem[M_INUSE + purpose] += 1
+    if mem[M_INUSE + purpose] > mem[M_PEAK + purpose]:
+        mem[M_PEAK + purpose] = mem[M_INUSE + purpose]
+    n = mem[M_LOGN]
+    log[n, 0] = LOG_ALLOC
+    log[n, 1] = base
+    log[n, 2] = purpose
+    mem[M_LOGN] = n + 1
+    return base
+
+
+@njit(cache=True)
+def mem_table(mem, free_slots, pt_slot, pfn):
+    """HostMemory.table(pfn): give the frame a (zeroed) row of table entries."""
+    if pt_slot[pfn] == NO_SLOT:
+        mem[M_NSLOTS] -= 1
+        pt_slot[pfn] = free_slots[mem[M_NSLOTS]]
+
+
+@njit(cache=True)
+def mem_free(mem, free1, free_slots, pt, pt_slot, mapcount, frame_state, log, base):
+    """HostMemory.free(base) of a one-frame allocation."""
+    slot = pt_slot[base]
+    if slot != NO_SLOT:
+        pt[slot, :] = 0
+        pt_slot[base] = NO_SLOT
+        free_slots[mem[M_NSLOTS]] = slot
+        mem[M_NSLOTS] += 1
+    purpose = frame_state[base]
+    mapcount[base] = 0
+    frame_state[base] = FRAME_FREE
+    mem[M_INUSE + purpose] -= 1
+    free1[mem[M_NFREE1]] = base
+    mem[M_NFREE1] += 1
+    n = mem[M_LOGN]
+    log[n, 0] = LOG_FREE
+    log[n, 1] = base
+    log[n, 2] = purpose
+    mem[M_LOGN] = n + 1
+
+
+@njit(cache=True)
+def _max_level(slots, gfn, host_level):
+    """vm.max_mapping_level for a slot without dirty logging or write tracking."""
+    level = min(host_level, 3)
+    k = -1
+    for s in range(slots.shape[0]):
+        if slots[s, 0] <= gfn < slots[s, 0] + slots[s, 1]:
+            k = s
+    while level > 1:
+        pages = 1 << (9 * (level - 1))
+        base = gfn & ~(pages - 1)
+        aligned = (slots[k, 0] - (slots[k, 2] >> 12)) % pages == 0
+        if aligned and base >= slots[k, 0] and base + pages <= slots[k, 0] + slots[k, 1]:
+            return level
+        level -= 1
+    return 1
+
+
+@njit
+def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, tlbs, xinfos,
+             hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level, hva_writable,
+             ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
+             frame_state, log, max_steps):
+    """Run until every vCPU has finished or `max_steps` more steps have passed (so Python can
+    report progress and take a Ctrl-C between calls); returns the number of live tasks."""
+    stop = E[E_STEPS] + max_steps
+    nochunks = bounds.shape[1] - 1
+    while E[E_LIVE] and E[E_STEPS] < stop and not E[E_ERROR]:
+        # the scheduler: pop the head, resume it at max(now, due)
+        row = _pop(E, HP)
+        when = HP[row, 2]
+        t = HP[row, 3]
+        if when > E[E_NOW]:
+            E[E_NOW] = when
+        if not T[t, T_STARTED]:
+            T[t, T_STARTED] = 1
+            T[t, T_CPU_SINCE] = E[E_NOW]
+        T[t, T_SWITCHES] += 1
+        running = True
+        while running:
+            if T[t, T_POP]:
+                T[t, T_POP] = 0
+                _pop_phase(E, T, PS, PH, t)
+            st = T[t, T_STATE]
+            if st == V_LOOP:
+                pc = T[t, T_PC]
+                if pc >= T[t, T_END]:
+                    c = T[t, T_CHUNK] + 1
+                    if c >= nochunks:
+                        # the task's body returns: it finishes now
+                        _account(E, T, PS, PH, t)
+                        T[t, T_FINISHED] = 1
+                        T[t, T_ENDT] = E[E_NOW]
+                        T[t, T_STATE] = V_DONE
+                        E[E_LIVE] -= 1
+                        running = False
+                        continue
+                    T[t, T_CHUNK] = c
+                    T[t, T_END] = bounds[t, c + 1]
+                    continue
+                if ks[t, KS_ROOT] < 0:
+                    T[t, T_OP] = K_LOAD
+                    ks[t, KS_STATE] = 0
+                    T[t, T_STATE] = V_KERNEL
+                    continue
+                before_ops = hwstats[t, C.ST_OPS]
+                before_reads = hwstats[t, C.ST_WALK_READS]
+                T[t, T_PC] = C.run_ops(
+                    progs[t], pc, T[t, T_END], results[t], pt, pt_slot, tag, regs[t], True,
+                    ept_ad, ks[t, KS_ROOT], root_levels, tlbs[t], W.NO_PML, xinfos[t],
+                    hwstats[t], cost[C_BUDGET])
+                T[t, T_RET] = hwstats[t, C.ST_WALK_READS] - before_reads  # reads, for later
+                T[t, T_STATE] = V_AFTER_GUEST
+                running = _delay_phase(E, HP, T, PS, PH, t,
+                                       (hwstats[t, C.ST_OPS] - before_ops) * cost[C_GUEST],
+                                       PH_GUEST)
+            elif st == V_AFTER_GUEST:
+                T[t, T_STATE] = V_AFTER_WALK
+                if T[t, T_RET]:
+                    running = _delay_phase(E, HP, T, PS, PH, t, T[t, T_RET] * cost[C_WALK],
+                                           PH_WALK)
+            elif st == V_AFTER_WALK:
+                kind = xinfos[t, C.XI_KIND]
+                if kind == C.X_NONE:
+                    T[t, T_STATE] = V_LOOP
+                    continue
+                if kind != C.X_EPT_VIOLATION:
+                    E[E_ERROR] = ERR_EXIT_KIND
+                    E[E_ERROR_TASK] = t
+                    return E[E_LIVE]
+                pc = T[t, T_PC]
+                if pc == T[t, T_STUCK_PC]:
+                    T[t, T_STUCK] += 1
+                    if T[t, T_STUCK] > 1000:
+                        E[E_ERROR] = ERR_STUCK
+                        E[E_ERROR_TASK] = t
+                        return E[E_LIVE]
+                else:
+                    T[t, T_STUCK_PC] = pc
+                    T[t, T_STUCK] = 0
+                # Vcpu._fault: the exit, then (no fast path for a non-present fault) the
+                # slow path, whose gfn_to_pfn runs in phase "gup"
+                T[t, T_EXITS] += 1
+                gfn = xinfos[t, C.XI_GPA] >> 12
+                ks[t, KS_GFN] = gfn
+                ks[t, KS_WRITE] = 1 if xinfos[t, C.XI_CODE] & EPT.EPT_QUAL_WRITE else 0
+                k = -1
+                for s in range(slots.shape[0]):
+                    if slots[s, 0] <= gfn < slots[s, 0] + slots[s, 1]:
+                        k = s
+                if k < 0:
+                    E[E_ERROR] = ERR_NO_SLOT
+                    E[E_ERROR_TASK] = t
+                    return E[E_LIVE]
+                T[t, T_HVAI] = ((slots[k, 2] + ((gfn - slots[k, 0]) << 12)) - hva_base) >> 12
+                T[t, T_STATE] = V_GUP1
+                running = _delay_phase(E, HP, T, PS, PH, t, cost[C_EXIT], PH_EXIT)
+                if running:
+                    # resumed at once: the pop happens at the top; gup starts after it
+                    continue
+            elif st == V_GUP1:
+                # first time here after the exit: enter "gup" and charge GUP-fast
+                _push_phase(E, T, PS, PH, t, PH_GUP)
+                T[t, T_STATE] = V_GUP2
+                running = _delay(E, HP, t, cost[C_GUP])
+            elif st == V_GUP2:
+                i = T[t, T_HVAI]
+                if hva_pfn[i] >= 0 and (not ks[t, KS_WRITE] or hva_writable[i]):
+                    T[t, T_STATE] = V_GUP3 + 100  # done with gup, no lock taken
+                    continue
+                # the slow path under the mmap lock held for read
+                ns = _reserve(E, SL, t, cost) + cost[C_RACQ]
+                T[t, T_STATE] = V_FAULTIN
+                running = _delay(E, HP, t, ns)
+            elif st == V_FAULTIN:
+                if T[t, T_LOCKW] == 0:
+                    # just acquired: RWSem._free_for(read) (no writer in this workload)
+                    if E[E_SEM_READERS] < 0:
+                        E[E_ERROR] = ERR_SEM
+                        E[E_ERROR_TASK] = t
+                        return E[E_LIVE]
+                    E[E_SEM_READERS] += 1
+                    T[t, T_LOCKW] = 1
+                i = T[t, T_HVAI]
+                if hva_pfn[i] >= 0:
+                    if ks[t, KS_WRITE] and not hva_writable[i]:
+                        E[E_ERROR] = ERR_WRITE_PROTECTED
+                        E[E_ERROR_TASK] = t
+                        return E[E_LIVE]
+                    T[t, T_LOCKW] = 0
+                    ns = _reserve(E, SL, t, cost) + cost[C_REL]
+                    T[t, T_STATE] = V_GUP3
+                    running = _delay(E, HP, t, ns)
+                else:
+                    T[t, T_STATE] = V_FAULTIN2
+                    running = _delay(E, HP, t, cost[C_ALLOC])
+            elif st == V_FAULTIN2:
+                i = T[t, T_HVAI]
+                if hva_pfn[i] < 0:  # HostMM.populate of one 4 KiB page
+                    base = mem_alloc(mem, free1, tag, mapcount, frame_state, log,
+                                     _GUEST_DATA)
+                    hva_pfn[i] = base
+                    hva_level[i] = 1
+                    hva_writable[i] = True
+                    mem[M_POP4K] += 1
+                T[t, T_STATE] = V_FAULTIN
+            elif st == V_GUP3 or st == V_GUP3 + 100:
+                if st == V_GUP3:
+                    E[E_SEM_READERS] -= 1
+                _pop_phase(E, T, PS, PH, t)
+                i = T[t, T_HVAI]
+                ks[t, KS_PFN] = hva_pfn[i]
+                ks[t, KS_LEVEL] = _max_level(slots, ks[t, KS_GFN], hva_level[i])
+                ks[t, KS_WRITABLE] = 1 if hva_writable[i] else 0
+                ks[t, KS_STATE] = 0
+                T[t, T_OP] = K_FAULT
+                T[t, T_STATE] = V_KERNEL
+            elif st == V_KERNEL or st == V_RCU2:
+                if st == V_RCU2:
+                    E[E_RCU_SEQ] += 1  # rcu_read_lock registers the reader after its delay
+                req, arg = kernel(T[t, T_OP], t, ks, ksu, kg, kstats, mem, free1, free_slots,
+                                  pt, pt_slot, tag, mapcount, frame_state, log)
+                T[t, T_STATE] = V_KERNEL
+                if req == R_DELAY:
+                    running = _delay(E, HP, t, arg)
+                elif req == R_READ:
+                    T[t, T_ATOMICS] += 1
+                    running = _delay(E, HP, t, cost[C_ATOMIC_READ])
+                elif req == R_CMPXCHG:
+                    T[t, T_ATOMICS] += 1
+                    running = _delay(E, HP, t, cost[C_CMPXCHG])
+                elif req == R_CMPXCHG_FAILED:
+                    T[t, T_CMPXFAIL] += 1
+                elif req == R_RLOCK or req == R_WLOCK:
+                    # _QueuedLock._acquire: waiting from here; the line, then the atomic
+                    _account(E, T, PS, PH, t)
+                    T[t, T_WAITING] += 1
+                    T[t, T_LOCKW] = 1 if req == R_WLOCK else 0
+                    ns = _reserve(E, ML, t, cost) + (cost[C_WACQ] if req == R_WLOCK
+                                                      else cost[C_RACQ])
+                    T[t, T_STATE] = V_LOCK2
+                    running = _delay(E, HP, t, ns)
+                elif req == R_RUNLOCK or req == R_WUNLOCK:
+                    T[t, T_LOCKW] = 1 if req == R_WUNLOCK else 0
+                    ns = _reserve(E, ML, t, cost) + cost[C_REL]
+                    T[t, T_STATE] = V_UNLOCK2
+                    running = _delay(E, HP, t, ns)
+                elif req == R_RCU_LOCK:
+                    T[t, T_STATE] = V_RCU2
+                    running = _delay(E, HP, t, cost[C_RCU_LOCK])
+                elif req == R_RCU_UNLOCK:
+                    running = _delay(E, HP, t, cost[C_RCU_UNLOCK])
+                elif req == R_DONE:
+                    if T[t, T_OP] == K_LOAD:
+                        T[t, T_STATE] = V_LOOP
+                    else:
+                        if T[t, T_OUT + arg] == 0:
+                            T[t, T_FIRST + arg] = E[E_STEPS]
+                        T[t, T_OUT + arg] += 1
+                        T[t, T_STATE] = V_ENTRY
+                        if arg == 2:  # Ret.RETRY: yield_now(), delay(0) under fifo
+                            running = _delay(E, HP, t, 0)
+                else:
+                    E[E_ERROR] = ERR_KERNEL
+                    E[E_ERROR_TASK] = t
+                    return E[E_LIVE]
+            elif st == V_LOCK2:
+                write = T[t, T_LOCKW]
+                free = not E[E_WHELD] and E[E_QN] == 0 and (not write or E[E_READERS] == 0)
+                if free:
+                    _grant(E, T, t, write)
+                    T[t, T_STATE] = V_LOCK3
+                else:
+                    T[t, T_CONT] += 1
+                    q = (E[E_QH] + E[E_QN]) % LQ.shape[0]
+                    LQ[q, 0] = t
+                    LQ[q, 1] = write
+                    E[E_QN] += 1
+                    E[E_STEPS] += 1  # _park: a step; spinning, it keeps its CPU
+                    T[t, T_STATE] = V_LOCK3
+                    running = False
+            elif st == V_LOCK3:
+                _account(E, T, PS, PH, t)
+                T[t, T_WAITING] -= 1
+                T[t, T_STATE] = V_KERNEL
+            elif st == V_UNLOCK2:
+                _account(E, T, PS, PH, t)
+                T[t, T_HOLDING] -= 1
+                if T[t, T_LOCKW]:
+                    E[E_WHELD] = 0
+                    E[E_WRITER] = -1
+                else:
+                    E[E_READERS] -= 1
+                # _hand_over: one writer, or every reader up to the next writer
+                while E[E_QN] and not E[E_WHELD]:
+                    h = E[E_QH]
+                    qt = LQ[h, 0]
+                    qw = LQ[h, 1]
+                    if qw and E[E_READERS]:
+                        break
+                    E[E_QH] = (h + 1) % LQ.shape[0]
+                    E[E_QN] -= 1
+                    after = _reserve(E, ML, qt, cost)
+                    _grant(E, T, qt, qw)
+                    _push(E, HP, E[E_NOW] + after, E[E_NOW] + after, qt)
+                T[t, T_STATE] = V_KERNEL
+            elif st == V_ENTRY:
+                T[t, T_STATE] = V_ENTRY2
+                running = _delay_phase(E, HP, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
+            elif st == V_ENTRY2:
+                T[t, T_STATE] = V_LOOP
+    return E[E_LIVE]
+
+
+# --- the Python side: which runs it can take, and running one ---------------------------------
+#: steps per call of run_loop: Python reports progress and sees a Ctrl-C between calls
+SLICE_STEPS = 2_000_000
+
+
+def kernels_of(vm):
+    """The backend's compiled kernels (the mmu_compiled_kernels hook), or None."""
+    if not vm.hook.mmu_compiled_kernels.get_hookimpls():
+        return None
+    return vm.hook.mmu_compiled_kernels(vm=vm)
+
+
+def unsupported(vm, kernels) -> str | None:
+    """None if the compiled loop can run the demand-paging programs about to be spawned in
+    `vm` exactly as the exact engine would; otherwise why not (docs/fastloop.md, Status)."""
+    engine = vm.engine
+    if kernels is None:
+        return f"backend '{vm.backend_name}' offers no compiled kernels"
+    if engine.policy != "fifo":
+        return f"policy {engine.policy} (the compiled loop runs fifo only)"
+    if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus):
+        return "fewer host CPUs than vCPUs (the run queue is not compiled yet)"
+    if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
+        return "the run is traced, audited between steps or recorded"
+    mm = vm.mm
+    if mm.mmap_lock is None or mm._uffds:
+        return "userfaultfd (not compiled yet)"
+    if any(r.backing.level != 1 for r in mm.regions):
+        return "THP or hugetlb backing (not compiled yet)"
+    if mm.hva_swapped.any():
+        return "swapped-out pages"
+    if len(vm.memslots) > 1 and vm.memslots[1].slots:
+        return "SMM memslots"
+    for slot in vm.memslots[0].slots:
+        if slot.readonly or slot.log_dirty or slot.invalid:
+            return "a read-only, dirty-logged or changing memslot"
+    if any(vm._tracked[0].values()):
+        return "write-tracked gfns"
+    for v in vm.vcpus:
+        if v.requests or v.l2 is not None or v.smm or v.mmu_root is not None:
+            return "a vCPU in L2, in SMM, with requests pending or a root loaded"
+    if engine.tasks or engine._queue or engine.closed:
+        return "the engine has run tasks before"
+    for lock in (vm.mmu_lock, mm.mmap_lock):
+        if lock.line.owner is not None:
+            return "a lock's line was last touched by a task"
+    if vm.mmu_lock.readers or vm.mmu_lock.write_held or mm.mmap_lock.readers \
+            or mm.mmap_lock.writer:
+        return "a lock is held"
+    return kernels.unsupported(vm)
+
+
+def _cost_array(vm) -> np.ndarray:
+    c = vm.engine.cost
+    cost = np.zeros(C_SIZE, dtype=np.int64)
+    cost[C_GUEST] = c.guest_access
+    cost[C_WALK] = c.walk_level
+    cost[C_EXIT] = c.vm_exit
+    cost[C_ENTRY] = c.vm_entry
+    cost[C_HANDOFF] = c.lock_handoff
+    cost[C_RACQ] = c.rwlock_read_acquire
+    cost[C_WACQ] = c.rwlock_write_acquire
+    cost[C_REL] = c.rwlock_release
+    cost[C_ATOMIC_READ] = c.atomic_read
+    cost[C_CMPXCHG] = c.cmpxchg
+    cost[C_RCU_LOCK] = c.rcu_read_lock
+    cost[C_RCU_UNLOCK] = c.rcu_read_unlock
+    cost[C_GUP] = c.gup_present
+    cost[C_ALLOC] = c.host_page_alloc
+    cost[C_BUDGET] = max(1, c.quantum // max(1, c.guest_access))
+    return cost
+
+
+class _Memory:
+    """The host memory's arrays, grown up front so the loop never reallocates, and the
+    allocator's Python bookkeeping replayed from the loop's log afterwards."""
+
+    def __init__(self, host, frames: int, tables: int) -> None:
+        self.host = host
+        host._grow(host._next_pfn + frames + 1)
+        n = len(host.pt)
+        rows = n
+        while rows - n + len(host._free_slots) < tables:
+            rows *= 2
+        if rows > n:
+            grown = np.zeros((rows, host.pt.shape[1]), dtype=np.uint64)
+            grown[:n] = host.pt
+            host.pt = grown
+        # pops take the old free rows first, then n, n + 1, ... as doubling would hand out
+        stack = list(range(rows - 1, n - 1, -1)) + host._free_slots
+        self.free_slots = np.zeros(rows, dtype=np.int64)
+        self.free_slots[:len(stack)] = stack
+        old_free = host._free.get(1, [])
+        self.free1 = np.zeros(len(old_free) + tables + 1, dtype=np.int64)
+        self.free1[:len(old_free)] = old_free
+        self.log = np.zeros((frames + 3 * tables + 16, 3), dtype=np.int64)
+        self.mem = np.zeros(M_SIZE, dtype=np.int64)
+        self.mem[M_NEXT] = host._next_pfn
+        self.mem[M_NFREE1] = len(old_free)
+        self.mem[M_NSLOTS] = len(stack)
+        k = len(host.frames_in_use)
+        self.mem[M_INUSE:M_INUSE + k] = host.frames_in_use
+        self.mem[M_PEAK:M_PEAK + k] = host.frames_peak
+
+    def args(self):
+        h = self.host
+        return (self.mem, self.free1, self.free_slots, h.pt, h.pt_slot, h.tag, h.mapcount,
+                h.frame_state, self.log)
+
+    def write_back(self) -> int:
+        h, mem = self.host, self.mem
+        h._next_pfn = int(mem[M_NEXT])
+        nfree = int(mem[M_NFREE1])
+        if nfree or 1 in h._free:
+            h._free[1] = self.free1[:nfree].tolist()
+        h._free_slots = self.free_slots[:int(mem[M_NSLOTS])].tolist()
+        k = len(h.frames_in_use)
+        h.frames_in_use[:] = mem[M_INUSE:M_INUSE + k]
+        h.frames_peak[:] = mem[M_PEAK:M_PEAK + k]
+        for kind, base, purpose in self.log[:int(mem[M_LOGN])].tolist():
+            if kind == LOG_ALLOC:
+                h._owner[base] = (1, purpose)
+                h._sizes.add(1)
+            else:
+                del h._owner[base]
+        mem[M_LOGN] = 0
+        return int(mem[M_POP4K])
+
+
+def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> list:
+    """Run each vCPU's program (as demand_paging's vcpu_body would, in `chunks` calls of
+    Vcpu.run) on the compiled loop, then write everything back: SPTEs and host memory are
+    the VM's own arrays already; the allocator's bookkeeping, the backend's roots and
+    statistics, the vCPUs' TLBs and counters, the engine's clock, the lock lines and one
+    finished Task record per vCPU. Returns those tasks."""
+    from mmu_core.sim.engine import Task
+    from mmu_core.vm.vcpu import _OUTCOMES
+
+    engine = vm.engine
+    vcpus = vm.vcpus
+    nv = len(vcpus)
+    now0 = engine.now
+    slots = vm.memslots[0].slots
+    slot_arr = np.array([(s.base_gfn, s.npages, s.userspace_addr) for s in slots],
+                        dtype=np.int64).reshape(-1, 3)
+    mm = vm.mm
+    missing = int(sum(np.count_nonzero(mm.hva_pfn[mm.index(s.userspace_addr):
+                                                  mm.index(s.userspace_addr) + s.npages] < 0)
+                      for s in slots))
+    pages = int(sum(s.npages for s in slots))
+    tables = 2 * (pages // 512) + pages // (1 << 17) + 8 * nv + 64
+    memory = _Memory(vm.host, missing + tables, tables)
+    kg, kstats = kernels.prepare(vm)
+
+    T = np.zeros((nv, T_SIZE), dtype=np.int64)
+    bounds = np.stack([np.linspace(0, len(p), chunks + 1).astype(np.int64) for p in programs])
+    T[:, T_PC] = bounds[:, 0]
+    T[:, T_END] = bounds[:, 1]
+    T[:, T_MARK] = now0
+    T[:, T_START] = now0
+    T[:, T_STUCK_PC] = -1
+    PS = np.zeros((nv, PSTACK), dtype=np.int64)
+    PH = np.zeros((nv, NPH), dtype=np.int64)
+    HP = np.zeros((nv + 1, 4), dtype=np.int64)
+    LQ = np.zeros((nv + 1, 2), dtype=np.int64)
+    Ea = np.zeros(E_SIZE, dtype=np.int64)
+    Ea[E_NOW] = now0
+    Ea[E_SEQ] = engine._seq
+    Ea[E_STEPS] = engine.steps
+    Ea[E_LIVE] = nv
+    Ea[E_RCU_SEQ] = vm.rcu._seq
+    Ea[E_WRITER] = -1
+    for base, line in ((ML, vm.mmu_lock.line), (SL, mm.mmap_lock.line)):
+        Ea[base] = -1
+        Ea[base + 1] = line.free_at
+        Ea[base + 2] = line.transfers
+        Ea[base + 3] = line.wait_ns
+    for t in range(nv):  # spawn order: each vCPU scheduled at now
+        _push(Ea, HP, now0, now0, t)
+    ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
+    ks[:, KS_ROOT] = -1
+    ksu = np.zeros((nv, KSU_SIZE), dtype=np.uint64)
+    progs = np.stack(programs)
+    res = np.stack(results)
+    regs = np.stack([v.regs for v in vcpus])
+    tlbs = np.stack([v.tlb for v in vcpus])
+    xinfos = np.stack([v.xinfo for v in vcpus])
+    hwstats = np.stack([v.hw_stats for v in vcpus])
+    cost = _cost_array(vm)
+    from mmu_core.host.mm import HVA_BASE
+
+    done_chunks = 0
+    try:
+        while Ea[E_LIVE] and not Ea[E_ERROR]:
+            run_loop(kernels.kernel, Ea, HP, T, PS, PH, LQ, cost, bounds, progs, res, regs,
+                     tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
+                     slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
+                     kg, kstats, *memory.args(), SLICE_STEPS)
+            if progress is not None:
+                now_done = int(T[:, T_CHUNK].sum() + T[:, T_FINISHED].sum())
+                for k in range(done_chunks + 1, now_done + 1):
+                    progress(k, nv * chunks)
+                done_chunks = now_done
+    finally:
+        mm.stats.populated_4k += memory.write_back()
+        kernels.finish(vm, kg, kstats)
+        for i, v in enumerate(vcpus):
+            if ks[i, KS_ROOT] >= 0:
+                v.mmu_root = int(ks[i, KS_ROOT])
+    if Ea[E_ERROR]:
+        from mmu_core.errors import BackendError
+
+        raise BackendError(f"compiled loop, vcpu{int(Ea[E_ERROR_TASK])}: "
+                           f"{ERROR_TEXT.get(int(Ea[E_ERROR]), 'error')}")
+    for i, v in enumerate(vcpus):
+        results[i][:] = res[i]
+        v.tlb[:] = tlbs[i]
+        v.xinfo[:] = xinfos[i]
+        v.hw_stats[:] = hwstats[i]
+        if T[i, T_EXITS]:
+            v.exits["ept_violation"] = v.exits.get("ept_violation", 0) + int(T[i, T_EXITS])
+        # outcomes in the order the vCPU first saw them, as its dict would have them
+        for r in sorted((r for r in range(NOUT) if T[i, T_OUT + r]),
+                        key=lambda r: T[i, T_FIRST + r]):
+            name = _OUTCOMES[r]
+            v.faults[name] = v.faults.get(name, 0) + int(T[i, T_OUT + r])
+    engine.now = int(Ea[E_NOW])
+    engine._seq = int(Ea[E_SEQ])
+    engine.steps = int(Ea[E_STEPS])
+    vm.rcu._seq = int(Ea[E_RCU_SEQ])
+    tasks = []
+    for i, v in enumerate(vcpus):
+        task = Task(engine, f"vcpu{v.id}", len(engine.tasks), False)
+        task.started = task.finished = True
+        task.start = now0
+        task.end = int(T[i, T_ENDT])
+        task._mark = task.end
+        task._phases = {PHASE_NAMES[p]: int(PH[i, p]) for p in range(NPH) if PH[i, p]}
+        task.lock_wait = int(T[i, T_LOCK_WAIT])
+        task.lock_held = int(T[i, T_LOCK_HELD])
+        task.switches = int(T[i, T_SWITCHES])
+        task.lock_acquires = int(T[i, T_ACQ])
+        task.lock_contended = int(T[i, T_CONT])
+        task.atomics = int(T[i, T_ATOMICS])
+        task.cmpxchg_failures = int(T[i, T_CMPXFAIL])
+        task.cpu_ns = task.end - int(T[i, T_CPU_SINCE])
+        engine.tasks.append(task)
+        tasks.append(task)
+        v.task = task
+    for base, line in ((ML, vm.mmu_lock.line), (SL, mm.mmap_lock.line)):
+        owner = int(Ea[base])
+        line.owner = tasks[owner] if owner >= 0 else None
+        line.free_at = int(Ea[base + 1])
+        line.transfers = int(Ea[base + 2])
+        line.wait_ns = int(Ea[base + 3])
+    return tasks

@@ -1,0 +1,92 @@
+"""The compiled demand-paging loop against the exact engine (docs/fastloop.md).
+
+Exact equality, no tolerance: on every configuration the compiled loop supports, both engines
+give the same report apart from its `wall` group: the guest digest, the total virtual time,
+every vCPU's time in every phase, lock wait and hold, the schedule's steps, the lock lines'
+transfers, the fault outcomes and the backend's statistics and memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mmu_core.errors import InvalidConfig
+from mmu_core.params import configuration
+from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
+
+
+def _both(config: str, **kw):
+    reports = {}
+    for engine in ("exact", "compiled"):
+        opts = DemandPagingOptions(engine=engine, **kw)
+        reports[engine] = run_demand_paging(opts, configuration(config))
+    return reports["exact"], reports["compiled"]
+
+
+def _same(exact, compiled) -> None:
+    a = exact.model_dump(exclude={"wall"})
+    b = compiled.model_dump(exclude={"wall"})
+    assert exact.wall.engine == "exact" and compiled.wall.engine == "compiled"
+    differ = sorted(k for k in a if a[k] != b[k])
+    assert not differ, {k: (a[k], b[k]) for k in differ}
+    assert exact.verified and compiled.verified
+
+
+# vCPUs x pages per vCPU: one vCPU alone; two racing for the shared tables (lost cmpxchgs,
+# spurious faults on the guest's page-table pages); 4 and 8 queueing for the MMU lock's
+# line and, at mmu_load, for the lock itself; regions across a 2 MiB boundary (1 MiB each)
+GRID = [(1, 4), (2, 2), (2, 64), (4, 256), (8, 33), (8, 256)]
+
+
+@pytest.mark.parametrize(("vcpus", "pages"), GRID)
+def test_tdp_agrees_with_the_exact_engine(vcpus, pages):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=False)
+    _same(exact, compiled)
+    assert compiled.total_time_ns > 0
+
+
+def test_finite_host_cpus_at_least_the_vcpus_agree():
+    # As many CPUs as vCPUs: nobody waits in the run queue, as with unlimited CPUs
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False,
+                            host_cpus=None)
+    _same(exact, compiled)
+
+
+def test_a_cost_model_other_than_the_default_agrees():
+    from mmu_core.sim.cost import CostModel
+
+    cost = CostModel(lock_handoff=250, gup_present=7, host_page_alloc=3_333, quantum=64)
+    reports = [run_demand_paging(DemandPagingOptions(vcpus=3, bytes_per_vcpu=40 * 4096,
+                                                     uffd=False, engine=engine),
+                                 configuration("tdp"), cost) for engine in ("exact", "compiled")]
+    _same(*reports)
+
+
+@pytest.mark.parametrize(("config", "kw", "why"), [
+    ("tdp", {"uffd": True}, "userfaultfd"),
+    ("tdp", {"uffd": False, "policy": "random"}, "policy random"),
+    ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
+    ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs"),
+    ("legacy", {"uffd": False}, "no compiled kernels"),
+])
+def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):
+    kw = {"vcpus": 2, "bytes_per_vcpu": 8 * 4096, **kw}
+    report = run_demand_paging(DemandPagingOptions(**kw), configuration(config))
+    assert report.wall.engine == "exact"
+    assert why in report.wall.engine_note
+    with pytest.raises(InvalidConfig, match="compiled loop cannot run this"):
+        run_demand_paging(DemandPagingOptions(engine="compiled", **kw), configuration(config))
+
+
+def test_auto_takes_the_compiled_loop_when_it_can():
+    report = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096,
+                                                   uffd=False), configuration("tdp"))
+    assert report.wall.engine == "compiled" and report.wall.engine_note is None
+    assert report.verified
+
+
+def test_bad_engine_name_is_one_clear_error():
+    with pytest.raises(ValueError, match="engine"):
+        DemandPagingOptions(engine="fast")
