@@ -322,7 +322,7 @@ def _max_level(slots, gfn, host_level):
     return 1
 
 
-@njit
+@njit(cache=True)
 def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, tlbs, xinfos,
              hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level, hva_writable,
              ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
