@@ -45,6 +45,41 @@ def test_tdp_agrees_with_the_exact_engine(vcpus, pages):
     assert compiled.total_time_ns > 0
 
 
+@pytest.mark.parametrize(("vcpus", "pages", "seed", "jitter_ns"),
+                         [(2, 64, 1, 100), (8, 64, 3, 100), (4, 33, 7, 500), (4, 16, 2, 0)])
+def test_random_policy_agrees_with_the_exact_engine(vcpus, pages, seed, jitter_ns):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=False,
+                            policy="random", seed=seed, jitter_ns=jitter_ns)
+    _same(exact, compiled)
+
+
+def test_the_schedule_stream_is_left_where_the_exact_engine_leaves_it():
+    # The loop draws ahead in chunks; afterwards the engine's stream must be exactly as far
+    # along as the draws consumed, across refills of the ring
+    import numpy as np
+
+    from mmu_core.sim import Engine
+    from mmu_core.sim import fastloop as F
+
+    for consumed in (0, 1, 5, F._Draws.SIZE - 1, F._Draws.SIZE + 3, 3 * F._Draws.SIZE // 2):
+        engine = Engine(seed=11, policy="random", jitter_ns=100)
+        Ea = np.zeros(F.E_SIZE, dtype=np.int64)
+        draws = F._Draws(engine, Ea)
+        draws.refill()
+        taken = []
+        while int(Ea[F.E_DRAWN]) < consumed:
+            k = int(Ea[F.E_DRAWN])
+            taken.append(int(draws.ring[k % draws.SIZE]))
+            Ea[F.E_DRAWN] = k + 1
+            if Ea[F.E_RLIM] - Ea[F.E_DRAWN] < F.J_MARGIN:
+                draws.refill()
+        draws.settle()
+        reference = Engine(seed=11, policy="random", jitter_ns=100)._sched_rng
+        expect = [int(reference.random() * 101) for _ in range(consumed)]
+        assert taken == expect
+        assert engine._sched_rng.random() == reference.random()
+
+
 def test_finite_host_cpus_at_least_the_vcpus_agree():
     # As many CPUs as vCPUs: nobody waits in the run queue, as with unlimited CPUs
     exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
@@ -66,7 +101,7 @@ def test_a_cost_model_other_than_the_default_agrees():
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
     ("tdp", {"uffd": True}, "userfaultfd"),
-    ("tdp", {"uffd": False, "policy": "random"}, "policy random"),
+    ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
     ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs"),
     ("legacy", {"uffd": False}, "no compiled kernels"),

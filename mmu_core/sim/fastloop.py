@@ -87,7 +87,13 @@ T_SIZE = T_FIRST + NOUT
 (E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_READERS, E_WHELD, E_WRITER, E_QH, E_QN,
  E_ML_OWNER, E_ML_FREE, E_ML_TRANS, E_ML_WAIT, E_SL_OWNER, E_SL_FREE, E_SL_TRANS, E_SL_WAIT,
  E_SEM_READERS, E_ERROR, E_ERROR_TASK) = range(22)
-E_SIZE = 24
+E_MODE = 24  # 0 fifo, 1 random
+E_DRAWN = 25  # random: draws of the schedule's stream consumed so far (J's ring index)
+E_RLIM = 26  # random: draws available in J (absolute count)
+E_CUR = 27  # a task the loop paused between two of its steps (-1: none), resumed first
+E_SIZE = 32
+#: random: a slice pauses when fewer draws than this are left in J
+J_MARGIN = 64
 ML = E_ML_OWNER  # the MMU lock's line: owner, free_at, transfers, wait at ML..ML+3
 SL = E_SL_OWNER  # the mmap lock's line
 
@@ -187,25 +193,44 @@ def _pop(E, HP):
 
 
 @njit(cache=True)
-def _delay(E, HP, t, ns):
-    """engine.delay(ns) under fifo: True if the caller keeps running (the fast path)."""
+def _jitter(E, J):
+    """random: the next draw of the schedule's stream, as int(random() * (jitter_ns + 1))
+    (drawn in Python from the engine's own stream, in order)."""
+    if E[E_MODE] == 0:
+        return 0
+    k = E[E_DRAWN]
+    E[E_DRAWN] = k + 1
+    return J[k % J.shape[0]]
+
+
+@njit(cache=True)
+def _delay(E, HP, J, t, ns):
+    """engine.delay(ns) under fifo or random: True if the caller keeps running (the fast
+    path: its key is below the head's)."""
     E[E_STEPS] += 1
     target = E[E_NOW] + ns
-    if E[E_HN] == 0 or HP[0, 0] > target:
+    key = target + _jitter(E, J)
+    if E[E_HN] == 0 or HP[0, 0] > key:
         E[E_NOW] = target
         return True
-    _push(E, HP, target, target, t)
+    _push(E, HP, key, target, t)
     return False
 
 
 @njit(cache=True)
-def _delay_phase(E, HP, T, PS, PH, t, ns, phase):
+def _schedule(E, HP, J, when, t):
+    """engine._schedule: runnable at `when` (spawn, wake, a lock's hand-over)."""
+    _push(E, HP, when + _jitter(E, J), when, t)
+
+
+@njit(cache=True)
+def _delay_phase(E, HP, J, T, PS, PH, t, ns, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
     T[t, T_DEPTH] = d
     PS[t, d] = phase
     T[t, T_POP] = 1  # popped when the task resumes (at the due time)
-    return _delay(E, HP, t, ns)
+    return _delay(E, HP, J, t, ns)
 
 
 @njit(cache=True)
@@ -323,7 +348,7 @@ def _max_level(slots, gfn, host_level):
 
 
 @njit(cache=True)
-def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, tlbs, xinfos,
+def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs, tlbs, xinfos,
              hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level, hva_writable,
              ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
              frame_state, log, max_steps):
@@ -331,19 +356,26 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
     report progress and take a Ctrl-C between calls); returns the number of live tasks."""
     stop = E[E_STEPS] + max_steps
     nochunks = bounds.shape[1] - 1
-    while E[E_LIVE] and E[E_STEPS] < stop and not E[E_ERROR]:
-        # the scheduler: pop the head, resume it at max(now, due)
-        row = _pop(E, HP)
-        when = HP[row, 2]
-        t = HP[row, 3]
-        if when > E[E_NOW]:
-            E[E_NOW] = when
-        if not T[t, T_STARTED]:
-            T[t, T_STARTED] = 1
-            T[t, T_CPU_SINCE] = E[E_NOW]
-        T[t, T_SWITCHES] += 1
+    while E[E_LIVE] and not E[E_ERROR]:
+        t = E[E_CUR]
+        if t >= 0:
+            E[E_CUR] = -1  # a task paused between two steps continues: no switch
+        else:
+            # the scheduler: pop the head, resume it at max(now, due)
+            row = _pop(E, HP)
+            when = HP[row, 2]
+            t = HP[row, 3]
+            if when > E[E_NOW]:
+                E[E_NOW] = when
+            if not T[t, T_STARTED]:
+                T[t, T_STARTED] = 1
+                T[t, T_CPU_SINCE] = E[E_NOW]
+            T[t, T_SWITCHES] += 1
         running = True
         while running:
+            if E[E_STEPS] >= stop or (E[E_MODE] and E[E_RLIM] - E[E_DRAWN] < J_MARGIN):
+                E[E_CUR] = t  # back to Python (progress, Ctrl-C, more draws) and on
+                return E[E_LIVE]
             if T[t, T_POP]:
                 T[t, T_POP] = 0
                 _pop_phase(E, T, PS, PH, t)
@@ -377,13 +409,13 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                     hwstats[t], cost[C_BUDGET])
                 T[t, T_RET] = hwstats[t, C.ST_WALK_READS] - before_reads  # reads, for later
                 T[t, T_STATE] = V_AFTER_GUEST
-                running = _delay_phase(E, HP, T, PS, PH, t,
+                running = _delay_phase(E, HP, J, T, PS, PH, t,
                                        (hwstats[t, C.ST_OPS] - before_ops) * cost[C_GUEST],
                                        PH_GUEST)
             elif st == V_AFTER_GUEST:
                 T[t, T_STATE] = V_AFTER_WALK
                 if T[t, T_RET]:
-                    running = _delay_phase(E, HP, T, PS, PH, t, T[t, T_RET] * cost[C_WALK],
+                    running = _delay_phase(E, HP, J, T, PS, PH, t, T[t, T_RET] * cost[C_WALK],
                                            PH_WALK)
             elif st == V_AFTER_WALK:
                 kind = xinfos[t, C.XI_KIND]
@@ -420,7 +452,7 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                     return E[E_LIVE]
                 T[t, T_HVAI] = ((slots[k, 2] + ((gfn - slots[k, 0]) << 12)) - hva_base) >> 12
                 T[t, T_STATE] = V_GUP1
-                running = _delay_phase(E, HP, T, PS, PH, t, cost[C_EXIT], PH_EXIT)
+                running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_EXIT], PH_EXIT)
                 if running:
                     # resumed at once: the pop happens at the top; gup starts after it
                     continue
@@ -428,7 +460,7 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                 # first time here after the exit: enter "gup" and charge GUP-fast
                 _push_phase(E, T, PS, PH, t, PH_GUP)
                 T[t, T_STATE] = V_GUP2
-                running = _delay(E, HP, t, cost[C_GUP])
+                running = _delay(E, HP, J, t, cost[C_GUP])
             elif st == V_GUP2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] >= 0 and (not ks[t, KS_WRITE] or hva_writable[i]):
@@ -437,7 +469,7 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                 # the slow path under the mmap lock held for read
                 ns = _reserve(E, SL, t, cost) + cost[C_RACQ]
                 T[t, T_STATE] = V_FAULTIN
-                running = _delay(E, HP, t, ns)
+                running = _delay(E, HP, J, t, ns)
             elif st == V_FAULTIN:
                 if T[t, T_LOCKW] == 0:
                     # just acquired: RWSem._free_for(read) (no writer in this workload)
@@ -456,10 +488,10 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                     T[t, T_LOCKW] = 0
                     ns = _reserve(E, SL, t, cost) + cost[C_REL]
                     T[t, T_STATE] = V_GUP3
-                    running = _delay(E, HP, t, ns)
+                    running = _delay(E, HP, J, t, ns)
                 else:
                     T[t, T_STATE] = V_FAULTIN2
-                    running = _delay(E, HP, t, cost[C_ALLOC])
+                    running = _delay(E, HP, J, t, cost[C_ALLOC])
             elif st == V_FAULTIN2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] < 0:  # HostMM.populate of one 4 KiB page
@@ -488,13 +520,13 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                                   pt, pt_slot, tag, mapcount, frame_state, log)
                 T[t, T_STATE] = V_KERNEL
                 if req == R_DELAY:
-                    running = _delay(E, HP, t, arg)
+                    running = _delay(E, HP, J, t, arg)
                 elif req == R_READ:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, t, cost[C_ATOMIC_READ])
+                    running = _delay(E, HP, J, t, cost[C_ATOMIC_READ])
                 elif req == R_CMPXCHG:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, t, cost[C_CMPXCHG])
+                    running = _delay(E, HP, J, t, cost[C_CMPXCHG])
                 elif req == R_CMPXCHG_FAILED:
                     T[t, T_CMPXFAIL] += 1
                 elif req == R_RLOCK or req == R_WLOCK:
@@ -505,17 +537,17 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                     ns = _reserve(E, ML, t, cost) + (cost[C_WACQ] if req == R_WLOCK
                                                       else cost[C_RACQ])
                     T[t, T_STATE] = V_LOCK2
-                    running = _delay(E, HP, t, ns)
+                    running = _delay(E, HP, J, t, ns)
                 elif req == R_RUNLOCK or req == R_WUNLOCK:
                     T[t, T_LOCKW] = 1 if req == R_WUNLOCK else 0
                     ns = _reserve(E, ML, t, cost) + cost[C_REL]
                     T[t, T_STATE] = V_UNLOCK2
-                    running = _delay(E, HP, t, ns)
+                    running = _delay(E, HP, J, t, ns)
                 elif req == R_RCU_LOCK:
                     T[t, T_STATE] = V_RCU2
-                    running = _delay(E, HP, t, cost[C_RCU_LOCK])
+                    running = _delay(E, HP, J, t, cost[C_RCU_LOCK])
                 elif req == R_RCU_UNLOCK:
-                    running = _delay(E, HP, t, cost[C_RCU_UNLOCK])
+                    running = _delay(E, HP, J, t, cost[C_RCU_UNLOCK])
                 elif req == R_DONE:
                     if T[t, T_OP] == K_LOAD:
                         T[t, T_STATE] = V_LOOP
@@ -525,7 +557,7 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                         T[t, T_OUT + arg] += 1
                         T[t, T_STATE] = V_ENTRY
                         if arg == 2:  # Ret.RETRY: yield_now(), delay(0) under fifo
-                            running = _delay(E, HP, t, 0)
+                            running = _delay(E, HP, J, t, 0)
                 else:
                     E[E_ERROR] = ERR_KERNEL
                     E[E_ERROR_TASK] = t
@@ -568,11 +600,11 @@ def run_loop(kernel, E, HP, T, PS, PH, LQ, cost, bounds, progs, results, regs, t
                     E[E_QN] -= 1
                     after = _reserve(E, ML, qt, cost)
                     _grant(E, T, qt, qw)
-                    _push(E, HP, E[E_NOW] + after, E[E_NOW] + after, qt)
+                    _schedule(E, HP, J, E[E_NOW] + after, qt)
                 T[t, T_STATE] = V_KERNEL
             elif st == V_ENTRY:
                 T[t, T_STATE] = V_ENTRY2
-                running = _delay_phase(E, HP, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
+                running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
             elif st == V_ENTRY2:
                 T[t, T_STATE] = V_LOOP
     return E[E_LIVE]
@@ -596,8 +628,8 @@ def unsupported(vm, kernels) -> str | None:
     engine = vm.engine
     if kernels is None:
         return f"backend '{vm.backend_name}' offers no compiled kernels"
-    if engine.policy != "fifo":
-        return f"policy {engine.policy} (the compiled loop runs fifo only)"
+    if engine.policy not in ("fifo", "random"):
+        return f"policy {engine.policy} (the compiled loop runs fifo and random)"
     if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus):
         return "fewer host CPUs than vCPUs (the run queue is not compiled yet)"
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
@@ -707,6 +739,50 @@ class _Memory:
         return int(mem[M_POP4K])
 
 
+class _Draws:
+    """random: the schedule's draws, taken from the engine's own stream in order and handed
+    to the loop as jitter offsets in a ring; afterwards the stream is left exactly as far
+    along as the draws the loop consumed (settle), as if the exact engine had run."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, engine, Ea) -> None:
+        self.rng = engine._sched_rng
+        self.span = engine._jitter_span
+        self.Ea = Ea
+        self.on = engine.policy == "random"
+        Ea[E_MODE] = 1 if self.on else 0
+        self.ring = np.zeros(self.SIZE if self.on else 1, dtype=np.int64)
+        self.checkpoints: list[tuple[int, object]] = []  # (absolute draw index, rng state)
+
+    def refill(self) -> None:
+        """Top the ring up to SIZE draws ahead of the loop."""
+        if not self.on:
+            return
+        Ea = self.Ea
+        lim, drawn = int(Ea[E_RLIM]), int(Ea[E_DRAWN])
+        n = self.SIZE - (lim - drawn)
+        if n < self.SIZE // 2:
+            return
+        self.checkpoints = [c for c in self.checkpoints if c[0] + self.SIZE > drawn]
+        self.checkpoints.append((lim, self.rng.getstate()))
+        rnd, span = self.rng.random, self.span
+        vals = np.fromiter((int(rnd() * span) for _ in range(n)), dtype=np.int64, count=n)
+        idx = (np.arange(lim, lim + n) % self.SIZE)
+        self.ring[idx] = vals
+        Ea[E_RLIM] = lim + n
+
+    def settle(self) -> None:
+        """Rewind the stream to just after the last draw the loop consumed."""
+        if not self.on:
+            return
+        drawn = int(self.Ea[E_DRAWN])
+        start, state = max((c for c in self.checkpoints if c[0] <= drawn), key=lambda c: c[0])
+        self.rng.setstate(state)
+        for _ in range(drawn - start):
+            self.rng.random()
+
+
 def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> list:
     """Run each vCPU's program (as demand_paging's vcpu_body would, in `chunks` calls of
     Vcpu.run) on the compiled loop, then write everything back: SPTEs and host memory are
@@ -755,8 +831,12 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
         Ea[base + 1] = line.free_at
         Ea[base + 2] = line.transfers
         Ea[base + 3] = line.wait_ns
+    Ea[E_CUR] = -1
+    draws = _Draws(engine, Ea)
+    J = draws.ring
+    draws.refill()
     for t in range(nv):  # spawn order: each vCPU scheduled at now
-        _push(Ea, HP, now0, now0, t)
+        _schedule(Ea, HP, J, now0, t)
     ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
     ks[:, KS_ROOT] = -1
     ksu = np.zeros((nv, KSU_SIZE), dtype=np.uint64)
@@ -772,7 +852,8 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
     done_chunks = 0
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
-            run_loop(kernels.kernel, Ea, HP, T, PS, PH, LQ, cost, bounds, progs, res, regs,
+            draws.refill()
+            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LQ, cost, bounds, progs, res, regs,
                      tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
@@ -804,6 +885,7 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
                         key=lambda r: T[i, T_FIRST + r]):
             name = _OUTCOMES[r]
             v.faults[name] = v.faults.get(name, 0) + int(T[i, T_OUT + r])
+    draws.settle()
     engine.now = int(Ea[E_NOW])
     engine._seq = int(Ea[E_SEQ])
     engine.steps = int(Ea[E_STEPS])
