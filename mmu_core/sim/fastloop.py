@@ -842,8 +842,12 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
     ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
     ks[:, KS_ROOT] = -1
     ksu = np.zeros((nv, KSU_SIZE), dtype=np.uint64)
+    # One array each for all vCPUs; the caller's lists become views of them, so nothing is
+    # copied back and no second copy of the programs outlives this line
     progs = np.stack(programs)
+    programs[:] = list(progs)
     res = np.stack(results)
+    results[:] = list(res)
     regs = np.stack([v.regs for v in vcpus])
     tlbs = np.stack([v.tlb for v in vcpus])
     xinfos = np.stack([v.xinfo for v in vcpus])
@@ -876,7 +880,6 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
         raise BackendError(f"compiled loop, vcpu{int(Ea[E_ERROR_TASK])}: "
                            f"{ERROR_TEXT.get(int(Ea[E_ERROR]), 'error')}")
     for i, v in enumerate(vcpus):
-        results[i][:] = res[i]
         v.tlb[:] = tlbs[i]
         v.xinfo[:] = xinfos[i]
         v.hw_stats[:] = hwstats[i]
