@@ -38,17 +38,26 @@ def _same(exact, compiled) -> None:
 GRID = [(1, 4), (2, 2), (2, 64), (4, 256), (8, 33), (8, 256)]
 
 
+@pytest.mark.parametrize("uffd", [False, True])
 @pytest.mark.parametrize(("vcpus", "pages"), GRID)
-def test_tdp_agrees_with_the_exact_engine(vcpus, pages):
-    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=False)
+def test_tdp_agrees_with_the_exact_engine(vcpus, pages, uffd):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd)
     _same(exact, compiled)
     assert compiled.total_time_ns > 0
 
 
-@pytest.mark.parametrize(("vcpus", "pages", "seed", "jitter_ns"),
-                         [(2, 64, 1, 100), (8, 64, 3, 100), (4, 33, 7, 500), (4, 16, 2, 0)])
-def test_random_policy_agrees_with_the_exact_engine(vcpus, pages, seed, jitter_ns):
-    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=False,
+def test_userfaults_with_a_handler_delay_agree():
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=32 * 4096, uffd=True,
+                            uffd_delay_ns=2_500)
+    _same(exact, compiled)
+    assert compiled.time.gup_ns > 0 and compiled.host.all_on_cpu_ns > compiled.host.vcpu_on_cpu_ns
+
+
+@pytest.mark.parametrize(("vcpus", "pages", "seed", "jitter_ns", "uffd"),
+                         [(2, 64, 1, 100, False), (8, 64, 3, 100, False), (4, 33, 7, 500, False),
+                          (4, 16, 2, 0, False), (4, 33, 5, 100, True), (8, 16, 9, 200, True)])
+def test_random_policy_agrees_with_the_exact_engine(vcpus, pages, seed, jitter_ns, uffd):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
                             policy="random", seed=seed, jitter_ns=jitter_ns)
     _same(exact, compiled)
 
@@ -80,9 +89,11 @@ def test_the_schedule_stream_is_left_where_the_exact_engine_leaves_it():
         assert engine._sched_rng.random() == reference.random()
 
 
-def test_finite_host_cpus_at_least_the_vcpus_agree():
-    # As many CPUs as vCPUs: nobody waits in the run queue, as with unlimited CPUs
+def test_finite_host_cpus_at_least_the_tasks_agree():
+    # As many CPUs as tasks: nobody waits in the run queue, as with unlimited CPUs
     exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=True, host_cpus=8)
     _same(exact, compiled)
     exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False,
                             host_cpus=None)
@@ -100,10 +111,11 @@ def test_a_cost_model_other_than_the_default_agrees():
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
-    ("tdp", {"uffd": True}, "userfaultfd"),
+    ("tdp", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
+    ("tdp", {"uffd": True, "vcpus": 4, "host_cpus": 7}, "fewer host CPUs than tasks"),
     ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
-    ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs"),
+    ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
     ("legacy", {"uffd": False}, "no compiled kernels"),
 ])
 def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):

@@ -15,6 +15,8 @@ What it supports is decided by `unsupported()`: anything else runs on the exact 
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 from numba import njit
 
@@ -69,8 +71,10 @@ LOG_ALLOC = 1
 LOG_FREE = 2
 
 # --- phases ------------------------------------------------------------------------------------
-PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP = range(5)
-PHASE_NAMES = ("other", "guest", "walk", "exit", "gup")
+PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP, PH_USERFAULT, PH_UFFD_WAIT, PH_UFFD_COPY, \
+    PH_UFFD_DELAY = range(9)
+PHASE_NAMES = ("other", "guest", "walk", "exit", "gup", "userfault", "uffd_wait", "uffd_copy",
+               "uffd_delay")
 NPH = len(PHASE_NAMES)
 PSTACK = 8
 
@@ -78,15 +82,15 @@ PSTACK = 8
 (T_STATE, T_PC, T_END, T_CHUNK, T_MARK, T_WAITING, T_HOLDING, T_DEPTH, T_POP, T_LOCK_WAIT,
  T_LOCK_HELD, T_SWITCHES, T_ACQ, T_CONT, T_ATOMICS, T_CMPXFAIL, T_START, T_ENDT, T_FINISHED,
  T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
- T_OUT) = range(29)
+ T_LOCKID, T_RESUME, T_NOPRE, T_ONCPU, T_CPU_NS, T_KIND, T_UFFD, T_WOKEN, T_MSG, T_BLOCKED,
+ T_OUT) = range(39)
 NOUT = 5  # fault outcomes counted per Ret value
 T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
 T_SIZE = T_FIRST + NOUT
 
 # --- engine fields ------------------------------------------------------------------------
-(E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_READERS, E_WHELD, E_WRITER, E_QH, E_QN,
- E_ML_OWNER, E_ML_FREE, E_ML_TRANS, E_ML_WAIT, E_SL_OWNER, E_SL_FREE, E_SL_TRANS, E_SL_WAIT,
- E_SEM_READERS, E_ERROR, E_ERROR_TASK) = range(22)
+(E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_SEM_READERS, E_ERROR,
+ E_ERROR_TASK) = range(9)
 E_MODE = 24  # 0 fifo, 1 random
 E_DRAWN = 25  # random: draws of the schedule's stream consumed so far (J's ring index)
 E_RLIM = 26  # random: draws available in J (absolute count)
@@ -94,13 +98,25 @@ E_CUR = 27  # a task the loop paused between two of its steps (-1: none), resume
 E_SIZE = 32
 #: random: a slice pauses when fewer draws than this are left in J
 J_MARGIN = 64
-ML = E_ML_OWNER  # the MMU lock's line: owner, free_at, transfers, wait at ML..ML+3
-SL = E_SL_OWNER  # the mmap lock's line
+
+# --- locks (LK rows): the MMU lock, the mmap lock's line, then each uffd's wait-queue lock ---
+LK_MMU = 0
+LK_MMAP = 1  # only its line: the semaphore's readers are E_SEM_READERS
+LK_UFFD = 2  # + uffd index
+(LK_READERS, LK_WHELD, LK_WRITER, LK_QH, LK_QN, LK_OWNER, LK_FREE, LK_TRANS, LK_WAIT,
+ LK_ACC) = range(10)
+LK_SIZE = 10
+
+# --- userfaultfds (U rows, one handler each) -------------------------------------------------
+(U_START, U_END, U_MSGN, U_MSG, U_MSGW, U_POLLER, U_PEND, U_DONE, U_WAITER, U_WAITING,
+ U_FAULTS, U_COPIES, U_EMPTY) = range(13)
+U_SIZE = 13
 
 # --- cost fields -------------------------------------------------------------------------------
 (C_GUEST, C_WALK, C_EXIT, C_ENTRY, C_HANDOFF, C_RACQ, C_WACQ, C_REL, C_ATOMIC_READ, C_CMPXCHG,
- C_RCU_LOCK, C_RCU_UNLOCK, C_GUP, C_ALLOC, C_BUDGET) = range(15)
-C_SIZE = 15
+ C_RCU_LOCK, C_RCU_UNLOCK, C_GUP, C_ALLOC, C_BUDGET, C_SPIN_ACQ, C_SPIN_REL, C_NOTIFY, C_UCOPY,
+ C_UDELAY, C_DATA_GFN, C_DATA_HVAI) = range(22)
+C_SIZE = 22
 
 # --- errors (E_ERROR) --------------------------------------------------------------------
 ERR_EXIT_KIND = 1  # the CPU loop exited for something other than an EPT violation
@@ -123,6 +139,10 @@ ERROR_TEXT = {
  V_KERNEL, V_KRESUME, V_ENTRY, V_ENTRY2, V_DONE) = range(13)
 # kernel-request continuations (the state to go to once the switch point is passed)
 (V_LOCK2, V_LOCK3, V_UNLOCK2, V_RCU2) = range(20, 24)
+# userfaults: the vCPU's wait_for, and the handler's read and copy
+(V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE) = range(30, 37)
+(H_READ, H_LOOP, H_HELD, H_POLL, H_POLLED, H_GOT, H_COPY, H_COPY2, H_COPY3, H_COPY4, H_COPY5,
+ H_COPY6, H_COPY7) = range(40, 53)
 
 
 @njit(cache=True)
@@ -248,31 +268,114 @@ def _pop_phase(E, T, PS, PH, t):
 
 
 @njit(cache=True)
-def _reserve(E, line, t, cost):
-    """CacheLine.reserve for task t; returns the wait until the line is in t's cache."""
-    owner = E[line]
+def _reserve(E, LK, lk, t, cost):
+    """CacheLine.reserve of lock lk's line for task t; returns the wait until the line is in
+    t's cache."""
+    owner = LK[lk, LK_OWNER]
     if owner == -1 or owner == t:
-        E[line] = t
+        LK[lk, LK_OWNER] = t
         return 0
     now = E[E_NOW]
-    start = E[line + 1] if E[line + 1] > now else now
-    E[line + 1] = start + cost[C_HANDOFF]
-    E[line + 3] += start - now
-    E[line + 2] += 1
-    E[line] = t
-    return E[line + 1] - now
+    start = LK[lk, LK_FREE] if LK[lk, LK_FREE] > now else now
+    LK[lk, LK_FREE] = start + cost[C_HANDOFF]
+    LK[lk, LK_WAIT] += start - now
+    LK[lk, LK_TRANS] += 1
+    LK[lk, LK_OWNER] = t
+    return LK[lk, LK_FREE] - now
 
 
 @njit(cache=True)
-def _grant(E, T, t, write):
-    """_QueuedLock._grant of the MMU lock to task t (still waiting: no accounting change)."""
+def _grant(LK, T, lk, t, write):
+    """_QueuedLock._grant of lock lk to task t (still waiting: no accounting change)."""
     if write:
-        E[E_WHELD] = 1
-        E[E_WRITER] = t
+        LK[lk, LK_WHELD] = 1
+        LK[lk, LK_WRITER] = t
     else:
-        E[E_READERS] += 1
-    T[t, T_HOLDING] += 1
-    T[t, T_ACQ] += 1
+        LK[lk, LK_READERS] += 1
+    if LK[lk, LK_ACC]:
+        T[t, T_HOLDING] += 1
+        T[t, T_ACQ] += 1
+
+
+@njit(cache=True)
+def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
+    """_QueuedLock._acquire up to its switch point; V_LOCK2/V_LOCK3 go on, then `resume`."""
+    T[t, T_LOCKID] = lk
+    T[t, T_LOCKW] = write
+    T[t, T_RESUME] = resume
+    T[t, T_NOPRE] += 1
+    if LK[lk, LK_ACC]:
+        _account(E, T, PS, PH, t)
+        T[t, T_WAITING] += 1
+    if lk == LK_MMU:
+        op = cost[C_WACQ] if write else cost[C_RACQ]
+    else:
+        op = cost[C_SPIN_ACQ]
+    T[t, T_STATE] = V_LOCK2
+    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+
+
+@njit(cache=True)
+def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
+    """_QueuedLock._release up to its switch point; V_UNLOCK2 goes on, then `resume`."""
+    T[t, T_LOCKID] = lk
+    T[t, T_LOCKW] = write
+    T[t, T_RESUME] = resume
+    op = cost[C_REL] if lk == LK_MMU else cost[C_SPIN_REL]
+    T[t, T_STATE] = V_UNLOCK2
+    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+
+
+@njit(cache=True)
+def _put_cpu(E, T, t):
+    if T[t, T_ONCPU]:
+        T[t, T_CPU_NS] += E[E_NOW] - T[t, T_CPU_SINCE]
+        T[t, T_ONCPU] = 0
+
+
+@njit(cache=True)
+def _block(E, T, PS, PH, t, phase):
+    """engine.block(phase): parked until woken, its CPU given up (no spinlock held)."""
+    _push_phase(E, T, PS, PH, t, phase)
+    T[t, T_POP] = 1
+    T[t, T_BLOCKED] = 1
+    E[E_STEPS] += 1
+    if not T[t, T_NOPRE]:
+        _put_cpu(E, T, t)
+    return False
+
+
+@njit(cache=True)
+def _wake(E, HP, J, T, t):
+    """engine.wake(t): runnable now if it is parked by block()."""
+    if T[t, T_BLOCKED] and not T[t, T_WAITING] and not T[t, T_FINISHED]:
+        T[t, T_BLOCKED] = 0
+        _schedule(E, HP, J, E[E_NOW], t)
+
+
+@njit(cache=True)
+def _wake_from(E, HP, J, T, U, u, field):
+    """Wake the task uffd u keeps in `field` (its poller, or its fault's waiter), if any."""
+    w = U[u, field]
+    if w >= 0:
+        U[u, field] = -1
+        _wake(E, HP, J, T, w)
+
+
+@njit(cache=True)
+def _uffd_of(U, i):
+    """The userfaultfd registered over hva index i, or -1 (a bisection: U rows are sorted)."""
+    lo, hi = 0, U.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if U[mid, U_START] <= i:
+            lo = mid + 1
+        else:
+            hi = mid
+    k = lo - 1
+    if k >= 0 and i < U[k, U_END]:
+        return k
+    return -1
 
 
 # --- host memory (HostMemory.alloc / free / table for one frame) --------------------------
@@ -348,10 +451,10 @@ def _max_level(slots, gfn, host_level):
 
 
 @njit(cache=True)
-def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs, tlbs, xinfos,
-             hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level, hva_writable,
-             ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
-             frame_state, log, max_steps):
+def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, results, regs, tlbs,
+             xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
+             hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
+             mapcount, frame_state, log, max_steps):
     """Run until every vCPU has finished or `max_steps` more steps have passed (so Python can
     report progress and take a Ctrl-C between calls); returns the number of live tasks."""
     stop = E[E_STEPS] + max_steps
@@ -361,15 +464,16 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
         if t >= 0:
             E[E_CUR] = -1  # a task paused between two steps continues: no switch
         else:
-            # the scheduler: pop the head, resume it at max(now, due)
+            # the scheduler: pop the head, resume it at max(now, due) on a CPU
             row = _pop(E, HP)
             when = HP[row, 2]
             t = HP[row, 3]
             if when > E[E_NOW]:
                 E[E_NOW] = when
-            if not T[t, T_STARTED]:
-                T[t, T_STARTED] = 1
+            if not T[t, T_ONCPU]:
+                T[t, T_ONCPU] = 1
                 T[t, T_CPU_SINCE] = E[E_NOW]
+            T[t, T_STARTED] = 1
             T[t, T_SWITCHES] += 1
         running = True
         while running:
@@ -390,6 +494,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                         T[t, T_FINISHED] = 1
                         T[t, T_ENDT] = E[E_NOW]
                         T[t, T_STATE] = V_DONE
+                        _put_cpu(E, T, t)
                         E[E_LIVE] -= 1
                         running = False
                         continue
@@ -453,11 +558,8 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                 T[t, T_HVAI] = ((slots[k, 2] + ((gfn - slots[k, 0]) << 12)) - hva_base) >> 12
                 T[t, T_STATE] = V_GUP1
                 running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_EXIT], PH_EXIT)
-                if running:
-                    # resumed at once: the pop happens at the top; gup starts after it
-                    continue
             elif st == V_GUP1:
-                # first time here after the exit: enter "gup" and charge GUP-fast
+                # after the exit: enter "gup" and charge GUP-fast
                 _push_phase(E, T, PS, PH, t, PH_GUP)
                 T[t, T_STATE] = V_GUP2
                 running = _delay(E, HP, J, t, cost[C_GUP])
@@ -467,16 +569,12 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                     T[t, T_STATE] = V_GUP3 + 100  # done with gup, no lock taken
                     continue
                 # the slow path under the mmap lock held for read
-                ns = _reserve(E, SL, t, cost) + cost[C_RACQ]
+                T[t, T_LOCKW] = 0
                 T[t, T_STATE] = V_FAULTIN
-                running = _delay(E, HP, J, t, ns)
+                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
             elif st == V_FAULTIN:
                 if T[t, T_LOCKW] == 0:
                     # just acquired: RWSem._free_for(read) (no writer in this workload)
-                    if E[E_SEM_READERS] < 0:
-                        E[E_ERROR] = ERR_SEM
-                        E[E_ERROR_TASK] = t
-                        return E[E_LIVE]
                     E[E_SEM_READERS] += 1
                     T[t, T_LOCKW] = 1
                 i = T[t, T_HVAI]
@@ -485,23 +583,76 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                         E[E_ERROR] = ERR_WRITE_PROTECTED
                         E[E_ERROR_TASK] = t
                         return E[E_LIVE]
-                    T[t, T_LOCKW] = 0
-                    ns = _reserve(E, SL, t, cost) + cost[C_REL]
                     T[t, T_STATE] = V_GUP3
-                    running = _delay(E, HP, J, t, ns)
+                    running = _delay(E, HP, J, t,
+                                     _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
+                elif U.shape[0] and _uffd_of(U, i) >= 0:
+                    # missing in a userfault region: handle_userfault drops the mmap lock
+                    T[t, T_UFFD] = _uffd_of(U, i)
+                    T[t, T_STATE] = V_UF_REL
+                    running = _delay(E, HP, J, t,
+                                     _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
                 else:
                     T[t, T_STATE] = V_FAULTIN2
                     running = _delay(E, HP, J, t, cost[C_ALLOC])
             elif st == V_FAULTIN2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] < 0:  # HostMM.populate of one 4 KiB page
-                    base = mem_alloc(mem, free1, tag, mapcount, frame_state, log,
-                                     _GUEST_DATA)
+                    base = mem_alloc(mem, free1, tag, mapcount, frame_state, log, _GUEST_DATA)
                     hva_pfn[i] = base
                     hva_level[i] = 1
                     hva_writable[i] = True
                     mem[M_POP4K] += 1
                 T[t, T_STATE] = V_FAULTIN
+            elif st == V_UF_REL:
+                E[E_SEM_READERS] -= 1
+                T[t, T_STATE] = V_UF_W0
+            elif st == V_UF_W0:
+                # Userfaultfd.wait_for: while the page is missing
+                u = T[t, T_UFFD]
+                i = T[t, T_HVAI]
+                if hva_pfn[i] >= 0:
+                    # the page is there: get_user_pages retakes the mmap lock and looks again
+                    T[t, T_LOCKW] = 0
+                    T[t, T_STATE] = V_FAULTIN
+                    running = _delay(E, HP, J, t,
+                                     _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+                elif U[u, U_PEND] != i:
+                    U[u, U_PEND] = i
+                    U[u, U_DONE] = 0
+                    U[u, U_FAULTS] += 1
+                    T[t, T_STATE] = V_UF_W1
+                    running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_NOTIFY],
+                                           PH_USERFAULT)
+                else:
+                    T[t, T_STATE] = V_UF_WAIT
+            elif st == V_UF_W1:
+                _push_phase(E, T, PS, PH, t, PH_USERFAULT)
+                running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_UFFD + T[t, T_UFFD], 1,
+                                V_UF_W2)
+            elif st == V_UF_W2:
+                u = T[t, T_UFFD]
+                U[u, U_MSGN] += 1
+                U[u, U_MSG] = T[t, T_HVAI]
+                U[u, U_MSGW] = ks[t, KS_WRITE]
+                _wake_from(E, HP, J, T, U, u, U_POLLER)  # _wake_pollers: one reader per uffd
+                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, V_UF_W3)
+            elif st == V_UF_W3:
+                _pop_phase(E, T, PS, PH, t)
+                T[t, T_STATE] = V_UF_WAIT
+            elif st == V_UF_WAIT:
+                u = T[t, T_UFFD]
+                U[u, U_WAITING] += 1
+                if U[u, U_DONE]:
+                    U[u, U_WAITING] -= 1
+                    T[t, T_STATE] = V_UF_W0
+                else:
+                    U[u, U_WAITER] = t
+                    T[t, T_STATE] = V_UF_WOKE
+                    running = _block(E, T, PS, PH, t, PH_USERFAULT)
+            elif st == V_UF_WOKE:
+                U[T[t, T_UFFD], U_WAITING] -= 1
+                T[t, T_STATE] = V_UF_W0
             elif st == V_GUP3 or st == V_GUP3 + 100:
                 if st == V_GUP3:
                     E[E_SEM_READERS] -= 1
@@ -530,19 +681,11 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                 elif req == R_CMPXCHG_FAILED:
                     T[t, T_CMPXFAIL] += 1
                 elif req == R_RLOCK or req == R_WLOCK:
-                    # _QueuedLock._acquire: waiting from here; the line, then the atomic
-                    _account(E, T, PS, PH, t)
-                    T[t, T_WAITING] += 1
-                    T[t, T_LOCKW] = 1 if req == R_WLOCK else 0
-                    ns = _reserve(E, ML, t, cost) + (cost[C_WACQ] if req == R_WLOCK
-                                                      else cost[C_RACQ])
-                    T[t, T_STATE] = V_LOCK2
-                    running = _delay(E, HP, J, t, ns)
+                    running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_MMU,
+                                    1 if req == R_WLOCK else 0, V_KERNEL)
                 elif req == R_RUNLOCK or req == R_WUNLOCK:
-                    T[t, T_LOCKW] = 1 if req == R_WUNLOCK else 0
-                    ns = _reserve(E, ML, t, cost) + cost[C_REL]
-                    T[t, T_STATE] = V_UNLOCK2
-                    running = _delay(E, HP, J, t, ns)
+                    running = _unlock(E, HP, J, LK, T, cost, t, LK_MMU,
+                                      1 if req == R_WUNLOCK else 0, V_KERNEL)
                 elif req == R_RCU_LOCK:
                     T[t, T_STATE] = V_RCU2
                     running = _delay(E, HP, J, t, cost[C_RCU_LOCK])
@@ -563,50 +706,133 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LQ, cost, bounds, progs, results, regs
                     E[E_ERROR_TASK] = t
                     return E[E_LIVE]
             elif st == V_LOCK2:
+                lk = T[t, T_LOCKID]
                 write = T[t, T_LOCKW]
-                free = not E[E_WHELD] and E[E_QN] == 0 and (not write or E[E_READERS] == 0)
+                free = (not LK[lk, LK_WHELD] and LK[lk, LK_QN] == 0
+                        and (not write or LK[lk, LK_READERS] == 0))
+                T[t, T_STATE] = V_LOCK3
                 if free:
-                    _grant(E, T, t, write)
-                    T[t, T_STATE] = V_LOCK3
+                    _grant(LK, T, lk, t, write)
                 else:
-                    T[t, T_CONT] += 1
-                    q = (E[E_QH] + E[E_QN]) % LQ.shape[0]
-                    LQ[q, 0] = t
-                    LQ[q, 1] = write
-                    E[E_QN] += 1
+                    if LK[lk, LK_ACC]:
+                        T[t, T_CONT] += 1
+                    q = (LK[lk, LK_QH] + LK[lk, LK_QN]) % LQ.shape[1]
+                    LQ[lk, q, 0] = t
+                    LQ[lk, q, 1] = write
+                    LK[lk, LK_QN] += 1
                     E[E_STEPS] += 1  # _park: a step; spinning, it keeps its CPU
-                    T[t, T_STATE] = V_LOCK3
                     running = False
             elif st == V_LOCK3:
-                _account(E, T, PS, PH, t)
-                T[t, T_WAITING] -= 1
-                T[t, T_STATE] = V_KERNEL
+                if LK[T[t, T_LOCKID], LK_ACC]:
+                    _account(E, T, PS, PH, t)
+                    T[t, T_WAITING] -= 1
+                T[t, T_STATE] = T[t, T_RESUME]
             elif st == V_UNLOCK2:
-                _account(E, T, PS, PH, t)
-                T[t, T_HOLDING] -= 1
+                lk = T[t, T_LOCKID]
+                T[t, T_NOPRE] -= 1
+                if LK[lk, LK_ACC]:
+                    _account(E, T, PS, PH, t)
+                    T[t, T_HOLDING] -= 1
                 if T[t, T_LOCKW]:
-                    E[E_WHELD] = 0
-                    E[E_WRITER] = -1
+                    LK[lk, LK_WHELD] = 0
+                    LK[lk, LK_WRITER] = -1
                 else:
-                    E[E_READERS] -= 1
+                    LK[lk, LK_READERS] -= 1
                 # _hand_over: one writer, or every reader up to the next writer
-                while E[E_QN] and not E[E_WHELD]:
-                    h = E[E_QH]
-                    qt = LQ[h, 0]
-                    qw = LQ[h, 1]
-                    if qw and E[E_READERS]:
+                while LK[lk, LK_QN] and not LK[lk, LK_WHELD]:
+                    h = LK[lk, LK_QH]
+                    qt = LQ[lk, h, 0]
+                    qw = LQ[lk, h, 1]
+                    if qw and LK[lk, LK_READERS]:
                         break
-                    E[E_QH] = (h + 1) % LQ.shape[0]
-                    E[E_QN] -= 1
-                    after = _reserve(E, ML, qt, cost)
-                    _grant(E, T, qt, qw)
+                    LK[lk, LK_QH] = (h + 1) % LQ.shape[1]
+                    LK[lk, LK_QN] -= 1
+                    after = _reserve(E, LK, lk, qt, cost)
+                    _grant(LK, T, lk, qt, qw)
                     _schedule(E, HP, J, E[E_NOW] + after, qt)
-                T[t, T_STATE] = V_KERNEL
+                T[t, T_STATE] = T[t, T_RESUME]
             elif st == V_ENTRY:
                 T[t, T_STATE] = V_ENTRY2
                 running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
             elif st == V_ENTRY2:
                 T[t, T_STATE] = V_LOOP
+            # --- a userfault handler (machine._uffd_handler) ------------------------------
+            elif st == H_READ:
+                T[t, T_WOKEN] = 0
+                T[t, T_STATE] = H_LOOP
+            elif st == H_LOOP:
+                running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_UFFD + T[t, T_UFFD], 1,
+                                H_HELD)
+            elif st == H_HELD:
+                u = T[t, T_UFFD]
+                if U[u, U_MSGN]:
+                    U[u, U_MSGN] -= 1
+                    T[t, T_MSG] = U[u, U_MSG]
+                    running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_GOT)
+                else:
+                    if T[t, T_WOKEN]:
+                        U[u, U_EMPTY] += 1
+                    U[u, U_POLLER] = t
+                    running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_POLL)
+            elif st == H_POLL:
+                if U[T[t, T_UFFD], U_POLLER] == t:
+                    T[t, T_STATE] = H_POLLED
+                    running = _block(E, T, PS, PH, t, PH_UFFD_WAIT)
+                else:
+                    T[t, T_WOKEN] = 1
+                    T[t, T_STATE] = H_LOOP
+            elif st == H_POLLED:
+                T[t, T_WOKEN] = 1
+                T[t, T_STATE] = H_LOOP
+            elif st == H_GOT:
+                T[t, T_STATE] = H_COPY
+                if cost[C_UDELAY]:
+                    running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_UDELAY],
+                                           PH_UFFD_DELAY)
+            elif st == H_COPY:
+                # Userfaultfd.copy: UFFDIO_COPY under the mmap lock held for read
+                _push_phase(E, T, PS, PH, t, PH_UFFD_COPY)
+                T[t, T_STATE] = H_COPY2
+                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+            elif st == H_COPY2:
+                E[E_SEM_READERS] += 1
+                T[t, T_STATE] = H_COPY3
+                running = _delay(E, HP, J, t, cost[C_UCOPY])
+            elif st == H_COPY3:
+                T[t, T_STATE] = H_COPY4
+                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
+            elif st == H_COPY4:
+                E[E_SEM_READERS] -= 1
+                _pop_phase(E, T, PS, PH, t)
+                u = T[t, T_UFFD]
+                i = T[t, T_MSG]
+                if hva_pfn[i] < 0:
+                    base = mem_alloc(mem, free1, tag, mapcount, frame_state, log, _GUEST_DATA)
+                    hva_pfn[i] = base
+                    hva_level[i] = 1
+                    hva_writable[i] = True
+                    mem[M_POP4K] += 1
+                    g = np.uint64(cost[C_DATA_GFN] + (i - cost[C_DATA_HVAI]) + 1)
+                    tag[base] = (g * np.uint64(0x9E3779B97F4A7C15)) \
+                        & np.uint64(0x7FFFFFFFFFFFFFFF)
+                    U[u, U_COPIES] += 1
+                _push_phase(E, T, PS, PH, t, PH_UFFD_COPY)
+                running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_UFFD + u, 1, H_COPY5)
+            elif st == H_COPY5:
+                u = T[t, T_UFFD]
+                T[t, T_STATE] = H_COPY6
+                if U[u, U_WAITING] > 1:
+                    running = _delay(E, HP, J, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
+            elif st == H_COPY6:
+                u = T[t, T_UFFD]
+                if U[u, U_PEND] == T[t, T_MSG]:
+                    U[u, U_PEND] = -1
+                    U[u, U_DONE] = 1  # done.complete(): its waiter runs now
+                    _wake_from(E, HP, J, T, U, u, U_WAITER)
+                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_COPY7)
+            elif st == H_COPY7:
+                _pop_phase(E, T, PS, PH, t)
+                T[t, T_STATE] = H_READ
     return E[E_LIVE]
 
 
@@ -630,15 +856,19 @@ def unsupported(vm, kernels) -> str | None:
         return f"backend '{vm.backend_name}' offers no compiled kernels"
     if engine.policy not in ("fifo", "random"):
         return f"policy {engine.policy} (the compiled loop runs fifo and random)"
-    if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus):
-        return "fewer host CPUs than vCPUs (the run queue is not compiled yet)"
+    mm = vm.mm
+    handlers = _handlers(vm)
+    if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus) + len(handlers):
+        return "fewer host CPUs than tasks (the run queue is not compiled yet)"
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
         return "the run is traced, audited between steps or recorded"
     if engine.__dict__:  # a primitive replaced on the instance (tests wrap delay)
         return "the engine's primitives are instrumented"
-    mm = vm.mm
-    if mm.mmap_lock is None or mm._uffds:
-        return "userfaultfd (not compiled yet)"
+    if mm.mmap_lock is None:
+        return "no mmap lock"
+    if len(handlers) != len(mm._uffds) or any(t.started for t in engine.tasks) \
+            or len(engine.tasks) != len(handlers) or len(engine._queue) != len(handlers):
+        return "a userfaultfd shared by several handlers (-a), or other tasks"
     if any(r.backing.level != 1 for r in mm.regions):
         return "THP or hugetlb backing (not compiled yet)"
     if mm.hva_swapped.any():
@@ -653,10 +883,10 @@ def unsupported(vm, kernels) -> str | None:
     for v in vm.vcpus:
         if v.requests or v.l2 is not None or v.smm or v.mmu_root is not None:
             return "a vCPU in L2, in SMM, with requests pending or a root loaded"
-    if engine.tasks or engine._queue or engine.closed:
-        return "the engine has run tasks before"
-    for lock in (vm.mmu_lock, mm.mmap_lock):
-        if lock.line.owner is not None:
+    if engine.closed:
+        return "the engine is closed"
+    for line in _lines(vm):
+        if line.owner is not None:
             return "a lock's line was last touched by a task"
     if vm.mmu_lock.readers or vm.mmu_lock.write_held or mm.mmap_lock.readers \
             or mm.mmap_lock.writer:
@@ -664,7 +894,22 @@ def unsupported(vm, kernels) -> str | None:
     return kernels.unsupported(vm)
 
 
-def _cost_array(vm) -> np.ndarray:
+def _handlers(vm) -> list:
+    """The userfault handler tasks spawned for the run (daemons, not started), in the order
+    of the userfaultfds they serve (Machine.spawn_uffd_handlers: one per uffd)."""
+    return [t for t in vm.engine.tasks if t.daemon and t.name.startswith("uffd")]
+
+
+def _uffds(vm) -> list:
+    return [u for _start, _end, u in vm.mm._uffds]
+
+
+def _lines(vm) -> list:
+    """The cache lines of the LK rows: the MMU lock, the mmap lock, each uffd's queue lock."""
+    return [vm.mmu_lock.line, vm.mm.mmap_lock.line] + [u.wqh.line for u in _uffds(vm)]
+
+
+def _cost_array(vm, uffd_delay_ns: int = 0) -> np.ndarray:
     c = vm.engine.cost
     cost = np.zeros(C_SIZE, dtype=np.int64)
     cost[C_GUEST] = c.guest_access
@@ -682,6 +927,17 @@ def _cost_array(vm) -> np.ndarray:
     cost[C_GUP] = c.gup_present
     cost[C_ALLOC] = c.host_page_alloc
     cost[C_BUDGET] = max(1, c.quantum // max(1, c.guest_access))
+    cost[C_SPIN_ACQ] = c.spin_acquire
+    cost[C_SPIN_REL] = c.spin_release
+    cost[C_NOTIFY] = c.uffd_notify
+    cost[C_UCOPY] = c.uffd_copy  # one 4 KiB page per UFFDIO_COPY (4 KiB backing)
+    cost[C_UDELAY] = uffd_delay_ns
+    from mmu_core.guest.machine import DATA_GPA
+
+    data = vm.memslots[0].find(DATA_GPA >> 12)
+    if data is not None:
+        cost[C_DATA_GFN] = data.base_gfn
+        cost[C_DATA_HVAI] = vm.mm.index(data.userspace_addr)
     return cost
 
 
@@ -785,7 +1041,8 @@ class _Draws:
             self.rng.random()
 
 
-def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> list:
+def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
+                 uffd_delay_ns: int = 0) -> list:
     """Run each vCPU's program (as demand_paging's vcpu_body would, in `chunks` calls of
     Vcpu.run) on the compiled loop, then write everything back: SPTEs and host memory are
     the VM's own arrays already; the allocator's bookkeeping, the backend's roots and
@@ -810,33 +1067,60 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
     memory = _Memory(vm.host, missing + tables, tables)
     kg, kstats = kernels.prepare(vm)
 
-    T = np.zeros((nv, T_SIZE), dtype=np.int64)
+    handlers = _handlers(vm)
+    uffds = _uffds(vm)
+    nh = len(handlers)
+    ntask = nv + nh
+    T = np.zeros((ntask, T_SIZE), dtype=np.int64)
     bounds = np.stack([np.linspace(0, len(p), chunks + 1).astype(np.int64) for p in programs])
-    T[:, T_PC] = bounds[:, 0]
-    T[:, T_END] = bounds[:, 1]
+    T[:nv, T_PC] = bounds[:, 0]
+    T[:nv, T_END] = bounds[:, 1]
     T[:, T_MARK] = now0
     T[:, T_START] = now0
     T[:, T_STUCK_PC] = -1
-    PS = np.zeros((nv, PSTACK), dtype=np.int64)
-    PH = np.zeros((nv, NPH), dtype=np.int64)
-    HP = np.zeros((nv + 1, 4), dtype=np.int64)
-    LQ = np.zeros((nv + 1, 2), dtype=np.int64)
+    T[nv:, T_KIND] = 1
+    T[nv:, T_UFFD] = np.arange(nh)
+    T[nv:, T_STATE] = H_READ
+    for k, task in enumerate(handlers):
+        T[nv + k, T_MARK] = task._mark
+        T[nv + k, T_START] = task.start
+    PS = np.zeros((ntask, PSTACK), dtype=np.int64)
+    PH = np.zeros((ntask, NPH), dtype=np.int64)
+    HP = np.zeros((ntask + 1, 4), dtype=np.int64)
+    lines = _lines(vm)
+    LK = np.zeros((len(lines), LK_SIZE), dtype=np.int64)
+    LK[:, LK_OWNER] = -1
+    LK[:, LK_WRITER] = -1
+    LK[LK_MMU, LK_ACC] = 1
+    for r, line in enumerate(lines):
+        LK[r, LK_FREE] = line.free_at
+        LK[r, LK_TRANS] = line.transfers
+        LK[r, LK_WAIT] = line.wait_ns
+    LQ = np.zeros((len(lines), ntask + 1, 2), dtype=np.int64)
+    U = np.zeros((len(uffds), U_SIZE), dtype=np.int64)
+    for k, u in enumerate(uffds):
+        U[k, U_START] = mm.index(u.start)
+        U[k, U_END] = mm.index(u.end)
+        U[k, U_POLLER] = U[k, U_PEND] = U[k, U_WAITER] = -1
+        U[k, U_FAULTS] = u.faults
+        U[k, U_COPIES] = u.copies
+        U[k, U_EMPTY] = u.empty_reads
     Ea = np.zeros(E_SIZE, dtype=np.int64)
     Ea[E_NOW] = now0
     Ea[E_SEQ] = engine._seq
     Ea[E_STEPS] = engine.steps
     Ea[E_LIVE] = nv
     Ea[E_RCU_SEQ] = vm.rcu._seq
-    Ea[E_WRITER] = -1
-    for base, line in ((ML, vm.mmu_lock.line), (SL, mm.mmap_lock.line)):
-        Ea[base] = -1
-        Ea[base + 1] = line.free_at
-        Ea[base + 2] = line.transfers
-        Ea[base + 3] = line.wait_ns
     Ea[E_CUR] = -1
     draws = _Draws(engine, Ea)
     J = draws.ring
     draws.refill()
+    index = {task: nv + k for k, task in enumerate(handlers)}
+    for key, seq, due, task in sorted(engine._queue):  # the handlers, spawned before
+        n = int(Ea[E_HN])
+        HP[n] = (key, seq, due, index[task])
+        Ea[E_HN] = n + 1  # sorted rows are a heap
+    engine._queue.clear()
     for t in range(nv):  # spawn order: each vCPU scheduled at now
         _schedule(Ea, HP, J, now0, t)
     ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
@@ -852,15 +1136,15 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
     tlbs = np.stack([v.tlb for v in vcpus])
     xinfos = np.stack([v.xinfo for v in vcpus])
     hwstats = np.stack([v.hw_stats for v in vcpus])
-    cost = _cost_array(vm)
+    cost = _cost_array(vm, uffd_delay_ns)
     from mmu_core.host.mm import HVA_BASE
 
     done_chunks = 0
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
-            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LQ, cost, bounds, progs, res, regs,
-                     tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
+            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, res,
+                     regs, tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
             if progress is not None:
@@ -898,10 +1182,17 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
     tasks = []
     for i, v in enumerate(vcpus):
         task = Task(engine, f"vcpu{v.id}", len(engine.tasks), False)
-        task.started = task.finished = True
-        task.start = now0
+        task.finished = True
         task.end = int(T[i, T_ENDT])
-        task._mark = task.end
+        engine.tasks.append(task)
+        tasks.append(task)
+        v.task = task
+    everyone = tasks + handlers
+    for i, task in enumerate(everyone):
+        task.started = bool(T[i, T_STARTED]) or task.started
+        task.start = int(T[i, T_START])
+        task._mark = int(T[i, T_MARK])
+        task._stack = [PHASE_NAMES[p] for p in PS[i, :int(T[i, T_DEPTH]) + 1]]
         task._phases = {PHASE_NAMES[p]: int(PH[i, p]) for p in range(NPH) if PH[i, p]}
         task.lock_wait = int(T[i, T_LOCK_WAIT])
         task.lock_held = int(T[i, T_LOCK_HELD])
@@ -910,14 +1201,25 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None) -> 
         task.lock_contended = int(T[i, T_CONT])
         task.atomics = int(T[i, T_ATOMICS])
         task.cmpxchg_failures = int(T[i, T_CMPXFAIL])
-        task.cpu_ns = task.end - int(T[i, T_CPU_SINCE])
-        engine.tasks.append(task)
-        tasks.append(task)
-        v.task = task
-    for base, line in ((ML, vm.mmu_lock.line), (SL, mm.mmap_lock.line)):
-        owner = int(Ea[base])
-        line.owner = tasks[owner] if owner >= 0 else None
-        line.free_at = int(Ea[base + 1])
-        line.transfers = int(Ea[base + 2])
-        line.wait_ns = int(Ea[base + 3])
+        task.on_cpu = bool(T[i, T_ONCPU])
+        task.cpu_since = task.slice_start = int(T[i, T_CPU_SINCE])
+        task.cpu_ns = int(T[i, T_CPU_NS])
+        task.nopreempt = int(T[i, T_NOPRE])
+        task.blocked = "uffd_wait" if T[i, T_BLOCKED] and i >= nv else None
+    for n in range(int(Ea[E_HN])):  # handlers still due when the last vCPU finished
+        key, seq, due, t = (int(x) for x in HP[n])
+        engine._queue.append((key, seq, due, everyone[t]))
+    heapq.heapify(engine._queue)
+    for k, u in enumerate(uffds):
+        u.faults = int(U[k, U_FAULTS])
+        u.copies = int(U[k, U_COPIES])
+        u.empty_reads = int(U[k, U_EMPTY])
+        u._waiting = int(U[k, U_WAITING])
+        u._pollers = [everyone[int(U[k, U_POLLER])]] if U[k, U_POLLER] >= 0 else []
+    for r, line in enumerate(lines):
+        owner = int(LK[r, LK_OWNER])
+        line.owner = everyone[owner] if owner >= 0 else None
+        line.free_at = int(LK[r, LK_FREE])
+        line.transfers = int(LK[r, LK_TRANS])
+        line.wait_ns = int(LK[r, LK_WAIT])
     return tasks

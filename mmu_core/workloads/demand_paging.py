@@ -259,7 +259,8 @@ def run_demand_paging(
         else:
             engine_used = "compiled"
             with frozen_setup():
-                tasks = fastloop.run_compiled(vm, kernels, programs, results, chunks, progress)
+                tasks = fastloop.run_compiled(vm, kernels, programs, results, chunks,
+                                               progress, opts.uffd_delay_ns)
         total_ns = vm.engine.now - start_ns
         pages = opts.bytes_per_vcpu >> 12
         mismatches = 0
