@@ -837,8 +837,8 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
 
 
 # --- the Python side: which runs it can take, and running one ---------------------------------
-#: steps per call of run_loop: Python reports progress and sees a Ctrl-C between calls
-SLICE_STEPS = 2_000_000
+#: steps per call of run_loop: Python reports progress and sees a Ctrl-C between calls (about 0.1 s)
+SLICE_STEPS = 100_000
 
 
 def kernels_of(vm):
