@@ -841,6 +841,17 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
 SLICE_STEPS = 100_000
 
 
+def _engine_primitives() -> dict:
+    from mmu_core.sim.engine import Engine
+
+    return {name: getattr(Engine, name) for name in
+            ("delay", "block", "wake", "atomic", "yield_now", "_park", "_schedule", "_yield")}
+
+
+#: the engine's switch-point primitives as defined: the loop reproduces these, not a wrapper
+_PRIMITIVES = _engine_primitives()
+
+
 def kernels_of(vm):
     """The backend's compiled kernels (the mmu_compiled_kernels hook), or None."""
     if not vm.hook.mmu_compiled_kernels.get_hookimpls():
@@ -862,7 +873,10 @@ def unsupported(vm, kernels) -> str | None:
         return "fewer host CPUs than tasks (the run queue is not compiled yet)"
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
         return "the run is traced, audited between steps or recorded"
-    if engine.__dict__:  # a primitive replaced on the instance (tests wrap delay)
+    if engine.__dict__ or any(getattr(type(engine), name) is not fn
+                              for name, fn in _PRIMITIVES.items()):
+        # a primitive replaced on the instance or the class (tests wrap delay to interrupt a
+        # run at a chosen switch point)
         return "the engine's primitives are instrumented"
     if mm.mmap_lock is None:
         return "no mmap lock"
