@@ -132,6 +132,9 @@ SharedOpt = Annotated[bool, typer.Option(
 NestedOpt = Annotated[str, typer.Option(
     "-n", "--nested", help="run the guest code in L2: off | eager (EPT12 mapped up front, as "
     "the selftests' -n) | lazy (each page reflected to L1 on first touch)")]
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="exact (greenlets) | compiled (docs/fastloop.md) | auto: compiled when it "
+    "supports the configuration")]
 HostCpusOpt = Annotated[int, typer.Option(
     "--host-cpus", help="host logical CPUs the threads share (0: unlimited)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed: runs are reproducible from it")]
@@ -196,14 +199,14 @@ def _note_ignored(config: Path | None) -> None:
 
 
 def _options(vcpus, bytes_per_vcpu, delay, backing, mode, uffd, seed, schedule,
-             uffd_shared=False, nested="off"):
+             uffd_shared=False, nested="off", engine="auto"):
     from mmu_core.workloads.demand_paging import DemandPagingOptions
 
     size = parse_size(bytes_per_vcpu)
     return mmu_core.validate(
         DemandPagingOptions, vcpus=vcpus, bytes_per_vcpu=size, uffd=uffd,
         uffd_delay_ns=delay * 1000, backing=backing, mode=mode, seed=seed,
-        uffd_shared=uffd_shared, nested=nested, **schedule,
+        uffd_shared=uffd_shared, nested=nested, engine=engine, **schedule,
     )
 
 
@@ -322,6 +325,7 @@ def run_demand_paging(
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
     host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
+    engine: EngineOpt = "auto",
     backend: Annotated[str | None, typer.Option("--backend", help="backend for TDP roles")] = None,
     ept: Annotated[bool | None, typer.Option("--ept/--no-ept", help="two-dimensional paging")] = None,
     config: ConfigOpt = None,
@@ -334,7 +338,7 @@ def run_demand_paging(
     _check_plot(plot)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared,
-                    nested)
+                    nested, engine)
     params = _run_params(configuration_name, backend, ept, config)
     _warn_broken()
     report = _run_one(opts, params, "run")
@@ -361,6 +365,7 @@ def compare_demand_paging(
     pct_depth: PctDepthOpt = DEFAULT_PCT_DEPTH,
     pct_steps: PctStepsOpt = DEFAULT_PCT_STEPS,
     host_cpus: HostCpusOpt = DEFAULT_HOST_CPUS,
+    engine: EngineOpt = "auto",
     configs: Annotated[list[str] | None, typer.Option(
         "--configs", help=f"comma-separated or repeated: {CONFIG_NAMES} "
         "(default: tdp,legacy,shadow)")] = None,
@@ -375,7 +380,7 @@ def compare_demand_paging(
     _workers(jobs)
     opts = _options(vcpus, bytes_per_vcpu, uffd_delay_us, backing, mode, uffd, seed,
                     _schedule(policy, jitter_ns, pct_depth, pct_steps, host_cpus), uffd_shared,
-                    nested)
+                    nested, engine)
     reports = _compare_runs(opts, configs, config, jobs=jobs)
     _compare_out("demand-paging", reports, plot, json, _render)
 
@@ -762,6 +767,8 @@ def _render_selftest(reports: list, t: _Selftest) -> None:
     row("remote TLB flushes", lambda r: str(r.tlb_flushes))
     row("guest digest", lambda r: r.digest[:16])
     row("schedule steps", lambda r: f"{r.schedule.steps:,}")
+    row("engine", lambda r: r.wall.engine + (f" ({r.wall.engine_note})" if r.wall.engine_note
+                                             else ""))
     row("wall time", lambda r: f"{r.wall.seconds:.2f} s")
     out.print(table)
 
@@ -890,6 +897,8 @@ def _render(reports: list[DemandPagingReport]) -> None:
         f"{_pct(r.memory.metadata_share)} metadata")
     row("guest digest", lambda r: r.digest[:16])
     row("schedule steps", lambda r: f"{r.schedule.steps:,}")
+    row("engine", lambda r: r.wall.engine + (f" ({r.wall.engine_note})" if r.wall.engine_note
+                                             else ""))
     row("wall time", lambda r: f"{r.wall.seconds:.2f} s")
     row("simulated faults / wall s", lambda r: f"{r.wall.sim_faults_per_sec:,.0f}")
     out.print(table)

@@ -380,6 +380,32 @@ def mmu_stats(vm):
     """
 
 
+
+@hookspec(firstresult=True)
+def mmu_compiled_kernels(vm):
+    """Offer compiled kernels for the compiled demand-paging loop (``mmu_core.sim.fastloop``,
+    docs/fastloop.md), or return None (the exact engine runs). Called by the demand-paging
+    workload before its vCPUs are spawned, with no task running. Return an object with:
+
+    * ``name``: the backend's name, for the report;
+    * ``kernel``: a numba-compiled function ``kernel(op, t, ks, ksu, kg, kstats, mem, free1,
+      free_slots, pt, pt_slot, tag, mapcount, frame_state, log) -> (request, arg)``, which
+      runs ``mmu_load`` (``op`` K_LOAD) or the part of ``mmu_page_fault`` after
+      ``gfn_to_pfn`` (K_FAULT) of task ``t`` up to its next switch point and returns that
+      switch point as a request (fastloop's R_* codes); it is called again, with its state in
+      ``ks[t]``/``ksu[t]``, once the switch point has passed. It changes SPTEs only in
+      ``pt`` (through ``pt_slot``) and allocates and frees table pages only with
+      ``fastloop.mem_alloc``/``mem_table``/``mem_free``;
+    * ``unsupported(vm)``: None, or why this VM's configuration must run on the exact engine;
+    * ``prepare(vm)``: its arrays ``(kg, kstats)``;
+    * ``finish(vm, kg, kstats)``: write the run back into the backend's own state (roots,
+      statistics), so that audits, reports and teardown see what the Python code would have
+      left.
+
+    The kernel must reproduce the backend's Python fault path switch point by switch point:
+    tests/test_fastloop.py runs both engines and compares every virtual time. Optional.
+    """
+
 # --- nested EPT (the NESTED role; docs/nested.md) ------------------------------------------
 # Called on the backend serving Role.NESTED (vm.managers[Role.NESTED]) while a vCPU runs an L2
 # guest (``vcpu.l2``, set by ``vcpu.enter_l2``). Optional: a VM whose nested-role backend

@@ -94,7 +94,22 @@ def test_run_json_is_one_report_with_a_schema_version():
     assert report["schedule"] == {"policy": "fifo", "seed": 4, "jitter_ns": None,
                                   "pct_depth": None, "pct_steps": None,
                                   "steps": report["schedule"]["steps"]}
-    assert set(report["wall"]) == {"seconds", "sim_faults_per_sec", "peak_rss_bytes"}
+    assert set(report["wall"]) == {"seconds", "sim_faults_per_sec", "peak_rss_bytes", "engine",
+                                   "engine_note"}
+    assert report["wall"]["engine"] == "compiled" and report["wall"]["engine_note"] is None
+
+
+def test_run_takes_the_engine():
+    p = mmu("run", "demand-paging", "-v", "2", "-b", "64K", "--no-uffd", "--engine",
+            "compiled", "--json")
+    assert p.returncode == 0, p.stderr
+    wall = json.loads(p.stdout)["wall"]
+    assert wall["engine"] == "compiled" and wall["engine_note"] is None
+    p = mmu("run", "demand-paging", "-v", "2", "-b", "64K", "-a", "--engine", "compiled")
+    assert p.returncode == 2 and "compiled loop cannot run this" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = mmu("run", "demand-paging", "--engine", "fast")
+    assert p.returncode == 2 and "engine" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_run_takes_the_host_cpus_and_a_shared_uffd():

@@ -92,6 +92,11 @@ class WallClock(Frozen):
     seconds: float
     sim_faults_per_sec: float
     peak_rss_bytes: int
+    #: which engine ran the run (docs/fastloop.md): "exact" (greenlets) or "compiled"; both
+    #: give the same report apart from this group
+    engine: str = "exact"
+    #: under --engine auto, why the compiled loop did not run it (None: it did, or not asked)
+    engine_note: str | None = None
 
 
 class HostFigures(Frozen):

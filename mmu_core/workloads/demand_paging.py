@@ -35,6 +35,7 @@ from mmu_core.report.models import (
     VcpuFigures,
     WallClock,
 )
+from mmu_core.sim import fastloop
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.types import MMUStats
@@ -64,6 +65,9 @@ class DemandPagingOptions(ScheduleFields):
                         "touches it (lazy)")
     backing: str = Field("anon", pattern="^(anon|thp|hugetlb)$", description="-s: backing")
     mode: str = Field("4level", description="guest paging mode")
+    engine: str = Field("auto", pattern="^(auto|exact|compiled)$", description="the exact "
+                        "greenlet engine, the compiled loop (docs/fastloop.md), or auto: the "
+                        "compiled loop when it supports the configuration")
     seed: int = 0
 
     @field_validator("mode")
@@ -243,10 +247,21 @@ def run_demand_paging(
                     progress(done[0], opts.vcpus * chunks)
 
         start_ns = vm.engine.now
-        tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
-                 for v, p, r in zip(vm.vcpus, programs, results, strict=True)]
-        with frozen_setup():
-            vm.engine.run()
+        kernels = fastloop.kernels_of(vm) if opts.engine != "exact" else None
+        why_not = fastloop.unsupported(vm, kernels) if opts.engine != "exact" else None
+        if opts.engine == "compiled" and why_not is not None:
+            raise InvalidConfig("engine", f"the compiled loop cannot run this: {why_not}")
+        if opts.engine == "exact" or why_not is not None:
+            engine_used = "exact"
+            tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
+                     for v, p, r in zip(vm.vcpus, programs, results, strict=True)]
+            with frozen_setup():
+                vm.engine.run()
+        else:
+            engine_used = "compiled"
+            with frozen_setup():
+                tasks = fastloop.run_compiled(vm, kernels, programs, results, chunks,
+                                               progress, opts.uffd_delay_ns)
         total_ns = vm.engine.now - start_ns
         pages = opts.bytes_per_vcpu >> 12
         mismatches = 0
@@ -330,5 +345,6 @@ def run_demand_paging(
         wall=WallClock(
             seconds=wall,
             sim_faults_per_sec=nfaults / wall if wall else 0.0,
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            engine=engine_used, engine_note=why_not),
     )

@@ -37,6 +37,7 @@ from mmu_core import (
 from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import MMUStats, make_direct_leaf
 from mmu_tdp import ops
+from mmu_tdp.compiled import TdpCompiled
 from mmu_tdp.dirty import DirtyLogging
 from mmu_tdp.huge import HugePages
 from mmu_tdp.tdp_iter import TdpIter
@@ -595,6 +596,11 @@ class TdpMMU(DirtyLogging, HugePages):
             violations=tuple(bad),
             direct=True,
         )
+
+    # --- the compiled demand-paging loop (docs/fastloop.md) ------------------------------
+    @hookimpl
+    def mmu_compiled_kernels(self, vm):
+        return TdpCompiled(self)
 
     # --- statistics and memory -------------------------------------------------------------
     @hookimpl

@@ -1,0 +1,83 @@
+"""Faults per wall second and host bytes per guest page, exact engine against the compiled loop
+(docs/fastloop.md), on demand paging under tdp, without userfaultfd or (--uffd) with one
+uffd and handler per vCPU.
+
+Each run is a fresh process (so peak RSS is its own); bytes per guest page is the slope of
+peak RSS between each run and the smallest run of the same engine. The compiled loop's first
+run in a process includes compiling the loop (about 5 s): each measured run follows a small
+warm-up run in its process.
+
+    python benchmarks/fastloop.py                      # -v 8 -b 64M and -v 416 -b 4M
+    python benchmarks/fastloop.py --runs 8x64M 416x16M --engines compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+
+
+def _one(vcpus: int, size: str, engine: str, config: str, queue, uffd: bool = False,
+         host_cpus: int | None = 448) -> None:
+    import resource
+
+    from cli import parse_size
+    from mmu_core.params import configuration
+    from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
+
+    # a small run first, so that compiling (the compiled loop's, about 5 s, or anything
+    # numba's cache lacks) is not in the figures
+    run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=1 << 20, uffd=uffd,
+                                          engine=engine), configuration(config))
+    opts = DemandPagingOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(size), uffd=uffd,
+                               engine=engine, host_cpus=host_cpus)
+    t0 = time.perf_counter()
+    r = run_demand_paging(opts, configuration(config))
+    wall = time.perf_counter() - t0
+    queue.put({"faults": sum(r.faults.values()), "wall": wall, "engine": r.wall.engine,
+               "pages": r.pages, "total_ns": r.total_time_ns, "digest": r.digest,
+               "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+
+
+def run(vcpus: int, size: str, engine: str, config: str = "tdp", uffd: bool = False,
+        host_cpus: int | None = 448) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_one, args=(vcpus, size, engine, config, queue, uffd, host_cpus))
+    p.start()
+    out = queue.get()
+    p.join()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="*", default=["8x64M", "416x4M"],
+                    help="VCPUSxSIZE, e.g. 8x64M")
+    ap.add_argument("--engines", nargs="*", default=["exact", "compiled"])
+    ap.add_argument("--baseline", default="8x4M", help="the small run bytes/page is taken from")
+    ap.add_argument("--uffd", action="store_true", help="serve the faults with userfaultfd "
+                    "(one uffd and handler per vCPU)")
+    ap.add_argument("--host-cpus", type=int, default=448, help="0: unlimited (the compiled "
+                    "loop needs at least as many CPUs as tasks: 2 per vCPU with --uffd)")
+    args = ap.parse_args()
+    extra = {"uffd": args.uffd, "host_cpus": args.host_cpus or None}
+    print(f"{'run':>10} {'engine':>9} {'faults':>11} {'wall s':>8} {'faults/s':>11} "
+          f"{'peak RSS':>9} {'B/page':>7} {'virtual ms':>11}  digest", flush=True)
+    for engine in args.engines:
+        v, s = args.baseline.split("x")
+        base = run(int(v), s, engine, **extra)
+        for spec in args.runs:
+            v, s = spec.split("x")
+            r = run(int(v), s, engine, **extra)
+            per_page = ((r["rss"] - base["rss"]) / (r["pages"] - base["pages"])
+                        if r["pages"] > base["pages"] else float("nan"))
+            print(f"{spec:>10} {r['engine']:>9} {r['faults']:>11,} {r['wall']:>8.1f} "
+                  f"{r['faults'] / r['wall']:>11,.0f} {r['rss'] / 2**30:>8.2f}G "
+                  f"{per_page:>7.0f} {r['total_ns'] / 1e6:>11.3f}  {r['digest'][:12]}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

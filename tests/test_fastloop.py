@@ -1,0 +1,139 @@
+"""The compiled demand-paging loop against the exact engine (docs/fastloop.md).
+
+Exact equality, no tolerance: on every configuration the compiled loop supports, both engines
+give the same report apart from its `wall` group: the guest digest, the total virtual time,
+every vCPU's time in every phase, lock wait and hold, the schedule's steps, the lock lines'
+transfers, the fault outcomes and the backend's statistics and memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mmu_core.errors import InvalidConfig
+from mmu_core.params import configuration
+from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging
+
+
+def _both(config: str, **kw):
+    reports = {}
+    for engine in ("exact", "compiled"):
+        opts = DemandPagingOptions(engine=engine, **kw)
+        reports[engine] = run_demand_paging(opts, configuration(config))
+    return reports["exact"], reports["compiled"]
+
+
+def _same(exact, compiled) -> None:
+    a = exact.model_dump(exclude={"wall"})
+    b = compiled.model_dump(exclude={"wall"})
+    assert exact.wall.engine == "exact" and compiled.wall.engine == "compiled"
+    differ = sorted(k for k in a if a[k] != b[k])
+    assert not differ, {k: (a[k], b[k]) for k in differ}
+    assert exact.verified and compiled.verified
+
+
+# vCPUs x pages per vCPU: one vCPU alone; two racing for the shared tables (lost cmpxchgs,
+# spurious faults on the guest's page-table pages); 4 and 8 queueing for the MMU lock's
+# line and, at mmu_load, for the lock itself; regions across a 2 MiB boundary (1 MiB each)
+GRID = [(1, 4), (2, 2), (2, 64), (4, 256), (8, 33), (8, 256)]
+
+
+@pytest.mark.parametrize("uffd", [False, True])
+@pytest.mark.parametrize(("vcpus", "pages"), GRID)
+def test_tdp_agrees_with_the_exact_engine(vcpus, pages, uffd):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd)
+    _same(exact, compiled)
+    assert compiled.total_time_ns > 0
+
+
+def test_userfaults_with_a_handler_delay_agree():
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=32 * 4096, uffd=True,
+                            uffd_delay_ns=2_500)
+    _same(exact, compiled)
+    assert compiled.time.gup_ns > 0 and compiled.host.all_on_cpu_ns > compiled.host.vcpu_on_cpu_ns
+
+
+@pytest.mark.parametrize(("vcpus", "pages", "seed", "jitter_ns", "uffd"),
+                         [(2, 64, 1, 100, False), (8, 64, 3, 100, False), (4, 33, 7, 500, False),
+                          (4, 16, 2, 0, False), (4, 33, 5, 100, True), (8, 16, 9, 200, True)])
+def test_random_policy_agrees_with_the_exact_engine(vcpus, pages, seed, jitter_ns, uffd):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
+                            policy="random", seed=seed, jitter_ns=jitter_ns)
+    _same(exact, compiled)
+
+
+def test_the_schedule_stream_is_left_where_the_exact_engine_leaves_it():
+    # The loop draws ahead in chunks; afterwards the engine's stream must be exactly as far
+    # along as the draws consumed, across refills of the ring
+    import numpy as np
+
+    from mmu_core.sim import Engine
+    from mmu_core.sim import fastloop as F
+
+    for consumed in (0, 1, 5, F._Draws.SIZE - 1, F._Draws.SIZE + 3, 3 * F._Draws.SIZE // 2):
+        engine = Engine(seed=11, policy="random", jitter_ns=100)
+        Ea = np.zeros(F.E_SIZE, dtype=np.int64)
+        draws = F._Draws(engine, Ea)
+        draws.refill()
+        taken = []
+        while int(Ea[F.E_DRAWN]) < consumed:
+            k = int(Ea[F.E_DRAWN])
+            taken.append(int(draws.ring[k % draws.SIZE]))
+            Ea[F.E_DRAWN] = k + 1
+            if Ea[F.E_RLIM] - Ea[F.E_DRAWN] < F.J_MARGIN:
+                draws.refill()
+        draws.settle()
+        reference = Engine(seed=11, policy="random", jitter_ns=100)._sched_rng
+        expect = [int(reference.random() * 101) for _ in range(consumed)]
+        assert taken == expect
+        assert engine._sched_rng.random() == reference.random()
+
+
+def test_finite_host_cpus_at_least_the_tasks_agree():
+    # As many CPUs as tasks: nobody waits in the run queue, as with unlimited CPUs
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=True, host_cpus=8)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False,
+                            host_cpus=None)
+    _same(exact, compiled)
+
+
+def test_a_cost_model_other_than_the_default_agrees():
+    from mmu_core.sim.cost import CostModel
+
+    cost = CostModel(lock_handoff=250, gup_present=7, host_page_alloc=3_333, quantum=64)
+    reports = [run_demand_paging(DemandPagingOptions(vcpus=3, bytes_per_vcpu=40 * 4096,
+                                                     uffd=False, engine=engine),
+                                 configuration("tdp"), cost) for engine in ("exact", "compiled")]
+    _same(*reports)
+
+
+@pytest.mark.parametrize(("config", "kw", "why"), [
+    ("tdp", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
+    ("tdp", {"uffd": True, "vcpus": 4, "host_cpus": 7}, "fewer host CPUs than tasks"),
+    ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
+    ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
+    ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
+    ("legacy", {"uffd": False}, "no compiled kernels"),
+])
+def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):
+    kw = {"vcpus": 2, "bytes_per_vcpu": 8 * 4096, **kw}
+    report = run_demand_paging(DemandPagingOptions(**kw), configuration(config))
+    assert report.wall.engine == "exact"
+    assert why in report.wall.engine_note
+    with pytest.raises(InvalidConfig, match="compiled loop cannot run this"):
+        run_demand_paging(DemandPagingOptions(engine="compiled", **kw), configuration(config))
+
+
+def test_auto_takes_the_compiled_loop_when_it_can():
+    report = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096,
+                                                   uffd=False), configuration("tdp"))
+    assert report.wall.engine == "compiled" and report.wall.engine_note is None
+    assert report.verified
+
+
+def test_bad_engine_name_is_one_clear_error():
+    with pytest.raises(ValueError, match="engine"):
+        DemandPagingOptions(engine="fast")
