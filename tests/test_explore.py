@@ -65,6 +65,7 @@ def _caught(scenario, config, policy, mutant, seeds):
 MUTANT_CASES = [
     ("nested-zap-skipped", "nested", "tdp", "random"),
     ("nested-ept12-write-ignored", "nested", "legacy", "random"),
+    ("nested-skip-ept12-recheck", "nested-reclaim", "legacy", "random"),
     ("populate-no-recheck", "first-touch-thp", "tdp", "random"),
     ("skip-invalidate-retry", "host-events", "shadow", "random"),
     ("no-flush-after-zap", "host-events", "tdp", "random"),

@@ -181,7 +181,9 @@ def test_two_l2_guests_on_two_vcpus(config):
         ra, rb = m.run_programs([pa, pb])
         assert ra[1, 0] == 0xA and rb[2, 0] == 0xB
         assert _digest(m)[3] == 0xA and _digest(m)[9] == 0xB
-        assert len(_nested_instance(m)._nested_ept.roots) == 2
+        n = _nested_instance(m)
+        roots = {st.nested.pfn for st in n.vroots.values() if st.nested is not None}
+        assert len(roots) == 2 and all(n.by_pfn[r].role.guest_mode for r in roots)
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
@@ -195,11 +197,11 @@ def test_host_invalidation_zaps_ept02():
         vcpu = m.vm.vcpus[0]
         vcpu.enter_l2(l2)
         m.run_programs([Program().write(_page(1), 0x11).build()])
-        n = _nested_instance(m)._nested_ept
+        n = _nested_instance(m)
         l1gfn = _page(1) >> 12
-        assert l1gfn in n.rmap
+        assert n.rmaps.get(0, l1gfn, 1)  # the EPT02 leaf is in the rmap of its L1 gfn
         m.vm.zap_gfn_range(0, l1gfn, l1gfn + 1)
-        assert l1gfn not in n.rmap
+        assert not n.rmaps.get(0, l1gfn, 1)
         assert audit(m.vm) == []
         res = m.run_programs([Program().read(_page(1)).build()])[0]
         assert res[0, 0] == 0x11
@@ -228,3 +230,135 @@ def test_the_nested_option_runs_demand_paging_in_l2_with_the_l1_digest(nested):
             assert reflected >= r.pages
     with pytest.raises(InvalidConfig, match="nested EPT needs EPT"):
         run_demand_paging(DemandPagingOptions(**opts, nested=nested), CONFIGURATIONS["shadow"])
+
+
+def _l2_over_regions(config, regions, vcpus=1):
+    """A machine whose one vCPU runs in a lazily mapped L2 and touches one page in each of
+    `regions` 2 MiB regions: one EPT12 last-level table, so one EPT02 page, per region."""
+    m = build_machine(MachineSpec(vcpus=vcpus, data_size=512 * regions * 4096),
+                      VMConfig(params=CONFIGURATIONS[config]))
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    for v in m.vm.vcpus:
+        v.enter_l2(l2)
+    return m, hv, l2
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_ept02_is_made_of_shadow_pages(config):
+    """One guest_mode shadow page per EPT12 table, in the shadow MMU's hash, keyed by the
+    EPT12 table's gfn; counted in n_used_mmu_pages and mmu_memory; leaves in the rmaps."""
+    m, hv, l2 = _l2_over_regions(config, 4)
+    try:
+        p = Program()
+        for r in range(4):
+            p.write(DATA_GPA + r * (2 << 20), r + 1)
+        m.run_programs([p.build()])
+        n = _nested_instance(m)
+        ept02 = [sp for sp in n.by_pfn.values() if sp.role.guest_mode]
+        assert ept02 and all(n.pages[sp.key] is sp for sp in ept02)
+        assert {sp.gfn for sp in ept02 if not sp.role.direct} <= hv.tables
+        assert {sp.role.level for sp in ept02} == {1, 2, 3, 4}
+        assert n.n_used == len(n.by_pfn) >= len(ept02)
+        assert m.vm.memory().mmu_page_structs >= len(ept02)
+        assert n.nested_counters()["ept02_pages"] == len(ept02)
+        for r in range(4):
+            gfn = (DATA_GPA + r * (2 << 20)) >> 12
+            assert any(n.by_pfn[p >> 9].role.guest_mode for p in n.rmaps.get(0, gfn, 1))
+        assert all(m.vm.is_tracked(0, sp.gfn) for sp in ept02 if not sp.role.direct)
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_reclaimed_ept02_pages_refault(config):
+    """Under KVM's minimum page limit, and with the host's shrinker, EPT02 pages are
+    reclaimed like any shadow page; L2 then refaults them without L1 seeing anything, and
+    reads what it wrote."""
+    regions = 80
+    m, hv, l2 = _l2_over_regions(config, regions)
+    try:
+        assert m.vm.set_nr_mmu_pages(64) == 64
+        n = _nested_instance(m)
+        vcpu = m.vm.vcpus[0]
+        w = Program()
+        for r in range(regions):
+            w.write(DATA_GPA + r * (2 << 20), 0x1000 + r)
+        m.run_programs([w.build()])
+        assert n.counters()["recycled"] > 0 and n.n_used <= 64 + 5
+        reflected = vcpu.exits["reflected_to_l1"]
+        assert m.vm.mm.shrink_slab(8) > 0
+        assert audit(m.vm) == []
+        r = Program()
+        for k in range(regions):
+            r.read(DATA_GPA + k * (2 << 20))
+        res = m.run_programs([r.build()])[0]
+        assert [int(v) for v in res[:, 0]] == [0x1000 + k for k in range(regions)]
+        assert vcpu.exits["reflected_to_l1"] == reflected  # EPT12 maps them: L0 refaults
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_the_shadow_audit_covers_ept02(config):
+    """A writable EPT02 leaf where EPT12 is read-only, and an EPT02 leaf missing from its
+    rmap, are violations of the audit (with tdp through the nested instance's own)."""
+    m, hv, l2 = _l2_over_regions(config, 1)
+    try:
+        hv.map(l2, _page(1), _page(1), perm=E.EPT_READ)
+        m.run_programs([Program().write(_page(0), 1).read(_page(1)).build()])
+        n = _nested_instance(m)
+        vm = m.vm
+        leaves = {}
+        for sp in n.by_pfn.values():
+            if sp.role.guest_mode and sp.role.level == 1:
+                row = vm.spte_table(sp.pfn)
+                for idx in np.flatnonzero(row).tolist():
+                    leaves[sp.leaf_gfn(idx)] = (sp, idx)
+        sp, idx = leaves[_page(1) >> 12]
+        spte = int(vm.spte_table(sp.pfn)[idx])
+        assert not spte & E.EPT_WRITE
+        vm.spte_write(sp.pfn, idx, spte | E.EPT_WRITE)
+        assert "backend:nested-ept12-readonly" in {v.invariant for v in audit(vm)}
+        vm.spte_write(sp.pfn, idx, spte)
+        assert audit(vm) == []
+        sp, idx = leaves[_page(0) >> 12]
+        n.rmaps.remove(0, _page(0) >> 12, 1, sp.pfn * 512 + idx)
+        assert "backend:rmap-missing" in {v.invariant for v in audit(vm)}
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_huge_ept02_leaves_follow_ept12_and_the_host(config):
+    """kvm_mmu_hugepage_adjust for EPT02: a 1G EPT12 leaf over THP-backed L1 memory gives 2M
+    EPT02 leaves (the host's level), in direct pages keyed by L1 gfn; L2 reads what it wrote,
+    and the audit holds."""
+    from mmu_core.guest.nested import run_in_l2
+
+    regions = 4
+    m = build_machine(MachineSpec(vcpus=1, data_size=512 * regions * 4096, backing="thp"),
+                      VMConfig(params=CONFIGURATIONS[config]))
+    try:
+        run_in_l2(m, prefault=True)
+        p = Program()
+        for r in range(regions):
+            for k in range(4):
+                p.write(DATA_GPA + r * (2 << 20) + k * 4096 * 100, r * 16 + k)
+        for r in range(regions):
+            p.read(DATA_GPA + r * (2 << 20) + 4096 * 100)
+        res = m.run_programs([p.build()])[0]
+        assert [int(v) for v in res[-regions:, 0]] == [r * 16 + 1 for r in range(regions)]
+        n = _nested_instance(m)
+        c = n.nested_counters()
+        # 2M for the data; the guest's page tables (anon, not THP) get 4K leaves
+        assert c["ept02_mapped_2m"] == regions and c["ept02_mapped_1g"] == 0
+        for r in range(regions):
+            gfn = (DATA_GPA + r * (2 << 20)) >> 12
+            assert n.rmaps.get(0, gfn, 2) and not n.rmaps.get(0, gfn + 100, 1)
+            assert all(n.by_pfn[p >> 9].role.direct for p in n.rmaps.get(0, gfn, 2))
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()

@@ -621,7 +621,6 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
     INVEPT after each remap. L2 must read what the reference holds (the remapped page: any page it was mapped
     to since that vCPU's last INVEPT, as the SDM allows); the audit checks EPT02 after every
     step. Nested EPT needs EPT in L0: under shadow paging the same programs run in L1."""
-    from mmu_core.arch.x86 import ept as E
     from mmu_core.guest.nested import L1Hypervisor
 
     m = _machine(config, 2, 8)
@@ -657,15 +656,30 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
     ref.target[_page(x) >> 12] = _page(first) >> 12
     for v in vm.vcpus:
         v.enter_l2(l2)
-    remaps = [(rng.randrange(2_000, 25_000), targets[rng.randrange(3)],
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    run.tasks.append(("l1", _l1_remaps(vm, ref, hv, l2, x, targets, rng)))
+    return run
+
+
+def _l1_remaps(vm, ref: Reference, hv, l2, x: int, targets: list[int], rng: random.Random,
+               before: Callable[[int], None] | None = None) -> Callable[[], None]:
+    """An L1 task that remaps L2's page x three times among `targets` (read-only or not),
+    each time with a store to EPT12 and INVEPT, after a random delay or after `before(k)`;
+    the reference allows either mapping from the store until the INVEPT."""
+    from mmu_core.arch.x86 import ept as E
+
+    remaps = [(rng.randrange(2_000, 25_000), targets[rng.randrange(len(targets))],
                rng.choice((E.EPT_RWX, E.EPT_READ))) for _ in range(3)]
 
     def l1() -> None:
         # L1 runs on vCPU 0 between its L2 runs (the model charges its exits there).
         v0 = vm.vcpus[0]
         page = _page(x) >> 12
-        for delay, t, perm in remaps:
-            vm.engine.delay(delay)
+        for k, (delay, t, perm) in enumerate(remaps):
+            if before is None:
+                vm.engine.delay(delay)
+            else:
+                before(k)
             # From L1's store until its INVEPT, a vCPU may use either mapping.
             for v in vm.vcpus:
                 ref.stale.setdefault((v.id, page), set()).add(ref.target[page])
@@ -674,9 +688,7 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
             v0.invept(l2.eptp)
             for v in vm.vcpus:
                 ref.stale.pop((v.id, page), None)
-    run.tasks.append(("host", _host_events(vm, hvas, plan)))
-    run.tasks.append(("l1", l1))
-    return run
+    return l1
 
 
 SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
@@ -1004,6 +1016,81 @@ def scenario_reclaim(config: VMConfig, rng: random.Random) -> Run:
 
 SCENARIOS["unsync"] = scenario_unsync
 SCENARIOS["reclaim"] = scenario_reclaim
+
+
+def scenario_nested_reclaim(config: VMConfig, rng: random.Random) -> Run:
+    """EPT02 pages reclaimed under nested EPT (docs/nested.md): two vCPUs run one lazily
+    mapped L2 over pages in eight 2 MiB regions (one EPT12 last-level table, so one EPT02
+    shadow page, each) while the VMM sets KVM's minimum page limit, the host's shrinker
+    reclaims the oldest shadow pages (EPT02 ones among them, whose EPT12 tables then stop
+    being write-tracked) and drops L1 pages, and an L1 task remaps one L2 page with INVEPT.
+    An L1 store to an EPT12 table whose EPT02 page was just reclaimed does not exit, so a
+    nested fault that walked the old entry must see that it changed (FNAME(gpte_changed))
+    before it builds the page again; reclaimed pages refault without L1 noticing. Under
+    shadow paging (no nested EPT) the same programs run in L1."""
+    from mmu_core.guest.nested import L1Hypervisor
+
+    m = _machine(config, 2, 512 * RECLAIM_REGIONS)
+    vm = m.vm
+    ref = Reference(m)
+    pages = [512 * r + rng.randrange(1, 512) for r in range(RECLAIM_REGIONS)]
+    x, targets = 0, pages[1:4]
+    _fill(ref, m, targets, rng)
+    progs = []
+    for _ in range(2):  # the remapped page and its targets are only read
+        prog = Program()
+        for k in range(40):
+            if k % 4 == 3:
+                prog.read(_page(x))
+            elif rng.random() < 0.5:
+                prog.write(_page(rng.choice(pages[4:])), _value(rng))
+            else:
+                prog.read(_page(rng.choice(pages[1:])))
+            prog.pause(rng.randrange(0, 1000))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    if not vm.params.ept:
+        return run
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 40_000), rng.randrange(2, 20)) for _ in range(4)]
+    gaps = [(rng.randrange(20_000, 40_000), rng.randrange(0, 3_000)) for _ in range(3)]
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    ref.remappable(_page(x) >> 12)
+    hv.map(l2, _page(x), _page(targets[0]))
+    ref.target[_page(x) >> 12] = _page(targets[0]) >> 12
+    for v in vm.vcpus:
+        v.enter_l2(l2)
+
+    def reclaim_x() -> None:
+        # The host drops x's page (the next fault on x sleeps in gfn_to_pfn, after its EPT12
+        # walk) and its shrinker reclaims every shadow page no vCPU holds as a root, x's
+        # EPT02 table with the others.
+        vm.mm.madvise_dontneed(slot.gfn_to_hva(ref.target[_page(x) >> 12]), 4096)
+        vm.mm.shrink_slab(64)
+
+    def host() -> None:
+        vm.set_nr_mmu_pages(64)
+        for delay, nr in plan:
+            vm.engine.delay(delay)
+            vm.mm.shrink_slab(nr)
+            _then_sleep(vm)
+
+    def before_remap(k: int) -> None:
+        # One task plays the host and then L1, so that L1's store lands while x's EPT12
+        # table is not shadowed (not write-tracked: the store does not exit) and a vCPU's
+        # fault on x may be between its walk and the MMU lock.
+        wait, gap = gaps[k]
+        vm.engine.delay(wait)
+        reclaim_x()
+        vm.engine.delay(gap)
+    run.tasks.append(("host", host))
+    run.tasks.append(("host+l1", _l1_remaps(vm, ref, hv, l2, x, targets, rng, before_remap)))
+    return run
+
+
+SCENARIOS["nested-reclaim"] = scenario_nested_reclaim
 
 
 def scenario_shadow_split(config: VMConfig, rng: random.Random) -> Run:

@@ -82,10 +82,14 @@ class VcpuRoots:
     pml4_root: int | None = None
     pae_root: int | None = None
     pae: list[ShadowPage | None] = field(default_factory=lambda: [None] * 4)
+    # The EPT02 root while the vCPU runs an L2 guest (KVM: vcpu->arch.guest_mmu's root;
+    # mmu_shadow/nested.py).
+    nested: ShadowPage | None = None
 
     def held(self) -> list[ShadowPage]:
         """Every page this vCPU holds a root reference on."""
         out = [self.root] if self.root is not None else []
+        out += [self.nested] if self.nested is not None else []
         return out + self.prev + [sp for sp in self.pae if sp is not None]
 
 
@@ -101,7 +105,8 @@ class PagesMixin:
         """kvm_mmu_alloc_shadow_page + account: a new page, in the hash, on the active list."""
         vm = self.vm
         sp = ShadowPage(key.gfn, key.role, vm.alloc_pt_page())
-        if sp.has_gptes and key.role.level == 1:
+        if sp.has_gptes and (key.role.level == 1 or key.role.guest_mode):
+            # (an EPT02 page may hold huge leaves built from EPT12 entries: mmu_shadow/nested.py)
             sp.gptes = np.zeros(512, dtype=np.uint64)
         self.pages[key] = sp
         self.by_pfn[sp.pfn] = sp
@@ -119,7 +124,7 @@ class PagesMixin:
         rmap, so that a guest write to it may unsync it instead (mmu_try_to_unsync_pages)."""
         vm = self.vm
         as_id = sp.role.as_id
-        if sp.role.level > 1:
+        if sp.role.level > 1 or sp.role.guest_mode:  # EPT12 pages: no unsync (nested.py)
             vm.track_gfn(as_id, sp.gfn)
         if mutants.on("no-write-protect-shadowed"):
             return
@@ -127,7 +132,7 @@ class PagesMixin:
             vm.flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn
 
     def _unaccount_shadowed(self, sp: ShadowPage) -> None:
-        if sp.role.level > 1:
+        if sp.role.level > 1 or sp.role.guest_mode:
             self.vm.untrack_gfn(sp.role.as_id, sp.gfn)
         group = self.by_gfn.get((sp.role.as_id, sp.gfn))
         if group is not None:
@@ -163,7 +168,8 @@ class PagesMixin:
         """link_shadow_page: point entry idx of table at child; an unsync child (or one with
         unsync children) marks the new parent."""
         vm = self.vm
-        vm.spte_write(table, idx, S.make_nonleaf_spte(child.pfn) if self.direct
+        ept = self.direct or child.role.guest_mode  # EPT02 tables are EPT tables
+        vm.spte_write(table, idx, S.make_nonleaf_spte(child.pfn) if ept
                       else S.make_shadow_nonleaf_spte(child.pfn))
         child.parent_ptes.add(sptep(table, idx))
         if child.unsync or child.unsync_children:

@@ -37,7 +37,7 @@ from mmu_core.backend import MMUStats
 from mmu_core.hw import walker as W
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
-from mmu_shadow.nested import NestedEpt
+from mmu_shadow.nested import NestedMixin
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -68,7 +68,7 @@ def _replacing_needs_flush(old: int, new: int) -> bool:
     return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
 
 
-class ShadowMMU(PagesMixin, SyncMixin):
+class ShadowMMU(PagesMixin, SyncMixin, NestedMixin):
     def __init__(self, vm) -> None:
         self.vm = vm
         self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
@@ -88,6 +88,7 @@ class ShadowMMU(PagesMixin, SyncMixin):
                       "sync_roots": 0, "invlpg_sync": 0, "recycled": 0, "shrink_zapped": 0,
                       "enospc": 0, "flooded": 0, "misaligned": 0, "prefetched": 0,
                       "prev_root_hits": 0, "root_allocs": 0}
+        self.nstats = self.new_nested_stats()  # EPT02 (nested.py)
 
     @staticmethod
     @hookimpl
@@ -122,7 +123,6 @@ class ShadowMMU(PagesMixin, SyncMixin):
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
-        self._nested_free()
         self._free_all()
         vm.rcu.barrier()
 
@@ -197,6 +197,9 @@ class ShadowMMU(PagesMixin, SyncMixin):
             for sp in st.prev:
                 self._put_root(sp, invalid)
             st.prev = []
+            if st.nested is not None:  # kvm_mmu_unload frees guest_mmu's roots too
+                self._put_root(st.nested, invalid)
+                st.nested = None
 
     def _load_pae_roots(self, vcpu, st: VcpuRoots, invalid: list[ShadowPage]) -> bool:
         """mmu_alloc_special_roots + mmu_alloc_shadow_roots for a PAE or 32-bit guest: the
@@ -598,7 +601,6 @@ class ShadowMMU(PagesMixin, SyncMixin):
         (pfn) at goal_level in which the leaf goes. A page found in the hash with unsync
         children is synced before it is linked: the guest need not flush for an entry it
         made present, so the new path must show the current one (FNAME(fetch))."""
-        vm = self.vm
         st = self.vroots.get(vcpu.id)
         if st is None:
             return None
@@ -615,6 +617,12 @@ class ShadowMMU(PagesMixin, SyncMixin):
                 root = None
         if root is None or root.role.invalid or root.key != want:
             return None  # the root went away or no longer matches: reload and retry
+        return self._fetch_from(vcpu, root, keys, start, addr, invalid, goal_level)
+
+    def _fetch_from(self, vcpu, root: ShadowPage, keys: list[R.Key], start: int, addr: int,
+                    invalid: list[ShadowPage], goal_level: int) -> int | None:
+        """_fetch_chain below the root: keys[start - 1] is root's, the rest are linked."""
+        vm = self.vm
         table = root.pfn
         root.write_flooding_count = 0
         for depth in range(start, len(keys)):
@@ -817,8 +825,8 @@ class ShadowMMU(PagesMixin, SyncMixin):
                     bad.append(("rmap-missing", f"leaf {sp.pfn:#x}[{idx}] has no rmap entry"))
                     continue
                 seen.add(p)
-                if not self.direct:  # the core checks gfn-indexed (direct) roots itself
-                    self._audit_leaf(sp, idx, spte, rmapped[p][:2], bad)
+                if not self.direct or sp.role.guest_mode:  # the core checks gfn-indexed
+                    self._audit_leaf(sp, idx, spte, rmapped[p][:2], bad)  # (direct) roots
         for p, (_as_id, gfn, _level) in rmapped.items():
             if p not in seen:
                 where = "freed page" if (p >> 9) not in self.by_pfn else "not a present leaf"
@@ -833,8 +841,10 @@ class ShadowMMU(PagesMixin, SyncMixin):
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
         # unlinked (e.g. a huge leaf replaced it) and stays cached with its rmap'd leaves
         # until it is reused or zapped, as in KVM; it is held, not a root.
+        # EPT02 roots are L2's (mmu_nested_audit reports them).
         roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.by_pfn.values()
-                      if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes))
+                      if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes)
+                      and not sp.role.guest_mode)
         special = [p for st in self.vroots.values() for p in (st.pml4_root, st.pae_root)
                    if p is not None]
         roots += tuple((vcpu.as_id, 4, self.vroots[vcpu.id].pml4_root) for vcpu in vm.vcpus
@@ -913,8 +923,8 @@ class ShadowMMU(PagesMixin, SyncMixin):
                 bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
                             "but not dirty"))
         role = sp.role
-        if role.direct or role.special or role.guest_level != 1 or sp.unsync:
-            return  # an unsync page may lag the guest until it invalidates
+        if role.direct or role.special or role.guest_level != 1 or sp.unsync or role.guest_mode:
+            return  # an unsync page may lag the guest until it invalidates; EPT02: nested.py
         if vm.track_write_in_flight(as_id, sp.gfn):
             return  # the guest entry was just written; mmu_track_write is on its way
         egpa = sp.gpte_gpa(idx)
@@ -951,54 +961,3 @@ class ShadowMMU(PagesMixin, SyncMixin):
             rmap_bytes=self.rmaps.nbytes(),
             peak_page_table_pages=int(vm.host.frames_peak[1]),
         )
-
-    # --- nested EPT (#8 item 7; mmu_shadow/nested.py, docs/nested.md) -------------------------
-    # The instance serving Role.NESTED: with `tdp` a second instance of this backend beside the
-    # TDP MMU (it gets mmu_destroy_vm through the core's router, plugins.build_managers), with
-    # `legacy` the same instance that serves L1.
-    def _nested(self) -> NestedEpt:
-        n = getattr(self, "_nested_ept", None)
-        if n is None:
-            n = self._nested_ept = NestedEpt(self.vm)
-        return n
-
-    def nested_counters(self) -> dict[str, int]:
-        n = getattr(self, "_nested_ept", None)
-        return dict(n.stats) if n is not None else {}
-
-    def _nested_free(self) -> None:
-        n = getattr(self, "_nested_ept", None)
-        if n is not None:
-            n.free_all()
-
-    @hookimpl
-    def mmu_nested_load(self, vcpu, eptp):
-        return self._nested().load(vcpu, eptp)
-
-    @hookimpl
-    def mmu_nested_page_fault(self, vcpu, fault, eptp):
-        return self._nested().page_fault(vcpu, fault, eptp)
-
-    @hookimpl
-    def mmu_nested_ept12_write(self, vcpu, gpa, new):
-        return self._nested().ept12_write(vcpu, gpa, new)
-
-    @hookimpl
-    def mmu_nested_invept(self, vcpu, eptp):
-        self._nested().invept(eptp)
-        return True
-
-    @hookimpl
-    def mmu_nested_zap_gfn_range(self, vm, as_id, start, end):
-        n = getattr(self, "_nested_ept", None)
-        if n is not None:
-            if end is None:
-                n.drop(None)
-            else:
-                n.zap_gfn_range(as_id, start, end)
-        return True
-
-    @hookimpl
-    def mmu_nested_audit(self, vm):
-        n = getattr(self, "_nested_ept", None)
-        return n.audit() if n is not None else None
