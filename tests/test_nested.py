@@ -362,3 +362,71 @@ def test_huge_ept02_leaves_follow_ept12_and_the_host(config):
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
+
+
+def _walk_ept12_python(vm, eptp, l2gpa):
+    """The EPT12 walk read entry by entry through kvm_read_guest (the Python reading the
+    jitted walk replaced): (l1 gpa or None, permissions, path)."""
+    table, perm, path = eptp & ~0xFFF & ((1 << 52) - 1), E.EPT_RWX, []
+    for level in range(4, 0, -1):
+        idx = (l2gpa >> (12 + 9 * (level - 1))) & 511
+        entry = vm.read_guest_u64(0, table + 8 * idx)
+        path.append((table >> 12, idx, entry))
+        rwx = entry & E.EPT_RWX
+        if not rwx or (rwx & E.EPT_WRITE and not rwx & E.EPT_READ):
+            return None, 0, path
+        perm &= rwx
+        if level == 1 or (level <= 3 and entry & E.EPT_LARGE):
+            size = 1 << (12 + 9 * (level - 1))
+            return (entry & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (l2gpa & (size - 1)), \
+                perm, path
+        table = entry & 0x000F_FFFF_FFFF_F000
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
+    """Random EPT12 tables (4K, 2M and 1G leaves, any permissions including W without R and
+    not-present, bits 52-63 set, an entry pointing outside memory, a table page swapped out)
+    walked at random L2 addresses: the jitted walk returns what reading entry by entry does."""
+    from mmu_shadow.nested import walk_ept12
+
+    rng = np.random.default_rng(seed)
+    m = _machine("tdp", pages=64)
+    try:
+        vm = m.vm
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        addrs = []
+        for _ in range(60):
+            level = int(rng.choice([1, 1, 1, 2, 3]))
+            shift = 12 + 9 * (level - 1)
+            l2gpa = (int(rng.integers(0, 1 << 20)) << 21) if level > 1 else \
+                (int(rng.integers(0, 1 << 27)) << 12)
+            l2gpa &= ~((1 << shift) - 1)
+            try:
+                hv.map(l2, l2gpa, _page(int(rng.integers(PAGES))) & ~((1 << shift) - 1),
+                       perm=int(rng.integers(1, 8)), level=level)
+            except GuestError:
+                continue  # lies in a large leaf mapped before
+            addrs.append(l2gpa | int(rng.integers(0, 1 << shift)))
+        # damage some entries: not present, high bits, a table outside memory
+        for t in sorted(hv.tables)[:6]:
+            i = int(rng.integers(512))
+            gpa = (t << 12) + 8 * i
+            word = vm.read_guest_u64(0, gpa)
+            hv._store(None, gpa, (word | (0xFFF << 52)) & ((1 << 64) - 1) if rng.random() < 0.5
+                      else (0xFF_FFFF_F000 | E.EPT_RWX))
+            addrs.append(int(rng.integers(0, 1 << 48)))
+        vm.mm.swap_out(vm.memslots[0].find(max(hv.tables)).gfn_to_hva(max(hv.tables)))
+        for _ in range(200):
+            addrs.append(int(rng.integers(0, 1 << 48)))
+        outcomes = set()
+        for a in addrs:
+            got = walk_ept12(vm, l2.eptp, a)
+            assert got == _walk_ept12_python(vm, l2.eptp, a), hex(a)
+            outcomes.add((got[0] is not None, len(got[2])))
+        # mapped at 4K, 2M and 1G, and not mapped at several depths
+        assert {(True, 4), (True, 3), (True, 2), (False, 1)} <= outcomes
+    finally:
+        m.vm.destroy()

@@ -45,10 +45,12 @@ from mmu_core import BackendAudit, PageFault, Ret, hookimpl, mutants
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
+from mmu_shadow import ept12_walk as J
 from mmu_shadow import role as R
 
 EPT12_LEVELS = 4
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000
+_U64 = (1 << 64) - 1
 _AD_BITS = S.SPTE_TDP_AD_MASK | S.VMX_EPT_ACCESS_BIT | S.VMX_EPT_DIRTY_BIT
 
 
@@ -65,26 +67,24 @@ def root_key(eptp: int) -> R.Key:
 
 
 def walk_ept12(vm, eptp: int, l2gpa: int):
-    """FNAME(walk_addr_generic), EPT flavour, in Python: (l1 gpa or None, EPT12 permissions
-    ANDed over the walk, [(table gfn, index, entry), ...] of the entries read, top first).
-    None when an entry on the way is not present (no R/W/X) or is a misconfiguration (W
-    without R). The leaf's level is EPT12_LEVELS + 1 - len(path)."""
-    table = eptp & _ADDR_MASK
-    perm = E.EPT_RWX
-    path = []
-    for level in range(EPT12_LEVELS, 0, -1):
-        idx = (l2gpa >> (12 + 9 * (level - 1))) & 511
-        entry = vm.read_guest_u64(0, table + 8 * idx)
-        path.append((table >> 12, idx, entry))
-        rwx = entry & E.EPT_RWX
-        if not rwx or (rwx & E.EPT_WRITE and not rwx & E.EPT_READ):
-            return None, 0, path
-        perm &= rwx
-        if level == 1 or (level <= 3 and entry & E.EPT_LARGE):
-            size = 1 << (12 + 9 * (level - 1))
-            return (entry & _ADDR_MASK & ~(size - 1)) | (l2gpa & (size - 1)), perm, path
-        table = entry & _ADDR_MASK
-    raise AssertionError("unreachable")
+    """FNAME(walk_addr_generic), EPT flavour, jitted (ept12_walk.walk): (l1 gpa or None, EPT12
+    permissions ANDed over the walk, [(table gfn, index, entry), ...] of the entries read, top
+    first). None when an entry on the way is not present (no R/W/X) or is a misconfiguration
+    (W without R). The leaf's level is EPT12_LEVELS + 1 - len(path). An EPT12 table whose
+    host page is missing is brought in (kvm_read_guest) and the walk starts again."""
+    out = J.new_out()
+    while True:
+        J.walk(vm.host.pt, vm.host.pt_slot, vm.memslots[0].array, vm.mm.hva_pfn, eptp, l2gpa,
+               out)
+        status = int(out[J.OUT_STATUS])
+        if status != J.E12_NEED_GFN:
+            break
+        vm.gfn_to_pfn_nowait(0, int(out[J.OUT_ADDR]) >> 12, write=False)
+    path = [(int(out[J.OUT_GFN + i]), int(out[J.OUT_IDX + i]),
+             int(out[J.OUT_ENTRY + i]) & _U64) for i in range(int(out[J.OUT_N]))]
+    if status != J.E12_OK:
+        return None, 0, path
+    return int(out[J.OUT_ADDR]), int(out[J.OUT_PERM]), path
 
 
 def chain_keys(path, l1gfn: int, goal: int) -> list[R.Key]:
