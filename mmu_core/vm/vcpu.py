@@ -393,12 +393,14 @@ class Vcpu:
         self._count(self.faults, "nested_" + (_OUTCOMES.get(ret) or Ret(ret).name.lower()))
         done = pc
         if ret == Ret.INJECT:
-            # EPT12 does not map it: a nested VM exit to L1 (nested_ept_inject_page_fault),
-            # L1's handler, its VMRESUME (an exit to L0) and the entry into L2.
+            # EPT12 does not map it: a nested VM exit to L1 (nested_ept_inject_page_fault,
+            # nested_vmx_vmexit), L1's handler, its VMRESUME (an exit to L0, nested_vmx_run)
+            # and the entry into L2.
             self._count(self.exits, "reflected_to_l1")
-            vm.engine.delay(cost.vm_entry + cost.emulate, "exit")  # into L1, vmcs12 synced
-            self.l2.handle_ept_violation(self, fault)
-            vm.engine.delay(cost.vm_exit + cost.emulate, "exit")  # L1's VMRESUME
+            vm.engine.delay(cost.nested_vmexit + cost.vm_entry, "exit")  # into L1
+            vm.engine.delay(cost.l1_ept_fault, "exit")
+            self.l2.handle_ept_violation(self, fault)  # its stores to EPT12 may exit
+            vm.engine.delay(cost.vm_exit + cost.nested_vmentry, "exit")  # L1's VMRESUME
             tlb_flush_all(self.tlb)  # no VPID: every L1 <-> L2 switch flushes
         elif ret == Ret.EMULATE:
             done = self.emulate(prog, pc, results)
