@@ -430,3 +430,33 @@ def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
         assert {(True, 4), (True, 3), (True, 2), (False, 1)} <= outcomes
     finally:
         m.vm.destroy()
+
+
+def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
+    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only: an L1
+    program's store to it exits, is emulated, and zaps the EPT02 entry built from the
+    overwritten EPT12 entry (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), so L2
+    sees the new mapping."""
+    m = _machine("legacy", vcpus=2)
+    try:
+        vm = m.vm
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        v0, v1 = vm.vcpus
+        v0.enter_l2(l2)
+        hv.map(l2, _page(0), _page(0))
+        m.run_programs([Program().write(_page(0), 0xA0).write(_page(5), 0xA5).build(),
+                        Program().read(_page(1)).build()])
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        assert vm.is_tracked(0, e_gpa >> 12)
+        new = (_page(5) & ~0xFFF) | (hv.lookup(l2, _page(0)) & 0xFFF)
+        # vCPU 1, in L1, stores the EPT12 entry through L1's own mapping of its tables
+        p1 = Program().store_pte(m.pts.pt_gva_of(e_gpa), new).build()
+        m.run_programs([Program().build(), p1])
+        assert vm.read_guest_u64(0, e_gpa) == new
+        assert v1.exits.get("ept_violation", 0) >= 1 and v1.faults.get("emulate", 0) >= 1
+        res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
+        assert res[0, 0] == 0xA5  # no INVEPT needed: the store zapped the EPT02 entry
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()

@@ -691,8 +691,14 @@ class ShadowMMU(PagesMixin, SyncMixin, NestedMixin):
                 slot = res.slot
                 base = res.pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
                 writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
+                # make_spte: a write-tracked gfn (an EPT12 table L0 shadows for L2) stays
+                # read-only and a write to it is emulated (RET_PF_WRITE_PROTECTED)
+                wrprot = writable and not self._try_unsync(vcpu.as_id, gfn, True, False)
+                writable = writable and not wrprot
                 vm.engine.delay(vm.engine.cost.spte_build)
                 new = S.make_leaf_spte(base, level, writable, True)
+                if fault.write and wrprot and old == new:
+                    return self._emulate(fault)
             if old == new:
                 self.stats["spurious"] += 1
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
@@ -712,6 +718,8 @@ class ShadowMMU(PagesMixin, SyncMixin, NestedMixin):
             self._add_rmap(sp, idx, base_gfn)
             self.stats["mapped"][level] += 1
             fault.level = level
+        if fault.write and wrprot:
+            return self._emulate(fault)
         return Ret.FIXED
 
     # --- write protection and guest writes ------------------------------------------------------
