@@ -23,6 +23,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "a nested fault installs its EPT02 leaf without checking that the EPT12 entries its "
         "walk read are unchanged (FNAME(gpte_changed))",
         "shadow: NestedMixin._ept12_changed"),
+    "nested-unsync-never-synced": (
+        "unsync EPT02 pages are never synced (not on INVEPT, not when a guest-mode root is "
+        "loaded): EPT02 keeps what EPT12 mapped before L1's unexited stores",
+        "shadow: NestedMixin._sync_ept02"),
     "nested-ept12-write-ignored": (
         "L1's store to a shadowed EPT12 entry does not zap the EPT02 leaves built through it",
         "shadow: NestedMixin.mmu_nested_ept12_write"),

@@ -125,22 +125,33 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
             p.write(_page(i), 0x100 + i)
         m.run_programs([p.build()])
         first = vcpu.exits["reflected_to_l1"]
-        nested = _nested_instance(m).nested_counters()
-        # L1's later mappings store into EPT12 pages L0 already shadows: they exit
+        n = _nested_instance(m)
+        nested = n.nested_counters()
+        # L1's later mappings store into EPT12 pages L0 already shadows: into upper-level
+        # ones they exit (write-tracked); the last-level one goes unsync on the first store
         assert nested["nested_fixed"] >= 4
         writes = nested["ept12_writes"]
-        assert vcpu.exits["ept12_write"] == writes > 0
+        assert vcpu.exits.get("ept12_write", 0) == writes
+        assert nested["ept12_unsync"] >= 1
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.role.level == 1 and sp.unsync for sp in leaf)
+        assert not m.vm.is_tracked(0, e_gpa >> 12)
+        assert audit(m.vm) == []
 
-        # L1 remaps L2's page 0 onto L1's page 5 (a store to a tracked EPT12 page: exits,
-        # zaps the EPT02 leaf), then INVEPT as the SDM requires.
+        # L1 remaps L2's page 0 onto L1's page 5 (a store to an unsync EPT12 page: no
+        # exit, EPT02 lags), then INVEPT as the SDM requires: the sync drops the stale leaf.
         def remap():
             hv.map(l2, _page(0), _page(5), vcpu=vcpu)
+            assert audit(m.vm) == []  # EPT02 may lag an unsync EPT12 page
+            dropped = n.stats["sync_dropped"]
             vcpu.invept(l2.eptp)
+            assert n.stats["sync_dropped"] == dropped + 1
 
         m.vm.engine.spawn("l1", remap)
         m.vm.engine.run()
-        assert vcpu.exits["ept12_write"] == writes + 1
-        assert _nested_instance(m).nested_counters()["ept02_zapped"] == 1
+        assert vcpu.exits.get("ept12_write", 0) == writes
+        assert all(not sp.unsync for sp in leaf)  # synced: write-protected again
         assert audit(m.vm) == []
         p = Program().read(_page(0)).read(_page(1)).write(_page(0), 0x777)
         res = m.run_programs([p.build()])[0]
@@ -265,7 +276,9 @@ def test_ept02_is_made_of_shadow_pages(config):
         for r in range(4):
             gfn = (DATA_GPA + r * (2 << 20)) >> 12
             assert any(n.by_pfn[p >> 9].role.guest_mode for p in n.rmaps.get(0, gfn, 1))
-        assert all(m.vm.is_tracked(0, sp.gfn) for sp in ept02 if not sp.role.direct)
+        # tables above the last level are write-tracked; last-level ones write-protected
+        assert all(m.vm.is_tracked(0, sp.gfn) for sp in ept02 if not sp.role.direct
+                   and sp.role.level > 1)
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
@@ -433,10 +446,11 @@ def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
 
 
 def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
-    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only: an L1
-    program's store to it exits, is emulated, and zaps the EPT02 entry built from the
-    overwritten EPT12 entry (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), so L2
-    sees the new mapping."""
+    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only (a
+    last-level one) or write-tracked (above): an L1 program's first store to the last-level
+    table faults and unsyncs its EPT02 page (mmu_try_to_unsync_pages), and L2 sees the new
+    mapping after L1's INVEPT syncs it; a store to an upper-level table exits and is emulated
+    (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
     m = _machine("legacy", vcpus=2)
     try:
         vm = m.vm
@@ -447,16 +461,36 @@ def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
         hv.map(l2, _page(0), _page(0))
         m.run_programs([Program().write(_page(0), 0xA0).write(_page(5), 0xA5).build(),
                         Program().read(_page(1)).build()])
+        n = _nested_instance(m)
         e_gpa = hv._entry_gpa(l2, _page(0), None, False)
-        assert vm.is_tracked(0, e_gpa >> 12)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.unsync for sp in leaf)  # L1 mapped page 5 in it
+        m.vm.engine.spawn("l1", v0.invept, None)  # synced: write-protected again
+        m.vm.engine.run()
+        assert not any(sp.unsync for sp in leaf)
         new = (_page(5) & ~0xFFF) | (hv.lookup(l2, _page(0)) & 0xFFF)
         # vCPU 1, in L1, stores the EPT12 entry through L1's own mapping of its tables
         p1 = Program().store_pte(m.pts.pt_gva_of(e_gpa), new).build()
         m.run_programs([Program().build(), p1])
         assert vm.read_guest_u64(0, e_gpa) == new
-        assert v1.exits.get("ept_violation", 0) >= 1 and v1.faults.get("emulate", 0) >= 1
+        assert all(sp.unsync for sp in leaf) and v1.faults.get("emulate", 0) == 0
+        assert audit(vm) == []
+
+        m.vm.engine.spawn("l1", v0.invept, l2.eptp)  # L1 on v0, whose EPT02 root it syncs
+        m.vm.engine.run()
         res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
-        assert res[0, 0] == 0xA5  # no INVEPT needed: the store zapped the EPT02 entry
+        assert res[0, 0] == 0xA5
+        assert audit(vm) == []
+
+        # an upper-level EPT12 table is write-tracked: the store exits and is emulated
+        top = l2.eptp + 8 * ((_page(0) >> 39) & 511)
+        assert vm.is_tracked(0, top >> 12)
+        word = vm.read_guest_u64(0, top)
+        p1 = Program().store_pte(m.pts.pt_gva_of(top), word).build()
+        m.run_programs([Program().build(), p1])
+        assert v1.faults.get("emulate", 0) >= 1
+        res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
+        assert res[0, 0] == 0xA5
         assert audit(vm) == []
     finally:
         m.vm.destroy()

@@ -27,14 +27,18 @@ pages, mmu_memory's structs, and the shadow audit.
   permissions are EPT12's ANDed with the host's (writable only if the host page and the
   memslot are, the gfn is no shadowed table, and, in a memslot logging dirty pages, only on
   a write, which marks it dirty: make_spte).
-* Every EPT12 table shadowed is write-tracked (account_shadowed), at every level: KVM could
-  unsync last-level EPT12 pages (mmu_try_to_unsync_pages); the model does not (docs/nested.md).
-  L1's stores to them exit to L0, are emulated, and zap the EPT02 entries built from the
-  written entry (kvm_mmu_pte_write: mmu_track_write). A nested fault whose walked EPT12
-  entries changed before it took the lock retries (FNAME(gpte_changed)).
-* INVEPT (handle_invept) frees the executing vCPU's guest-mode root (single-context: if its
-  EPTP matches; all-context: always), kvm_mmu_free_roots; the pages stay in the hash, in
-  sync with EPT12 since every EPT12 write was trapped, and the next entry finds them again.
+* EPT12 tables shadowed above the last level are write-tracked (account_shadowed): L1's
+  stores to them exit to L0, are emulated, and zap the EPT02 entries built from the written
+  entry (kvm_mmu_track_write). A last-level EPT12 table is only write-protected: L1's first
+  store to it faults and L0 unsyncs its EPT02 pages (mmu_try_to_unsync_pages); L1's later
+  stores do not exit, and EPT02 may lag EPT12 there until it is synced: when a vCPU loads a
+  guest-mode root (kvm_mmu_load -> kvm_mmu_sync_roots), on INVEPT (here at the INVEPT itself,
+  before the root is freed: KVM syncs at the reload that follows), and on the way of a fault
+  (FNAME(fetch)). A nested fault whose walked EPT12 entries changed before it took the lock
+  retries (FNAME(gpte_changed)).
+* INVEPT (handle_invept) syncs the EPT02 roots of that EPTP (all of them for all-context)
+  and frees the executing vCPU's guest-mode root if it is one (kvm_mmu_free_roots); the pages
+  stay in the hash and the next entry finds them again.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class NestedMixin:
     def new_nested_stats() -> dict[str, int]:
         return {"nested_faults": 0, "nested_fixed": 0, "nested_reflected": 0,
                 "nested_retries": 0, "nested_spurious": 0, "nested_emulated": 0,
-                "ept12_writes": 0, "ept02_zapped": 0, "invept": 0, "ept02_root_allocs": 0,
+                "ept12_writes": 0, "ept12_unsync": 0, "ept02_zapped": 0, "invept": 0,
+                "ept02_root_allocs": 0,
                 "nested_mapped": [0, 0, 0, 0]}
 
     def nested_counters(self) -> dict[str, int]:
@@ -150,7 +155,29 @@ class NestedMixin:
             sp.root_count += 1
             st.nested = sp
             self._commit_zap(invalid)
+            self._sync_ept02(vcpu, sp)  # kvm_mmu_load: kvm_mmu_sync_roots
         return sp.pfn
+
+    def _sync_ept02(self, vcpu, root) -> None:
+        """mmu_sync_children below an EPT02 root (lock held for write): the unsync EPT12
+        tables are write-protected again and their EPT02 entries brought in line."""
+        if not root.unsync_children or root.role.invalid \
+                or mutants.on("nested-unsync-never-synced"):
+            return
+        invalid = []
+        self.stats["sync_roots"] += 1
+        flush = self._sync_children(vcpu, root, invalid)
+        self._flush_or_zap(invalid, flush)
+
+    def _sync_ept_spte(self, sp, idx: int) -> int:
+        """FNAME(sync_spte) for an unsync EPT02 page: an entry whose EPT12 entry changed is
+        dropped (the next L2 access refaults and builds it from EPT12 as it is; KVM keeps or
+        rebuilds one whose target is unchanged). 1 if a present SPTE went."""
+        self.stats["sync_spte"] += 1
+        if self._read_gpte(sp, idx) == int(sp.gptes[idx]):
+            return 0
+        self.stats["sync_dropped"] += 1
+        return int(self._zap_spte(sp, idx))
 
     @hookimpl
     def mmu_nested_invept(self, vcpu, eptp):
@@ -161,9 +188,15 @@ class NestedMixin:
         self.nstats["invept"] += 1
         st = self.vroots.get(vcpu.id)
         sp = st.nested if st is not None else None
-        if sp is None or (eptp is not None and sp.key != root_key(eptp)):
-            return True
         with self.vm.mmu_lock.write():
+            # The EPT02 pages are shared by every vCPU with that EPTP: syncing the roots in
+            # the hash now (KVM syncs at this vCPU's reload) leaves no vCPU a stale entry.
+            for root in [r for r in self.by_pfn.values() if r.role.guest_mode
+                         and r.role.level == EPT12_LEVELS and not r.role.direct
+                         and (eptp is None or r.key == root_key(eptp))]:
+                self._sync_ept02(vcpu, root)
+            if sp is None or (eptp is not None and sp.key != root_key(eptp)):
+                return True
             invalid = []
             if st.nested is sp:
                 self._put_root(sp, invalid)
@@ -271,9 +304,21 @@ class NestedMixin:
     def mmu_nested_ept12_write(self, vcpu, gpa, new):
         """L1 stored `new` at gpa (already in memory). True when the page is write-tracked
         (the store exited to L0 and was emulated): the EPT02 entries built from the written
-        entry are zapped (kvm_mmu_track_write, the same path as a shadowed guest table's)."""
-        shadows = [sp for sp in self.by_gfn.get((0, gpa >> 12), ()) if sp.role.guest_mode]
+        entry are zapped (kvm_mmu_track_write, the same path as a shadowed guest table's). A
+        last-level EPT12 table is write-protected instead: the first store faults and its
+        EPT02 pages go unsync (charged as an exit and an entry), later ones do not exit."""
+        vm = self.vm
+        gfn = gpa >> 12
+        shadows = [sp for sp in self.by_gfn.get((0, gfn), ()) if sp.role.guest_mode]
         if not shadows:
+            return False
+        if not vm.is_tracked(0, gfn):
+            if not all(sp.unsync for sp in shadows):
+                with vm.mmu_lock.write():
+                    self._try_unsync(0, gfn, True, False)  # mmu_try_to_unsync_pages
+                self.nstats["ept12_unsync"] += 1
+                cost = vm.engine.cost
+                vm.engine.delay(cost.vm_exit + cost.vm_entry, "exit")
             return False
         self.nstats["ept12_writes"] += 1
         if not mutants.on("nested-ept12-write-ignored"):
@@ -289,8 +334,8 @@ class NestedMixin:
         """L1 gfns lose their pages or mappings: the EPT02 leaves go through the rmaps. When
         this instance serves L1 too (legacy), L1's own mmu_zap_gfn_range / mmu_zap_all reach
         the EPT02 leaves in the same rmaps and pages; beside the TDP MMU it zaps them here."""
-        if self._serves_l1() or mutants.on("nested-zap-skipped"):
-            return True
+        if self._serves_l1() or not self.rmaps.allocated or mutants.on("nested-zap-skipped"):
+            return True  # (no EPT02 root yet: kvm_memslots_have_rmaps, nothing to walk)
         if end is None:
             self.mmu_zap_all(vm)
         elif self.mmu_zap_gfn_range(vm, as_id, start, end):
@@ -333,6 +378,8 @@ class NestedMixin:
                 if child is not None:
                     self._audit_ept02_tree(root, eptp, child, l2gfn, bad)
                 continue
+            if sp.unsync:
+                continue  # may lag EPT12 until L1 invalidates
             where = f"EPT02 {root.pfn:#x} (EPTP {eptp:#x}): L2 gfn {l2gfn:#x}"
             l1gpa, perm, path = walk_ept12(self.vm, eptp, l2gfn << 12)
             if l1gpa is None:

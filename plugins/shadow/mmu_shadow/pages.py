@@ -124,7 +124,7 @@ class PagesMixin:
         rmap, so that a guest write to it may unsync it instead (mmu_try_to_unsync_pages)."""
         vm = self.vm
         as_id = sp.role.as_id
-        if sp.role.level > 1 or sp.role.guest_mode:  # EPT12 pages: no unsync (nested.py)
+        if sp.role.level > 1:
             vm.track_gfn(as_id, sp.gfn)
         if mutants.on("no-write-protect-shadowed"):
             return
@@ -132,7 +132,7 @@ class PagesMixin:
             vm.flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn
 
     def _unaccount_shadowed(self, sp: ShadowPage) -> None:
-        if sp.role.level > 1 or sp.role.guest_mode:
+        if sp.role.level > 1:
             self.vm.untrack_gfn(sp.role.as_id, sp.gfn)
         group = self.by_gfn.get((sp.role.as_id, sp.gfn))
         if group is not None:
