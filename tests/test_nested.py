@@ -494,3 +494,54 @@ def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
         assert audit(vm) == []
     finally:
         m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_invvpid_and_vpid_tagged_l2_translations(config):
+    """SDM vol. 3C, INVVPID and 28.3.3.3: with a VPID for L2, L2's linear translations survive
+    L1 <-> L2 switches (tagged apart from L1's), so a guest PTE L1 changed without
+    invalidating still maps the old page in L2 until INVVPID (individual address, single
+    context or all context) drops it; without a VPID every switch flushes. INVVPID of VPID 0
+    (types 0, 1, 3) and an unknown type fail."""
+    m = _machine(config)
+    try:
+        vm = m.vm
+        vcpu = vm.vcpus[0]
+        hv = L1Hypervisor(m.pts)
+        gva = _page(0)
+        e_gpa = m.pts.entry_gpa(gva, 1, create=False)
+        old = vm.read_guest_u64(0, e_gpa)
+        for vpid, kind in ((7, 1), (7, 0), (7, 2), (0, None)):
+            l2 = hv.new_l2(prefault=[(0, m.pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+            l2.vpid = vpid
+            m.pts._table_of_gpa(e_gpa)[(e_gpa & 0xFFF) >> 3] = old  # gva -> page 0
+            vcpu.enter_l2(l2)
+            res = m.run_programs([Program().write(gva, 0x50).read(gva).build()])[0]
+            assert res[1, 0] == 0x50
+            # L1 points the guest PTE of gva at page 3, without INVLPG, and L2 is resumed
+            m.pts._table_of_gpa(e_gpa)[(e_gpa & 0xFFF) >> 3] = (old & 0xFFF) | _page(3)
+            vcpu.leave_l2()
+            vcpu.enter_l2(l2)
+            res = m.run_programs([Program().read(gva).build()])[0]
+            if vpid:
+                assert res[0, 0] == 0x50  # the VPID-tagged translation survived the switch
+                if kind != 2:  # all-context ignores the VPID given
+                    m.vm.engine.spawn("l1", vcpu.invvpid, kind, 8, gva)  # another VPID
+                    m.vm.engine.run()
+                    assert m.run_programs([Program().read(gva).build()])[0][0, 0] == 0x50
+                m.vm.engine.spawn("l1", vcpu.invvpid, kind, vpid, gva + 4096 * (kind == 0))
+                m.vm.engine.run()
+                if kind == 0:  # another address of the VPID: gva's entry stays
+                    assert m.run_programs([Program().read(gva).build()])[0][0, 0] == 0x50
+                    m.vm.engine.spawn("l1", vcpu.invvpid, 0, vpid, gva)
+                    m.vm.engine.run()
+                res = m.run_programs([Program().read(gva).build()])[0]
+            assert res[0, 0] != 0x50  # page 3 now
+            assert audit(vm) == []
+            vcpu.leave_l2()
+        assert vcpu.exits["invvpid"] >= 5
+        for kind, vpid in ((1, 0), (0, 0), (3, 0), (4, 1)):
+            with pytest.raises(GuestError, match="INVVPID"):
+                vcpu.invvpid(kind, vpid)
+    finally:
+        m.vm.destroy()
