@@ -78,7 +78,8 @@ MUTANT_CASES = [
     ("memslot-update-no-retry", "memslots", "tdp", "random"),
     ("memslot-zap-after-install", "memslots", "legacy", "random"),
     # a narrow window: with the host model's cache-line queueing (docs/engine.md) the first
-    # random schedule that reaches it is the 46th (seeds 45, 46, 166 below 400)
+    # random schedule that reached it was the 46th (seeds 45, 46, 166 below 400); since the
+    # nested shadow instance beside the TDP MMU answers the host's shrinker, the 14th
     ("mmio-generation-at-install", "memslots", "tdp", "random", 60),
     ("skip-gpte-recheck", "pte-race", "shadow", "random"),
     ("no-write-protect-shadowed", "pte-edit", "shadow", "random"),

@@ -153,7 +153,9 @@ class ShadowMMU(PagesMixin, SyncMixin, NestedMixin):
             self.rmaps.free_slot(as_id, old.id)
         if new is not None and change in ("create", "move"):
             self.rmaps.alloc_slot(as_id, new)
-        if change in ("create", "delete") and not self.n_requested:
+        # (an instance beside the TDP MMU with no shadow root yet has nothing to limit: its
+        # first EPT02 root sets the limit, nested.py)
+        if change in ("create", "delete") and not self.n_requested and self.rmaps.allocated:
             self._change_mmu_pages(self.default_mmu_pages())
 
     def _first_shadow_root(self) -> None:
