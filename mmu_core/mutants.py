@@ -18,10 +18,18 @@ from mmu_core.errors import InvalidConfig
 REGISTRY: dict[str, tuple[str, str]] = {
     "nested-zap-skipped": (
         "an MMU-notifier zap of L1 gfns leaves the EPT02 leaves that map them (nested EPT)",
-        "shadow: NestedEpt.zap_gfn_range"),
+        "shadow: NestedMixin.mmu_nested_zap_gfn_range"),
+    "nested-skip-ept12-recheck": (
+        "a nested fault installs its EPT02 leaf without checking that the EPT12 entries its "
+        "walk read are unchanged (FNAME(gpte_changed))",
+        "shadow: NestedMixin._ept12_changed"),
+    "nested-unsync-never-synced": (
+        "unsync EPT02 pages are never synced (not on INVEPT, not when a guest-mode root is "
+        "loaded): EPT02 keeps what EPT12 mapped before L1's unexited stores",
+        "shadow: NestedMixin._sync_ept02"),
     "nested-ept12-write-ignored": (
         "L1's store to a shadowed EPT12 entry does not zap the EPT02 leaves built through it",
-        "shadow: NestedEpt.ept12_write"),
+        "shadow: NestedMixin.mmu_nested_ept12_write"),
     "populate-no-recheck": (
         "gfn_to_pfn populates a missing page without looking again after its switch point",
         "core: VM.gfn_to_pfn"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -214,6 +214,18 @@ def build_managers(vm: Any, roles: dict[Role, Backend]) -> dict[Role, pluggy.Plu
         separate = nested is not instances[roles[l1].name]
         managers[l1].register(_NestedRouter(managers[Role.NESTED], nested if separate else None),
                               name="nested-router")
+        if separate:
+            managers[l1].register(_NestedSlotsRouter(managers[Role.NESTED]),
+                                  name="nested-slots-router")
+            hooks = managers[l1].hook
+            if hooks.mmu_enable_dirty_log.get_hookimpls() \
+                    and hooks.mmu_clear_dirty_log.get_hookimpls():
+                managers[l1].register(_NestedDirtyRouter(managers[Role.NESTED]),
+                                      name="nested-dirty-router")
+            if not hooks.mmu_set_nr_mmu_pages.get_hookimpls() \
+                    and not hooks.mmu_shrink_scan.get_hookimpls():
+                managers[l1].register(_NestedLimitRouter(managers[Role.NESTED]),
+                                      name="nested-limit-router")
     return managers
 
 
@@ -239,6 +251,67 @@ class _NestedRouter:
     def mmu_destroy_vm(self, vm: Any) -> None:
         if self.separate is not None:
             self.separate.mmu_destroy_vm(vm)
+
+
+class _NestedSlotsRouter:
+    """When the nested role has an instance of its own (tdp): its rmaps hold EPT02 leaves by
+    L1 gfn, so they follow L1's memslots and dirty logging as L1's rmaps would (KVM has one
+    set of rmaps for both). The dirty-log hooks are registered only where the L1 backend has
+    them (else the core's fallback, a zap, reaches EPT02 through the zap router)."""
+
+    def __init__(self, nested_pm: pluggy.PluginManager) -> None:
+        self.hook = nested_pm.hook
+
+    @hookspecs.hookimpl
+    def mmu_memslot_changed(self, vm: Any, as_id: int, old: Any, new: Any, change: str) -> None:
+        self.hook.mmu_memslot_changed(vm=vm, as_id=as_id, old=old, new=new, change=change)
+
+    @hookspecs.hookimpl(wrapper=True)
+    def mmu_memory(self, vm: Any) -> Any:
+        """The L1 backend's memory plus the nested instance's structs and rmaps (the table
+        pages are counted once: both count every MMU table page of the VM)."""
+        mem = yield
+        nested = self.hook.mmu_memory(vm=vm)
+        if mem is None or nested is None:
+            return mem
+        return replace(mem, mmu_page_structs=mem.mmu_page_structs + nested.mmu_page_structs,
+                       mmu_page_struct_bytes=mem.mmu_page_struct_bytes
+                       + nested.mmu_page_struct_bytes,
+                       rmap_bytes=mem.rmap_bytes + nested.rmap_bytes)
+
+
+class _NestedDirtyRouter:
+    """See _NestedSlotsRouter."""
+
+    def __init__(self, nested_pm: pluggy.PluginManager) -> None:
+        self.hook = nested_pm.hook
+
+    @hookspecs.hookimpl(tryfirst=True)
+    def mmu_enable_dirty_log(self, vm: Any, slot: Any, protect: bool) -> None:
+        if self.hook.mmu_enable_dirty_log(vm=vm, slot=slot, protect=protect):
+            vm.flush_remote_tlbs()
+
+    @hookspecs.hookimpl(tryfirst=True)
+    def mmu_clear_dirty_log(self, vm: Any, slot: Any, gfns: Any) -> None:
+        if self.hook.mmu_clear_dirty_log(vm=vm, slot=slot, gfns=gfns):
+            vm.flush_remote_tlbs()
+
+
+class _NestedLimitRouter:
+    """Beside an L1 backend without a page limit (KVM's TDP MMU), KVM_SET_NR_MMU_PAGES and
+    the MMU shrinker still govern the shadow MMU's pages, the nested role's (KVM's
+    n_max_mmu_pages counts shadow pages only)."""
+
+    def __init__(self, nested_pm: pluggy.PluginManager) -> None:
+        self.hook = nested_pm.hook
+
+    @hookspecs.hookimpl
+    def mmu_set_nr_mmu_pages(self, vm: Any, nr: int) -> int | None:
+        return self.hook.mmu_set_nr_mmu_pages(vm=vm, nr=nr)
+
+    @hookspecs.hookimpl
+    def mmu_shrink_scan(self, vm: Any, nr_to_scan: int) -> int | None:
+        return self.hook.mmu_shrink_scan(vm=vm, nr_to_scan=nr_to_scan)
 
 
 def dispatcher(hook: pluggy.HookCaller, *argnames: str) -> Callable[..., Any] | None:

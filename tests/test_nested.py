@@ -125,22 +125,33 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
             p.write(_page(i), 0x100 + i)
         m.run_programs([p.build()])
         first = vcpu.exits["reflected_to_l1"]
-        nested = _nested_instance(m).nested_counters()
-        # L1's later mappings store into EPT12 pages L0 already shadows: they exit
+        n = _nested_instance(m)
+        nested = n.nested_counters()
+        # L1's later mappings store into EPT12 pages L0 already shadows: into upper-level
+        # ones they exit (write-tracked); the last-level one goes unsync on the first store
         assert nested["nested_fixed"] >= 4
         writes = nested["ept12_writes"]
-        assert vcpu.exits["ept12_write"] == writes > 0
+        assert vcpu.exits.get("ept12_write", 0) == writes
+        assert nested["ept12_unsync"] >= 1
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.role.level == 1 and sp.unsync for sp in leaf)
+        assert not m.vm.is_tracked(0, e_gpa >> 12)
+        assert audit(m.vm) == []
 
-        # L1 remaps L2's page 0 onto L1's page 5 (a store to a tracked EPT12 page: exits,
-        # zaps the EPT02 leaf), then INVEPT as the SDM requires.
+        # L1 remaps L2's page 0 onto L1's page 5 (a store to an unsync EPT12 page: no
+        # exit, EPT02 lags), then INVEPT as the SDM requires: the sync drops the stale leaf.
         def remap():
             hv.map(l2, _page(0), _page(5), vcpu=vcpu)
+            assert audit(m.vm) == []  # EPT02 may lag an unsync EPT12 page
+            dropped = n.stats["sync_dropped"]
             vcpu.invept(l2.eptp)
+            assert n.stats["sync_dropped"] == dropped + 1
 
         m.vm.engine.spawn("l1", remap)
         m.vm.engine.run()
-        assert vcpu.exits["ept12_write"] == writes + 1
-        assert _nested_instance(m).nested_counters()["ept02_zapped"] == 1
+        assert vcpu.exits.get("ept12_write", 0) == writes
+        assert all(not sp.unsync for sp in leaf)  # synced: write-protected again
         assert audit(m.vm) == []
         p = Program().read(_page(0)).read(_page(1)).write(_page(0), 0x777)
         res = m.run_programs([p.build()])[0]
@@ -181,7 +192,9 @@ def test_two_l2_guests_on_two_vcpus(config):
         ra, rb = m.run_programs([pa, pb])
         assert ra[1, 0] == 0xA and rb[2, 0] == 0xB
         assert _digest(m)[3] == 0xA and _digest(m)[9] == 0xB
-        assert len(_nested_instance(m)._nested_ept.roots) == 2
+        n = _nested_instance(m)
+        roots = {st.nested.pfn for st in n.vroots.values() if st.nested is not None}
+        assert len(roots) == 2 and all(n.by_pfn[r].role.guest_mode for r in roots)
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
@@ -195,11 +208,11 @@ def test_host_invalidation_zaps_ept02():
         vcpu = m.vm.vcpus[0]
         vcpu.enter_l2(l2)
         m.run_programs([Program().write(_page(1), 0x11).build()])
-        n = _nested_instance(m)._nested_ept
+        n = _nested_instance(m)
         l1gfn = _page(1) >> 12
-        assert l1gfn in n.rmap
+        assert n.rmaps.get(0, l1gfn, 1)  # the EPT02 leaf is in the rmap of its L1 gfn
         m.vm.zap_gfn_range(0, l1gfn, l1gfn + 1)
-        assert l1gfn not in n.rmap
+        assert not n.rmaps.get(0, l1gfn, 1)
         assert audit(m.vm) == []
         res = m.run_programs([Program().read(_page(1)).build()])[0]
         assert res[0, 0] == 0x11
@@ -228,3 +241,307 @@ def test_the_nested_option_runs_demand_paging_in_l2_with_the_l1_digest(nested):
             assert reflected >= r.pages
     with pytest.raises(InvalidConfig, match="nested EPT needs EPT"):
         run_demand_paging(DemandPagingOptions(**opts, nested=nested), CONFIGURATIONS["shadow"])
+
+
+def _l2_over_regions(config, regions, vcpus=1):
+    """A machine whose one vCPU runs in a lazily mapped L2 and touches one page in each of
+    `regions` 2 MiB regions: one EPT12 last-level table, so one EPT02 page, per region."""
+    m = build_machine(MachineSpec(vcpus=vcpus, data_size=512 * regions * 4096),
+                      VMConfig(params=CONFIGURATIONS[config]))
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    for v in m.vm.vcpus:
+        v.enter_l2(l2)
+    return m, hv, l2
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_ept02_is_made_of_shadow_pages(config):
+    """One guest_mode shadow page per EPT12 table, in the shadow MMU's hash, keyed by the
+    EPT12 table's gfn; counted in n_used_mmu_pages and mmu_memory; leaves in the rmaps."""
+    m, hv, l2 = _l2_over_regions(config, 4)
+    try:
+        p = Program()
+        for r in range(4):
+            p.write(DATA_GPA + r * (2 << 20), r + 1)
+        m.run_programs([p.build()])
+        n = _nested_instance(m)
+        ept02 = [sp for sp in n.by_pfn.values() if sp.role.guest_mode]
+        assert ept02 and all(n.pages[sp.key] is sp for sp in ept02)
+        assert {sp.gfn for sp in ept02 if not sp.role.direct} <= hv.tables
+        assert {sp.role.level for sp in ept02} == {1, 2, 3, 4}
+        assert n.n_used == len(n.by_pfn) >= len(ept02)
+        assert m.vm.memory().mmu_page_structs >= len(ept02)
+        assert n.nested_counters()["ept02_pages"] == len(ept02)
+        for r in range(4):
+            gfn = (DATA_GPA + r * (2 << 20)) >> 12
+            assert any(n.by_pfn[p >> 9].role.guest_mode for p in n.rmaps.get(0, gfn, 1))
+        # tables above the last level are write-tracked; last-level ones write-protected
+        assert all(m.vm.is_tracked(0, sp.gfn) for sp in ept02 if not sp.role.direct
+                   and sp.role.level > 1)
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_reclaimed_ept02_pages_refault(config):
+    """Under KVM's minimum page limit, and with the host's shrinker, EPT02 pages are
+    reclaimed like any shadow page; L2 then refaults them without L1 seeing anything, and
+    reads what it wrote."""
+    regions = 80
+    m, hv, l2 = _l2_over_regions(config, regions)
+    try:
+        assert m.vm.set_nr_mmu_pages(64) == 64
+        n = _nested_instance(m)
+        vcpu = m.vm.vcpus[0]
+        w = Program()
+        for r in range(regions):
+            w.write(DATA_GPA + r * (2 << 20), 0x1000 + r)
+        m.run_programs([w.build()])
+        assert n.counters()["recycled"] > 0 and n.n_used <= 64 + 5
+        reflected = vcpu.exits["reflected_to_l1"]
+        assert m.vm.mm.shrink_slab(8) > 0
+        assert audit(m.vm) == []
+        r = Program()
+        for k in range(regions):
+            r.read(DATA_GPA + k * (2 << 20))
+        res = m.run_programs([r.build()])[0]
+        assert [int(v) for v in res[:, 0]] == [0x1000 + k for k in range(regions)]
+        assert vcpu.exits["reflected_to_l1"] == reflected  # EPT12 maps them: L0 refaults
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_the_shadow_audit_covers_ept02(config):
+    """A writable EPT02 leaf where EPT12 is read-only, and an EPT02 leaf missing from its
+    rmap, are violations of the audit (with tdp through the nested instance's own)."""
+    m, hv, l2 = _l2_over_regions(config, 1)
+    try:
+        hv.map(l2, _page(1), _page(1), perm=E.EPT_READ)
+        m.run_programs([Program().write(_page(0), 1).read(_page(1)).build()])
+        n = _nested_instance(m)
+        vm = m.vm
+        leaves = {}
+        for sp in n.by_pfn.values():
+            if sp.role.guest_mode and sp.role.level == 1:
+                row = vm.spte_table(sp.pfn)
+                for idx in np.flatnonzero(row).tolist():
+                    leaves[sp.leaf_gfn(idx)] = (sp, idx)
+        sp, idx = leaves[_page(1) >> 12]
+        spte = int(vm.spte_table(sp.pfn)[idx])
+        assert not spte & E.EPT_WRITE
+        vm.spte_write(sp.pfn, idx, spte | E.EPT_WRITE)
+        assert "backend:nested-ept12-readonly" in {v.invariant for v in audit(vm)}
+        vm.spte_write(sp.pfn, idx, spte)
+        assert audit(vm) == []
+        sp, idx = leaves[_page(0) >> 12]
+        n.rmaps.remove(0, _page(0) >> 12, 1, sp.pfn * 512 + idx)
+        assert "backend:rmap-missing" in {v.invariant for v in audit(vm)}
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_huge_ept02_leaves_follow_ept12_and_the_host(config):
+    """kvm_mmu_hugepage_adjust for EPT02: a 1G EPT12 leaf over THP-backed L1 memory gives 2M
+    EPT02 leaves (the host's level), in direct pages keyed by L1 gfn; L2 reads what it wrote,
+    and the audit holds."""
+    from mmu_core.guest.nested import run_in_l2
+
+    regions = 4
+    m = build_machine(MachineSpec(vcpus=1, data_size=512 * regions * 4096, backing="thp"),
+                      VMConfig(params=CONFIGURATIONS[config]))
+    try:
+        run_in_l2(m, prefault=True)
+        p = Program()
+        for r in range(regions):
+            for k in range(4):
+                p.write(DATA_GPA + r * (2 << 20) + k * 4096 * 100, r * 16 + k)
+        for r in range(regions):
+            p.read(DATA_GPA + r * (2 << 20) + 4096 * 100)
+        res = m.run_programs([p.build()])[0]
+        assert [int(v) for v in res[-regions:, 0]] == [r * 16 + 1 for r in range(regions)]
+        n = _nested_instance(m)
+        c = n.nested_counters()
+        # 2M for the data; the guest's page tables (anon, not THP) get 4K leaves
+        assert c["ept02_mapped_2m"] == regions and c["ept02_mapped_1g"] == 0
+        for r in range(regions):
+            gfn = (DATA_GPA + r * (2 << 20)) >> 12
+            assert n.rmaps.get(0, gfn, 2) and not n.rmaps.get(0, gfn + 100, 1)
+            assert all(n.by_pfn[p >> 9].role.direct for p in n.rmaps.get(0, gfn, 2))
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+def _walk_ept12_python(vm, eptp, l2gpa):
+    """The EPT12 walk read entry by entry through kvm_read_guest (the Python reading the
+    jitted walk replaced): (l1 gpa or None, permissions, path)."""
+    table, perm, path = eptp & ~0xFFF & ((1 << 52) - 1), E.EPT_RWX, []
+    for level in range(4, 0, -1):
+        idx = (l2gpa >> (12 + 9 * (level - 1))) & 511
+        entry = vm.read_guest_u64(0, table + 8 * idx)
+        path.append((table >> 12, idx, entry))
+        rwx = entry & E.EPT_RWX
+        if not rwx or (rwx & E.EPT_WRITE and not rwx & E.EPT_READ):
+            return None, 0, path
+        perm &= rwx
+        if level == 1 or (level <= 3 and entry & E.EPT_LARGE):
+            size = 1 << (12 + 9 * (level - 1))
+            return (entry & 0x000F_FFFF_FFFF_F000 & ~(size - 1)) | (l2gpa & (size - 1)), \
+                perm, path
+        table = entry & 0x000F_FFFF_FFFF_F000
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
+    """Random EPT12 tables (4K, 2M and 1G leaves, any permissions including W without R and
+    not-present, bits 52-63 set, an entry pointing outside memory, a table page swapped out)
+    walked at random L2 addresses: the jitted walk returns what reading entry by entry does."""
+    from mmu_shadow.nested import walk_ept12
+
+    rng = np.random.default_rng(seed)
+    m = _machine("tdp", pages=64)
+    try:
+        vm = m.vm
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        addrs = []
+        for _ in range(60):
+            level = int(rng.choice([1, 1, 1, 2, 3]))
+            shift = 12 + 9 * (level - 1)
+            l2gpa = (int(rng.integers(0, 1 << 20)) << 21) if level > 1 else \
+                (int(rng.integers(0, 1 << 27)) << 12)
+            l2gpa &= ~((1 << shift) - 1)
+            try:
+                hv.map(l2, l2gpa, _page(int(rng.integers(PAGES))) & ~((1 << shift) - 1),
+                       perm=int(rng.integers(1, 8)), level=level)
+            except GuestError:
+                continue  # lies in a large leaf mapped before
+            addrs.append(l2gpa | int(rng.integers(0, 1 << shift)))
+        # damage some entries: not present, high bits, a table outside memory
+        for t in sorted(hv.tables)[:6]:
+            i = int(rng.integers(512))
+            gpa = (t << 12) + 8 * i
+            word = vm.read_guest_u64(0, gpa)
+            hv._store(None, gpa, (word | (0xFFF << 52)) & ((1 << 64) - 1) if rng.random() < 0.5
+                      else (0xFF_FFFF_F000 | E.EPT_RWX))
+            addrs.append(int(rng.integers(0, 1 << 48)))
+        vm.mm.swap_out(vm.memslots[0].find(max(hv.tables)).gfn_to_hva(max(hv.tables)))
+        for _ in range(200):
+            addrs.append(int(rng.integers(0, 1 << 48)))
+        outcomes = set()
+        for a in addrs:
+            got = walk_ept12(vm, l2.eptp, a)
+            assert got == _walk_ept12_python(vm, l2.eptp, a), hex(a)
+            outcomes.add((got[0] is not None, len(got[2])))
+        # mapped at 4K, 2M and 1G, and not mapped at several depths
+        assert {(True, 4), (True, 3), (True, 2), (False, 1)} <= outcomes
+    finally:
+        m.vm.destroy()
+
+
+def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
+    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only (a
+    last-level one) or write-tracked (above): an L1 program's first store to the last-level
+    table faults and unsyncs its EPT02 page (mmu_try_to_unsync_pages), and L2 sees the new
+    mapping after L1's INVEPT syncs it; a store to an upper-level table exits and is emulated
+    (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
+    m = _machine("legacy", vcpus=2)
+    try:
+        vm = m.vm
+        hv = L1Hypervisor(m.pts)
+        l2 = hv.new_l2()
+        v0, v1 = vm.vcpus
+        v0.enter_l2(l2)
+        hv.map(l2, _page(0), _page(0))
+        m.run_programs([Program().write(_page(0), 0xA0).write(_page(5), 0xA5).build(),
+                        Program().read(_page(1)).build()])
+        n = _nested_instance(m)
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.unsync for sp in leaf)  # L1 mapped page 5 in it
+        m.vm.engine.spawn("l1", v0.invept, None)  # synced: write-protected again
+        m.vm.engine.run()
+        assert not any(sp.unsync for sp in leaf)
+        new = (_page(5) & ~0xFFF) | (hv.lookup(l2, _page(0)) & 0xFFF)
+        # vCPU 1, in L1, stores the EPT12 entry through L1's own mapping of its tables
+        p1 = Program().store_pte(m.pts.pt_gva_of(e_gpa), new).build()
+        m.run_programs([Program().build(), p1])
+        assert vm.read_guest_u64(0, e_gpa) == new
+        assert all(sp.unsync for sp in leaf) and v1.faults.get("emulate", 0) == 0
+        assert audit(vm) == []
+
+        m.vm.engine.spawn("l1", v0.invept, l2.eptp)  # L1 on v0, whose EPT02 root it syncs
+        m.vm.engine.run()
+        res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
+        assert res[0, 0] == 0xA5
+        assert audit(vm) == []
+
+        # an upper-level EPT12 table is write-tracked: the store exits and is emulated
+        top = l2.eptp + 8 * ((_page(0) >> 39) & 511)
+        assert vm.is_tracked(0, top >> 12)
+        word = vm.read_guest_u64(0, top)
+        p1 = Program().store_pte(m.pts.pt_gva_of(top), word).build()
+        m.run_programs([Program().build(), p1])
+        assert v1.faults.get("emulate", 0) >= 1
+        res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
+        assert res[0, 0] == 0xA5
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_invvpid_and_vpid_tagged_l2_translations(config):
+    """SDM vol. 3C, INVVPID and 28.3.3.3: with a VPID for L2, L2's linear translations survive
+    L1 <-> L2 switches (tagged apart from L1's), so a guest PTE L1 changed without
+    invalidating still maps the old page in L2 until INVVPID (individual address, single
+    context or all context) drops it; without a VPID every switch flushes. INVVPID of VPID 0
+    (types 0, 1, 3) and an unknown type fail."""
+    m = _machine(config)
+    try:
+        vm = m.vm
+        vcpu = vm.vcpus[0]
+        hv = L1Hypervisor(m.pts)
+        gva = _page(0)
+        e_gpa = m.pts.entry_gpa(gva, 1, create=False)
+        old = vm.read_guest_u64(0, e_gpa)
+        for vpid, kind in ((7, 1), (7, 0), (7, 2), (0, None)):
+            l2 = hv.new_l2(prefault=[(0, m.pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+            l2.vpid = vpid
+            m.pts._table_of_gpa(e_gpa)[(e_gpa & 0xFFF) >> 3] = old  # gva -> page 0
+            vcpu.enter_l2(l2)
+            res = m.run_programs([Program().write(gva, 0x50).read(gva).build()])[0]
+            assert res[1, 0] == 0x50
+            # L1 points the guest PTE of gva at page 3, without INVLPG, and L2 is resumed
+            m.pts._table_of_gpa(e_gpa)[(e_gpa & 0xFFF) >> 3] = (old & 0xFFF) | _page(3)
+            vcpu.leave_l2()
+            vcpu.enter_l2(l2)
+            res = m.run_programs([Program().read(gva).build()])[0]
+            if vpid:
+                assert res[0, 0] == 0x50  # the VPID-tagged translation survived the switch
+                if kind != 2:  # all-context ignores the VPID given
+                    m.vm.engine.spawn("l1", vcpu.invvpid, kind, 8, gva)  # another VPID
+                    m.vm.engine.run()
+                    assert m.run_programs([Program().read(gva).build()])[0][0, 0] == 0x50
+                m.vm.engine.spawn("l1", vcpu.invvpid, kind, vpid, gva + 4096 * (kind == 0))
+                m.vm.engine.run()
+                if kind == 0:  # another address of the VPID: gva's entry stays
+                    assert m.run_programs([Program().read(gva).build()])[0][0, 0] == 0x50
+                    m.vm.engine.spawn("l1", vcpu.invvpid, 0, vpid, gva)
+                    m.vm.engine.run()
+                res = m.run_programs([Program().read(gva).build()])[0]
+            assert res[0, 0] != 0x50  # page 3 now
+            assert audit(vm) == []
+            vcpu.leave_l2()
+        assert vcpu.exits["invvpid"] >= 5
+        for kind, vpid in ((1, 0), (0, 0), (3, 0), (4, 1)):
+            with pytest.raises(GuestError, match="INVVPID"):
+                vcpu.invvpid(kind, vpid)
+    finally:
+        m.vm.destroy()

@@ -4,7 +4,7 @@ VM.set_nr_mmu_pages (KVM_SET_NR_MMU_PAGES)."""
 
 import pytest
 
-from mmu_core import InvalidConfig, VMConfig
+from mmu_core import InvalidConfig, Role, VMConfig
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.params import CONFIGURATIONS
@@ -31,12 +31,16 @@ def test_set_nr_mmu_pages_validates_and_reaches_the_backend():
         m.vm.destroy()
 
 
-def test_set_nr_mmu_pages_without_a_limit_is_none():
+def test_set_nr_mmu_pages_beside_the_tdp_mmu_limits_the_nested_shadow_mmu():
+    """The TDP MMU has no limit; KVM_SET_NR_MMU_PAGES then governs the shadow MMU that
+    builds EPT02 (n_max_mmu_pages counts shadow pages only). A backend with neither (the
+    simple example) answers None."""
     m = _machine("tdp", 16)
     try:
         with pytest.raises(InvalidConfig):
             m.vm.set_nr_mmu_pages(10)
-        assert m.vm.set_nr_mmu_pages(100) is None
+        assert m.vm.set_nr_mmu_pages(100) == 100
+        assert m.vm.managers[Role.NESTED].get_plugin("shadow").n_max == 100
     finally:
         m.vm.destroy()
 

@@ -34,6 +34,7 @@ class L2Guest:
 
     hv: L1Hypervisor
     eptp: int
+    vpid: int = 0  # vmcs12's VPID for L2 (0: none, every L1 <-> L2 switch flushes)
     reflected: int = 0  # EPT violations L1 handled
     mapped: set[int] = field(default_factory=set)  # L2 gfns L1 mapped
 

@@ -32,6 +32,21 @@ class CostModel(BaseModel):
                         "VMX exit+entry round trip ~1 us, half each")
     emulate: int = _ns(2_000, "emulating one instruction's access in KVM",
                        "x86_emulate_instruction: decode + access ~ a few us")
+    nested_vmexit: int = _ns(1_500, "L0 reflecting an L2 exit to L1 (nested_vmx_vmexit): "
+                             "vmcs02 synced into vmcs12, L1's host state loaded into vmcs01, "
+                             "vmcs01 made current, the MMU switched back to L1's",
+                             "estimate from the work in vmx/nested.c: ~65 VMCS fields copied by "
+                             "VMREAD/VMWRITE at ~30 cycles, a VMPTRLD, kvm_mmu_reset_context: "
+                             "~4.5k cycles at 3 GHz")
+    nested_vmentry: int = _ns(2_000, "L0 emulating L1's VMRESUME into L2 (nested_vmx_run): "
+                              "vmcs12 checked, vmcs02 prepared from it, made current, the "
+                              "guest-mode MMU loaded", "estimate from the work in vmx/nested.c: "
+                              "nested_vmx_check_* and prepare_vmcs02 (~80 fields) plus a VMPTRLD "
+                              "and the EPT MMU context: ~6k cycles at 3 GHz")
+    l1_ept_fault: int = _ns(1_000, "L1's own handler for an EPT violation of its L2 (L1 KVM's "
+                            "kvm_mmu_page_fault mapping a page L1 has), besides its exits",
+                            "as the model charges L0's fault path for a present page: GUP-fast "
+                            "(gup_present), the MMU lock, the SPTE, exit handling, ~1 us")
     quantum: int = _ns(10_000, "longest stretch of guest code a vCPU runs between switch points",
                        "modelling choice: 10 us keeps interleaving fine and switches rare", ge=1)
 

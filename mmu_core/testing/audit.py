@@ -308,36 +308,43 @@ def _frame_owners(vm) -> dict[int, list[tuple[int, bool]]]:
 
 
 def _check_caches(vm, frames: _Frames, info: BackendAudit, bad) -> None:
-    owners = None
+    owners: dict = {}  # filled once, on the first TLB holding data entries
     for vcpu in vm.vcpus:
         if vcpu.requests & (REQ_TLB_FLUSH | REQ_MMU_RELOAD):
             continue  # flushed before this vCPU can enter the guest again
-        _data, tables = T.cached_frames(vcpu.tlb)
-        tlb = vcpu.tlb[: int(vcpu.tlb[0, T.TLB_GEOM])]
-        valid = tlb[:, T.TLB_VPN] != 0
-        data, attrs = tlb[valid, T.TLB_PFN], tlb[valid, T.TLB_ATTR]
-        for pfn in tables.tolist():
-            if not frames.is_table(pfn):
-                bad("psc-freed", f"vcpu{vcpu.id}'s paging-structure cache reaches table "
-                    f"{pfn:#x}, which is not an allocated MMU table page")
-        if not len(data):
+        # the running context's TLB, and the other VPID's (nested, docs/nested.md)
+        for tlb in (vcpu.tlb, vcpu.tlb_other):
+            if tlb is not None:
+                _check_tlb(vm, vcpu, tlb, frames, info, owners, bad)
+
+
+def _check_tlb(vm, vcpu, tlb, frames: _Frames, info: BackendAudit, owners: dict, bad) -> None:
+    _data, tables = T.cached_frames(tlb)
+    tlb = tlb[: int(tlb[0, T.TLB_GEOM])]
+    valid = tlb[:, T.TLB_VPN] != 0
+    data, attrs = tlb[valid, T.TLB_PFN], tlb[valid, T.TLB_ATTR]
+    for pfn in tables.tolist():
+        if not frames.is_table(pfn):
+            bad("psc-freed", f"vcpu{vcpu.id}'s paging-structure cache reaches table "
+                f"{pfn:#x}, which is not an allocated MMU table page")
+    if not len(data):
+        return
+    if not owners:
+        owners.update(_frame_owners(vm))
+    for pfn, attr in zip(data.tolist(), attrs.tolist(), strict=True):
+        if not frames.live(pfn):
+            bad("tlb-freed", f"vcpu{vcpu.id}'s TLB maps freed frame {pfn:#x}")
             continue
-        if owners is None:
-            owners = _frame_owners(vm)
-        for pfn, attr in zip(data.tolist(), attrs.tolist(), strict=True):
-            if not frames.live(pfn):
-                bad("tlb-freed", f"vcpu{vcpu.id}'s TLB maps freed frame {pfn:#x}")
-                continue
-            who = owners.get(pfn, ())
-            # TDP: the EPT's W decides (the guest's own W may be overridden by CR0.WP=0);
-            # shadow paging: the shadow leaf's W, which already includes the guest's.
-            writable = attr & (W.A_HOST_W if info.direct else W.A_WRITABLE)
-            if writable and who and all(ro for _as, ro in who):
-                bad("readonly-writable", f"vcpu{vcpu.id}'s TLB can write frame {pfn:#x} of a "
-                    "READONLY slot")
-            if who and not vcpu.smm and all(a == 1 for a, _ro in who):
-                bad("smm-only", f"vcpu{vcpu.id} is not in SMM but its TLB maps SMM-only frame "
-                    f"{pfn:#x}")
+        who = owners.get(pfn, ())
+        # TDP: the EPT's W decides (the guest's own W may be overridden by CR0.WP=0);
+        # shadow paging: the shadow leaf's W, which already includes the guest's.
+        writable = attr & (W.A_HOST_W if info.direct else W.A_WRITABLE)
+        if writable and who and all(ro for _as, ro in who):
+            bad("readonly-writable", f"vcpu{vcpu.id}'s TLB can write frame {pfn:#x} of a "
+                "READONLY slot")
+        if who and not vcpu.smm and all(a == 1 for a, _ro in who):
+            bad("smm-only", f"vcpu{vcpu.id} is not in SMM but its TLB maps SMM-only frame "
+                f"{pfn:#x}")
 
 
 def check(vm) -> None:

@@ -654,6 +654,16 @@ def scenario_nx_recovery(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+def _nested_machine(config: VMConfig, rng: random.Random):
+    """Two vCPUs, eight data pages, a reference; page x (0) will be remapped among the
+    targets, which get distinct contents."""
+    m = _machine(config, 2, 8)
+    ref = Reference(m)
+    x, targets = 0, [5, 6, 7]
+    _fill(ref, m, targets, rng)
+    return m, ref, m.vm, x, targets
+
+
 def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
     """Nested EPT (docs/nested.md): two vCPUs run one L2 guest whose EPT12 L1 fills lazily
     (every first touch is an EPT violation reflected to L1, whose EPT12 stores exit once L0
@@ -662,14 +672,9 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
     INVEPT after each remap. L2 must read what the reference holds (the remapped page: any page it was mapped
     to since that vCPU's last INVEPT, as the SDM allows); the audit checks EPT02 after every
     step. Nested EPT needs EPT in L0: under shadow paging the same programs run in L1."""
-    from mmu_core.arch.x86 import ept as E
     from mmu_core.guest.nested import L1Hypervisor
 
-    m = _machine(config, 2, 8)
-    ref = Reference(m)
-    vm = m.vm
-    x, targets = 0, [5, 6, 7]
-    _fill(ref, m, targets, rng)
+    m, ref, vm, x, targets = _nested_machine(config, rng)
     progs = []
     for _ in range(2):  # the remapped page is only read (its writes would race the remaps)
         prog = Program()
@@ -698,15 +703,30 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
     ref.target[_page(x) >> 12] = _page(first) >> 12
     for v in vm.vcpus:
         v.enter_l2(l2)
-    remaps = [(rng.randrange(2_000, 25_000), targets[rng.randrange(3)],
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    run.tasks.append(("l1", _l1_remaps(vm, ref, hv, l2, x, targets, rng)))
+    return run
+
+
+def _l1_remaps(vm, ref: Reference, hv, l2, x: int, targets: list[int], rng: random.Random,
+               before: Callable[[int], None] | None = None) -> Callable[[], None]:
+    """An L1 task that remaps L2's page x three times among `targets` (read-only or not),
+    each time with a store to EPT12 and INVEPT, after a random delay or after `before(k)`;
+    the reference allows either mapping from the store until the INVEPT."""
+    from mmu_core.arch.x86 import ept as E
+
+    remaps = [(rng.randrange(2_000, 25_000), targets[rng.randrange(len(targets))],
                rng.choice((E.EPT_RWX, E.EPT_READ))) for _ in range(3)]
 
     def l1() -> None:
         # L1 runs on vCPU 0 between its L2 runs (the model charges its exits there).
         v0 = vm.vcpus[0]
         page = _page(x) >> 12
-        for delay, t, perm in remaps:
-            vm.engine.delay(delay)
+        for k, (delay, t, perm) in enumerate(remaps):
+            if before is None:
+                vm.engine.delay(delay)
+            else:
+                before(k)
             # From L1's store until its INVEPT, a vCPU may use either mapping.
             for v in vm.vcpus:
                 ref.stale.setdefault((v.id, page), set()).add(ref.target[page])
@@ -715,9 +735,7 @@ def scenario_nested(config: VMConfig, rng: random.Random) -> Run:
             v0.invept(l2.eptp)
             for v in vm.vcpus:
                 ref.stale.pop((v.id, page), None)
-    run.tasks.append(("host", _host_events(vm, hvas, plan)))
-    run.tasks.append(("l1", l1))
-    return run
+    return l1
 
 
 SCENARIOS: dict[str, Callable[[VMConfig, random.Random], Run]] = {
@@ -1046,6 +1064,171 @@ def scenario_reclaim(config: VMConfig, rng: random.Random) -> Run:
 SCENARIOS["userfault"] = scenario_userfault
 SCENARIOS["unsync"] = scenario_unsync
 SCENARIOS["reclaim"] = scenario_reclaim
+
+
+def scenario_nested_reclaim(config: VMConfig, rng: random.Random) -> Run:
+    """EPT02 pages reclaimed under nested EPT (docs/nested.md): two vCPUs run one lazily
+    mapped L2 over pages in eight 2 MiB regions (one EPT12 last-level table, so one EPT02
+    shadow page, each) while the VMM sets KVM's minimum page limit, the host's shrinker
+    reclaims the oldest shadow pages (EPT02 ones among them, whose EPT12 tables then stop
+    being write-tracked) and drops L1 pages, and an L1 task remaps one L2 page with INVEPT.
+    An L1 store to an EPT12 table whose EPT02 page was just reclaimed does not exit, so a
+    nested fault that walked the old entry must see that it changed (FNAME(gpte_changed))
+    before it builds the page again; reclaimed pages refault without L1 noticing. Under
+    shadow paging (no nested EPT) the same programs run in L1."""
+    from mmu_core.guest.nested import L1Hypervisor
+
+    m = _machine(config, 2, 512 * RECLAIM_REGIONS)
+    vm = m.vm
+    ref = Reference(m)
+    pages = [512 * r + rng.randrange(1, 512) for r in range(RECLAIM_REGIONS)]
+    x, targets = 0, pages[1:4]
+    _fill(ref, m, targets, rng)
+    progs = []
+    for _ in range(2):  # the remapped page and its targets are only read
+        prog = Program()
+        for k in range(40):
+            if k % 2:
+                prog.read(_page(x))
+            elif rng.random() < 0.5:
+                prog.write(_page(rng.choice(pages[4:])), _value(rng))
+            else:
+                prog.read(_page(rng.choice(pages[1:])))
+            prog.pause(rng.randrange(0, 1000))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    if not vm.params.ept:
+        return run
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 40_000), rng.randrange(2, 20)) for _ in range(4)]
+    gaps = [(rng.randrange(10_000, 30_000), rng.randrange(0, 1_500)) for _ in range(3)]
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    ref.remappable(_page(x) >> 12)
+    hv.map(l2, _page(x), _page(targets[0]))
+    ref.target[_page(x) >> 12] = _page(targets[0]) >> 12
+    for v in vm.vcpus:
+        v.enter_l2(l2)
+
+    def reclaim_x() -> None:
+        # The host drops x's page (the next fault on x sleeps in gfn_to_pfn, after its EPT12
+        # walk) and its shrinker reclaims every shadow page no vCPU holds as a root, x's
+        # EPT02 table with the others.
+        vm.mm.madvise_dontneed(slot.gfn_to_hva(ref.target[_page(x) >> 12]), 4096)
+        vm.mm.shrink_slab(64)
+
+    def host() -> None:
+        vm.set_nr_mmu_pages(64)
+        for delay, nr in plan:
+            vm.engine.delay(delay)
+            vm.mm.shrink_slab(nr)
+            _then_sleep(vm)
+
+    def before_remap(k: int) -> None:
+        # One task plays the host and then L1, so that L1's store lands while x's EPT12
+        # table is not shadowed (not write-tracked: the store does not exit) and a vCPU's
+        # fault on x may be between its walk and the MMU lock.
+        wait, gap = gaps[k]
+        vm.engine.delay(wait)
+        reclaim_x()
+        vm.engine.delay(gap)
+    run.tasks.append(("host", host))
+    run.tasks.append(("host+l1", _l1_remaps(vm, ref, hv, l2, x, targets, rng, before_remap)))
+    return run
+
+
+SCENARIOS["nested-reclaim"] = scenario_nested_reclaim
+
+
+def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
+    """Unsync EPT02 pages (docs/nested.md): two vCPUs run one L2 guest and read page x while
+    an L1 task edits x's mapping in two ways, each followed by INVEPT: in x's last-level EPT12
+    table (write-protected, not tracked: the first store unsyncs its EPT02 page and later ones
+    do not exit, so EPT02 lags until the INVEPT syncs it), and one level up, switching x's
+    2 MiB region between two last-level tables (a write-tracked EPT12 table: the store exits
+    and zaps the EPT02 link; a fault that walked the old entry must retry). Meanwhile the host
+    drops, migrates and swaps the pages and reclaims shadow pages. The reference allows the
+    old target between L1's store and its INVEPT. Under shadow paging the programs run in L1."""
+    from mmu_core.guest import nested as N
+    from mmu_core.guest.nested import L1Hypervisor
+
+    m, ref, vm, x, targets = _nested_machine(config, rng)
+    progs = []
+    for _ in range(2):
+        prog = Program()
+        for k in range(40):
+            if k % 2:
+                prog.read(_page(x)).pause(rng.randrange(0, 1500))
+            else:
+                prog.write(_page(rng.randrange(1, 5)), _value(rng))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    if not vm.params.ept:
+        return run
+    slot = vm.memslots[0].by_id(DATA_SLOT)
+    hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(8)]
+    vm.mm.discard_listeners.append(ref.discard)
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    page = _page(x) >> 12
+    ref.remappable(page)
+    for i in range(1, 5):
+        hv.map(l2, _page(i), _page(i))
+    hv.map(l2, _page(x), _page(targets[0]))
+    ref.target[page] = _page(targets[0]) >> 12
+    # a second last-level table for x's 2 MiB region: the same entries, x on another target
+    e1 = hv._entry_gpa(l2, _page(x), None, False)
+    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
+    tables = [e1 & ~0xFFF, hv._alloc_table()]
+    for i in range(512):
+        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
+    alt = [targets[0], targets[1]]
+    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    for v in vm.vcpus:
+        v.enter_l2(l2)
+    edits = [(rng.randrange(1_000, 15_000), rng.random() < 0.5, targets[rng.randrange(3)])
+             for _ in range(4)]
+    plan = [(rng.randrange(0, 20_000), rng.choice(("dontneed", "migrate", "swap", "shrink")),
+             rng.randrange(1, 8)) for _ in range(4)]
+
+    def l1() -> None:
+        v0 = vm.vcpus[0]
+        which = 0
+        for delay, switch, t in edits:
+            vm.engine.delay(delay)
+            for v in vm.vcpus:
+                ref.stale.setdefault((v.id, page), set()).add(ref.target[page])
+            if switch:  # one level up: the region's other last-level table
+                which ^= 1
+                ref.target[page] = _page(alt[which]) >> 12
+                v0.l1_store(e2, tables[which] | N.NONLEAF_FLAGS)
+            else:  # in the last-level table in use
+                alt[which] = t
+                ref.target[page] = _page(t) >> 12
+                v0.l1_store(tables[which] + (e1 & 0xFFF), (_page(t) & ~0xFFF) | N.LEAF_FLAGS)
+            v0.invept(l2.eptp)
+            for v in vm.vcpus:
+                ref.stale.pop((v.id, page), None)
+
+    def host() -> None:
+        for delay, what, i in plan:
+            vm.engine.delay(delay)
+            if what == "shrink":
+                vm.mm.shrink_slab(8)
+            elif what == "dontneed":
+                vm.mm.madvise_dontneed(hvas[i], 4096)
+            elif what == "migrate":
+                vm.mm.migrate(hvas[i])
+            else:
+                vm.mm.swap_out(hvas[i])
+            _then_sleep(vm)
+    run.tasks.append(("host", host))
+    run.tasks.append(("l1", l1))
+    return run
+
+
+SCENARIOS["nested-unsync"] = scenario_nested_unsync
 
 
 def scenario_shadow_split(config: VMConfig, rng: random.Random) -> Run:

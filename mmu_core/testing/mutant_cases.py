@@ -7,7 +7,9 @@ schedules each case needs (the table in docs/concurrency.md)."""
 #: absent: nothing in the model can reach it yet (docs/concurrency.md).
 MUTANT_CASES = [
     ("nested-zap-skipped", "nested", "tdp", "random"),
-    ("nested-ept12-write-ignored", "nested", "legacy", "random"),
+    ("nested-ept12-write-ignored", "nested-unsync", "legacy", "random"),
+    ("nested-skip-ept12-recheck", "nested-reclaim", "legacy", "random"),
+    ("nested-unsync-never-synced", "nested-unsync", "legacy", "random"),
     ("populate-no-recheck", "first-touch-thp", "tdp", "random"),
     ("skip-invalidate-retry", "host-events", "shadow", "random"),
     ("no-flush-after-zap", "host-events", "tdp", "random"),

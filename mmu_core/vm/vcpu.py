@@ -85,6 +85,14 @@ class Vcpu:
         self.l2 = None
         self.nested_root: int | None = None
         self._nested_seen = -1
+        # VPID (SDM 28.1): with L1 giving its L2 a VPID, L1's and L2's linear and combined
+        # mappings are tagged apart, so a switch keeps both. Modelled as one TLB per tag:
+        # `tlb` is the running context's, `tlb_other` the other's (None until L2 has a VPID);
+        # `_vpid12`/`_eptp12` the VPID (KVM maps it to its vpid02) and EPTP the L2 TLB
+        # holds entries of.
+        self.tlb_other: np.ndarray | None = None
+        self._vpid12 = 0
+        self._eptp12 = -1
         self._sync_regs()
 
     def flush_pml(self, kick: bool = False) -> int:
@@ -214,6 +222,13 @@ class Vcpu:
     def flush_tlb(self) -> None:
         tlb_flush_all(self.tlb)
 
+    def _flush_tlbs(self) -> None:
+        """Every context's entries (kvm_flush_remote_tlbs is an INVEPT all-context: it drops
+        guest-physical and combined mappings whatever their VPID)."""
+        tlb_flush_all(self.tlb)
+        if self.tlb_other is not None:
+            tlb_flush_all(self.tlb_other)
+
     def make_request(self, req: int) -> None:
         """kvm_make_request: serviced before the vCPU next enters the guest."""
         self.requests |= req
@@ -221,9 +236,9 @@ class Vcpu:
     def _service_requests(self) -> None:
         req, self.requests = self.requests, 0
         if req & REQ_TLB_FLUSH:
-            tlb_flush_all(self.tlb)
+            self._flush_tlbs()
         if req & REQ_MMU_RELOAD:
-            tlb_flush_all(self.tlb)
+            self._flush_tlbs()
             self.vm.hook_all("mmu_unload", vcpu=self)
             self.mmu_root = None
             self.nested_root = None  # the guest-mode roots go with the others
@@ -331,13 +346,51 @@ class Vcpu:
                              "nested EPT")
         self.l2 = l2
         self.nested_root = None
-        tlb_flush_all(self.tlb)
+        self._switch_tlb(True)
 
     def leave_l2(self) -> None:
         """Back to L1 (a nested VM exit L1 does not resume from)."""
+        self._switch_tlb(False)
         self.l2 = None
         self.nested_root = None
-        tlb_flush_all(self.tlb)
+
+    def _switch_tlb(self, into_l2: bool) -> None:
+        """nested_vmx_transition_tlb_flush: without a VPID for L2 (vmcs12's VPID 0) every
+        L1 <-> L2 switch flushes; with one, the running context's TLB changes (the entries
+        are tagged apart), and entering with another VPID or EPTP than the L2 TLB holds
+        flushes it."""
+        vpid = getattr(self.l2, "vpid", 0) if self.l2 is not None else 0
+        if not vpid:
+            tlb_flush_all(self.tlb)
+            return
+        if self.tlb_other is None:
+            self.tlb_other = new_tlb(self.vm.config.tlb_entries)
+        self.tlb, self.tlb_other = self.tlb_other, self.tlb
+        if into_l2 and (vpid, self.l2.eptp) != (self._vpid12, self._eptp12):
+            # another VPID, or another EPTP: combined mappings are tagged with the EP4TA too
+            tlb_flush_all(self.tlb)
+            self._vpid12, self._eptp12 = vpid, self.l2.eptp
+
+    def invvpid(self, kind: int, vpid: int, gla: int = 0) -> None:
+        """L1 executes INVVPID (an exit L0 handles, handle_invvpid; SDM vol. 3C, INVVPID):
+        type 0 individual-address (gla), 1 single-context, 2 all-context, 3
+        single-context-retaining-globals (no global pages here: as 1). Invalidates the
+        linear and combined mappings tagged with `vpid` (with EPT, KVM flushes vpid02's:
+        vpid_sync_vcpu_addr / vpid_sync_context). A VPID of 0 for types 0, 1, 3 or an
+        unknown type fails (VMfail)."""
+        self._exit("invvpid")
+        if kind not in (0, 1, 2, 3) or (kind != 2 and vpid == 0):
+            raise GuestError(f"INVVPID type {kind} with VPID {vpid} fails (VMfailValid)")
+        if kind != 2 and vpid != self._vpid12:
+            return  # no entry of this vCPU carries that tag
+        in_l2 = self.l2 is not None and getattr(self.l2, "vpid", 0)
+        tlb = self.tlb if in_l2 else self.tlb_other
+        if tlb is None:
+            return
+        if kind == 0:
+            tlb_flush_va(tlb, gla)
+        else:
+            tlb_flush_all(tlb)
 
     def request_nested_reload(self) -> None:
         """The backend dropped the EPT02 root this vCPU may use: load it again before the
@@ -380,7 +433,7 @@ class Vcpu:
         for None."""
         self._exit("invept")
         self.vm.managers[Role.NESTED].hook.mmu_nested_invept(vcpu=self, eptp=eptp)
-        tlb_flush_all(self.tlb)
+        self._flush_tlbs()  # the EPTP's combined mappings, whatever their VPID
 
     def _nested_fault(self, prog: np.ndarray, pc: int, results: np.ndarray, kind: int) -> int:
         """An EPT violation or misconfiguration on EPT02 while in L2 (KVM: handle_ept_violation
@@ -405,13 +458,16 @@ class Vcpu:
         self._count(self.faults, "nested_" + (_OUTCOMES.get(ret) or Ret(ret).name.lower()))
         done = pc
         if ret == Ret.INJECT:
-            # EPT12 does not map it: a nested VM exit to L1 (nested_ept_inject_page_fault),
-            # L1's handler, its VMRESUME (an exit to L0) and the entry into L2.
+            # EPT12 does not map it: a nested VM exit to L1 (nested_ept_inject_page_fault,
+            # nested_vmx_vmexit), L1's handler, its VMRESUME (an exit to L0, nested_vmx_run)
+            # and the entry into L2.
             self._count(self.exits, "reflected_to_l1")
-            vm.engine.delay(cost.vm_entry + cost.emulate, "exit")  # into L1, vmcs12 synced
-            self.l2.handle_ept_violation(self, fault)
-            vm.engine.delay(cost.vm_exit + cost.emulate, "exit")  # L1's VMRESUME
-            tlb_flush_all(self.tlb)  # no VPID: every L1 <-> L2 switch flushes
+            vm.engine.delay(cost.nested_vmexit + cost.vm_entry, "exit")  # into L1
+            vm.engine.delay(cost.l1_ept_fault, "exit")
+            self._switch_tlb(False)
+            self.l2.handle_ept_violation(self, fault)  # its stores to EPT12 may exit
+            vm.engine.delay(cost.vm_exit + cost.nested_vmentry, "exit")  # L1's VMRESUME
+            self._switch_tlb(True)
         elif ret == Ret.EMULATE:
             done = self.emulate(prog, pc, results)
         elif ret == Ret.RETRY:

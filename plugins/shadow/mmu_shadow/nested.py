@@ -1,170 +1,225 @@
-"""Nested EPT (#8 item 7): EPT02, the tables the hardware walks while a vCPU runs L2.
+"""Nested EPT (#8 item 7): EPT02, the tables the hardware walks while a vCPU runs L2, made of
+the shadow MMU's own shadow pages.
 
 An L1 hypervisor maps its L2 guest's physical addresses with EPT tables in L1 memory (EPT12,
 rooted at the EPTP L1 gave in its VMCS12). L0 cannot let the hardware walk them (they hold L1
 guest-physical addresses), so it builds EPT02: the shadow of EPT12 composed with L1's own
-gpa -> hpa mapping, as KVM's shadow MMU does in guest_mode with the EPT flavour of
-paging_tmpl.h (kvm_init_shadow_ept_mmu, PTTYPE_EPT).
+gpa -> hpa mapping, as KVM's shadow MMU does in guest mode with the EPT flavour of
+paging_tmpl.h (kvm_init_shadow_ept_mmu, FNAME(page_fault) with PTTYPE_EPT).
 
-What this models, and where in KVM it comes from:
+As in KVM, every EPT02 table is a ShadowPage (pages.py) in the same hash as L1's shadow
+pages, keyed by the gfn of the EPT12 table it shadows and a role with `guest_mode` set
+(kvm_calc_shadow_ept_root_page_role: 4-level, 8-byte entries, A/D disabled since the model's
+EPT12 has none, the EPT permissions above the table as `access`: R, W, X are ACC_USER,
+ACC_WRITE, ACC_EXEC, as FNAME(gpte_access) for EPT). Below a huge EPT12 leaf the pages are
+direct, keyed by the L1 gfn they map (kvm_mmu_get_child_sp with direct=true). So EPT02 pages
+get what L1's shadow pages get: parent links, a root reference per vCPU (the vCPU's guest_mmu
+root: VcpuRoots.nested), prepare/commit zaps with one flush per batch, rmap entries by L1 gfn
+(so host invalidations, zaps and memslot changes reach EPT02 leaves through the rmaps, as
+KVM's rmaps hold EPT02 SPTEs beside L1's), nr_mmu_pages accounting and reclaim of the oldest
+pages, mmu_memory's structs, and the shadow audit.
 
-* One EPT02 root per EPTP, shared by the vCPUs running an L2 with that EPTP (KVM finds the
-  root in the shadow-page hash by the EPTP's gfn and the guest_mode role).
 * An EPT violation on EPT02 walks EPT12 (FNAME(walk_addr_generic) with PTTYPE_EPT). When
-  EPT12 does not map the access the fault is reflected to L1 (kvm_inject_emulated_page_fault
-  -> nested_ept_inject_page_fault, an EPT-violation VM exit L1 handles); else L0 resolves the
-  L1 gfn with gfn_to_pfn and installs a 4K EPT02 leaf (FNAME(fetch)) whose permissions are
-  EPT12's ANDed with the host's (writable only if the host page and the memslot are, and, in
-  a memslot logging dirty pages, only on a write, which marks it dirty: make_spte).
-* Every EPT12 page a walk went through is write-tracked (account_shadowed): L1's stores to it
-  exit to L0, are emulated, and zap the EPT02 leaves built through the written entry
-  (kvm_mmu_pte_write). A nested fault whose walked EPT12 entries changed before it took the
-  lock retries (FNAME(gpte_changed)).
-* INVEPT (handle_invept): single-context drops the EPT02 root of that EPTP, all-context every
-  EPT02 root (kvm_mmu_free_roots of the guest-mode roots); the vCPUs reload.
-* An MMU-notifier invalidation or a zap of L1 gfns zaps the EPT02 leaves mapping them through
-  an rmap by L1 gfn (KVM's rmaps hold EPT02 SPTEs beside L1's); a memslot change drops every
-  EPT02 root before the next L2 entry (KVM zaps the slot's gfns; L2 cannot tell).
-  docs/nested.md lists what else is simplified: no huge EPT02 leaves, no unsync EPT12 pages,
-  no prefetch; EPT02 pages are not in the shadow-page hash nor under the page limit.
+  EPT12 does not map the access the fault is reflected to L1 (nested_ept_inject_page_fault);
+  else L0 resolves the L1 gfn with gfn_to_pfn and links the chain of shadow pages down to the
+  leaf (FNAME(fetch)). The leaf is as large as the EPT12 leaf, the host mapping and the
+  memslot allow (kvm_mmu_hugepage_adjust: min(EPT12 level, max_mapping_level)); its
+  permissions are EPT12's ANDed with the host's (writable only if the host page and the
+  memslot are, the gfn is no shadowed table, and, in a memslot logging dirty pages, only on
+  a write, which marks it dirty: make_spte).
+* EPT12 tables shadowed above the last level are write-tracked (account_shadowed): L1's
+  stores to them exit to L0, are emulated, and zap the EPT02 entries built from the written
+  entry (kvm_mmu_track_write). A last-level EPT12 table is only write-protected: L1's first
+  store to it faults and L0 unsyncs its EPT02 pages (mmu_try_to_unsync_pages); L1's later
+  stores do not exit, and EPT02 may lag EPT12 there until it is synced: when a vCPU loads a
+  guest-mode root (kvm_mmu_load -> kvm_mmu_sync_roots), on INVEPT (here at the INVEPT itself,
+  before the root is freed: KVM syncs at the reload that follows), and on the way of a fault
+  (FNAME(fetch)). A nested fault whose walked EPT12 entries changed before it took the lock
+  retries (FNAME(gpte_changed)).
+* INVEPT (handle_invept) syncs the EPT02 roots of that EPTP (all of them for all-context)
+  and frees the executing vCPU's guest-mode root if it is one (kvm_mmu_free_roots); the pages
+  stay in the hash and the next entry finds them again.
 """
 
 from __future__ import annotations
 
-from mmu_core import BackendAudit, PageFault, Ret, mutants
+import numpy as np
+
+from mmu_core import BackendAudit, PageFault, Ret, hookimpl, mutants
 from mmu_core.arch.x86 import ept as E
+from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
+from mmu_shadow import ept12_walk as J
+from mmu_shadow import role as R
 
 EPT12_LEVELS = 4
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000
+_U64 = (1 << 64) - 1
+_AD_BITS = S.SPTE_TDP_AD_MASK | S.VMX_EPT_ACCESS_BIT | S.VMX_EPT_DIRTY_BIT
 
 
-class NestedEpt:
-    """EPT02 roots and the bookkeeping that keeps them the shadow of EPT12."""
+def ept_role(level: int, access: int, direct: bool = False) -> R.Role:
+    """The role of an EPT02 page (kvm_calc_shadow_ept_root_page_role and its children)."""
+    return R.Role(level=level, direct=direct, quadrant=0, access=access,
+                  paging_mode=P.MODE_4LEVEL, guest_level=0 if direct else level, special=False,
+                  cr0_wp=False, efer_nx=False, smep_andnot_wp=False, smap_andnot_wp=False,
+                  as_id=0, ad_disabled=True, guest_mode=True)
 
-    def __init__(self, vm) -> None:
-        self.vm = vm
-        self.roots: dict[int, int] = {}  # EPTP (EPT12 root gpa) -> EPT02 root pfn
-        self.tables: dict[int, list[int]] = {}  # EPTP -> every EPT02 table pfn, root first
-        self.children: dict[tuple[int, int, int], int] = {}  # (root, level, l2 gfn base) -> pfn
-        # (EPT12 table gfn, entry index) -> EPT02 leaves built through that entry: (EPTP, l2 gfn)
-        self.built: dict[tuple[int, int], set[tuple[int, int]]] = {}
-        self.leaves: dict[tuple[int, int], tuple[int, int]] = {}  # (EPTP, l2 gfn) -> (pfn, idx)
-        self.rmap: dict[int, set[tuple[int, int]]] = {}  # L1 gfn -> EPT02 leaves (EPTP, l2 gfn)
-        self.tracked: set[int] = set()  # EPT12 table gfns write-tracked
-        self.synced = vm.generation
-        self.users: set = set()  # vCPUs that loaded an EPT02 root
-        self.stats = {"nested_faults": 0, "nested_fixed": 0, "nested_reflected": 0,
-                      "nested_retries": 0, "nested_spurious": 0, "ept12_writes": 0,
-                      "ept02_zapped": 0, "invept": 0, "ept02_drops": 0, "ept02_tables": 0}
 
-    # --- EPT12, in L1 memory ------------------------------------------------------------------
-    def walk_ept12(self, eptp: int, l2gpa: int):
-        """FNAME(walk_addr_generic), EPT flavour: (l1 gpa or None, EPT12 permissions ANDed over
-        the walk, [(table gfn, index, entry), ...] of the entries read). None when an entry on
-        the way is not present (no R/W/X) or is a misconfiguration (W without R)."""
+def root_key(eptp: int) -> R.Key:
+    return R.Key((eptp & _ADDR_MASK) >> 12, ept_role(EPT12_LEVELS, R.ACC_ALL))
+
+
+def walk_ept12(vm, eptp: int, l2gpa: int):
+    """FNAME(walk_addr_generic), EPT flavour, jitted (ept12_walk.walk): (l1 gpa or None, EPT12
+    permissions ANDed over the walk, [(table gfn, index, entry), ...] of the entries read, top
+    first). None when an entry on the way is not present (no R/W/X) or is a misconfiguration
+    (W without R). The leaf's level is EPT12_LEVELS + 1 - len(path). An EPT12 table whose
+    host page is missing is brought in (kvm_read_guest) and the walk starts again."""
+    out = J.new_out()
+    while True:
+        J.walk(vm.host.pt, vm.host.pt_slot, vm.memslots[0].array, vm.mm.hva_pfn, eptp, l2gpa,
+               out)
+        status = int(out[J.OUT_STATUS])
+        if status != J.E12_NEED_GFN:
+            break
+        vm.gfn_to_pfn_nowait(0, int(out[J.OUT_ADDR]) >> 12, write=False)
+    path = [(int(out[J.OUT_GFN + i]), int(out[J.OUT_IDX + i]),
+             int(out[J.OUT_ENTRY + i]) & _U64) for i in range(int(out[J.OUT_N]))]
+    if status != J.E12_OK:
+        return None, 0, path
+    return int(out[J.OUT_ADDR]), int(out[J.OUT_PERM]), path
+
+
+def chain_keys(path, l1gfn: int, goal: int) -> list[R.Key]:
+    """Keys of the EPT02 pages from the root down to level `goal` for a walk's path: one per
+    EPT12 table read (access: the permissions above it), then, below a huge EPT12 leaf,
+    direct pages keyed by the L1 gfn they cover (FNAME(fetch))."""
+    keys = []
+    acc = R.ACC_ALL
+    for i, (gfn, _idx, entry) in enumerate(path):
+        keys.append(R.Key(gfn, ept_role(EPT12_LEVELS - i, acc)))
+        acc &= entry & E.EPT_RWX
+    for level in range(EPT12_LEVELS - len(path), goal - 1, -1):
+        keys.append(R.Key(l1gfn & ~((1 << (9 * level)) - 1), ept_role(level, acc, direct=True)))
+    return keys
+
+
+class NestedMixin:
+    """The guest-mode MMU of ShadowMMU: EPT02 roots, faults, EPT12 writes, INVEPT, audit."""
+
+    @staticmethod
+    def new_nested_stats() -> dict[str, int]:
+        return {"nested_faults": 0, "nested_fixed": 0, "nested_reflected": 0,
+                "nested_retries": 0, "nested_spurious": 0, "nested_emulated": 0,
+                "ept12_writes": 0, "ept12_unsync": 0, "ept02_zapped": 0, "invept": 0,
+                "ept02_root_allocs": 0,
+                "nested_mapped": [0, 0, 0, 0]}
+
+    def nested_counters(self) -> dict[str, int]:
+        out = {k: v for k, v in self.nstats.items() if k != "nested_mapped"}
+        for level, name in ((1, "4k"), (2, "2m"), (3, "1g")):
+            out[f"ept02_mapped_{name}"] = self.nstats["nested_mapped"][level]
+        out["ept02_pages"] = sum(1 for sp in self.by_pfn.values() if sp.role.guest_mode)
+        return out
+
+    def _serves_l1(self) -> bool:
+        """Whether this instance is also L1's backend (legacy): then L1's hooks (zaps,
+        memslots, teardown, audit) reach EPT02 pages directly."""
         vm = self.vm
-        table = eptp & _ADDR_MASK
-        perm = E.EPT_RWX
-        path = []
-        for level in range(EPT12_LEVELS, 0, -1):
-            idx = (l2gpa >> (12 + 9 * (level - 1))) & 511
-            entry = vm.read_guest_u64(0, table + 8 * idx)
-            path.append((table >> 12, idx, entry))
-            rwx = entry & E.EPT_RWX
-            if not rwx or (rwx & E.EPT_WRITE and not rwx & E.EPT_READ):
-                return None, 0, path
-            perm &= rwx
-            if level == 1 or (level <= 3 and entry & E.EPT_LARGE):
-                size = 1 << (12 + 9 * (level - 1))
-                return (entry & _ADDR_MASK & ~(size - 1)) | (l2gpa & (size - 1)), perm, path
-            table = entry & _ADDR_MASK
-        raise AssertionError("unreachable")
+        return vm.managers[vm.role].is_registered(self)
 
-    # --- roots --------------------------------------------------------------------------------
-    def sync_host(self) -> None:
-        """Drop every EPT02 root if the memslots changed since they were built (KVM zaps the
-        affected gfns through the rmaps; the model drops everything, which L2 cannot tell)."""
+    # --- roots ----------------------------------------------------------------------------------
+    @hookimpl
+    def mmu_nested_load(self, vcpu, eptp):
+        """kvm_mmu_load for the guest-mode MMU (mmu_alloc_shadow_roots): the vCPU's EPT02
+        root, found in the hash by the EPT12 root's gfn or built, with a reference."""
         vm = self.vm
-        now = vm.generation
-        if now != self.synced:
-            self.synced = now
-            if self.roots:
-                self.drop(None)
-
-    def load(self, vcpu, eptp: int) -> int:
-        """The EPT02 root for eptp (mmu_alloc_shadow_roots for the guest-mode role)."""
-        self.sync_host()
-        self.users.add(vcpu)
-        root = self.roots.get(eptp)
-        if root is None:
-            vm = self.vm
-            with vm.mmu_lock.write():
-                root = self.roots.get(eptp)
-                if root is None:
-                    root = vm.alloc_pt_page()
-                    self.roots[eptp] = root
-                    self.tables[eptp] = [root]
-                    self.stats["ept02_tables"] += 1
-        return root
-
-    def drop(self, eptp: int | None) -> None:
-        """Free the EPT02 root of eptp, or every one (None): unlinked, every vCPU flushed and
-        asked to reload, then the tables freed."""
-        vm = self.vm
-        victims = list(self.roots) if eptp is None else [eptp] if eptp in self.roots else []
-        if not victims:
-            return
+        st = self._vstate(vcpu)
+        key = root_key(eptp)
+        sp = st.nested
+        if sp is not None and not sp.role.invalid and sp.key == key:
+            return sp.pfn
         with vm.mmu_lock.write():
-            pfns = []
-            for p in victims:
-                if p not in self.roots:
-                    continue
-                root = self.roots.pop(p)
-                pfns.extend(self.tables.pop(p))
-                self.children = {k: v for k, v in self.children.items() if k[0] != root}
-                self.leaves = {k: v for k, v in self.leaves.items() if k[0] != p}
-            for index in (self.rmap, self.built):  # keep the leaves of the roots left
-                for key in list(index):
-                    index[key] = {e for e in index[key] if e[0] in self.roots}
-                    if not index[key]:
-                        del index[key]
-            if not self.roots:
-                for gfn in self.tracked:
-                    vm.untrack_gfn(0, gfn)
-                self.tracked.clear()
-            for vcpu in self.users:
-                vcpu.request_nested_reload()
-            vm.flush_remote_tlbs()
-            for pfn in pfns:
-                vm.free_pt_page(pfn)
-            self.stats["ept02_drops"] += 1
+            invalid = []
+            if st.nested is not None:
+                self._put_root(st.nested, invalid)
+                st.nested = None
+            if not self.rmaps.allocated:  # mmu_first_shadow_root_alloc (beside the TDP MMU)
+                self._first_shadow_root()
+                if not self.n_requested:
+                    self.n_max = self.default_mmu_pages()
+            self._make_pages_available()
+            self.nstats["ept02_root_allocs"] += key not in self.pages
+            sp = self._get_sp(vcpu, key, invalid)
+            sp.root_count += 1
+            st.nested = sp
+            self._commit_zap(invalid)
+            self._sync_ept02(vcpu, sp)  # kvm_mmu_load: kvm_mmu_sync_roots
+        return sp.pfn
 
-    def free_all(self) -> None:
-        """VM teardown: no task, no lock."""
-        for pfns in self.tables.values():
-            for pfn in pfns:
-                self.vm.free_pt_page(pfn)
-        for gfn in self.tracked:
-            self.vm.untrack_gfn(0, gfn)
-        self.roots.clear()
-        self.tables.clear()
-        self.children.clear()
-        self.built.clear()
-        self.leaves.clear()
-        self.rmap.clear()
-        self.tracked.clear()
+    def _sync_ept02(self, vcpu, root) -> None:
+        """mmu_sync_children below an EPT02 root (lock held for write): the unsync EPT12
+        tables are write-protected again and their EPT02 entries brought in line."""
+        if not root.unsync_children or root.role.invalid \
+                or mutants.on("nested-unsync-never-synced"):
+            return
+        invalid = []
+        self.stats["sync_roots"] += 1
+        flush = self._sync_children(vcpu, root, invalid)
+        self._flush_or_zap(invalid, flush)
 
-    # --- faults -------------------------------------------------------------------------------
-    def page_fault(self, vcpu, fault: PageFault, eptp: int) -> int:
-        """An EPT violation on EPT02 at L2 gpa fault.gpa: Ret.INJECT reflects it to L1."""
+    def _sync_ept_spte(self, sp, idx: int) -> int:
+        """FNAME(sync_spte) for an unsync EPT02 page: an entry whose EPT12 entry changed is
+        dropped (the next L2 access refaults and builds it from EPT12 as it is; KVM keeps or
+        rebuilds one whose target is unchanged). 1 if a present SPTE went."""
+        self.stats["sync_spte"] += 1
+        if self._read_gpte(sp, idx) == int(sp.gptes[idx]):
+            return 0
+        self.stats["sync_dropped"] += 1
+        return int(self._zap_spte(sp, idx))
+
+    @hookimpl
+    def mmu_nested_invept(self, vcpu, eptp):
+        """handle_invept: free this vCPU's guest-mode root if it is the EPTP's (single
+        context) or always (all context); kvm_mmu_free_roots. EPT02 is in sync with EPT12
+        (every EPT12 write was trapped), so nothing else is stale; the vCPU reloads with a
+        flushed TLB."""
+        self.nstats["invept"] += 1
+        st = self.vroots.get(vcpu.id)
+        sp = st.nested if st is not None else None
+        with self.vm.mmu_lock.write():
+            # The EPT02 pages are shared by every vCPU with that EPTP: syncing the roots in
+            # the hash now (KVM syncs at this vCPU's reload) leaves no vCPU a stale entry.
+            for root in [r for r in self.by_pfn.values() if r.role.guest_mode
+                         and r.role.level == EPT12_LEVELS and not r.role.direct
+                         and (eptp is None or r.key == root_key(eptp))]:
+                self._sync_ept02(vcpu, root)
+            if sp is None or (eptp is not None and sp.key != root_key(eptp)):
+                return True
+            invalid = []
+            if st.nested is sp:
+                self._put_root(sp, invalid)
+                st.nested = None
+            self._commit_zap(invalid)
+        vcpu.request_nested_reload()
+        return True
+
+    # --- faults ---------------------------------------------------------------------------------
+    @hookimpl
+    def mmu_nested_page_fault(self, vcpu, fault: PageFault, eptp):
+        """FNAME(page_fault) with PTTYPE_EPT: an EPT violation on EPT02 at L2 gpa fault.gpa;
+        Ret.INJECT reflects it to L1."""
+        from mmu_shadow.shadow_mmu import _replacing_needs_flush  # (imports this module)
+
         vm = self.vm
-        self.stats["nested_faults"] += 1
-        l1gpa, perm, path = self.walk_ept12(eptp, fault.gpa)
+        ns = self.nstats
+        ns["nested_faults"] += 1
+        l1gpa, perm, path = walk_ept12(vm, eptp, fault.gpa)
         need = E.EPT_WRITE if fault.write else E.EPT_EXEC if fault.fetch else E.EPT_READ
         if l1gpa is None or not perm & need or not perm & E.EPT_READ:
             # Execute-only EPT12 entries are not shadowed (make_leaf_spte sets R): reflected.
-            self.stats["nested_reflected"] += 1
+            ns["nested_reflected"] += 1
             return Ret.INJECT
         l1gfn = l1gpa >> 12
         l2gfn = fault.gpa >> 12
@@ -173,142 +228,173 @@ class NestedEpt:
         if res is None or (fault.write and res.slot.readonly):
             fault.mmio = True  # L1 MMIO seen by L2 (the model's L1 maps L2 1:1): emulated
             return Ret.EMULATE
+        slot = res.slot
+        ept12_level = EPT12_LEVELS + 1 - len(path)
+        # kvm_mmu_hugepage_adjust: no larger than EPT12's leaf, the host's mapping and what
+        # the slot (alignment, dirty logging, write-tracked gfns) allows
+        level = min(ept12_level, vm.max_mapping_level(slot, l1gfn, res.level))
         with vm.mmu_lock.write():
+            st = self.vroots.get(vcpu.id)
+            root = st.nested if st is not None else None
             if vm.mmu_invalidate_retry_gfn(mmu_seq, vcpu.as_id, l1gfn) \
-                    or self._ept12_changed(path) or eptp not in self.roots \
-                    or vm.generation != self.synced:
-                self.stats["nested_retries"] += 1
+                    or self._ept12_changed(path) or root is None or root.role.invalid \
+                    or root.key != root_key(eptp) or root.pfn != vcpu.nested_root:
+                ns["nested_retries"] += 1
                 return Ret.RETRY
-            root = self.roots[eptp]
-            table = root
-            for level in range(EPT12_LEVELS, 1, -1):
-                idx = (l2gfn >> (9 * (level - 1))) & 511
-                key = (root, level - 1, l2gfn >> (9 * (level - 1)))
-                child = self.children.get(key)
-                if child is None:
-                    child = vm.alloc_pt_page()
-                    self.children[key] = child
-                    self.tables[eptp].append(child)
-                    self.stats["ept02_tables"] += 1
-                    vm.spte_write(table, idx, int(S.make_nonleaf_spte(child)))
-                table = child
-            idx = l2gfn & 511
-            slot = res.slot
-            writable = bool(perm & E.EPT_WRITE) and res.writable and not slot.readonly \
+            invalid = []
+            self._make_pages_available()
+            keys = chain_keys(path, l1gfn, level)
+            table = self._fetch_from(vcpu, root, keys, 1, fault.gpa, invalid, level)
+            self._commit_zap(invalid)
+            if table is None or self._ept12_changed(path):
+                ns["nested_retries"] += 1
+                return Ret.RETRY
+            sp = self.by_pfn[table]
+            idx = (l2gfn >> (9 * (level - 1))) & 511
+            npages = 1 << (9 * (level - 1))
+            base_gfn = l1gfn & ~(npages - 1)
+            want_writable = bool(perm & E.EPT_WRITE) and res.writable and not slot.readonly \
                 and (not slot.log_dirty or fault.write)
-            new = int(S.make_leaf_spte(res.pfn, 1, writable, bool(perm & E.EPT_EXEC)))
+            # make_spte: mmu_try_to_unsync_pages with can_unsync false (EPT12 pages are not
+            # unsynced here): a shadowed gfn is mapped read-only, a write to it emulated.
+            wrprot = want_writable and not self._try_unsync(0, l1gfn, False, False)
+            writable = want_writable and not wrprot
+            new = int(S.make_leaf_spte(res.pfn - (l1gfn - base_gfn), level, writable,
+                                       bool(perm & E.EPT_EXEC)))
+            # role.ad_disabled: no A/D in EPT02 (vmcs02 runs without EPT A/D here), so dirty
+            # logging write-protects these leaves rather than clearing D (make_spte)
+            new = (new & ~_AD_BITS) | S.SPTE_TDP_AD_DISABLED
             old = int(vm.spte_table(table)[idx])
-            if old == new:
-                self.stats["nested_spurious"] += 1
+            gpte = path[-1][2] if sp.gptes is not None else 0
+            if old == new and (sp.gptes is None or int(sp.gptes[idx]) == gpte):
+                ns["nested_spurious"] += 1
                 return Ret.SPURIOUS
-            if writable:
+            if writable and slot.log_dirty:
                 vm.mark_page_dirty(vcpu.as_id, l1gfn)  # before L2 can write (make_spte)
             vm.engine.delay(vm.engine.cost.spte_build)
-            vm.spte_write(table, idx, new)
             if old:
-                vm.flush_remote_tlbs()  # a present leaf changed (W added): mmu_set_spte
-            self.leaves[(eptp, l2gfn)] = (table, idx)
-            self.rmap.setdefault(l1gfn, set()).add((eptp, l2gfn))
-            for gfn, i, _entry in path:
-                self.built.setdefault((gfn, i), set()).add((eptp, l2gfn))
-                if gfn not in self.tracked:
-                    self.tracked.add(gfn)  # account_shadowed: L1's stores to it now exit
-                    vm.track_gfn(0, gfn)
-            self.stats["nested_fixed"] += 1
+                self._zap_spte(sp, idx)
+            vm.spte_write(table, idx, new)
+            if sp.gptes is not None:
+                sp.gptes[idx] = gpte
+            self._add_rmap(sp, idx, base_gfn)
+            if S.is_shadow_present_pte(old) and (not S.is_last_spte(old, level)
+                                                 or _replacing_needs_flush(old, new)):
+                vm.flush_remote_tlbs()  # mmu_set_spte
+            ns["nested_mapped"][level] += 1
+            fault.level = level
+        if fault.write and wrprot:
+            ns["nested_emulated"] += 1
+            return Ret.EMULATE  # RET_PF_WRITE_PROTECTED
+        ns["nested_fixed"] += 1
         return Ret.FIXED
 
     def _ept12_changed(self, path) -> bool:
         """FNAME(gpte_changed): an EPT12 entry the walk read holds something else now (L1's
-        store landed; its ept12_write waits for the lock and would miss this fault's leaf)."""
+        store landed; its emulation waits for the lock and would miss this fault's leaf, or
+        the table was not write-tracked, its EPT02 page reclaimed, and the store did not
+        exit at all)."""
+        if mutants.on("nested-skip-ept12-recheck"):
+            return False
         return any(self.vm.read_guest_u64(0, (gfn << 12) + 8 * i) != entry
                    for gfn, i, entry in path)
 
-    # --- L1's stores to EPT12 -----------------------------------------------------------------
-    def ept12_write(self, vcpu, gpa: int, new: int) -> bool:
+    # --- L1's stores to EPT12 -------------------------------------------------------------------
+    @hookimpl
+    def mmu_nested_ept12_write(self, vcpu, gpa, new):
         """L1 stored `new` at gpa (already in memory). True when the page is write-tracked
-        (the store exited to L0 and was emulated); the EPT02 leaves built through the entry
-        are zapped (kvm_mmu_pte_write: the shadowed entry no longer holds)."""
+        (the store exited to L0 and was emulated): the EPT02 entries built from the written
+        entry are zapped (kvm_mmu_track_write, the same path as a shadowed guest table's). A
+        last-level EPT12 table is write-protected instead: the first store faults and its
+        EPT02 pages go unsync (charged as an exit and an entry), later ones do not exit."""
+        vm = self.vm
         gfn = gpa >> 12
-        if gfn not in self.tracked:
+        shadows = [sp for sp in self.by_gfn.get((0, gfn), ()) if sp.role.guest_mode]
+        if not shadows:
             return False
-        vm = self.vm
-        self.stats["ept12_writes"] += 1
-        with vm.mmu_lock.write():
-            victims = self.built.pop((gfn, (gpa & 0xFFF) >> 3), set())
-            if mutants.on("nested-ept12-write-ignored"):
-                victims = set()
-            zapped = False
-            for key in victims:
-                zapped |= self._zap_leaf(key)
-            if zapped:
-                vm.flush_remote_tlbs()
+        if not vm.is_tracked(0, gfn):
+            if not all(sp.unsync for sp in shadows):
+                with vm.mmu_lock.write():
+                    self._try_unsync(0, gfn, True, False)  # mmu_try_to_unsync_pages
+                self.nstats["ept12_unsync"] += 1
+                cost = vm.engine.cost
+                vm.engine.delay(cost.vm_exit + cost.vm_entry, "exit")
+            return False
+        self.nstats["ept12_writes"] += 1
+        if not mutants.on("nested-ept12-write-ignored"):
+            idx = (gpa & 0xFFF) >> 3
+            self.nstats["ept02_zapped"] += sum(
+                S.is_shadow_present_pte(int(self.vm.spte_table(sp.pfn)[idx])) for sp in shadows)
+            self.mmu_track_write(vcpu, gpa, 8, new)
         return True
 
-    def _zap_leaf(self, key: tuple[int, int]) -> bool:
-        """Clear one EPT02 leaf (lock held for write); True if it was present."""
-        where = self.leaves.pop(key, None)
-        if where is None or not int(self.vm.spte_table(where[0])[where[1]]):
-            return False
-        self.vm.spte_write(where[0], where[1], 0)
-        self.stats["ept02_zapped"] += 1
+    # --- host events ----------------------------------------------------------------------------
+    @hookimpl
+    def mmu_nested_zap_gfn_range(self, vm, as_id, start, end):
+        """L1 gfns lose their pages or mappings: the EPT02 leaves go through the rmaps. When
+        this instance serves L1 too (legacy), L1's own mmu_zap_gfn_range / mmu_zap_all reach
+        the EPT02 leaves in the same rmaps and pages; beside the TDP MMU it zaps them here."""
+        if self._serves_l1() or not self.rmaps.allocated or mutants.on("nested-zap-skipped"):
+            return True  # (no EPT02 root yet: kvm_memslots_have_rmaps, nothing to walk)
+        if end is None:
+            self.mmu_zap_all(vm)
+        elif self.mmu_zap_gfn_range(vm, as_id, start, end):
+            vm.flush_remote_tlbs()
         return True
-
-    def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
-        """The host takes L1 gfns [start, end) away (an MMU-notifier invalidation or a zap of
-        L1's mappings): the EPT02 leaves mapping them go too, through the L1-gfn rmap (KVM's
-        rmaps hold EPT02 SPTEs beside L1's), flushed before the caller frees anything."""
-        if as_id != 0 or not self.rmap or mutants.on("nested-zap-skipped"):
-            return
-        vm = self.vm
-        with vm.mmu_lock.write():
-            if end - start > len(self.rmap):
-                gfns = [g for g in self.rmap if start <= g < end]
-            else:
-                gfns = [g for g in range(start, end) if g in self.rmap]
-            zapped = False
-            for gfn in gfns:
-                for key in self.rmap.pop(gfn):
-                    zapped |= self._zap_leaf(key)
-            if zapped:
-                vm.flush_remote_tlbs()
-
-    def invept(self, eptp: int | None) -> None:
-        """handle_invept: single-context (eptp) or all-context (None)."""
-        self.stats["invept"] += 1
-        self.drop(eptp)
 
     # --- audit ----------------------------------------------------------------------------------
-    def audit(self) -> BackendAudit:
-        """The EPT02 roots and tables, and the nested invariants: every EPT02 leaf is one EPT12
-        maps now, no more permissive, on the frame the host has for that L1 gfn (read from
-        the host's page table, without faulting)."""
-        vm = self.vm
-        bad = []
-        stale = vm.generation != self.synced  # dropped before the next L2 entry
-        # An L1 store to EPT12 that has landed but not yet reached ept12_write: the EPT02
-        # leaves it affects are zapped when it does.
-        lagging = any(vm.track_write_in_flight(0, g) for g in self.tracked)
-        for (eptp, l2gfn), (table, idx) in ([] if stale or lagging else self.leaves.items()):
-            spte = int(vm.spte_table(table)[idx])
-            if not spte:
+    @hookimpl
+    def mmu_nested_audit(self, vm):
+        """The EPT02 roots and pages, and the nested invariants: every EPT02 leaf reachable
+        from a root is one EPT12 maps now, no more permissive, at an L1 gfn the leaf's rmap
+        entry names. Beside the TDP MMU the whole shadow audit runs here too (rmaps, write
+        tracking, the host's frames, roots and page counts); with legacy it runs as L1's."""
+        pages = [sp for sp in self.by_pfn.values() if sp.role.guest_mode]
+        if not pages:
+            return None
+        bad: list[tuple[str, str]] = []
+        if not self._serves_l1():
+            bad.extend(self.mmu_audit(vm).violations)
+        lagging = any(vm.track_write_in_flight(0, sp.gfn) for sp in pages if sp.has_gptes)
+        roots = [sp for sp in pages if sp.role.level == EPT12_LEVELS and not sp.role.direct
+                 and (sp.root_count or not (sp.parent_ptes or sp.role.invalid))]
+        if not lagging:
+            for sp in roots:
+                self._audit_ept02_tree(sp, sp.gfn << 12, sp, 0, bad)
+        return BackendAudit(roots=tuple((0, EPT12_LEVELS, sp.pfn) for sp in roots),
+                            held_tables=frozenset(sp.pfn for sp in pages),
+                            violations=tuple(bad), direct=False)
+
+    def _audit_ept02_tree(self, root, eptp: int, sp, base: int, bad) -> None:
+        row = self.vm.spte_table(sp.pfn)
+        level = sp.role.level
+        for idx in np.flatnonzero(row).tolist():
+            spte = int(row[idx])
+            if not S.is_shadow_present_pte(spte):
                 continue
-            l1gpa, perm, _ = self.walk_ept12(eptp, l2gfn << 12)
+            l2gfn = base + (idx << (9 * (level - 1)))
+            if not S.is_last_spte(spte, level):
+                child = self.by_pfn.get(S.spte_to_pfn(spte))
+                if child is not None:
+                    self._audit_ept02_tree(root, eptp, child, l2gfn, bad)
+                continue
+            if sp.unsync:
+                continue  # may lag EPT12 until L1 invalidates
+            where = f"EPT02 {root.pfn:#x} (EPTP {eptp:#x}): L2 gfn {l2gfn:#x}"
+            l1gpa, perm, path = walk_ept12(self.vm, eptp, l2gfn << 12)
             if l1gpa is None:
-                bad.append(("nested-ept12-unmapped",
-                            f"EPT02 {eptp:#x}: l2 gfn {l2gfn:#x} mapped, EPT12 does not map it"))
+                bad.append(("nested-ept12-unmapped", f"{where} is mapped, EPT12 does not map it"))
                 continue
+            if EPT12_LEVELS + 1 - len(path) < level:
+                bad.append(("nested-ept12-level", f"{where}: a level-{level} leaf under a "
+                            "smaller EPT12 leaf"))
             if spte & E.EPT_WRITE and not perm & E.EPT_WRITE:
-                bad.append(("nested-ept12-readonly",
-                            f"EPT02 {eptp:#x}: l2 gfn {l2gfn:#x} writable, EPT12 read-only"))
-            l1gfn = l1gpa >> 12
-            slot = vm.memslots[0].find(l1gfn)
-            if slot is not None and not vm.invalidating_gfn(0, l1gfn):
-                host = vm.mm.lookup(slot.gfn_to_hva(l1gfn))  # no fault: the host's view
-                if host != S.spte_to_pfn(spte):
-                    bad.append(("nested-spte-pfn",
-                                f"EPT02 {eptp:#x}: l2 gfn {l2gfn:#x} -> frame "
-                                f"{S.spte_to_pfn(spte):#x}, EPT12 maps it to L1 gfn {l1gfn:#x} "
-                                f"at frame {host:#x}"))
-        roots = () if stale else tuple((0, EPT12_LEVELS, r) for r in self.roots.values())
-        held = frozenset(p for pfns in self.tables.values() for p in pfns)
-        return BackendAudit(roots=roots, held_tables=held, violations=tuple(bad), direct=False)
+                bad.append(("nested-ept12-readonly", f"{where} writable, EPT12 read-only"))
+            if spte & E.EPT_EXEC and not perm & E.EPT_EXEC:
+                bad.append(("nested-ept12-noexec", f"{where} executable, EPT12 is not"))
+            want = (l1gpa >> 12) & ~((1 << (9 * (level - 1))) - 1)
+            got = sp.leaf_gfn(idx) & ~((1 << (9 * (level - 1))) - 1)
+            if got != want:
+                bad.append(("nested-ept12-gfn", f"{where} maps L1 gfn {got:#x}, EPT12 maps it "
+                            f"to {want:#x}"))
+

@@ -83,10 +83,14 @@ class VcpuRoots:
     pml4_root: int | None = None
     pae_root: int | None = None
     pae: list[ShadowPage | None] = field(default_factory=lambda: [None] * 4)
+    # The EPT02 root while the vCPU runs an L2 guest (KVM: vcpu->arch.guest_mmu's root;
+    # mmu_shadow/nested.py).
+    nested: ShadowPage | None = None
 
     def held(self) -> list[ShadowPage]:
         """Every page this vCPU holds a root reference on."""
         out = [self.root] if self.root is not None else []
+        out += [self.nested] if self.nested is not None else []
         return out + self.prev + [sp for sp in self.pae if sp is not None]
 
 
@@ -102,7 +106,8 @@ class PagesMixin:
         """kvm_mmu_alloc_shadow_page + account: a new page, in the hash, on the active list."""
         vm = self.vm
         sp = ShadowPage(key.gfn, key.role, vm.alloc_pt_page(), mmu_valid_gen=self.mmu_valid_gen)
-        if sp.has_gptes and key.role.level == 1:
+        if sp.has_gptes and (key.role.level == 1 or key.role.guest_mode):
+            # (an EPT02 page may hold huge leaves built from EPT12 entries: mmu_shadow/nested.py)
             sp.gptes = np.zeros(512, dtype=np.uint64)
         self.pages[key] = sp
         self.by_pfn[sp.pfn] = sp
@@ -164,7 +169,8 @@ class PagesMixin:
         """link_shadow_page: point entry idx of table at child; an unsync child (or one with
         unsync children) marks the new parent."""
         vm = self.vm
-        vm.spte_write(table, idx, S.make_nonleaf_spte(child.pfn) if self.direct
+        ept = self.direct or child.role.guest_mode  # EPT02 tables are EPT tables
+        vm.spte_write(table, idx, S.make_nonleaf_spte(child.pfn) if ept
                       else S.make_shadow_nonleaf_spte(child.pfn))
         child.parent_ptes.add(sptep(table, idx))
         if child.unsync or child.unsync_children:

@@ -42,8 +42,8 @@ class Role(NamedTuple):
     # A/D bits unavailable in these SPTEs (KVM: role.ad_disabled, set for TDP without EPT
     # A/D; shadow paging always has them). Constant per VM here, in the role as in KVM.
     ad_disabled: bool = False
-    # KVM: role.guest_mode, a page built for an L2 guest (nested). No L2 exists yet (#8 item
-    # 7): always False, but keys already keep L1 and L2 pages apart.
+    # KVM: role.guest_mode, a page built for an L2 guest: the EPT02 pages of nested EPT
+    # (nested.py), keyed apart from L1's pages.
     guest_mode: bool = False
     # KVM: role.passthrough, a page above the guest's top level that shadows no guest table
     # (nested NPT with a PAE L1). Not built yet (item 7); shadow paging's equivalent here is

@@ -41,7 +41,7 @@ from mmu_shadow import split as dirty_split
 from mmu_shadow.aging import Aging
 from mmu_shadow.direct_prefetch import direct_pte_prefetch
 from mmu_shadow.fastpf import FastPageFault, LocklessWalks
-from mmu_shadow.nested import NestedEpt
+from mmu_shadow.nested import NestedMixin
 from mmu_shadow.pages import (
     KVM_MIN_ALLOC_MMU_PAGES,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -72,7 +72,7 @@ def _replacing_needs_flush(old: int, new: int) -> bool:
     return bool((old ^ new) & S.SPTE_BASE_ADDR_MASK) or bool(old & w and not new & w)
 
 
-class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
+class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
     def __init__(self, vm) -> None:
         self.vm = vm
         self.pages: dict[R.Key, ShadowPage] = {}  # the hash (KVM: mmu_page_hash), valid pages
@@ -97,6 +97,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                       "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
                       "collapsible_zapped": 0, "direct_prefetched": 0,
                       "fast_zaps": 0, "fast_zap_yields": 0}
+        self.nstats = self.new_nested_stats()  # EPT02 (nested.py)
 
     @staticmethod
     @hookimpl
@@ -132,7 +133,6 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
-        self._nested_free()
         self._free_all()
         vm.rcu.barrier()
 
@@ -163,7 +163,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             self.rmaps.free_slot(as_id, old.id)
         if new is not None and change in ("create", "move"):
             self.rmaps.alloc_slot(as_id, new)
-        if change in ("create", "delete") and not self.n_requested:
+        # (an instance beside the TDP MMU with no shadow root yet has nothing to limit: its
+        # first EPT02 root sets the limit, nested.py)
+        if change in ("create", "delete") and not self.n_requested and self.rmaps.allocated:
             self._change_mmu_pages(self.default_mmu_pages())
 
     def _first_shadow_root(self) -> None:
@@ -207,6 +209,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             for sp in st.prev:
                 self._put_root(sp, invalid)
             st.prev = []
+            if st.nested is not None:  # kvm_mmu_unload frees guest_mmu's roots too
+                self._put_root(st.nested, invalid)
+                st.nested = None
 
     def _load_pae_roots(self, vcpu, st: VcpuRoots, invalid: list[ShadowPage]) -> bool:
         """mmu_alloc_special_roots + mmu_alloc_shadow_roots for a PAE or 32-bit guest: the
@@ -608,7 +613,6 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
         (pfn) at goal_level in which the leaf goes. A page found in the hash with unsync
         children is synced before it is linked: the guest need not flush for an entry it
         made present, so the new path must show the current one (FNAME(fetch))."""
-        vm = self.vm
         st = self.vroots.get(vcpu.id)
         if st is None:
             return None
@@ -626,6 +630,12 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
         if root is None or fastzap.is_obsolete_sp(self, root) or root.key != want:
             return None  # the root went away, is obsolete (is_page_fault_stale) or no longer
             # matches: reload and retry
+        return self._fetch_from(vcpu, root, keys, start, addr, invalid, goal_level)
+
+    def _fetch_from(self, vcpu, root: ShadowPage, keys: list[R.Key], start: int, addr: int,
+                    invalid: list[ShadowPage], goal_level: int) -> int | None:
+        """_fetch_chain below the root: keys[start - 1] is root's, the rest are linked."""
+        vm = self.vm
         table = root.pfn
         root.write_flooding_count = 0
         for depth in range(start, len(keys)):
@@ -694,12 +704,19 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                 slot = res.slot
                 base = res.pfn - (gfn - (gfn & ~((1 << (9 * (level - 1))) - 1)))
                 may_write = res.writable and not slot.readonly
+                # make_spte: a write-tracked gfn (an EPT12 table L0 shadows for L2) is neither
+                # writable nor MMU-writable (the fast page fault must not make it writable),
+                # and a write to it is emulated (RET_PF_WRITE_PROTECTED)
+                wrprot = may_write and not self._try_unsync(vcpu.as_id, gfn, True, False)
+                may_write = may_write and not wrprot
                 writable = may_write and (not slot.log_dirty or fault.write)
                 vm.engine.delay(vm.engine.cost.spte_build)
                 # MMU-writable whenever the slot and host allow writes, so that the first
                 # write to a page of a logged slot is a fast page fault, which logs it
                 # (fastpf.py); A/D-disabled without EPT A/D, for access tracking (aging.py).
                 new = make_direct_leaf(vm, base, level, writable, True, may_write, True)
+                if fault.write and wrprot and old == new:
+                    return self._emulate(fault)
             if old == new:
                 self.stats["spurious"] += 1
                 return Ret.EMULATE if res is None else Ret.SPURIOUS
@@ -720,18 +737,25 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             self.stats["mapped"][level] += 1
             fault.level = level
             direct_pte_prefetch(self, sp, idx)  # direct_map: the neighbours (direct_prefetch.py)
+        if fault.write and wrprot:
+            return self._emulate(fault)
         return Ret.FIXED
 
     # --- write protection and guest writes ------------------------------------------------------
     def _write_protect_gfn(self, as_id: int, gfn: int) -> bool:
-        """Clear W on every SPTE mapping gfn (KVM: kvm_mmu_slot_gfn_write_protect)."""
+        """Clear W and MMU-writable on every SPTE mapping gfn (KVM:
+        kvm_mmu_slot_gfn_write_protect, spte_write_protect with pt_protect): a read-only but
+        MMU-writable leaf (a logged slot's, under the legacy MMU) would otherwise be made
+        writable by the lockless fast page fault, past the write tracking. True when a
+        writable leaf lost W (a TLB may hold it)."""
         vm = self.vm
         flush = False
         for p in self.rmaps.get(as_id, gfn, 1):
             spte = int(vm.spte_table(p >> 9)[p & 511])
-            if S.is_writable_pte(spte):
-                vm.spte_write(p >> 9, p & 511, S.clear_writable(spte))
-                flush = True
+            protected = int(S.clear_writable(spte))
+            if protected != spte:
+                vm.spte_write(p >> 9, p & 511, protected)
+                flush |= S.is_writable_pte(spte)
         return flush
 
     @staticmethod
@@ -832,8 +856,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                     bad.append(("rmap-missing", f"leaf {sp.pfn:#x}[{idx}] has no rmap entry"))
                     continue
                 seen.add(p)
-                if not self.direct:  # the core checks gfn-indexed (direct) roots itself
-                    self._audit_leaf(sp, idx, spte, rmapped[p][:2], bad)
+                if not self.direct or sp.role.guest_mode:  # the core checks gfn-indexed
+                    self._audit_leaf(sp, idx, spte, rmapped[p][:2], bad)  # (direct) roots
         for p, (_as_id, gfn, _level) in rmapped.items():
             if p not in seen:
                 where = "freed page" if (p >> 9) not in self.by_pfn else "not a present leaf"
@@ -852,8 +876,10 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
         # unlinked (e.g. a huge leaf replaced it) and stays cached with its rmap'd leaves
         # until it is reused or zapped, as in KVM; it is held, not a root.
+        # EPT02 roots are L2's (mmu_nested_audit reports them).
         roots = tuple((sp.role.as_id, sp.role.level, sp.pfn) for sp in self.by_pfn.values()
-                      if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes))
+                      if sp.role.level >= 4 and (sp.root_count or not sp.parent_ptes)
+                      and not sp.role.guest_mode)
         special = [p for st in self.vroots.values() for p in (st.pml4_root, st.pae_root)
                    if p is not None]
         roots += tuple((vcpu.as_id, 4, self.vroots[vcpu.id].pml4_root) for vcpu in vm.vcpus
@@ -932,8 +958,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
                 bad.append(("dirty-log", f"gfn {gfn:#x} is writable in logged slot {slot.id} "
                             "but not dirty"))
         role = sp.role
-        if role.direct or role.special or role.guest_level != 1 or sp.unsync:
-            return  # an unsync page may lag the guest until it invalidates
+        if role.direct or role.special or role.guest_level != 1 or sp.unsync or role.guest_mode:
+            return  # an unsync page may lag the guest until it invalidates; EPT02: nested.py
         if vm.track_write_in_flight(as_id, sp.gfn):
             return  # the guest entry was just written; mmu_track_write is on its way
         egpa = sp.gpte_gpa(idx)
@@ -970,54 +996,3 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging):
             rmap_bytes=self.rmaps.nbytes(),
             peak_page_table_pages=int(vm.host.frames_peak[1]),
         )
-
-    # --- nested EPT (#8 item 7; mmu_shadow/nested.py, docs/nested.md) -------------------------
-    # The instance serving Role.NESTED: with `tdp` a second instance of this backend beside the
-    # TDP MMU (it gets mmu_destroy_vm through the core's router, plugins.build_managers), with
-    # `legacy` the same instance that serves L1.
-    def _nested(self) -> NestedEpt:
-        n = getattr(self, "_nested_ept", None)
-        if n is None:
-            n = self._nested_ept = NestedEpt(self.vm)
-        return n
-
-    def nested_counters(self) -> dict[str, int]:
-        n = getattr(self, "_nested_ept", None)
-        return dict(n.stats) if n is not None else {}
-
-    def _nested_free(self) -> None:
-        n = getattr(self, "_nested_ept", None)
-        if n is not None:
-            n.free_all()
-
-    @hookimpl
-    def mmu_nested_load(self, vcpu, eptp):
-        return self._nested().load(vcpu, eptp)
-
-    @hookimpl
-    def mmu_nested_page_fault(self, vcpu, fault, eptp):
-        return self._nested().page_fault(vcpu, fault, eptp)
-
-    @hookimpl
-    def mmu_nested_ept12_write(self, vcpu, gpa, new):
-        return self._nested().ept12_write(vcpu, gpa, new)
-
-    @hookimpl
-    def mmu_nested_invept(self, vcpu, eptp):
-        self._nested().invept(eptp)
-        return True
-
-    @hookimpl
-    def mmu_nested_zap_gfn_range(self, vm, as_id, start, end):
-        n = getattr(self, "_nested_ept", None)
-        if n is not None:
-            if end is None:
-                n.drop(None)
-            else:
-                n.zap_gfn_range(as_id, start, end)
-        return True
-
-    @hookimpl
-    def mmu_nested_audit(self, vm):
-        n = getattr(self, "_nested_ept", None)
-        return n.audit() if n is not None else None

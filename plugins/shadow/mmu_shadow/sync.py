@@ -154,7 +154,10 @@ class SyncMixin:
 
     def _sync_role_ok(self, vcpu, sp: ShadowPage) -> bool:
         """__kvm_sync_page's check: guest entries are interpreted with the vCPU's current
-        paging state, so a page built under another one cannot be synced (it is zapped)."""
+        paging state, so a page built under another one cannot be synced (it is zapped). An
+        EPT02 page's entries are EPT12's, read the same in any vCPU state (nested.py)."""
+        if sp.role.guest_mode:
+            return True
         ctx = self._context(vcpu)
         want = R.make_role(ctx, sp.role.level, direct=False)
         role = sp.role
@@ -189,6 +192,8 @@ class SyncMixin:
         it grants is unchanged; else rebuild it with the new access (make_spte as for a
         prefetch: writable only where the gfn needs no protection, never in a logged slot).
         Returns 1 if a present SPTE changed (a flush is due)."""
+        if sp.role.guest_mode:
+            return self._sync_ept_spte(sp, idx)  # EPT12 entries (nested.py)
         vm = self.vm
         self.stats["sync_spte"] += 1
         gpte = self._read_gpte(sp, idx)
