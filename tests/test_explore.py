@@ -9,6 +9,7 @@ from mmu_core.errors import InvalidConfig, UseAfterFree
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
 from mmu_core.params import CONFIGURATIONS
+from mmu_core.sim.cost import CostModel
 from mmu_core.testing.audit import audit
 from mmu_core.testing.explore import SCENARIOS, explore, plan, run_schedule
 from mmu_core.testing.mutant_cases import MUTANT_CASES
@@ -98,16 +99,55 @@ def test_an_mmio_spte_made_while_a_slot_is_created_goes_stale():
     assert fixed.ok, f"{fixed.invariant}: {fixed.detail}"
 
 
-def test_enabling_dirty_logging_waits_for_faults_that_saw_the_old_memslots():
-    # Found by PCT in session 5: a TDP write fault built a writable SPTE while the slot was not
-    # logged yet and installed it after the VMM had enabled logging and write-protected the
-    # slot, so the page stayed writable and unlogged. KVM's memslot update waits for an SRCU
-    # grace period (kvm_swap_active_memslots) before write-protecting; the mutant does not.
-    bad = run_schedule("dirty-log-wrprot", "tdp", "pct", 49,
-                       mutant_names=("memslot-update-no-srcu-sync",))
-    assert not bad.ok and bad.invariant == "dirty-log", bad
-    fixed = run_schedule("dirty-log-wrprot", "tdp", "pct", 49)
-    assert fixed.ok, f"{fixed.invariant}: {fixed.detail}"
+def _enable_logging_inside_a_fault(monkeypatch, mutant: str | None):
+    """One vCPU writes a page of an unlogged slot; a VMM task enables dirty logging 1 ns after
+    the TDP fault has decided its SPTE (writable: the slot was not logged) and, with
+    `spte_build` stretched to 100 us, well before it installs it (PCT found the schedule in
+    which the install waited that long for the SPTE's cache line). The violations the audit
+    finds once both are done."""
+    import mmu_tdp.tdp_mmu as tdp
+
+    params = CONFIGURATIONS["tdp"].model_copy(update={"pml": False})
+    decided: list[int] = []
+    real = tdp.TdpMMU._map_target
+
+    def map_target(self, vcpu, fault, it, res, gfn, level, gen):
+        if gfn == DATA_GPA >> 12:  # (the guest's page-table pages fault first)
+            decided.append(self.vm.engine.now)  # no switch point: the decision is made now
+        return real(self, vcpu, fault, it, res, gfn, level, gen)
+
+    monkeypatch.setattr(tdp.TdpMMU, "_map_target", map_target)
+    prog = Program().write(DATA_GPA, 7).read(DATA_GPA).build()
+    at = None
+    for _ in range(2):  # the first run finds when the fault decides; the second races it
+        m = build_machine(MachineSpec(vcpus=1, data_size=8 * 4096),
+                          VMConfig(params=params, cost=CostModel(spte_build=100_000)))
+        vm = m.vm
+        try:
+            if at is not None:
+                def vmm():
+                    vm.engine.delay(at + 1)
+                    vm.set_dirty_logging(0, 1, True)
+                vm.engine.spawn("vmm", vmm)
+            decided.clear()
+            with mutants.enabled(*([mutant] if mutant else [])):
+                m.run_programs([prog])
+            at = decided[0]
+            found = [v.invariant for v in audit(vm)]
+        finally:
+            vm.destroy()
+    return found
+
+
+def test_enabling_dirty_logging_waits_for_a_fault_that_saw_the_old_memslots(monkeypatch):
+    # Found by PCT in session 5 (dirty-log-wrprot/tdp): a TDP write fault built a writable
+    # SPTE while the slot was not logged yet and installed it after the VMM had enabled
+    # logging and write-protected the slot, so later writes to the page went unlogged. KVM's
+    # memslot update waits for an SRCU grace period (kvm_swap_active_memslots) before it
+    # write-protects, and so does the model; the mutant does not.
+    assert _enable_logging_inside_a_fault(monkeypatch, "memslot-update-no-srcu-sync") \
+        == ["dirty-log"]
+    assert _enable_logging_inside_a_fault(monkeypatch, None) == []
 
 
 def test_zap_all_while_vcpus_fault_reloads_instead_of_crashing():

@@ -801,21 +801,33 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
     # --- dirty logging (split.py: eager page splitting, then D bits or write-protection) ------
     @hookimpl
     def mmu_enable_dirty_log(self, vm, slot, protect):
+        # Without rmaps (a nested instance beside the TDP MMU before its first shadow root)
+        # there is nothing to protect, and KVM takes no lock for it (kvm_memslots_have_rmaps
+        # gates every rmap walk): the write lock would serialize this with L1's faults.
+        if not self.rmaps.allocated:
+            return False
         return dirty_split.enable_dirty_log(self, slot, protect)
 
     @hookimpl
     def mmu_clear_dirty_log(self, vm, slot, gfns):
+        if not self.rmaps.allocated:
+            return False
         return dirty_split.clear_dirty_log(self, slot, gfns)
 
     @hookimpl
     def mmu_disable_dirty_log(self, vm, slot):
+        if not self.rmaps.allocated:
+            return False
         return recover.recover_huge_pages(self, slot)  # recover.py
 
     # --- zap, notifiers, memslots ---------------------------------------------------------------
     @hookimpl
     def mmu_zap_gfn_range(self, vm, as_id, start, end):
-        """kvm_zap_gfn_range's rmap part: every leaf mapping a gfn of the range, per level."""
+        """kvm_zap_gfn_range's rmap part: every leaf mapping a gfn of the range, per level
+        (none, and no lock, before rmaps exist: kvm_memslots_have_rmaps)."""
         flush = False
+        if not self.rmaps.allocated:
+            return flush
         with vm.mmu_lock.write():
             for level in (1, 2, 3):
                 for p in self.rmaps.in_range(as_id, start, end, level):
