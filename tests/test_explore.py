@@ -125,7 +125,7 @@ def _enable_logging_inside_a_fault(monkeypatch, mutant: str | None):
         vm = m.vm
         try:
             if at is not None:
-                def vmm():
+                def vmm(vm=vm, at=at):
                     vm.engine.delay(at + 1)
                     vm.set_dirty_logging(0, 1, True)
                 vm.engine.spawn("vmm", vmm)
