@@ -41,6 +41,9 @@ class ShadowPage:
     unsync_child_bitmap: int = 0  # bit i: entry i leads to an unsync page
     write_flooding_count: int = 0
     mmu_valid_gen: int = 0  # the VM's generation when it was made (fastzap.py)
+    # nx_huge_page_disallowed: made to map an instruction fetch 4K under kvm.nx_huge_pages;
+    # a later fault that could map the range huge goes below it instead (_nx_adjust)
+    nx_disallowed: bool = False
     # For pages that shadow guest PTEs: the guest entry each leaf was built from (KVM keeps
     # gfn and access per entry in shadowed_translation; the whole entry says both).
     gptes: np.ndarray | None = None

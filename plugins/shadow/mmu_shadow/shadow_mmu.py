@@ -671,6 +671,25 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         return table
 
     # --- the legacy MMU for direct roles ------------------------------------------------------
+    def _nx_adjust(self, vcpu, gfn: int, level: int) -> int:
+        """disallowed_hugepage_adjust: where a fault could map gfn huge but the entry at that
+        level already points at a table made for a 4K instruction fetch (nx_disallowed), map
+        below it instead, so that code and data sharing a huge page do not keep replacing
+        each other's mappings. Under the MMU lock; no switch point."""
+        vm = self.vm
+        if level == 1 or not vm.params.nx_huge_pages or vcpu.mmu_root is None:
+            return level
+        table, lv = vcpu.mmu_root, vm.root_levels(vcpu)
+        while lv > 1 and lv >= level:
+            spte = int(vm.spte_table(table)[(gfn >> (9 * (lv - 1))) & 511])
+            if not S.is_shadow_present_pte(spte) or S.is_last_spte(spte, lv):
+                break
+            child = self.by_pfn.get(S.spte_to_pfn(spte))
+            if lv == level and child is not None and child.nx_disallowed:
+                level -= 1
+            table, lv = S.spte_to_pfn(spte), lv - 1
+        return level
+
     def _direct_fault(self, vcpu, fault: PageFault):
         vm = self.vm
         gfn = fault.gpa >> 12
@@ -681,6 +700,13 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             fault.mmio = True
             return Ret.EMULATE
         level = 1 if res is None else vm.max_mapping_level(res.slot, gfn, res.level)
+        # iTLB multihit (kvm.nx_huge_pages): huge leaves are mapped non-executable and an
+        # instruction fetch is mapped 4K (disallowed_hugepage_adjust), as in the TDP MMU. The
+        # recovery worker that later zaps such split pages to let huge ones back is not
+        # modelled for the legacy MMU (docs/shadow.md).
+        nx_fetch = res is not None and fault.fetch and vm.params.nx_huge_pages and level > 1
+        if nx_fetch:
+            level = 1
         root_level = vm.root_levels(vcpu)
         ctx = self._context(vcpu)
         keys = [R.Key(gfn & ~((1 << (9 * lv)) - 1), R.make_role(ctx, lv, direct=True))
@@ -690,11 +716,14 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 return Ret.RETRY
             invalid: list[ShadowPage] = []
             self._make_pages_available()
+            level = self._nx_adjust(vcpu, gfn, level)
             table = self._fetch_chain(vcpu, keys, fault.gpa, invalid, goal_level=level)
             self._commit_zap(invalid)
             if table is None:
                 return Ret.RETRY
             sp = self.by_pfn[table]
+            if nx_fetch:
+                sp.nx_disallowed = True  # account_nx_huge_page
             idx = (gfn >> (9 * (level - 1))) & 511
             old = int(vm.spte_table(table)[idx])
             if res is None:
@@ -714,7 +743,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 # MMU-writable whenever the slot and host allow writes, so that the first
                 # write to a page of a logged slot is a fast page fault, which logs it
                 # (fastpf.py); A/D-disabled without EPT A/D, for access tracking (aging.py).
-                new = make_direct_leaf(vm, base, level, writable, True, may_write, True)
+                new = make_direct_leaf(vm, base, level, writable, True, may_write,
+                                       not (level > 1 and vm.params.nx_huge_pages))
                 if fault.write and wrprot and old == new:
                     return self._emulate(fault)
             if old == new:

@@ -50,15 +50,19 @@ _AD_DISABLED = np.uint64(S.SPTE_TDP_AD_DISABLED)
 KVM_MAX_HUGEPAGE_LEVEL = 3
 
 
-def split_children(huge: int, level: int) -> np.ndarray:
+def split_children(huge: int, level: int, nx_exec: bool = False) -> np.ndarray:
     """make_huge_page_split_spte: the 512 entries of a table mapping what the huge leaf at
-    `level` mapped: same bits, consecutive frames, the large bit kept above 4K."""
+    `level` mapped: same bits, consecutive frames, the large bit kept above 4K. With
+    `nx_exec` (an EPT leaf made non-executable by the NX huge page mitigation) 4K children
+    are executable again, as KVM's make_spte_executable does."""
     child_level = level - 1
     step = np.uint64(1) << np.uint64(9 * (child_level - 1) + 12)
     h = np.uint64(huge)
     base = h & ~_ADDR
     if child_level == 1:
         base &= ~_LARGE
+        if nx_exec:
+            base |= np.uint64(S.VMX_EPT_EXECUTABLE_MASK)
     return base | ((h & _ADDR) + np.arange(512, dtype=np.uint64) * step)
 
 
@@ -78,7 +82,7 @@ def _split_one(mmu, sp, idx: int) -> None:
     if child is None:
         child = mmu._alloc_sp(key)  # from the split caches: the page limit is not consulted
         vm.engine.delay(cost.pt_page_alloc)
-    children = split_children(huge, level)
+    children = split_children(huge, level, mmu.direct and vm.params.nx_huge_pages)
     row = vm.spte_table(child.pfn)
     flush = False
     step = 1 << (9 * (level - 2))
