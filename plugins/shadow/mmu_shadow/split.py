@@ -82,7 +82,10 @@ def _split_one(mmu, sp, idx: int) -> None:
     if child is None:
         child = mmu._alloc_sp(key)  # from the split caches: the page limit is not consulted
         vm.engine.delay(cost.pt_page_alloc)
-    children = split_children(huge, level, mmu.direct and vm.params.nx_huge_pages)
+    # make_huge_page_split_spte makes 4K children executable only where the role allows
+    # execution; an EPT02 page's permissions come from EPT12, so only L1's direct pages here.
+    children = split_children(huge, level, mmu.direct and vm.params.nx_huge_pages
+                              and not sp.role.guest_mode)
     row = vm.spte_table(child.pfn)
     flush = False
     step = 1 << (9 * (level - 2))
