@@ -210,8 +210,6 @@ class NestedMixin:
     def mmu_nested_page_fault(self, vcpu, fault: PageFault, eptp):
         """FNAME(page_fault) with PTTYPE_EPT: an EPT violation on EPT02 at L2 gpa fault.gpa;
         Ret.INJECT reflects it to L1."""
-        from mmu_shadow.shadow_mmu import _replacing_needs_flush  # (imports this module)
-
         vm = self.vm
         ns = self.nstats
         ns["nested_faults"] += 1
@@ -272,15 +270,7 @@ class NestedMixin:
             if writable and slot.log_dirty:
                 vm.mark_page_dirty(vcpu.as_id, l1gfn)  # before L2 can write (make_spte)
             vm.engine.delay(vm.engine.cost.spte_build)
-            if old:
-                self._zap_spte(sp, idx)
-            vm.spte_write(table, idx, new)
-            if sp.gptes is not None:
-                sp.gptes[idx] = gpte
-            self._add_rmap(sp, idx, base_gfn)
-            if S.is_shadow_present_pte(old) and (not S.is_last_spte(old, level)
-                                                 or _replacing_needs_flush(old, new)):
-                vm.flush_remote_tlbs()  # mmu_set_spte
+            self._set_leaf(sp, idx, old, new, base_gfn, gpte, level)
             ns["nested_mapped"][level] += 1
             fault.level = level
         if fault.write and wrprot:

@@ -493,14 +493,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 vm.mark_page_dirty(vcpu.as_id, gfn)  # before the guest can write (make_spte)
             gpte = self._read_gpte(sp, idx) if sp.gptes is not None else 0
             if old != new or (sp.gptes is not None and int(sp.gptes[idx]) != gpte):
-                if old:
-                    self._zap_spte(sp, idx)
-                vm.spte_write(table, idx, new)
-                if sp.gptes is not None:
-                    sp.gptes[idx] = gpte
-                self._add_rmap(sp, idx, gfn)
-                if S.is_shadow_present_pte(old) and _replacing_needs_flush(old, new):
-                    vm.flush_remote_tlbs()
+                self._set_leaf(sp, idx, old, new, gfn, gpte, 1)
                 self.stats["mapped"][1] += 1
             if sp.gptes is not None:
                 self._pte_prefetch(vcpu, sp, idx)
@@ -669,6 +662,22 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             self._link(table, idx, child)
             table = child.pfn
         return table
+
+    def _set_leaf(self, sp: ShadowPage, idx: int, old: int, new: int, gfn: int, gpte: int,
+                  level: int) -> None:
+        """mmu_set_spte for a guest-backed page (shadow paging, EPT02): replace what sp[idx]
+        held by the leaf `new` for `gfn`, remember the guest entry it came from, add its
+        rmap, and flush when the hardware may still cache the old entry (a table replaced,
+        or a frame changed or write permission taken away)."""
+        if old:
+            self._zap_spte(sp, idx)
+        self.vm.spte_write(sp.pfn, idx, new)
+        if sp.gptes is not None:
+            sp.gptes[idx] = gpte
+        self._add_rmap(sp, idx, gfn)
+        if S.is_shadow_present_pte(old) and (not S.is_last_spte(old, level)
+                                             or _replacing_needs_flush(old, new)):
+            self.vm.flush_remote_tlbs()
 
     # --- the legacy MMU for direct roles ------------------------------------------------------
     def _nx_adjust(self, vcpu, gfn: int, level: int) -> int:
