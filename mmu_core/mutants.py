@@ -100,7 +100,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "tdp: HugePages._recover_one"),
     "nx-tracking-kept": (
         "tearing down a table does not remove it from the NX huge-page recovery list",
-        "tdp: TdpMMU._handle_removed"),
+        "tdp: TdpMMU._handle_removed; legacy: ShadowMMU._prepare_zap"),
     # The complete shadow MMU (#8): unsync pages and their sync, reclaim.
     "invlpg-no-sync": (
         "INVLPG does not resync the entry of an unsync shadow page",

@@ -34,6 +34,7 @@ MUTANT_CASES = [
     ("split-plain-store", "nx-recovery", "tdp", "random"),
     ("recover-ignores-host-level", "dirty-log-wrprot", "tdp", "random"),
     ("nx-tracking-kept", "nx-recovery", "tdp", "pct"),
+    ("nx-tracking-kept", "nx-recovery", "legacy", "random"),
     ("invlpg-no-sync", "unsync", "shadow", "random"),
     ("sync-roots-skipped", "unsync", "shadow", "pct"),
     ("unsync-no-mark-parents", "unsync", "shadow", "random"),

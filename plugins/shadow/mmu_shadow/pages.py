@@ -242,6 +242,8 @@ class PagesMixin:
             self._unaccount_shadowed(sp)
         if sp.unsync:
             self._unlink_unsync(sp)
+        if sp.nx_disallowed and not mutants.on("nx-tracking-kept"):
+            self._unaccount_nx(sp)
         if first and self.pages.get(sp.key) is sp:  # an obsolete page's key may be reused
             del self.pages[sp.key]
         self.active.pop(sp.pfn, None)
@@ -258,6 +260,11 @@ class PagesMixin:
         if first:
             sp.role = sp.role._replace(invalid=True)
         return zapped
+
+    def _unaccount_nx(self, sp: ShadowPage) -> None:
+        """unaccount_nx_huge_page: sp no longer keeps its range 4K, nor waits for recovery."""
+        sp.nx_disallowed = False
+        self.nx_pages.pop(sp.pfn, None)
 
     def _commit_zap(self, invalid: list[ShadowPage], flush: bool = True) -> None:
         """kvm_mmu_commit_zap_page: one remote flush for the batch (a vCPU may still walk or

@@ -30,6 +30,7 @@ from mmu_core import (
     mutants,
 )
 from mmu_core import Role as MMURole
+from mmu_core import nx_recovery as NX
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
@@ -96,7 +97,11 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                       "prev_root_hits": 0, "root_allocs": 0,
                       "fast_fixed": 0, "fast_spurious": 0, "cmpxchg_lost": 0, "aged": 0,
                       "collapsible_zapped": 0, "direct_prefetched": 0,
-                      "fast_zaps": 0, "fast_zap_yields": 0}
+                      "fast_zaps": 0, "fast_zap_yields": 0, "nx_split": 0, "nx_recovered": 0}
+        # possible_nx_huge_pages: direct pages made for a 4K instruction fetch where the range
+        # could be mapped huge, oldest first, for the recovery worker (recover_nx_huge_pages)
+        self.nx_pages: OrderedDict[int, ShadowPage] = OrderedDict()
+        self.nx_worker: NX.RecoveryWorker | None = None
         self.nstats = self.new_nested_stats()  # EPT02 (nested.py)
 
     @staticmethod
@@ -130,9 +135,14 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         self.direct = vm.role is MMURole.DIRECT
         self.rmaps.allocate_all(vm.memslots)
         self.n_max = self.default_mmu_pages()
+        if self.direct:  # the mitigation splits only the legacy MMU's direct pages
+            self.nx_worker = NX.RecoveryWorker(vm, self.recover_nx_huge_pages)
+            self.nx_worker.start()
 
     @hookimpl
     def mmu_destroy_vm(self, vm):
+        if self.nx_worker is not None:
+            self.nx_worker.stop()
         self._free_all()
         vm.rcu.barrier()
 
@@ -148,6 +158,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         self.by_pfn.clear()
         self.by_gfn.clear()
         self.active.clear()
+        self.nx_pages.clear()
         self.vroots.clear()
         self.n_used = 0
         for as_id, slots in enumerate(vm.memslots):
@@ -699,6 +710,27 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             table, lv = S.spte_to_pfn(spte), lv - 1
         return level
 
+    def recover_nx_huge_pages(self) -> int:
+        """kvm_recover_nx_huge_pages, shadow MMU pages: under the write lock, the oldest
+        ceil(n / ratio) pages made for a 4K fetch; one in a dirty-logged slot is forgotten
+        (unaccount_nx_huge_page), the others are zapped in one batch with one flush, so the
+        next access may map the range huge. Returns how many pages were zapped."""
+        vm = self.vm
+        to_zap = NX.pages_to_zap(len(self.nx_pages), vm.params.nx_huge_pages_recovery_ratio)
+        invalid: list[ShadowPage] = []
+        zapped = 0
+        with vm.mmu_lock.write():
+            for sp in list(self.nx_pages.values())[:to_zap]:
+                if self.nx_pages.get(sp.pfn) is not sp:
+                    continue  # zapped since we looked
+                if NX.slot_is_dirty_tracked(vm, sp.role.as_id, sp.gfn):
+                    self._unaccount_nx(sp)
+                    continue
+                zapped += self._prepare_zap(sp, invalid)
+            self._commit_zap(invalid)
+        self.stats["nx_recovered"] += zapped
+        return zapped
+
     def _direct_fault(self, vcpu, fault: PageFault):
         vm = self.vm
         gfn = fault.gpa >> 12
@@ -710,9 +742,8 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             return Ret.EMULATE
         level = 1 if res is None else vm.max_mapping_level(res.slot, gfn, res.level)
         # iTLB multihit (kvm.nx_huge_pages): huge leaves are mapped non-executable and an
-        # instruction fetch is mapped 4K (disallowed_hugepage_adjust), as in the TDP MMU. The
-        # recovery worker that later zaps such split pages to let huge ones back is not
-        # modelled for the legacy MMU (docs/shadow.md).
+        # instruction fetch is mapped 4K (disallowed_hugepage_adjust), as in the TDP MMU; the
+        # table made for it is remembered for the recovery worker (recover_nx_huge_pages).
         nx_fetch = res is not None and fault.fetch and vm.params.nx_huge_pages and level > 1
         if nx_fetch:
             level = 1
@@ -731,8 +762,10 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             if table is None:
                 return Ret.RETRY
             sp = self.by_pfn[table]
-            if nx_fetch:
+            if nx_fetch and not sp.nx_disallowed:
                 sp.nx_disallowed = True  # account_nx_huge_page
+                self.nx_pages[sp.pfn] = sp
+                self.stats["nx_split"] += 1
             idx = (gfn >> (9 * (level - 1))) & 511
             old = int(vm.spte_table(table)[idx])
             if res is None:
@@ -924,6 +957,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                             f"{sp.mmu_valid_gen} (now {self.mmu_valid_gen}) is in the hash"))
         self._audit_unsync(bad)
         self._audit_roots(bad)
+        self._audit_nx(bad)
         # Roots are top-level pages (4- or 5-level tables). A lower page without parents was
         # unlinked (e.g. a huge leaf replaced it) and stays cached with its rmap'd leaves
         # until it is reused or zapped, as in KVM; it is held, not a root.
@@ -956,6 +990,18 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             if sp.unsync_children != bin(sp.unsync_child_bitmap).count("1"):
                 bad.append(("unsync-count", f"page {sp.pfn:#x} counts {sp.unsync_children} "
                             "unsync children, its bitmap says otherwise"))
+
+    def _audit_nx(self, bad) -> None:
+        """The recovery list holds exactly the live pages marked nx_disallowed (a zapped page
+        is unaccounted: the worker must never zap a freed or reused page)."""
+        marked = {sp.pfn for sp in self.by_pfn.values()
+                  if sp.nx_disallowed and not sp.role.invalid}
+        for pfn, sp in self.nx_pages.items():
+            if self.by_pfn.get(pfn) is not sp or not sp.nx_disallowed or sp.role.invalid:
+                bad.append(("nx-tracking", f"page {pfn:#x} waits for NX recovery but is "
+                            "zapped or no longer marked"))
+        for pfn in marked - set(self.nx_pages):
+            bad.append(("nx-tracking", f"NX-split page {pfn:#x} is not tracked for recovery"))
 
     def _audit_roots(self, bad) -> None:
         held: dict[int, int] = {}

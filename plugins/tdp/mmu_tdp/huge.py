@@ -15,10 +15,10 @@ recovering huge mappings when dirty logging stops, and the NX huge-page recovery
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 from mmu_core import hookimpl, mutants
+from mmu_core import nx_recovery as NX
 from mmu_core.arch.x86 import spte as S
 from mmu_tdp import ops
 from mmu_tdp.tdp_iter import TdpIter
@@ -26,11 +26,11 @@ from mmu_tdp.tdp_iter import TdpIter
 
 class HugePages:
     def __init__(self) -> None:
-        # Tables linked because NX forbade a huge leaf: table pfn -> (as_id, gfn, level of the
-        # SPTE that points at it), oldest first (KVM: possible_nx_huge_pages).
-        self.nx_tables: OrderedDict[int, tuple[int, int, int]] = OrderedDict()
-        self._nx_worker = None
-        self._nx_stop = False
+        # Tables linked because NX forbade a huge leaf: table pfn -> (table and index of the
+        # SPTE that points at it, its level, the root's as_id, its gfn), oldest first (KVM:
+        # possible_nx_huge_pages). The worker's shared part is mmu_core/nx_recovery.py.
+        self.nx_tables: OrderedDict[int, tuple[int, int, int, int, int]] = OrderedDict()
+        self._nx_worker: NX.RecoveryWorker | None = None
 
     # --- splitting ----------------------------------------------------------------------------
     def split_huge_spte(self, it: TdpIter, gfn: int, shared: bool, nx_track: bool = False) -> bool:
@@ -171,46 +171,35 @@ class HugePages:
     # --- NX huge pages ------------------------------------------------------------------------
     def track_nx_table(self, table: int, it: TdpIter) -> None:
         """account_nx_huge_page: the table linked at it.sptep exists only because of NX."""
-        self.nx_tables[table] = (it.sptep[0], it.sptep[1], it.level)
+        as_id = self.all_roots[it.root].as_id
+        self.nx_tables[table] = (it.sptep[0], it.sptep[1], it.level, as_id, it.gfn)
         self.stats["nx_split"] += 1
 
     def start_nx_recovery(self) -> None:
-        vm = self.vm
-        p = vm.params
-        if not p.nx_huge_pages or not p.nx_huge_pages_recovery_ratio:
-            return
-        period_ms = p.nx_huge_pages_recovery_period_ms or \
-            3_600_000 // min(p.nx_huge_pages_recovery_ratio, 3600)
-        self._nx_period = period_ms * 1_000_000
-        self._nx_worker = vm.engine.spawn("kvm-nx-lpage-recovery", self._nx_worker_loop,
-                                          daemon=True)
+        self._nx_worker = NX.RecoveryWorker(self.vm, self.recover_nx_huge_pages)
+        self._nx_worker.start()
 
     def stop_nx_recovery(self) -> None:
-        self._nx_stop = True
-
-    def _nx_worker_loop(self) -> None:
-        vm = self.vm
-        while not self._nx_stop:
-            vm.engine.yield_now()  # it sleeps, it is not runnable: pct would let it starve all
-            vm.engine.delay(self._nx_period)
-            if self._nx_stop or not vm.vcpus:
-                return
-            self.recover_nx_huge_pages()
+        if self._nx_worker is not None:
+            self._nx_worker.stop()
 
     def recover_nx_huge_pages(self) -> int:
-        """kvm_recover_nx_huge_pages: zap the oldest ceil(n / ratio) NX-split tables under
-        the read lock (each by cmpxchg of the SPTE that points at it), then flush. Returns
-        how many were zapped."""
+        """kvm_recover_nx_huge_pages, TDP MMU pages: the oldest ceil(n / ratio) NX-split
+        tables, under the read lock; one in a dirty-logged slot is forgotten, the others are
+        zapped by cmpxchg of the SPTE that points at them, then one flush. Returns how many
+        were zapped."""
         vm = self.vm
-        ratio = vm.params.nx_huge_pages_recovery_ratio
-        to_zap = math.ceil(len(self.nx_tables) / ratio) if ratio else 0
+        to_zap = NX.pages_to_zap(len(self.nx_tables), vm.params.nx_huge_pages_recovery_ratio)
         zapped = 0
         with vm.mmu_lock.read(), vm.rcu.read():
             for table in list(self.nx_tables)[:to_zap]:
                 where = self.nx_tables.get(table)
                 if where is None:
                     continue  # torn down while we waited for the lock or flushed
-                parent, idx, level = where
+                parent, idx, level, as_id, gfn = where
+                if NX.slot_is_dirty_tracked(vm, as_id, gfn):
+                    del self.nx_tables[table]  # unaccount_nx_huge_page
+                    continue
                 old = vm.spte_read(parent, idx)
                 if S.is_frozen_spte(old) or S.spte_to_pfn(old) != table:
                     continue  # another task is replacing it; it untracks the table
@@ -232,7 +221,7 @@ class HugePages:
         """Every tracked NX table is still linked where it was linked."""
         vm = self.vm
         bad = []
-        for table, (parent, idx, _level) in self.nx_tables.items():
+        for table, (parent, idx, *_where) in self.nx_tables.items():
             e = int(vm.spte_table(parent)[idx]) if vm.host.pt_slot[parent] >= 0 else 0
             if not S.is_shadow_present_pte(e) or S.spte_to_pfn(e) != table:
                 bad.append(("nx-tracking", f"NX-split table {table:#x} is no longer linked "
