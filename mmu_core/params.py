@@ -50,6 +50,11 @@ class Params(BaseModel):
     nx_huge_pages_recovery_period_ms: int = Field(0, ge=0, description="kvm.nx_huge_pages_"
                                                   "recovery_period_ms: time between recovery "
                                                   "runs; 0 = 3600 s / ratio, as KVM computes it")
+    slot_zap_all: bool = Field(True, description="KVM_X86_QUIRK_SLOT_ZAP_ALL, a per-VM quirk "
+                               "(on unless the VMM disables it with KVM_CAP_DISABLE_QUIRKS2): "
+                               "deleting or moving a memslot zaps every mapping "
+                               "(kvm_mmu_zap_all_fast); off = only the slot's "
+                               "(kvm_mmu_zap_memslot)")
 
     tdp_mmu_revert: str = Field("", description="not KVM's: comma-separated changes to the TDP "
                                 "MMU to undo, to measure what each bought (fast-pf, "

@@ -102,3 +102,24 @@ def test_moved_memslot_is_reached_at_its_new_address_and_the_old_one_is_mmio(nam
         assert res[1, C.RES_VALUE] == mmio_read_value(data_gva(0))
     finally:
         m.vm.destroy()
+
+
+@pytest.mark.parametrize("zap_all", [True, False])
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_deleting_a_memslot_zaps_everything_only_under_the_slot_zap_all_quirk(name, zap_all):
+    """KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default): kvm_arch_flush_shadow_memslot zaps every
+    mapping with the fast zap; with the quirk disabled, only the deleted slot's. Either way
+    the guest sees the same memory."""
+    params = CONFIGURATIONS[name].model_copy(update={"slot_zap_all": zap_all})
+    m = build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=params))
+    try:
+        m.run_programs([Program().write(data_gva(0), 9).build()])
+        m.vm.add_memslot(7, MMIO_GPA, 16 * 4096)
+        before = sum(m.vm.vcpus[0].faults.values())
+        m.vm.delete_memslot(0, 7)
+        res = m.run_programs([Program().read(data_gva(0)).build()])[0]
+        assert res[0, C.RES_VALUE] == 9
+        refaulted = sum(m.vm.vcpus[0].faults.values()) - before
+        assert (refaulted > 0) is zap_all
+    finally:
+        m.vm.destroy()

@@ -420,8 +420,9 @@ def scenario_memslots(config: VMConfig, rng: random.Random) -> Run:
     """Two vCPUs use a THP data slot and a small slot that a VMM task moves between two
     addresses, deletes and re-creates, while dirty logging on the data slot goes on and off:
     accesses to where the small slot is not are MMIO, and huge mappings must not survive
-    logging being enabled."""
-    m = _machine(config, 2, 512, backing="thp")
+    logging being enabled. The seed picks KVM_X86_QUIRK_SLOT_ZAP_ALL (a delete or move zaps
+    everything, by the fast zap) or not (only the slot)."""
+    m = _machine(_tuned(config, {"slot_zap_all": rng.random() < 0.5}), 2, 512, backing="thp")
     vm = m.vm
     flags = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER
     for gpa in EXTRA_GPAS:

@@ -231,7 +231,15 @@ class VM:
             return done
         slot.flags |= KVM_MEMSLOT_INVALID
         self._install_memslots(slot.as_id)
-        self.zap_gfn_range(slot.as_id, slot.base_gfn, slot.end_gfn)
+        # kvm_arch_flush_shadow_memslot: with KVM_X86_QUIRK_SLOT_ZAP_ALL (the default) every
+        # mapping goes, by the fast zap (kvm_mmu_zap_all_fast: roots invalidated, vCPUs
+        # reload): zapping only the slot's range broke a guest with an assigned device in
+        # 2019 and was reverted, and 6.12 made it opt-in ("KVM: x86/mmu: Introduce a quirk to
+        # control memslot zap behavior"); with the quirk disabled, the slot's range only.
+        if self.params.slot_zap_all:
+            self.zap_all()
+        else:
+            self.zap_gfn_range(slot.as_id, slot.base_gfn, slot.end_gfn)
         return done
 
     def _slot_updated(self, slot: Memslot, done: Completion) -> None:
