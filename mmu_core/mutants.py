@@ -33,6 +33,12 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "populate-no-recheck": (
         "gfn_to_pfn populates a missing page without looking again after its switch point",
         "core: VM.gfn_to_pfn"),
+    "smm-keeps-root": (
+        "entering or leaving SMM keeps the MMU context (no kvm_mmu_reset_context): the vCPU "
+        "goes on with the other address space's root", "core: Vcpu._smm_changed"),
+    "notifier-skips-smm": (
+        "an MMU-notifier invalidation zaps only address space 0, not SMM's alias of the "
+        "same host pages", "core: VM.invalidate_range_start"),
     "skip-invalidate-retry": (
         "a fault ignores MMU-notifier invalidations in progress and sequence changes",
         "core: VM.mmu_invalidate_retry_gfn"),

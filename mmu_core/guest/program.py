@@ -71,6 +71,18 @@ class Program:
         self.rows.append((C.OP_PAUSE, 0, ns))
         return self
 
+    def smi(self) -> Program:
+        """A system-management interrupt (delivered at this point of the program): the vCPU
+        saves its state in SMRAM and runs in SMM, paging off, in address space 1; one that
+        arrives in SMM is latched until RSM."""
+        self.rows.append((C.OP_SMI, 0, 0))
+        return self
+
+    def rsm(self) -> Program:
+        """RSM: leave SMM, restoring the state saved in SMRAM (#UD outside SMM)."""
+        self.rows.append((C.OP_RSM, 0, 0))
+        return self
+
     def build(self) -> np.ndarray:
         return C.new_program(self.rows)
 

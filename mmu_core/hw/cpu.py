@@ -56,9 +56,11 @@ OP_SET_CPL = 10
 OP_SET_AC = 11
 OP_WRPKRU = 12
 OP_PAUSE = 13  # guest computation for `value` ns without memory accesses (a switch point)
+OP_SMI = 14  # a system-management interrupt arrives (enter SMM, or latch it while in SMM)
+OP_RSM = 15  # resume from SMM (#UD outside it)
 OP_NAMES = (
     "read", "write", "fetch", "wpte", "wpte32", "rpte", "invlpg", "mov_cr3", "mov_cr0",
-    "mov_cr4", "set_cpl", "set_ac", "wrpkru", "pause",
+    "mov_cr4", "set_cpl", "set_ac", "wrpkru", "pause", "smi", "rsm",
 )
 MEM_OPS_END = OP_RPTE  # ops <= this access memory
 

@@ -71,6 +71,9 @@ class Reference:
         # (vcpu, gva page) -> the gfns the page was mapped to since that vCPU last
         # invalidated it: its TLB may still hold any of them (architecturally allowed).
         self.stale: dict[tuple[int, int], set[int]] = {}
+        # vCPUs in SMM (their accesses resolve in address space 1), and their latched SMIs
+        self.smm: set[int] = set()
+        self.smi_latched: set[int] = set()
 
     def remappable(self, page: int) -> None:
         """Declare that a scenario remaps gva page (identity-mapped at the start)."""
@@ -81,9 +84,9 @@ class Reference:
             return {page}  # identity-mapped data
         return {self.target[page]} | self.stale.get((vcpu_id, page), set())
 
-    def _value(self, gfn: int) -> tuple[int | None, bool]:
+    def _value(self, gfn: int, as_id: int = 0) -> tuple[int | None, bool]:
         """(hva index or None for MMIO, slot is read-only)."""
-        slot = self.vm.memslots[0].find(gfn)
+        slot = self.vm.memslots[as_id].find(gfn)
         if slot is None:
             return None, False
         return self.vm.mm.index(slot.gfn_to_hva(gfn)), slot.readonly
@@ -92,6 +95,7 @@ class Reference:
         for pc in range(lo, hi):
             op, gva, value = (int(v) for v in prog[pc])
             page = gva >> 12
+            as_id = int(vcpu.id in self.smm)  # SMM runs with paging off: gva == gpa
             if op <= C.MEM_OPS_END:
                 if results[pc, C.RES_VECTOR]:
                     raise Failure("reference", f"vcpu{vcpu.id} op {pc} ({C.OP_NAMES[op]} "
@@ -100,7 +104,7 @@ class Reference:
                 got = int(results[pc, C.RES_VALUE])
                 allowed = set()
                 for gfn in self._gfns(vcpu.id, page):
-                    idx, _ro = self._value(gfn)
+                    idx, _ro = self._value(gfn, as_id)
                     allowed.add(mmio_read_value(gfn << 12 | (gva & 0xFFF)) if idx is None
                                 else self.mem[idx] if idx in self.mem else self.initial(idx))
                 if got not in allowed:
@@ -108,11 +112,11 @@ class Reference:
                                   f"{got:#x}, the reference allows {sorted(allowed)}")
             elif op == C.OP_WRITE:
                 (gfn,) = self._gfns(vcpu.id, page)
-                idx, ro = self._value(gfn)
+                idx, ro = self._value(gfn, as_id)
                 if idx is not None and not ro:
                     self.mem[idx] = value
                     self.written.add(gfn)
-                    if self.log_window:
+                    if self.log_window and not as_id:
                         self.logged.append(gfn)
             elif op in (C.OP_WPTE, C.OP_WPTE32):
                 change = self.remap.get((vcpu.id, pc))
@@ -126,6 +130,13 @@ class Reference:
             elif op == C.OP_MOV_CR3:
                 for key in [k for k in self.stale if k[0] == vcpu.id]:
                     del self.stale[key]
+            elif op == C.OP_SMI:
+                (self.smi_latched if as_id else self.smm).add(vcpu.id)
+            elif op == C.OP_RSM and as_id:
+                if vcpu.id in self.smi_latched:
+                    self.smi_latched.discard(vcpu.id)  # entered again at once
+                else:
+                    self.smm.discard(vcpu.id)
 
     def discard(self, lo: int, hi: int) -> None:
         """The host dropped hva indices [lo, hi): they read as never written from now on
@@ -1321,3 +1332,68 @@ def scenario_fast_pf(config: VMConfig, rng: random.Random) -> Run:
 
 
 SCENARIOS["fast-pf"] = scenario_fast_pf
+
+
+SMRAM_SLOT = 20
+SMRAM_GPA, SMRAM_SIZE = 0x20000, 0x20000  # SMBASE 0x30000 (vCPU 0) and 0x20000 (vCPU 1)
+
+
+def _access(prog: Program, rng: random.Random, gva: int) -> None:
+    if rng.random() < 0.5:
+        prog.write(gva, _value(rng))
+    else:
+        prog.read(gva)
+
+
+def scenario_smm(config: VMConfig, rng: random.Random) -> Run:
+    """Two vCPUs enter and leave SMM around their accesses (SMI ... RSM, one time in four
+    with a second SMI latched in SMM and delivered at RSM). In SMM paging is off and the
+    eight data pages are reached through address space 1's alias of RAM (a second memslot
+    on the same host mapping), beside SMRAM pages of its own; each vCPU saves its state at
+    its own SMBASE (vCPU 1's relocated, as firmware does at boot). Every transition resets
+    the vCPU's MMU context (role.smm: another root). Meanwhile the host drops, migrates,
+    swaps and merges the data pages, so the MMU notifier must zap the SPTEs of both address
+    spaces, and a VMM task zaps everything once."""
+    from mmu_core.vm.vcpu import SMBASE
+
+    m = _machine(config, 2, 8)
+    vm = m.vm
+    data = vm.memslots[0].by_id(DATA_SLOT)
+    vm.add_memslot(DATA_SLOT, DATA_GPA, data.npages * 4096, as_id=1, hva=data.userspace_addr)
+    vm.add_memslot(SMRAM_SLOT, SMRAM_GPA, SMRAM_SIZE, as_id=1)
+    vm.vcpus[1].smbase = SMBASE - 0x10000
+    ref = Reference(m)
+    progs = []
+    for v in range(2):
+        # SMRAM pages below each vCPU's save area (SMBASE + 0xFE00)
+        smram = [vm.vcpus[v].smbase + 0x1000 * k for k in range(1, 4)]
+        prog = Program()
+        for _ in range(4):
+            for _ in range(rng.randrange(2, 6)):
+                _access(prog, rng, _page(rng.randrange(8)))
+            prog.smi()
+            latched = rng.random() < 0.25
+            for rounds in range(2 if latched else 1):
+                if latched and not rounds:
+                    prog.smi()
+                for _ in range(rng.randrange(2, 6)):
+                    _access(prog, rng, rng.choice([_page(rng.randrange(8)), rng.choice(smram)]))
+                prog.rsm()
+            prog.pause(rng.randrange(0, 3000))
+        progs.append(prog.build())
+    run = Run(m, progs, ref)
+    hvas = [data.gfn_to_hva(_page(i) >> 12) for i in range(8)]
+    vm.mm.discard_listeners.append(ref.discard)
+    plan = [(rng.randrange(0, 20_000), rng.choice(("dontneed", "migrate", "swap", "ksm")),
+             rng.randrange(8), rng.randrange(8)) for _ in range(6)]
+    run.tasks.append(("host", _host_events(vm, hvas, plan)))
+    when = rng.randrange(30_000)
+
+    def vmm() -> None:
+        vm.engine.delay(when)
+        vm.zap_all()
+    run.tasks.append(("vmm", vmm))
+    return run
+
+
+SCENARIOS["smm"] = scenario_smm

@@ -50,4 +50,6 @@ MUTANT_CASES = [
     ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
     ("direct-prefetch-logged-slot", "memslots", "legacy", "random"),
     ("fast-zap-no-kick", "fast-pf", "legacy", "pct"),
+    ("notifier-skips-smm", "smm", "shadow", "random"),
+    ("smm-keeps-root", "smm", "tdp", "random"),
 ]

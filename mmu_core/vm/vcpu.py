@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmu_core import mutants
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
@@ -36,6 +37,21 @@ MAX_FAULTS_PER_OP = 1000
 #: a fault handler's return value -> its name in Vcpu.faults (Ret(ret) is an enum lookup per
 #: fault); a value that is not a Ret still raises, from Ret(ret)
 _OUTCOMES = {int(r): r.name.lower() for r in Ret}
+
+# SMM (KVM: arch/x86/kvm/smm.c). SMBASE after reset (kvm_vcpu_reset), and where the 64-bit
+# state-save map keeps what the model saves, as offsets from the vCPU's SMBASE (struct
+# kvm_smram_state_64, the AMD64 layout KVM uses for every 64-bit-capable guest).
+SMBASE = 0x30000
+SMRAM_SS = 0xFE20  # selector, then attributes from bit 16 (DPL in bits 5-6 of them: the CPL)
+SMRAM_EFER = 0xFED0
+SMRAM_REVISION = 0xFEF8  # smm_revision is the high half of this word (0xFEFC)
+SMRAM_SMBASE = 0xFF00  # the low half
+SMRAM_CR4 = 0xFF48
+SMRAM_CR3 = 0xFF50
+SMRAM_CR0 = 0xFF58
+SMRAM_RFLAGS = 0xFF70
+SMM_REVISION_64 = 0x00020064  # KVM's smm_revision for the 64-bit map
+_RFLAGS_AC = 1 << 18
 
 _CR0_PAGING_BITS = P.CR0_PG | P.CR0_WP | P.CR0_PE
 _CR4_PAGING_BITS = P.CR4_PAE | P.CR4_PSE | P.CR4_SMEP | P.CR4_SMAP | P.CR4_PKE | P.CR4_LA57
@@ -61,6 +77,8 @@ class Vcpu:
         self.cpl = 0
         self.ac = False
         self.smm = False
+        self.smbase = SMBASE  # firmware relocates it (each CPU its own save area) at boot
+        self.smi_latched = False  # an SMI that arrived in SMM, delivered after RSM
         self.pdptrs = [0, 0, 0, 0]
         self.tlb = new_tlb(vm.config.tlb_entries)
         self.requests = 0
@@ -669,10 +687,93 @@ class Vcpu:
         elif op == C.OP_PAUSE:
             vm.engine.delay(value, "guest")
             return pc + 1  # no architectural state changed
+        elif op == C.OP_SMI:
+            if self.smm:
+                self.smi_latched = True  # SMIs are blocked in SMM (SDM 32.5)
+            else:
+                self.enter_smm()
+        elif op == C.OP_RSM:
+            if not self.smm:
+                results[pc] = (0, EC.UD_VECTOR, 0)
+                return pc + 1
+            self.leave_smm()
+            if self.smi_latched:  # kvm_smm_changed: "process a latched INIT or SMI"
+                self.smi_latched = False
+                self.enter_smm()
         else:
             raise GuestError(f"unknown guest operation {op} at index {pc}")
         self._sync_regs()
         return pc + 1
+
+    # --- SMM --------------------------------------------------------------------------------
+    def enter_smm(self) -> None:
+        """enter_smm (smm.c): exit, save the state in SMRAM (at SMBASE + 0xFE00, written
+        through address space 1 once the vCPU is in SMM, as kvm_vcpu_write_guest does after
+        kvm_smm_changed), then run with paging and protection off, CPL 0, CR4 and EFER
+        clear. Address space 1 gets a new MMU context (kvm_mmu_reset_context: role.smm)."""
+        if self.l2 is not None:
+            raise GuestError("an SMI in L2 is not modelled (KVM leaves guest mode first)")
+        self._exit("smi")  # drains PML into address space 0's slots before the switch
+        saved = {SMRAM_CR0: self.cr0, SMRAM_CR3: self.cr3, SMRAM_CR4: self.cr4,
+                 SMRAM_EFER: self.efer, SMRAM_RFLAGS: _RFLAGS_AC if self.ac else 0,
+                 SMRAM_SS: (self.cpl & 3) << (16 + 5), SMRAM_REVISION: SMM_REVISION_64 << 32,
+                 SMRAM_SMBASE: self.smbase}
+        self.smm = True
+        self._smm_changed()
+        for off, value in saved.items():
+            self._smram_write(off, value)
+        self.cr0 &= ~(P.CR0_PE | P.CR0_PG)  # and EM, TS, which the model does not have
+        self.cr4 = 0
+        self.efer = 0
+        self.cpl = 0
+        self.ac = False
+        self._sync_regs()
+
+    def leave_smm(self) -> None:
+        """RSM (em_rsm, emulator_leave_smm): exit, read the state back from SMRAM (what the
+        SMM handler left there), leave SMM and restore it; a state that cannot be loaded
+        (reserved PDPTE bits in PAE) shuts the VM down, as KVM's triple fault does."""
+        self._exit("rsm")
+        cr0, cr3, cr4, efer, rflags, ss, smbase = (self._smram_read(off) for off in (
+            SMRAM_CR0, SMRAM_CR3, SMRAM_CR4, SMRAM_EFER, SMRAM_RFLAGS, SMRAM_SS, SMRAM_SMBASE))
+        self.smbase = smbase & 0xFFFF_FFFF  # SMBASE relocation (rsm_load_state_64)
+        self.smm = False
+        self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
+        self.ac = bool(rflags & _RFLAGS_AC)
+        self.cpl = (ss >> (16 + 5)) & 3
+        self._smm_changed()
+        if self.mode == P.MODE_PAE and not self._load_pdptrs(cr3):
+            raise GuestError(f"RSM: a PDPTE at cr3 {cr3:#x} has a reserved bit set (the "
+                             "vCPU shuts down)")
+        self._sync_regs()
+
+    def _smm_changed(self) -> None:
+        """kvm_smm_changed -> kvm_mmu_reset_context: the MMU role (smm, hence as_id) changed;
+        the old translations go (paging is turned off on entry and reloaded at RSM)."""
+        vm = self.vm
+        tlb_flush_all(self.tlb)
+        if mutants.on("smm-keeps-root"):
+            return
+        vm.hook_all("mmu_unload", vcpu=self)
+        self.mmu_root = None
+        vm.hook_all("mmu_reset_context", vcpu=self)
+
+    def _smram_pfn(self, gpa: int) -> int:
+        pfn = self.vm.gfn_to_pfn_nowait(1, gpa >> 12)
+        if pfn is None:
+            raise GuestError(f"SMM: no memslot of address space 1 holds SMRAM at "
+                             f"{gpa:#x} (KVM kills the VM)")
+        return pfn
+
+    def _smram_write(self, off: int, value: int) -> None:
+        gpa = self.smbase + off
+        self.vm.host.write_u64((self._smram_pfn(gpa) << 12) | (gpa & 0xFF8), value)
+        self.vm.mark_page_dirty(1, gpa >> 12)
+
+    def _smram_read(self, off: int) -> int:
+        gpa = self.smbase + off
+        self._smram_pfn(gpa)  # the same error when SMRAM went away while in SMM
+        return self.vm.read_guest_u64(1, gpa)
 
     @staticmethod
     def _gp(results: np.ndarray, pc: int) -> int:

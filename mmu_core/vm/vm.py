@@ -196,20 +196,37 @@ class VM:
     def add_memslot(
         self, slot_id: int, gpa: int, size: int, backing: Backing = Backing.ANON, *,
         as_id: int = 0, userfault: bool = False, readonly: bool = False,
-        log_dirty: bool = False,
+        log_dirty: bool = False, hva: int | None = None,
     ) -> Memslot:
+        """KVM_SET_USER_MEMORY_REGION creating a slot: new host memory of `backing`, or, with
+        `hva`, memory the host process already maps (the way a VMM gives SMM's address space
+        an alias of RAM: two slots, one host page each gfn, both zapped by the notifier)."""
         if gpa % 4096 or size % 4096 or size <= 0:
             raise InvalidConfig("memslot", f"gpa {gpa:#x} and size {size:#x} must be 4 KiB aligned")
+        if as_id not in (0, 1):
+            raise InvalidConfig("memslot", f"address space {as_id} does not exist (0, or 1 "
+                                "for SMM)")
         base, npages = gpa >> 12, size >> 12
         if self.memslots[as_id].by_id(slot_id) is not None \
                 or self.memslots[as_id].overlaps(base, npages):
             raise InvalidConfig("memslot", f"slot {slot_id} at {gpa:#x} overlaps a slot of "
                                 f"address space {as_id}")
-        region = self.mm.mmap(size, backing, name=f"slot{slot_id}")
+        if hva is not None:
+            if hva % 4096 or userfault:
+                raise InvalidConfig("memslot", f"an existing mapping must be 4 KiB aligned "
+                                    f"and not registered again with userfaultfd ({hva:#x})")
+            region = self.mm.region_of(hva)
+            if hva + size > region.end:
+                raise InvalidConfig("memslot", f"[{hva:#x}, {hva + size:#x}) runs past the "
+                                    f"host mapping that ends at {region.end:#x}")
+            start = hva
+        else:
+            region = self.mm.mmap(size, backing, name=f"slot{slot_id}")
+            start = region.start
         if userfault:
             Userfaultfd(self.engine, self.mm, region.start, region.size)
         flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        slot = Memslot(slot_id, as_id, base, npages, region.start, flags)
+        slot = Memslot(slot_id, as_id, base, npages, start, flags)
         if log_dirty:
             slot.dirty_bitmap = np.zeros(slot.npages, dtype=np.uint8)
         self.memslots[as_id].slots.append(slot)
@@ -650,7 +667,8 @@ class VM:
     # it never installs a pfn the host is taking away.
     def invalidate_range_start(self, start: int, end: int, event: str) -> None:
         self.mmu_invalidate_in_progress += 1
-        ranges = [(as_id, first, last) for as_id in (0, 1)
+        spaces = (0,) if mutants.on("notifier-skips-smm") else (0, 1)
+        ranges = [(as_id, first, last) for as_id in spaces
                   for _slot, first, last in self.memslots[as_id].overlapping_hva(start, end)]
         self._invalidating.append(ranges)
         flush = False

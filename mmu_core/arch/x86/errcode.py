@@ -11,6 +11,7 @@ PFERR_PK = 1 << 5
 
 PF_VECTOR = 14
 GP_VECTOR = 13
+UD_VECTOR = 6  # invalid opcode (RSM outside SMM)
 
 # Access kinds the walker is asked to perform; the user bit is separate (CPL=3).
 ACC_READ = 0
