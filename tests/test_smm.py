@@ -9,22 +9,14 @@ from mmu_core import VMConfig
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.errors import GuestError, InvalidConfig
-from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, build_machine
+from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, build_machine, smm_memslots
 from mmu_core.guest.program import Program
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.audit import audit
 from mmu_core.vm.vcpu import SMBASE, SMRAM_CR0, SMRAM_CR3
 
-SMRAM_SLOT = 20
 SMRAM_PRIVATE = SMBASE + 0x1000  # SMRAM the handler uses for its own data
-
-
-def smm_slots(vm) -> None:
-    """What a VMM gives SMM: RAM aliased into address space 1, and SMRAM of its own."""
-    data = vm.memslots[0].by_id(DATA_SLOT)
-    vm.add_memslot(DATA_SLOT, DATA_GPA, data.npages * 4096, as_id=1, hva=data.userspace_addr)
-    vm.add_memslot(SMRAM_SLOT, SMBASE, 0x10000, as_id=1)
 
 
 MODES = [P.MODE_5LEVEL, P.MODE_4LEVEL, P.MODE_PAE, P.MODE_32, P.MODE_NONE]
@@ -33,7 +25,7 @@ MODES = [P.MODE_5LEVEL, P.MODE_4LEVEL, P.MODE_PAE, P.MODE_32, P.MODE_NONE]
 @pytest.mark.parametrize("mode", MODES, ids=[P.MODE_NAMES[m] for m in MODES])
 def test_smm_sees_ram_through_its_alias_and_the_guest_cannot_tell_the_backends_apart(mode):
     def program(m):
-        smm_slots(m.vm)
+        smm_memslots(m.vm)
         prog = (Program().write(data_gva(0), 5).read(data_gva(1))
                 .smi()
                 .read(DATA_GPA).write(DATA_GPA + 4096, 7).write(SMRAM_PRIVATE, 9)
@@ -56,7 +48,7 @@ def test_smm_sees_ram_through_its_alias_and_the_guest_cannot_tell_the_backends_a
 def test_rsm_restores_the_saved_state_and_an_smi_in_smm_is_latched(name):
     m = build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=CONFIGURATIONS[name]))
     try:
-        smm_slots(m.vm)
+        smm_memslots(m.vm)
         vcpu = m.vm.vcpus[0]
         cr0, cr3 = vcpu.cr0, vcpu.cr3
         prog = (Program().rsm().set_cpl(3).smi().load_pte(SMBASE + SMRAM_CR0)
@@ -80,7 +72,7 @@ def test_the_smm_handler_may_change_the_state_rsm_restores():
     save map resumes the guest without write protection for supervisor writes."""
     m = build_machine(spec_for(P.MODE_4LEVEL), VMConfig(params=CONFIGURATIONS["shadow"]))
     try:
-        smm_slots(m.vm)
+        smm_memslots(m.vm)
         vcpu = m.vm.vcpus[0]
         prog = (Program().smi().store_pte(SMBASE + SMRAM_CR0, vcpu.cr0 & ~P.CR0_WP).rsm()
                 .build())

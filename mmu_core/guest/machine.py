@@ -6,6 +6,9 @@ Layout (guest-physical == guest-linear for data, as the selftests' identity maps
           registered in per-vCPU ranges (one handler each, like demand_paging_test), or as
           one range read by one handler per vCPU (uffd_shared, the selftest's -a)
   MMIO    MMIO_GPA: no memslot; accesses exit to the model's MMIO device
+SMM's address space (1), when a test gives the machine one (smm_memslots): the data slot
+aliased (the same host memory) and SMRAM of its own, from 0x20000 to 0x40000 (SMBASE
+0x30000 after reset; 0x20000 for a vCPU relocated below it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ MMIO_GPA = 0xF000_0000
 MMIO_PAGES = 16
 DATA_SLOT = 1
 PT_SLOT = 0
+SMRAM_SLOT = 20
+SMRAM_GPA, SMRAM_SIZE = 0x20000, 0x20000
 
 
 def page_patterns(gfns: np.ndarray) -> np.ndarray:
@@ -105,6 +110,16 @@ def _uffd_handler(engine, uffd: Userfaultfd, vm: VM, delay_ns: int) -> None:
         first = uffd.copy_range(msg.hva)  # the page, or the whole huge page of hugetlbfs
         gfn = slot.base_gfn + ((first[0] - slot.userspace_addr) >> 12)
         uffd.copy(msg.hva, page_patterns(np.arange(gfn, gfn + first[1], dtype=np.int64)))
+
+
+def smm_memslots(vm: VM) -> None:
+    """What a VMM gives SMM (QEMU's SMRAM address space): address space 1 holds RAM (the
+    data slot, aliased: a second memslot on the same host mapping, so the MMU notifier zaps
+    both) and SMRAM that only SMM reaches."""
+    data = vm.memslots[0].by_id(DATA_SLOT)
+    vm.add_memslot(DATA_SLOT, data.base_gfn << 12, data.npages * 4096, as_id=1,
+                   hva=data.userspace_addr)
+    vm.add_memslot(SMRAM_SLOT, SMRAM_GPA, SMRAM_SIZE, as_id=1)
 
 
 def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:

@@ -1334,9 +1334,6 @@ def scenario_fast_pf(config: VMConfig, rng: random.Random) -> Run:
 SCENARIOS["fast-pf"] = scenario_fast_pf
 
 
-SMRAM_SLOT = 20
-SMRAM_GPA, SMRAM_SIZE = 0x20000, 0x20000  # SMBASE 0x30000 (vCPU 0) and 0x20000 (vCPU 1)
-
 
 def _access(prog: Program, rng: random.Random, gva: int) -> None:
     if rng.random() < 0.5:
@@ -1354,13 +1351,13 @@ def scenario_smm(config: VMConfig, rng: random.Random) -> Run:
     the vCPU's MMU context (role.smm: another root). Meanwhile the host drops, migrates,
     swaps and merges the data pages, so the MMU notifier must zap the SPTEs of both address
     spaces, and a VMM task zaps everything once."""
+    from mmu_core.guest.machine import smm_memslots
     from mmu_core.vm.vcpu import SMBASE
 
     m = _machine(config, 2, 8)
     vm = m.vm
     data = vm.memslots[0].by_id(DATA_SLOT)
-    vm.add_memslot(DATA_SLOT, DATA_GPA, data.npages * 4096, as_id=1, hva=data.userspace_addr)
-    vm.add_memslot(SMRAM_SLOT, SMRAM_GPA, SMRAM_SIZE, as_id=1)
+    smm_memslots(vm)
     vm.vcpus[1].smbase = SMBASE - 0x10000
     ref = Reference(m)
     progs = []

@@ -18,10 +18,11 @@ import numpy as np
 
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import VMConfig
-from mmu_core.guest.machine import DATA_GPA, MMIO_GPA, MachineSpec, build_machine
+from mmu_core.guest.machine import DATA_GPA, MMIO_GPA, MachineSpec, build_machine, smm_memslots
 from mmu_core.guest.program import Program
 from mmu_core.params import CONFIGURATIONS, configuration
 from mmu_core.testing.parity import guest_digest
+from mmu_core.vm.vcpu import SMBASE
 
 DATA_PAGES = 16
 MMIO_GVA = MMIO_GPA
@@ -65,6 +66,7 @@ def build(ops, mode):
         ebytes = int(P.MODE_ENTRY_BYTES[mode])
         prog = Program()
         cr0, cr4 = setup.cr0, setup.cr4
+        smm = False
         for op in ops:
             kind = op[0]
             if kind == "read":
@@ -104,6 +106,20 @@ def build(ops, mode):
                 prog.mov_cr4(cr4)
             elif kind == "cr3":
                 prog.mov_cr3(setup.cr3)
+            elif kind == "smm":
+                # an SMI, accesses with paging off (data through SMM's alias of RAM, and
+                # SMRAM), RSM: the state comes back from SMRAM as it was saved
+                if not smm:
+                    smm_memslots(machine.vm)
+                    smm = True
+                prog.smi()
+                for page, value in op[1]:
+                    gpa = SMBASE + 0x1000 if page == DATA_PAGES else DATA_GPA + 4096 * page
+                    if value:
+                        prog.write(gpa, value)
+                    else:
+                        prog.read(gpa)
+                prog.rsm()
         # End by reading every data page, so the final state is observed too.
         for i in range(DATA_PAGES):
             prog.read(data_gva(i))

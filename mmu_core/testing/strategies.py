@@ -2,7 +2,8 @@
 
 `op_strategy` draws one operation of `mmu_core.testing.programs.build`'s language: data
 reads, writes and fetches (including the MMIO page and an unmapped page), leaf and PDE
-edits followed by their invalidation, CPL/AC changes, CR0.WP, CR4.SMEP/SMAP and CR3 reloads.
+edits followed by their invalidation, CPL/AC changes, CR0.WP, CR4.SMEP/SMAP, CR3 reloads, and
+visits to SMM (SMI, reads and writes of data and SMRAM with paging off, RSM).
 """
 
 from __future__ import annotations
@@ -23,4 +24,7 @@ op_strategy = st.one_of(
     st.tuples(st.just("wp"), st.booleans()),
     st.tuples(st.just("cr4"), st.booleans(), st.booleans()),
     st.tuples(st.just("cr3")),
+    st.tuples(st.just("smm"), st.lists(st.tuples(st.integers(0, DATA_PAGES),
+                                                 st.sampled_from([0, 0, 1, 2**40 - 1])),
+                                       min_size=1, max_size=4)),
 )
