@@ -1320,3 +1320,6 @@ def scenario_fast_pf(config: VMConfig, rng: random.Random) -> Run:
 
 
 SCENARIOS["fast-pf"] = scenario_fast_pf
+
+# Scenarios kept in their own modules register themselves in SCENARIOS when imported.
+from mmu_core.testing import explore_pcid  # noqa: E402, F401

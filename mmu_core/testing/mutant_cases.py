@@ -49,4 +49,7 @@ MUTANT_CASES = [
     ("recover-keeps-rmap", "shadow-split", "legacy", "random"),
     ("direct-prefetch-logged-slot", "memslots", "legacy", "random"),
     ("fast-zap-no-kick", "fast-pf", "legacy", "pct"),
+    # PCIDs under shadow paging (mmu_core/testing/explore_pcid.py)
+    ("invalidate-pcid-keeps-prev-roots", "pcid", "shadow", "random"),
+    ("invpcid-gva-not-reaching-mmu", "pcid", "shadow", "random"),
 ]
