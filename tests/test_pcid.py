@@ -418,3 +418,20 @@ def test_guest_digest_sees_a_pcid_difference():
         return [prog.build()]
     runs = run_everywhere(spec_for(P.MODE_4LEVEL), build, configs=("tdp", "shadow"))
     assert runs["tdp"][0] != runs["shadow"][0]
+
+
+def test_audit_catches_tags_that_cr4_no_longer_allows():
+    m = _machine("tdp")
+    try:
+        prog = Program().mov_cr4(m.paging.cr4 | CR4_ON).mov_cr3(m.paging.cr3 | 5)
+        _map(m, prog, 1, 1, GLOBAL)
+        prog.invlpg(_page(1)).read(_page(0)).read(_page(1))
+        _run(m, prog)
+        vcpu = m.vm.vcpus[0]
+        assert audit(m.vm) == []
+        vcpu.cr4 &= ~CR4_ON  # as if turning them off had not flushed
+        found = {v.invariant for v in audit(m.vm)}
+        assert found == {"tlb-tag"}
+        assert len([v for v in audit(m.vm) if v.invariant == "tlb-tag"]) == 2
+    finally:
+        m.vm.destroy()
