@@ -12,8 +12,6 @@ more (its shadow entries carry no G bit and its flushes are VPID-wide), so only 
 requires is asserted there.
 """
 
-import random
-
 import numpy as np
 import pytest
 
@@ -25,7 +23,7 @@ from mmu_core.guest.program import Program
 from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.audit import audit
-from mmu_core.testing.programs import run_everywhere, spec_for
+from mmu_core.testing.programs import pcid_kernel, run_everywhere, spec_for
 
 FLAGS = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER | P.PT_ACCESSED | P.PT_DIRTY
 GLOBAL = FLAGS | P.PT_GLOBAL
@@ -335,69 +333,9 @@ def test_invpcid_exits_only_under_shadow_paging():
 
 
 # --- parity --------------------------------------------------------------------------------------
-def _pcid_program(seed: int, rounds: int = 40):
-    """A well-behaved kernel with two address spaces (PCIDs 1 and 2) sharing its tables:
-    switches with and without the no-flush bit, global and non-global remaps, each followed
-    by invalidations that cover every PCID that may cache the page (INVLPG, INVPCID of each
-    type, a flushing switch later, or a CR4.PGE toggle), reads and writes."""
-    def build(machine):
-        rng = random.Random(seed)  # the same program for every configuration
-        pts = machine.pts
-        cr3 = {1: machine.paging.cr3, 2: pts.new_address_space()}
-        cr4 = machine.paging.cr4 | CR4_ON
-        prog = Program().mov_cr4(cr4)
-        cur = 1
-        prog.mov_cr3(cr3[1] | 1)
-        for i in range(14):
-            prog.write(_page(i), 100 + i)
-        dirty = {1: set(), 2: set()}  # pages a PCID must flush before it next runs
-        ever_global = set()  # pages that may have a global entry: INVLPG or type 2 needed
-        for _ in range(rounds):
-            r = rng.random()
-            if r < 0.2:
-                cur = 3 - cur
-                flush = bool(dirty[cur]) or rng.random() < 0.3
-                prog.mov_cr3(cr3[cur] | cur, noflush=not flush)
-                dirty[cur] = set()
-            elif r < 0.45:
-                page, target = rng.randrange(8), rng.randrange(8, 14)
-                glob = rng.random() < 0.4
-                had_global = page in ever_global or glob
-                if glob:
-                    ever_global.add(page)
-                e_gpa = pts.entry_gpa(_page(page), 1, create=False)
-                prog.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(
-                    _page(target if rng.random() < 0.7 else page), GLOBAL if glob else FLAGS))
-                how = rng.randrange(5)
-                if how == 0:
-                    prog.invpcid(2)
-                elif how == 1 and not had_global:
-                    prog.invpcid(3)
-                elif how == 2 and not had_global:
-                    prog.invpcid(1, 1).invpcid(1, 2)
-                elif how == 3:
-                    prog.mov_cr4(cr4 & ~P.CR4_PGE).mov_cr4(cr4)
-                else:
-                    prog.invlpg(_page(page))  # this PCID's entry and the global one
-                    other = 3 - cur
-                    if rng.random() < 0.5:
-                        prog.invpcid(0, other, _page(page))
-                    else:
-                        dirty[other].add(page)  # flushed at the next switch (Linux's way)
-            elif r < 0.75:
-                prog.read(_page(rng.randrange(14)))
-            else:
-                prog.write(_page(rng.randrange(8, 14)), rng.randrange(1, 1 << 30))
-        for i in range(14):
-            prog.read(_page(i))
-        return [prog.build()]
-    return build
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_pcid_programs_give_identical_digests_on_tdp_legacy_and_shadow(seed):
-    runs = run_everywhere(spec_for(P.MODE_4LEVEL), _pcid_program(seed),
-                          seed=seed)
+    runs = run_everywhere(spec_for(P.MODE_4LEVEL), pcid_kernel(seed), seed=seed)
     digests = {name: d for name, (d, _r) in runs.items()}
     assert len(set(digests.values())) == 1, digests
     assert all(r[0][:, 1].max() == 0 for _d, r in runs.values())  # no fault anywhere
