@@ -32,6 +32,7 @@ from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.hw import walker as W
 from mmu_core.hw.tlb import (
+    CTX_BITS,
     CTX_GLOBAL,
     PSC_EPT,
     PSC_LINEAR,
@@ -140,6 +141,10 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
     # CR4.PGE do not change within a call.
     pcid = regs[W.R_PCID]
     pge = (regs[W.R_FLAGS] & W.F_PGE) != 0
+    # tlb_row and tlb_tag with the PCID's part computed once: row (vpn ^ salt) & nmask, tag
+    # (vpn << CTX_BITS) + tag_base
+    salt = tlb_row(-1, 0, pcid)
+    tag_base = tlb_tag(0, pcid)
     done = 0
     hits = 0
     ops = 0
@@ -155,13 +160,13 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             break
         acc = _acc_of(op)
         vpn = gva >> 12
-        i = tlb_row(nmask, vpn, pcid)
+        i = (vpn ^ salt) & nmask
         pfn = -1
-        hit = tlb[i, TLB_VPN] == tlb_tag(vpn, pcid)
-        if not hit and pge:
-            i = vpn & nmask  # the global entry's row
-            hit = tlb[i, TLB_VPN] == tlb_tag(vpn, CTX_GLOBAL)
-        if hit:
+        if tlb[i, TLB_VPN] != (vpn << CTX_BITS) + tag_base:
+            i = -1  # a miss in the PCID's row: the global entry's, if PGE is on
+            if pge and tlb[vpn & nmask, TLB_VPN] == tlb_tag(vpn, CTX_GLOBAL):
+                i = vpn & nmask
+        if i >= 0:
             attr = tlb[i, TLB_ATTR]
             pkey = (attr >> W.A_PKEY_SHIFT) & 0xF
             key = (attr << 2) | acc
