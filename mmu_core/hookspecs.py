@@ -183,9 +183,41 @@ def mmu_reset_context(vcpu):
 
 @hookspec
 def mmu_new_cr3(vcpu, cr3):
-    """MOV to CR3 (shadow paging intercepts it; with TDP it is never called). The core has
-    already flushed the vCPU's TLB and set ``vcpu.mmu_root = None``; ``mmu_load`` follows.
-    A backend may keep previous roots cached (KVM's prev_roots) and reuse them there.
+    """MOV to CR3 (shadow paging intercepts it; with TDP it is never called): KVM's
+    kvm_mmu_new_pgd. ``cr3`` is the new value with its PCID (CR3[11:0] while CR4.PCIDE=1)
+    and without the no-flush bit. The core has set ``vcpu.mmu_root = None``; a backend that
+    caches previous roots (KVM's prev_roots, fast_pgd_switch) may set it to a cached root
+    for this ``cr3`` (PCID included) here, which the vCPU then uses as it is: no sync and no
+    TLB flush unless the core asks for them. Otherwise ``mmu_load`` follows before the next
+    entry, and the core flushes the TLB after it (kvm_mmu_load). Unless the guest set the
+    no-flush bit, the core then invalidates the PCID: ``mmu_sync_roots`` before the next
+    entry, a TLB flush, and ``mmu_invalidate_pcid`` when PCIDs are on.
+    """
+
+
+@hookspec
+def mmu_invalidate_pcid(vcpu, pcid):
+    """Shadow paging with CR4.PCIDE=1: the guest invalidated every non-global translation
+    of ``pcid`` (a MOV CR3 without the no-flush bit, INVPCID single-context). KVM's
+    kvm_invalidate_pcid frees the cached previous roots whose CR3 has that PCID, so that a
+    later no-flush switch does not reuse them unsynced. No lock held.
+    """
+
+
+@hookspec
+def mmu_invpcid_gva(vcpu, gva, pcid):
+    """Shadow paging: INVPCID individual-address (kvm_mmu_invpcid_gva). Resync the entry for
+    ``gva`` in the current root if ``pcid`` is the current PCID and in the previous roots
+    whose CR3 has that PCID; roots not cached are synced when loaded. The core has flushed
+    the hardware TLB's entries for ``gva``. No lock held.
+    """
+
+
+@hookspec
+def mmu_sync_prev_roots(vcpu):
+    """Shadow paging, KVM_REQ_TLB_FLUSH_GUEST (INVPCID all-context, a CR4.PGE toggle, CR4.PCIDE
+    turned off): kvm_mmu_sync_prev_roots frees every cached previous root with unsync pages
+    below it (the current one gets ``mmu_sync_roots``). No lock held.
     """
 
 
@@ -248,8 +280,9 @@ def mmu_invlpg(vcpu, gva):
 def mmu_sync_roots(vcpu):
     """KVM_REQ_MMU_SYNC (kvm_mmu_sync_roots), shadow paging only: a backend that lets guest
     page tables go out of sync (unsync shadow pages) brings every one reachable from the
-    vCPU's root back in sync. The core raises the request at MOV CR3 (with PCIDs off every
-    CR3 load invalidates all non-global translations, kvm_invalidate_pcid) and calls this
+    vCPU's root back in sync. The core raises the request at MOV CR3 without the no-flush bit
+    (the load invalidates every non-global translation of its PCID, kvm_invalidate_pcid), at
+    INVPCID of the current PCID and at KVM_REQ_TLB_FLUSH_GUEST, and calls this
     hook from the vCPU's task before its next entry, once ``vcpu.mmu_root`` is loaded (after
     ``mmu_load`` when the load was due). No lock held.
     """

@@ -16,6 +16,15 @@ from mmu_core.errors import InvalidConfig
 
 #: name -> (what the bug does, where it lives)
 REGISTRY: dict[str, tuple[str, str]] = {
+    "invalidate-pcid-keeps-prev-roots": (
+        "a MOV CR3 without the no-flush bit or an INVPCID single-context leaves the cached "
+        "previous roots of that PCID (kvm_invalidate_pcid), so a later no-flush switch "
+        "reuses one whose unsync pages the guest has invalidated since",
+        "core: Vcpu._invalidate_pcid"),
+    "invpcid-gva-not-reaching-mmu": (
+        "INVPCID individual-address under shadow paging flushes the hardware TLB only: the "
+        "unsync shadow entry for the address is not resynced (kvm_mmu_invpcid_gva)",
+        "core: Vcpu._invpcid"),
     "nested-zap-skipped": (
         "an MMU-notifier zap of L1 gfns leaves the EPT02 leaves that map them (nested EPT)",
         "shadow: NestedMixin.mmu_nested_zap_gfn_range"),

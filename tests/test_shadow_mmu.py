@@ -291,8 +291,8 @@ def test_switching_between_two_address_spaces_reuses_cached_roots():
         c = sh.counters()
         assert c["prev_root_hits"] == 2 and c["sync_roots"] >= 1
         st = sh.vroots[0]
-        assert st.root.gfn == cr3_b >> 12 and [sp.gfn for sp in st.prev] == [cr3_a >> 12]
-        assert st.root.root_count == 1 and st.prev[0].root_count == 1
+        assert st.root.gfn == cr3_b >> 12 and [sp.gfn for sp, _pgd in st.prev] == [cr3_a >> 12]
+        assert st.root.root_count == 1 and st.prev[0][0].root_count == 1
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()

@@ -178,6 +178,18 @@ class GuestPageTables:
         cr4 |= P.CR4_PKE if pke else 0
         return PagingSetup(cr0, cr4, efer, self.root_gpa)
 
+    def new_address_space(self) -> int:
+        """A second top-level table sharing every lower table with the first, as the
+        processes of one kernel share its tables (4- and 5-level paging); its present entries
+        have A set, as the first's get at their first walk. Returns its gpa (the CR3)."""
+        if self.mode not in (P.MODE_4LEVEL, P.MODE_5LEVEL):
+            raise GuestError("a second address space needs 4- or 5-level paging")
+        root = self._alloc()
+        src = self._table_of_gpa(self.root_gpa)
+        present = (src & np.uint64(P.PT_PRESENT)) != 0
+        self._table_of_gpa(root)[:] = np.where(present, src | np.uint64(P.PT_ACCESSED), src)
+        return root
+
     def table_gfns(self) -> range:
         """Every gfn handed out as a table so far."""
         return range(self.base_gfn, self.next_gfn)

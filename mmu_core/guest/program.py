@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmu_core.arch.x86 import paging as P
 from mmu_core.hw import cpu as C
 
 
@@ -41,8 +42,16 @@ class Program:
         self.rows.append((C.OP_INVLPG, gva, 0))
         return self
 
-    def mov_cr3(self, cr3: int) -> Program:
-        self.rows.append((C.OP_MOV_CR3, 0, cr3))
+    def mov_cr3(self, cr3: int, noflush: bool = False) -> Program:
+        """MOV to CR3; with CR4.PCIDE=1, cr3[11:0] is the PCID and `noflush` sets bit 63
+        (the new PCID's TLB entries are kept)."""
+        self.rows.append((C.OP_MOV_CR3, 0, cr3 | (P.CR3_PCID_NOFLUSH if noflush else 0)))
+        return self
+
+    def invpcid(self, kind: int, pcid: int = 0, gva: int = 0) -> Program:
+        """INVPCID of type `kind` (0 individual address `gva`, 1 single context, 2 all
+        contexts with globals, 3 all contexts but globals) with descriptor PCID `pcid`."""
+        self.rows.append((C.OP_INVPCID, gva, (kind << C.INVPCID_TYPE_SHIFT) | pcid))
         return self
 
     def mov_cr0(self, cr0: int) -> Program:

@@ -32,6 +32,8 @@ from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.hw import walker as W
 from mmu_core.hw.tlb import (
+    CTX_BITS,
+    CTX_GLOBAL,
     PSC_EPT,
     PSC_LINEAR,
     TLB_ATTR,
@@ -39,6 +41,8 @@ from mmu_core.hw.tlb import (
     TLB_VPN,
     invalidate_addr,
     tlb_entries,
+    tlb_row,
+    tlb_tag,
 )
 
 # --- guest operations: rows of (op, gva, value) --------------------------------------------
@@ -56,12 +60,15 @@ OP_SET_CPL = 10
 OP_SET_AC = 11
 OP_WRPKRU = 12
 OP_PAUSE = 13  # guest computation for `value` ns without memory accesses (a switch point)
-OP_SMI = 14  # a system-management interrupt arrives (enter SMM, or latch it while in SMM)
-OP_RSM = 15  # resume from SMM (#UD outside it)
+OP_INVPCID = 14  # INVPCID: gva = the descriptor's linear address, value = type << 56 | the
+#                  descriptor's PCID field (bits 55:0; bits 63:12 of the field must be 0)
+OP_SMI = 15  # a system-management interrupt arrives (enter SMM, or latch it while in SMM)
+OP_RSM = 16  # resume from SMM (#UD outside it)
 OP_NAMES = (
     "read", "write", "fetch", "wpte", "wpte32", "rpte", "invlpg", "mov_cr3", "mov_cr0",
-    "mov_cr4", "set_cpl", "set_ac", "wrpkru", "pause", "smi", "rsm",
+    "mov_cr4", "set_cpl", "set_ac", "wrpkru", "pause", "invpcid", "smi", "rsm",
 )
+INVPCID_TYPE_SHIFT = 56
 MEM_OPS_END = OP_RPTE  # ops <= this access memory
 
 # --- per-op results: (value, vector, error code) --------------------------------------------
@@ -132,6 +139,14 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
     mode = regs[W.R_MODE]
     has_pkeys = P.MODE_HAS_PKEYS[mode]
     nmask = tlb_entries(tlb) - 1
+    # TLB entries are tagged with the current PCID, or global (hw/tlb.py); the PCID and
+    # CR4.PGE do not change within a call.
+    pcid = regs[W.R_PCID]
+    pge = (regs[W.R_FLAGS] & W.F_PGE) != 0
+    # tlb_row and tlb_tag with the PCID's part computed once: row (vpn ^ salt) & nmask, tag
+    # (vpn << CTX_BITS) + tag_base
+    salt = tlb_row(-1, 0, pcid)
+    tag_base = tlb_tag(0, pcid)
     done = 0
     hits = 0
     ops = 0
@@ -147,9 +162,13 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             break
         acc = _acc_of(op)
         vpn = gva >> 12
-        i = vpn & nmask
+        i = (vpn ^ salt) & nmask
         pfn = -1
-        if tlb[i, TLB_VPN] == vpn + 1:
+        if tlb[i, TLB_VPN] != (vpn << CTX_BITS) + tag_base:
+            i = -1  # a miss in the PCID's row: the global entry's, if PGE is on
+            if pge and tlb[vpn & nmask, TLB_VPN] == tlb_tag(vpn, CTX_GLOBAL):
+                i = vpn & nmask
+        if i >= 0:
             attr = tlb[i, TLB_ATTR]
             pkey = (attr >> W.A_PKEY_SHIFT) & 0xF
             key = (attr << 2) | acc
@@ -182,12 +201,12 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             if st == W.W_PF:
                 # A page fault invalidates the TLB and paging-structure-cache entries used to
                 # translate the faulting linear address (SDM vol. 3A 4.10.4.1).
-                invalidate_addr(tlb, PSC_LINEAR, gva, gva)
+                invalidate_addr(tlb, PSC_LINEAR, gva, gva, pcid)
             elif st == W.W_EPT_VIOLATION or st == W.W_EPT_MISCONFIG:
                 # An EPT violation or misconfiguration invalidates the guest-physical and
                 # combined mappings for its address (vol. 3C 29.4.3.1): a vCPU that cached a
                 # table KVM has since replaced by a huge leaf sees the leaf when it retries.
-                invalidate_addr(tlb, PSC_EPT, out[W.OUT_ADDR], gva)
+                invalidate_addr(tlb, PSC_EPT, out[W.OUT_ADDR], gva, pcid)
             if st == W.W_PF:
                 if tdp:
                     res[pc, RES_VALUE] = 0
@@ -218,9 +237,15 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
                 xinfo[XI_ACC] = acc
                 break
             pfn = out[W.OUT_HPA] >> 12
-            tlb[i, TLB_VPN] = vpn + 1
+            attr = out[W.OUT_ATTR]
+            if attr & W.A_GLOBAL:
+                i = vpn & nmask
+                tlb[i, TLB_VPN] = tlb_tag(vpn, CTX_GLOBAL)
+            else:
+                i = tlb_row(nmask, vpn, pcid)
+                tlb[i, TLB_VPN] = tlb_tag(vpn, pcid)
             tlb[i, TLB_PFN] = pfn
-            tlb[i, TLB_ATTR] = out[W.OUT_ATTR]
+            tlb[i, TLB_ATTR] = attr
         if pfn >= tag.shape[0]:
             # A frame beyond host memory (only nonsense tables lead there): it reads as 0 and
             # keeps nothing written, and nothing is read or written outside the arrays.

@@ -19,12 +19,23 @@ the entry references and the permissions accumulated from the root down to it, s
 starts there combines them exactly as a full walk would. The guest's own tables (the guest
 dimension of a 2-D walk) are not cached.
 
-Only flushes empty the caches: `tlb_flush_all` (MOV CR3, a remote flush request) drops every
-entry; `tlb_flush_va` (INVLPG) drops the TLB entry for the address and every paging-structure
-cache entry (SDM 4.10.4.1: INVLPG invalidates all paging-structure-cache entries for the current
-PCID; for the EPT caches this is more than INVLPG must do, which is always allowed). Until then a
-vCPU may keep walking through a table that the MMU has disconnected, which is what the TDP MMU's
-flush-before-free exists for.
+TLB entries are tagged with the PCID they were filled under (SDM 4.10.1: CR3[11:0] while
+CR4.PCIDE=1, else 0), or as global (the leaf's G bit with CR4.PGE=1, 4.10.2.4): the tag column
+holds ((vpn << CTX_BITS) | ctx) + 1 with ctx the PCID or CTX_GLOBAL, so a hit is still one
+compare. A non-global entry lives in row (vpn ^ salt(pcid)) & mask, so that two address spaces
+using the same addresses under different PCIDs do not evict each other's entries; a global one in
+row vpn & mask, which a lookup tries after a miss in its PCID's row. VPIDs are the vCPU's choice
+of array (vm/vcpu.py: one TLB per tag).
+
+Only invalidations empty the caches (SDM 4.10.4.1): `tlb_flush_all` (INVPCID type 2, a CR4.PGE
+toggle, a remote flush request: VPID- or EPT-wide) drops every entry; `tlb_flush_pcid` (MOV CR3
+without the no-flush bit, INVPCID type 1) the non-global entries of one PCID; `tlb_flush_nonglobal`
+(INVPCID type 3) every non-global entry; `tlb_flush_va` (INVLPG) the address's entries for the
+current PCID and its global entry, `tlb_flush_addr` (INVPCID type 0) the address's non-global
+entry for one PCID. Each of them also drops every paging-structure-cache entry (the SDM asks for
+those of the PCID concerned; for the EPT caches this is more than it asks, which is always
+allowed). Until then a vCPU may keep walking through a table that the MMU has disconnected,
+which is what the TDP MMU's flush-before-free exists for.
 
 Row 0's column TLB_GEOM holds ntlb; the PSC geometry follows from the array's height.
 """
@@ -35,12 +46,17 @@ import numpy as np
 from numba import njit
 
 # --- TLB rows ---------------------------------------------------------------------------------
-TLB_VPN = 0  # vpn + 1; 0 marks an empty entry
+TLB_VPN = 0  # the tag: ((vpn << CTX_BITS) | ctx) + 1 (tlb_tag); 0 marks an empty entry
 TLB_PFN = 1
 TLB_ATTR = 2
 TLB_GEOM = 3  # row 0 only: the number of TLB rows (the PSC rows follow them)
 TLB_COLS = 4
 DEFAULT_ENTRIES = 1024
+CTX_BITS = 13  # a tag's context field: a PCID (12 bits) or CTX_GLOBAL
+CTX_GLOBAL = 1 << 12  # a global translation: any PCID may use it
+CTX_MASK = (1 << CTX_BITS) - 1
+ALL_PCIDS = -1  # tlb_flush_va: the address's entries whatever their PCID (INVVPID, KVM's
+#                 flush_tlb_gva under shadow paging)
 
 # --- paging-structure-cache rows (same columns, other meaning) --------------------------------
 PSC_TAG = 0  # ((prefix << 1) | kind) + 1; 0 marks an empty entry. Column 0 in both row kinds,
@@ -73,19 +89,74 @@ def tlb_entries(tlb):
     return tlb[0, TLB_GEOM]
 
 
+@njit(cache=True, _nrt=False, inline="always")
+def tlb_tag(vpn, ctx):
+    """The tag of vpn's entry for context ctx (a PCID, or CTX_GLOBAL). Never 0: ctx < 2^13 - 1."""
+    return ((vpn << CTX_BITS) | ctx) + 1
+
+
+@njit(cache=True, _nrt=False, inline="always")
+def tlb_row(nmask, vpn, pcid):
+    """The row of vpn's entry for `pcid` (pass 0 for a global entry)."""
+    return (vpn ^ (pcid * 0x9E5)) & nmask
+
+
 @njit(cache=True, _nrt=False)
 def tlb_flush_all(tlb):
     tlb[:, TLB_VPN] = 0  # TLB_VPN == PSC_TAG: the PSC rows go too
 
 
 @njit(cache=True, _nrt=False)
-def tlb_flush_va(tlb, gva):
+def _drop(tlb, row, tag):
+    if tlb[row, TLB_VPN] == tag:
+        tlb[row, TLB_VPN] = 0
+
+
+@njit(cache=True, _nrt=False)
+def tlb_flush_va(tlb, gva, pcid=0):
+    """INVLPG: the entries for gva's page tagged with `pcid` and its global entry, and every
+    paging-structure-cache entry. pcid=ALL_PCIDS: gva's entries whatever their PCID."""
+    ntlb = tlb[0, TLB_GEOM]
+    nmask = ntlb - 1
+    vpn = gva >> 12
+    if pcid == ALL_PCIDS:
+        for row in range(ntlb):
+            tag = tlb[row, TLB_VPN]
+            if tag != 0 and ((tag - 1) >> CTX_BITS) == vpn:
+                tlb[row, TLB_VPN] = 0
+    else:
+        _drop(tlb, tlb_row(nmask, vpn, pcid), tlb_tag(vpn, pcid))
+        _drop(tlb, tlb_row(nmask, vpn, 0), tlb_tag(vpn, CTX_GLOBAL))
+    tlb[ntlb:, PSC_TAG] = 0
+
+
+@njit(cache=True, _nrt=False)
+def tlb_flush_addr(tlb, gva, pcid):
+    """INVPCID type 0: gva's non-global entry for `pcid`, and the paging-structure caches."""
     ntlb = tlb[0, TLB_GEOM]
     vpn = gva >> 12
-    i = vpn & (ntlb - 1)
-    if tlb[i, TLB_VPN] == vpn + 1:
-        tlb[i, TLB_VPN] = 0
+    _drop(tlb, tlb_row(ntlb - 1, vpn, pcid), tlb_tag(vpn, pcid))
     tlb[ntlb:, PSC_TAG] = 0
+
+
+@njit(cache=True, _nrt=False)
+def tlb_flush_pcid(tlb, pcid):
+    """MOV CR3 that flushes, INVPCID type 1: every non-global entry tagged with `pcid`, and
+    the paging-structure caches. pcid=ALL_PCIDS: every non-global entry (INVPCID type 3)."""
+    ntlb = tlb[0, TLB_GEOM]
+    for row in range(ntlb):
+        tag = tlb[row, TLB_VPN]
+        if tag != 0:
+            ctx = (tag - 1) & CTX_MASK
+            if ctx != CTX_GLOBAL and (pcid == ALL_PCIDS or ctx == pcid):
+                tlb[row, TLB_VPN] = 0
+    tlb[ntlb:, PSC_TAG] = 0
+
+
+@njit(cache=True, _nrt=False)
+def tlb_flush_nonglobal(tlb):
+    """INVPCID type 3: every non-global entry of every PCID, and the paging-structure caches."""
+    tlb_flush_pcid(tlb, ALL_PCIDS)
 
 
 @njit(cache=True, _nrt=False)
@@ -117,14 +188,14 @@ def psc_lookup(tlb, kind, root, addr, top):
 
 
 @njit(cache=True, _nrt=False)
-def invalidate_addr(tlb, kind, addr, gva):
-    """What a fault invalidates: the TLB entry for linear address `gva` and the
-    paging-structure-cache entries of `kind` on `addr`'s path, for every root."""
+def invalidate_addr(tlb, kind, addr, gva, pcid):
+    """What a fault invalidates: the TLB entries for linear address `gva` (the current
+    PCID's and the global one) and the paging-structure-cache entries of `kind` on `addr`'s
+    path, for every root."""
     ntlb = tlb[0, TLB_GEOM]
     vpn = gva >> 12
-    i = vpn & (ntlb - 1)
-    if tlb[i, TLB_VPN] == vpn + 1:
-        tlb[i, TLB_VPN] = 0
+    _drop(tlb, tlb_row(ntlb - 1, vpn, pcid), tlb_tag(vpn, pcid))
+    _drop(tlb, tlb_row(ntlb - 1, vpn, 0), tlb_tag(vpn, CTX_GLOBAL))
     if not psc_enabled(tlb):
         return
     addr &= (1 << 57) - 1

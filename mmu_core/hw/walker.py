@@ -55,7 +55,9 @@ R_FLAGS = 2
 R_PKRU = 3
 R_MAXPHY = 4
 R_PDPTR = 5  # 4 PAE PDPTE registers: 5..8
-R_SIZE = 9
+R_PCID = 9  # the current PCID (CR3[11:0] while CR4.PCIDE=1, else 0): what TLB entries are
+#             tagged with (hw/tlb.py)
+R_SIZE = 10
 
 F_WP = 1 << 0  # CR0.WP
 F_NXE = 1 << 1  # EFER.NXE
@@ -65,6 +67,7 @@ F_PKE = 1 << 4
 F_PSE = 1 << 5
 F_AC = 1 << 6  # RFLAGS.AC
 F_USER = 1 << 7  # CPL == 3
+F_PGE = 1 << 8  # CR4.PGE: a leaf's G bit makes its translation global (SDM 4.10.2.4)
 
 # --- how table and final addresses become host-physical ------------------------------------
 XL_NONE = 0  # already host-physical (shadow tables; unit tests of the guest rules)
@@ -115,6 +118,7 @@ A_DIRTY = 1 << 3  # leaf D bit after this walk's update; in a 2-D walk with EPT 
 A_HOST_R = 1 << 4  # second-dimension permissions (EPT R/W/X; all set without EPT)
 A_HOST_W = 1 << 5
 A_HOST_X = 1 << 6
+A_GLOBAL = 1 << 7  # the leaf's G bit with CR4.PGE=1: a global translation (hw/tlb.py)
 A_PKEY_SHIFT = 8
 
 _ADDR_MASK_52 = ((1 << 52) - 1) & ~0xFFF
@@ -744,6 +748,8 @@ def _walk(pt, pt_slot, regs, gva, acc, set_ad, xl, ept_root, ept_levels, ept_ad,
             return
         if e & P.PT_DIRTY or acc == EC.ACC_WRITE:
             attr |= A_DIRTY
+        if (flags & F_PGE) and (e & P.PT_GLOBAL):
+            attr |= A_GLOBAL  # G is ignored in non-leaf entries and while CR4.PGE=0
     # The final address through the second dimension, checked before any flag is set.
     write = acc == EC.ACC_WRITE
     st, hpa, hperm, _, rd, sk, hdirty, final_pend = _xlate_read(

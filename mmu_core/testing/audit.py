@@ -23,6 +23,8 @@ leaf-freed        a present leaf maps a frame that is not allocated
 table-freed       a present non-leaf SPTE points at a frame that is not an allocated MMU table
 tlb-freed         a vCPU that may enter the guest caches a translation to a freed frame
 psc-freed         ... or a paging-structure-cache entry to a table page that is not allocated
+tlb-tag           a TLB entry is tagged with a PCID other than 0 while CR4.PCIDE=0, or global
+                  while CR4.PGE=0 (turning either off flushes every entry, SDM 4.10.4.1)
 table-leak        an allocated MMU table page is neither reachable from a root nor held by the
                   backend (waiting for an RCU callback, or a cached shadow page)
 dirty-log         a writable SPTE in a dirty-logged slot maps a gfn that is not marked dirty
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.errors import MMUError
 from mmu_core.host.memory import Purpose
@@ -323,6 +326,12 @@ def _check_tlb(vm, vcpu, tlb, frames: _Frames, info: BackendAudit, owners: dict,
     tlb = tlb[: int(tlb[0, T.TLB_GEOM])]
     valid = tlb[:, T.TLB_VPN] != 0
     data, attrs = tlb[valid, T.TLB_PFN], tlb[valid, T.TLB_ATTR]
+    ctx = (tlb[valid, T.TLB_VPN] - 1) & T.CTX_MASK
+    if not vcpu.cr4 & P.CR4_PCIDE and np.any((ctx != 0) & (ctx != T.CTX_GLOBAL)):
+        bad("tlb-tag", f"vcpu{vcpu.id}'s TLB holds entries of PCIDs "
+            f"{sorted(set(ctx[(ctx != 0) & (ctx != T.CTX_GLOBAL)].tolist()))} with CR4.PCIDE=0")
+    if not vcpu.cr4 & P.CR4_PGE and np.any(ctx == T.CTX_GLOBAL):
+        bad("tlb-tag", f"vcpu{vcpu.id}'s TLB holds global entries with CR4.PGE=0")
     for pfn in tables.tolist():
         if not frames.is_table(pfn):
             bad("psc-freed", f"vcpu{vcpu.id}'s paging-structure cache reaches table "

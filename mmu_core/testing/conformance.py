@@ -6,7 +6,8 @@ group, and the run ends with a table, group by group:
 
 discovery     the backend is installed, validates, and describes its capabilities
 parity        random single-vCPU programs in every paging mode, with dirty logging and MMIO,
-              are indistinguishable from the reference configuration (hypothesis)
+              and kernels switching PCID-tagged address spaces with global pages, are
+              indistinguishable from the reference configuration (hypothesis, seeds)
 memslots      READONLY slots, MMIO, deleting a slot, SMM address spaces
 concurrency   every explorer scenario (first touch, guest PTE races, zap-all, dirty logging,
               READONLY, host events, memslot changes, THP split and collapse) under random
@@ -34,7 +35,14 @@ from mmu_core.params import configuration
 from mmu_core.plugins import choose, discover
 from mmu_core.testing.audit import _walk_tree, audit
 from mmu_core.testing.explore import SCENARIOS, run_schedule
-from mmu_core.testing.programs import DATA_PAGES, assert_parity, build, run_everywhere, spec_for
+from mmu_core.testing.programs import (
+    DATA_PAGES,
+    assert_parity,
+    build,
+    pcid_kernel,
+    run_everywhere,
+    spec_for,
+)
 from mmu_core.testing.strategies import op_strategy
 from mmu_core.types import Role
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD
@@ -88,6 +96,17 @@ def _parity(backend, reference, spec_factory, mode, examples, max_ops=40):
 def test_random_4level_programs_match_the_reference(mmu_backend, mmu_reference, mmu_examples):
     _parity(mmu_backend, mmu_reference, lambda: spec_for(P.MODE_4LEVEL), P.MODE_4LEVEL,
             mmu_examples)
+
+
+@capability("parity")
+@pytest.mark.parametrize("seed", range(3))
+def test_pcid_kernels_match(mmu_backend, mmu_reference, seed):
+    """A kernel with two PCID-tagged address spaces sharing its tables and global pages
+    (switches with and without the no-flush bit, INVPCID of every type, INVLPG of global
+    pages) is indistinguishable from the reference."""
+    runs = run_everywhere(spec_for(P.MODE_4LEVEL), pcid_kernel(seed), seed=seed,
+                          configs=(mmu_reference, mmu_backend))
+    assert_parity(runs, mmu_reference)
 
 
 @capability("parity")

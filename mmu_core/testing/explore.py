@@ -1394,3 +1394,5 @@ def scenario_smm(config: VMConfig, rng: random.Random) -> Run:
 
 
 SCENARIOS["smm"] = scenario_smm
+# Scenarios kept in their own modules register themselves in SCENARIOS when imported.
+from mmu_core.testing import explore_pcid  # noqa: E402, F401

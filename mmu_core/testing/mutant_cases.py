@@ -52,4 +52,7 @@ MUTANT_CASES = [
     ("fast-zap-no-kick", "fast-pf", "legacy", "pct"),
     ("notifier-skips-smm", "smm", "shadow", "random"),
     ("smm-keeps-root", "smm", "tdp", "random"),
+    # PCIDs under shadow paging (mmu_core/testing/explore_pcid.py)
+    ("invalidate-pcid-keeps-prev-roots", "pcid", "shadow", "random"),
+    ("invpcid-gva-not-reaching-mmu", "pcid", "shadow", "random"),
 ]

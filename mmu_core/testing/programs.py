@@ -12,6 +12,7 @@ names or installed backends) and returns each one's guest-visible digest and res
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -25,6 +26,7 @@ from mmu_core.testing.parity import guest_digest
 from mmu_core.vm.vcpu import SMBASE
 
 DATA_PAGES = 16
+PCID_FLAGS = P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER | P.PT_ACCESSED | P.PT_DIRTY
 MMIO_GVA = MMIO_GPA
 FLAG_BITS = (P.PT_PRESENT, P.PT_WRITABLE, P.PT_USER, P.PT_ACCESSED, P.PT_DIRTY)
 
@@ -126,6 +128,66 @@ def build(ops, mode):
         return [prog.build()]
 
     return program
+
+
+def pcid_kernel(seed: int, rounds: int = 40) -> Callable:
+    """A well-behaved kernel with two address spaces (PCIDs 1 and 2) sharing its tables:
+    switches with and without the no-flush bit, global and non-global remaps, each followed
+    by invalidations that cover every PCID that may cache the page (INVLPG, INVPCID of each
+    type, a flushing switch later, or a CR4.PGE toggle), reads and writes."""
+    def build(machine):
+        rng = random.Random(seed)  # the same program for every configuration
+        pts = machine.pts
+        cr3 = {1: machine.paging.cr3, 2: pts.new_address_space()}
+        cr4 = machine.paging.cr4 | P.CR4_PCIDE | P.CR4_PGE
+        prog = Program().mov_cr4(cr4)
+        cur = 1
+        prog.mov_cr3(cr3[1] | 1)
+        for i in range(14):
+            prog.write(data_gva(i), 100 + i)
+        dirty = {1: set(), 2: set()}  # pages a PCID must flush before it next runs
+        ever_global = set()  # pages that may have a global entry: INVLPG or type 2 needed
+        for _ in range(rounds):
+            r = rng.random()
+            if r < 0.2:
+                cur = 3 - cur
+                flush = bool(dirty[cur]) or rng.random() < 0.3
+                prog.mov_cr3(cr3[cur] | cur, noflush=not flush)
+                dirty[cur] = set()
+            elif r < 0.45:
+                page, target = rng.randrange(8), rng.randrange(8, 14)
+                glob = rng.random() < 0.4
+                had_global = page in ever_global or glob
+                if glob:
+                    ever_global.add(page)
+                e_gpa = pts.entry_gpa(data_gva(page), 1, create=False)
+                flags = PCID_FLAGS | (P.PT_GLOBAL if glob else 0)
+                frame = data_gva(target if rng.random() < 0.7 else page)
+                prog.store_pte(pts.pt_gva_of(e_gpa), pts.leaf_value(frame, flags))
+                how = rng.randrange(5)
+                if how == 0:
+                    prog.invpcid(2)
+                elif how == 1 and not had_global:
+                    prog.invpcid(3)
+                elif how == 2 and not had_global:
+                    prog.invpcid(1, 1).invpcid(1, 2)
+                elif how == 3:
+                    prog.mov_cr4(cr4 & ~P.CR4_PGE).mov_cr4(cr4)
+                else:
+                    prog.invlpg(data_gva(page))  # this PCID's entry and the global one
+                    other = 3 - cur
+                    if rng.random() < 0.5:
+                        prog.invpcid(0, other, data_gva(page))
+                    else:
+                        dirty[other].add(page)  # flushed at the next switch (Linux's way)
+            elif r < 0.75:
+                prog.read(data_gva(rng.randrange(14)))
+            else:
+                prog.write(data_gva(rng.randrange(8, 14)), rng.randrange(1, 1 << 30))
+        for i in range(14):
+            prog.read(data_gva(i))
+        return [prog.build()]
+    return build
 
 
 def assert_parity(runs, reference: str = "tdp"):

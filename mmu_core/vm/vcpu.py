@@ -22,7 +22,15 @@ from mmu_core.arch.x86 import spte as S
 from mmu_core.errors import BackendError, GuestError
 from mmu_core.hw import cpu as C
 from mmu_core.hw import walker as W
-from mmu_core.hw.tlb import new_tlb, tlb_flush_all, tlb_flush_va
+from mmu_core.hw.tlb import (
+    ALL_PCIDS,
+    new_tlb,
+    tlb_flush_addr,
+    tlb_flush_all,
+    tlb_flush_nonglobal,
+    tlb_flush_pcid,
+    tlb_flush_va,
+)
 from mmu_core.types import FaultKind, PageFault, Ret, Role
 
 if TYPE_CHECKING:
@@ -32,6 +40,9 @@ if TYPE_CHECKING:
 REQ_TLB_FLUSH = 1 << 0
 REQ_MMU_RELOAD = 1 << 1
 REQ_MMU_SYNC = 1 << 2  # KVM_REQ_MMU_SYNC: bring unsync shadow pages in sync (shadow paging)
+#: KVM_REQ_TLB_FLUSH_GUEST (kvm_vcpu_flush_tlb_guest): everything the guest's TLB may hold;
+#: under shadow paging the current root synced and unsync previous roots freed first
+REQ_TLB_FLUSH_GUEST = 1 << 3
 #: a vCPU faulting this often on one operation means the backend's fix does not take
 MAX_FAULTS_PER_OP = 1000
 #: a fault handler's return value -> its name in Vcpu.faults (Ret(ret) is an enum lookup per
@@ -174,8 +185,15 @@ class Vcpu:
     def mode(self) -> int:
         return P.paging_mode(self.cr0, self.cr4, self.efer)
 
+    @property
+    def pcid(self) -> int:
+        """The current PCID (kvm_get_active_pcid): CR3[11:0] while CR4.PCIDE=1, else 0."""
+        return self.cr3 & P.CR3_PCID_MASK if self.cr4 & P.CR4_PCIDE else 0
+
     def set_paging(self, cr0: int, cr4: int, efer: int, cr3: int) -> None:
         """Set up paging state before the vCPU runs (what a test's setup code does)."""
+        if cr4 & P.CR4_PCIDE and not (efer & P.EFER_LMA and cr0 & P.CR0_PG):
+            raise GuestError("CR4.PCIDE needs long mode (EFER.LMA=1, CR0.PG=1)")
         self.cr0, self.cr4, self.efer, self.cr3 = cr0, cr4, efer, cr3
         if self.mode == P.MODE_PAE and not self._load_pdptrs(cr3):
             raise GuestError(f"a PDPTE at cr3 {cr3:#x} has a reserved bit set")
@@ -198,6 +216,11 @@ class Vcpu:
             f |= W.F_SMAP
         if self.cr4 & P.CR4_PKE and not hw:
             f |= W.F_PKE
+        # Global pages (SDM 4.10.2.4): the guest's tables under TDP. KVM's shadow SPTEs never
+        # carry G ("KVM doesn't mark global entries in the shadow page tables",
+        # kvm_handle_invpcid), so the hardware under shadow paging holds no global entries.
+        if self.cr4 & P.CR4_PGE and paging and not hw:
+            f |= W.F_PGE
         if self.cr4 & P.CR4_PSE:
             f |= W.F_PSE
         if self.ac:
@@ -214,12 +237,15 @@ class Vcpu:
         r[W.R_PKRU] = self.pkru
         r[W.R_MAXPHY] = self.vm.config.maxphyaddr
         r[W.R_PDPTR : W.R_PDPTR + 4] = self.pdptrs
+        r[W.R_PCID] = self.pcid
         h = self.hwregs
         h[W.R_MODE] = P.MODE_5LEVEL if self.mode == P.MODE_5LEVEL else P.MODE_4LEVEL
         h[W.R_CR3] = (self.mmu_root or 0) << 12
         h[W.R_FLAGS] = self._flags(True)
         h[W.R_PKRU] = 0
         h[W.R_MAXPHY] = S.HOST_MAXPHYADDR  # so shadow MMIO SPTEs hit a reserved bit
+        # vmx_load_mmu_pgd without EPT: the hardware CR3 is the shadow root | the active PCID
+        h[W.R_PCID] = self.pcid
 
     def _load_pdptrs(self, cr3: int) -> bool:
         """MOV CR3 in PAE mode loads the four PDPTE registers from guest memory (SDM 4.4.1);
@@ -260,6 +286,14 @@ class Vcpu:
             self.vm.hook_all("mmu_unload", vcpu=self)
             self.mmu_root = None
             self.nested_root = None  # the guest-mode roots go with the others
+        if req & REQ_TLB_FLUSH_GUEST:
+            if self.shadowing:
+                # kvm_vcpu_flush_tlb_guest: the shadow tables must not keep what the guest
+                # just invalidated (kvm_mmu_sync_roots, kvm_mmu_sync_prev_roots)
+                if self.mmu_root is not None:
+                    self.vm.hook.mmu_sync_roots(vcpu=self)
+                self.vm.hook.mmu_sync_prev_roots(vcpu=self)
+            self._flush_tlbs()
         if req & REQ_MMU_SYNC:
             if self.mmu_root is None:
                 self.requests |= REQ_MMU_SYNC  # after mmu_load: the run loop comes back here
@@ -306,6 +340,12 @@ class Vcpu:
             else:
                 if self.mmu_root is None:
                     vm.hook.mmu_load(vcpu=self)
+                    if self.shadowing:
+                        # kvm_mmu_load ends with flush_tlb_current: entries tagged with this
+                        # PCID may come from a root no longer cached (freed by INVPCID, or
+                        # evicted from prev_roots), which a MOV CR3 with the no-flush bit
+                        # does not flush. (Under TDP every way here has flushed already.)
+                        tlb_flush_all(self.tlb)
                     self._sync_regs()
                     if self.requests:
                         continue  # raised while mmu_load waited: service it before entering
@@ -392,7 +432,7 @@ class Vcpu:
     def invvpid(self, kind: int, vpid: int, gla: int = 0) -> None:
         """L1 executes INVVPID (an exit L0 handles, handle_invvpid; SDM vol. 3C, INVVPID):
         type 0 individual-address (gla), 1 single-context, 2 all-context, 3
-        single-context-retaining-globals (no global pages here: as 1). Invalidates the
+        single-context-retaining-globals. Invalidates the
         linear and combined mappings tagged with `vpid` (with EPT, KVM flushes vpid02's:
         vpid_sync_vcpu_addr / vpid_sync_context). A VPID of 0 for types 0, 1, 3 or an
         unknown type fails (VMfail)."""
@@ -406,7 +446,9 @@ class Vcpu:
         if tlb is None:
             return
         if kind == 0:
-            tlb_flush_va(tlb, gla)
+            tlb_flush_va(tlb, gla, ALL_PCIDS)
+        elif kind == 3:
+            tlb_flush_nonglobal(tlb)
         else:
             tlb_flush_all(tlb)
 
@@ -644,26 +686,26 @@ class Vcpu:
         vm = self.vm
         intercept = self.shadowing
         if op == C.OP_INVLPG:
-            tlb_flush_va(self.tlb, gva)
             if intercept:
+                # kvm_mmu_invlpg: flush_tlb_gva (the address, whatever its PCID) and the
+                # address resynced in the current and previous roots
+                tlb_flush_va(self.tlb, gva, ALL_PCIDS)
                 self._exit("invlpg")
                 vm.hook.mmu_invlpg(vcpu=self, gva=gva)
+            else:
+                tlb_flush_va(self.tlb, gva, self.pcid)  # the current PCID's and the global
         elif op == C.OP_MOV_CR3:
-            if self.mode == P.MODE_PAE and not self._load_pdptrs(value):
-                if intercept:
-                    self._exit("cr3")
-                return self._gp(results, pc)
-            self.cr3 = value
-            tlb_flush_all(self.tlb)
-            if intercept:
-                self._exit("cr3")
-                self.mmu_root = None
-                vm.hook.mmu_new_cr3(vcpu=self, cr3=value)
-                # PCIDs are off: the load invalidates every translation, so unsync shadow
-                # pages must be in sync before the guest runs again (kvm_invalidate_pcid).
-                self.make_request(REQ_MMU_SYNC)
+            return self._mov_cr3(pc, value & ((1 << 64) - 1), results)
         elif op in (C.OP_MOV_CR0, C.OP_MOV_CR4):
             old = (self.cr0, self.cr4)
+            if op == C.OP_MOV_CR0 and not value & P.CR0_PG and self.cr4 & P.CR4_PCIDE:
+                self._exit("cr")
+                return self._gp(results, pc)  # clearing CR0.PG with CR4.PCIDE=1 (kvm_set_cr0)
+            if op == C.OP_MOV_CR4 and value & P.CR4_PCIDE and not old[1] & P.CR4_PCIDE and (
+                    self.mode not in (P.MODE_4LEVEL, P.MODE_5LEVEL)
+                    or self.cr3 & P.CR3_PCID_MASK):
+                self._exit("cr")
+                return self._gp(results, pc)  # PCIDE 0 -> 1 outside long mode or PCID != 0
             if op == C.OP_MOV_CR0:
                 self.cr0 = value
             else:
@@ -678,6 +720,10 @@ class Vcpu:
                 vm.hook_all("mmu_unload", vcpu=self)
                 self.mmu_root = None
                 vm.hook_all("mmu_reset_context", vcpu=self)
+            if intercept:
+                self._post_set_cr4(old[1], bool(changed))
+        elif op == C.OP_INVPCID:
+            return self._invpcid(pc, gva, value & ((1 << 64) - 1), results)
         elif op == C.OP_SET_CPL:
             self.cpl = value
         elif op == C.OP_SET_AC:
@@ -774,6 +820,113 @@ class Vcpu:
         gpa = self.smbase + off
         self._smram_pfn(gpa)  # the same error when SMRAM went away while in SMM
         return self.vm.read_guest_u64(1, gpa)
+    def _mov_cr3(self, pc: int, value: int, results: np.ndarray) -> int:
+        """MOV to CR3 (SDM 4.10.4.1; KVM's kvm_set_cr3 where it intercepts it, shadow paging).
+        With CR4.PCIDE=1, CR3[11:0] is the PCID and bit 63 set keeps the new PCID's entries
+        (the bit is not stored); otherwise the load invalidates the new PCID's non-global
+        entries. Bit 63 without PCIDs is reserved: #GP."""
+        vm = self.vm
+        intercept = self.shadowing
+        noflush = bool(value & P.CR3_PCID_NOFLUSH)
+        if noflush:
+            if not self.cr4 & P.CR4_PCIDE:
+                if intercept:
+                    self._exit("cr3")
+                return self._gp(results, pc)
+            value &= ~P.CR3_PCID_NOFLUSH
+        if self.mode == P.MODE_PAE and not self._load_pdptrs(value):
+            if intercept:
+                self._exit("cr3")
+            return self._gp(results, pc)
+        self.cr3 = value
+        if intercept:
+            self._exit("cr3")
+            self.mmu_root = None
+            # kvm_mmu_new_pgd: fast_pgd_switch may reuse a cached root (setting mmu_root);
+            # otherwise mmu_load builds one before the next entry, synced and flushed.
+            vm.hook.mmu_new_cr3(vcpu=self, cr3=value)
+            if not noflush:
+                self._invalidate_pcid(self.pcid)
+        elif not noflush:
+            tlb_flush_pcid(self.tlb, self.pcid)
+        self._sync_regs()
+        return pc + 1
+
+    def _invalidate_pcid(self, pcid: int) -> None:
+        """kvm_invalidate_pcid (shadow paging): the guest invalidated every non-global
+        translation of `pcid`. For the current PCID the roots are synced before the next
+        entry and the TLB flushed (KVM_REQ_MMU_SYNC, KVM_REQ_TLB_FLUSH_CURRENT: the VPID's
+        entries, every PCID's); with PCIDs on, cached previous roots of that PCID are freed,
+        since a later MOV CR3 with the no-flush bit would reuse them unsynced."""
+        if pcid == self.pcid:
+            self.make_request(REQ_MMU_SYNC)
+            tlb_flush_all(self.tlb)
+        if self.cr4 & P.CR4_PCIDE and not mutants.on("invalidate-pcid-keeps-prev-roots"):
+            self.vm.hook.mmu_invalidate_pcid(vcpu=self, pcid=pcid)
+
+    def _post_set_cr4(self, old_cr4: int, reset: bool) -> None:
+        """kvm_post_set_cr4 under shadow paging: turning PCIDs on frees every root (the
+        cached ones were kept under PCID 0 and a no-flush MOV CR3 must not reuse them);
+        toggling PGE or turning PCIDs off is KVM_REQ_TLB_FLUSH_GUEST."""
+        diff = old_cr4 ^ self.cr4
+        if diff & P.CR4_PCIDE and self.cr4 & P.CR4_PCIDE and not reset:
+            self.vm.hook_all("mmu_unload", vcpu=self)
+            self.mmu_root = None
+        if diff & P.CR4_PGE or (diff & P.CR4_PCIDE and not self.cr4 & P.CR4_PCIDE):
+            self.make_request(REQ_TLB_FLUSH_GUEST)
+
+    def _invpcid(self, pc: int, gla: int, value: int, results: np.ndarray) -> int:
+        """INVPCID (SDM vol. 2, INVPCID; 4.10.4.1): type 0 one address of one PCID (not its
+        global entry), 1 one PCID's non-global entries, 2 everything, 3 every non-global
+        entry. #GP(0) at CPL > 0 (before any VM exit), for an unknown type, a PCID field
+        above 12 bits, a PCID other than 0 for types 0 and 1 while CR4.PCIDE=0, or a
+        non-canonical address for type 0. Under TDP the hardware runs it; under shadow
+        paging it exits to kvm_handle_invpcid, which reaches the MMU."""
+        kind = value >> C.INVPCID_TYPE_SHIFT
+        pcid = value & ((1 << C.INVPCID_TYPE_SHIFT) - 1)
+        if self.cpl > 0:
+            return self._gp(results, pc)
+        intercept = self.shadowing
+        if intercept:
+            self._exit("invpcid")
+        pcide = bool(self.cr4 & P.CR4_PCIDE)
+        if kind > 3 or pcid > P.CR3_PCID_MASK or (kind <= 1 and not pcide and pcid) or (
+                kind == 0 and not self._canonical(gla)):
+            return self._gp(results, pc)
+        vm = self.vm
+        if not intercept:
+            if kind == 0:
+                tlb_flush_addr(self.tlb, gla, pcid)
+            elif kind == 1:
+                tlb_flush_pcid(self.tlb, pcid)
+            elif kind == 2:
+                tlb_flush_all(self.tlb)
+            else:
+                tlb_flush_nonglobal(self.tlb)
+        elif kind == 0:
+            # kvm_mmu_invpcid_gva: the address resynced in the roots of that PCID, and
+            # flush_tlb_gva (KVM skips the flush when no root has the PCID; flushing anyway
+            # only drops entries the guest may not rely on)
+            tlb_flush_va(self.tlb, gla, ALL_PCIDS)
+            if not mutants.on("invpcid-gva-not-reaching-mmu"):
+                vm.hook.mmu_invpcid_gva(vcpu=self, gva=gla, pcid=pcid)
+        elif kind == 1:
+            self._invalidate_pcid(pcid)
+        else:
+            # "KVM doesn't mark global entries in the shadow page tables, so a non-global
+            # flush just degenerates to a global flush"
+            self.make_request(REQ_TLB_FLUSH_GUEST)
+        return pc + 1
+
+    def _canonical(self, gla: int) -> bool:
+        """A canonical linear address in 4- and 5-level paging (any address otherwise)."""
+        mode = self.mode
+        if mode not in (P.MODE_4LEVEL, P.MODE_5LEVEL):
+            return True
+        bits = 57 if mode == P.MODE_5LEVEL else 48
+        gla &= (1 << 64) - 1
+        top = gla >> (bits - 1)
+        return top == 0 or top == (1 << (65 - bits)) - 1
 
     @staticmethod
     def _gp(results: np.ndarray, pc: int) -> int:

@@ -72,6 +72,7 @@ CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
 CR4_PGE = 1 << 7
 CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17  # process-context identifiers (SDM 4.10.1): CR3[11:0] is the PCID
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 CR4_PKE = 1 << 22
@@ -79,6 +80,8 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 RFLAGS_AC = 1 << 18
+CR3_PCID_MASK = 0xFFF
+CR3_PCID_NOFLUSH = 1 << 63  # MOV to CR3 with CR4.PCIDE=1: keep the new PCID's entries
 
 
 def paging_mode(cr0: int, cr4: int, efer: int) -> int:

@@ -82,7 +82,10 @@ class VcpuRoots:
     (not in the hash, not counted in n_used_mmu_pages)."""
 
     root: ShadowPage | None = None
-    prev: list[ShadowPage] = field(default_factory=list)
+    # The guest CR3 (with its PCID) each root was loaded for: KVM's kvm_mmu_root_info.pgd,
+    # which fast_pgd_switch matches and kvm_invalidate_pcid reads the PCID of.
+    pgd: int = 0
+    prev: list[tuple[ShadowPage, int]] = field(default_factory=list)  # (root, pgd)
     pml4_root: int | None = None
     pae_root: int | None = None
     pae: list[ShadowPage | None] = field(default_factory=lambda: [None] * 4)
@@ -94,7 +97,7 @@ class VcpuRoots:
         """Every page this vCPU holds a root reference on."""
         out = [self.root] if self.root is not None else []
         out += [self.nested] if self.nested is not None else []
-        return out + self.prev + [sp for sp in self.pae if sp is not None]
+        return out + [sp for sp, _pgd in self.prev] + [sp for sp in self.pae if sp is not None]
 
 
 def sptep(table: int, idx: int) -> int:

@@ -217,7 +217,7 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 st.pae[i] = None
                 self.vm.spte_write(st.pae_root, i, 0)  # INVALID_PAE_ROOT
         if prev:
-            for sp in st.prev:
+            for sp, _pgd in st.prev:
                 self._put_root(sp, invalid)
             st.prev = []
             if st.nested is not None:  # kvm_mmu_unload frees guest_mmu's roots too
@@ -256,9 +256,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
 
     @hookimpl
     def mmu_load(self, vcpu):
-        """kvm_mmu_load: a root from the previous-roots cache (the fast CR3 switch; the core's
-        KVM_REQ_MMU_SYNC syncs it), or from the hash or new, with a reference, then synced
-        (kvm_mmu_sync_roots)."""
+        """kvm_mmu_load: a root from the hash or new, with a reference, then synced
+        (kvm_mmu_sync_roots); the core flushes the TLB after it. A root from the
+        previous-roots cache is taken at the CR3 load itself (mmu_new_cr3)."""
         vm = self.vm
         new = False
         with vm.mmu_lock.write():
@@ -276,22 +276,17 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 root_pfn = st.pml4_root
             else:
                 key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
-                for i, sp in enumerate(st.prev):
-                    if sp.key == key and not fastzap.is_obsolete_sp(self, sp):  # is_root_usable
-                        st.root = st.prev.pop(i)
-                        self.stats["prev_root_hits"] += 1
-                        break
-                if st.root is None:
-                    self._make_pages_available()
-                    if not self.rmaps.allocated:
-                        self._first_shadow_root()
-                    new = key not in self.pages
-                    sp = self._get_sp(vcpu, key, invalid)
-                    sp.root_count += 1
-                    st.root = sp
-                    self._commit_zap(invalid)
-                    self._sync_roots(vcpu)
+                self._make_pages_available()
+                if not self.rmaps.allocated:
+                    self._first_shadow_root()
+                new = key not in self.pages
+                sp = self._get_sp(vcpu, key, invalid)
+                sp.root_count += 1
+                st.root = sp
+                self._commit_zap(invalid)
+                self._sync_roots(vcpu)
                 root_pfn = st.root.pfn
+            st.pgd = vcpu.cr3
             self.stats["root_allocs"] += new
             self._commit_zap(invalid)
         if new:
@@ -312,9 +307,13 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
 
     @hookimpl
     def mmu_new_cr3(self, vcpu, cr3):
-        """kvm_mmu_new_pgd: keep the old root in prev_roots (most recent first, three at
-        most) for a later switch back, as fast_pgd_switch does. A PAE or 32-bit guest's roots
-        are dropped instead (fast_pgd_switch refuses the pae_root): mmu_load builds them from
+        """kvm_mmu_new_pgd -> fast_pgd_switch (cached_root_find_and_keep_current): the old
+        root goes to the front of prev_roots (three at most, the oldest freed) and a cached
+        root loaded for this very CR3, PCID included (is_root_usable: same pgd, same role,
+        still valid), becomes the current one and is used at once: KVM only requests
+        KVM_REQ_LOAD_MMU_PGD, and whether it is synced and the TLB flushed is the core's
+        choice (kvm_set_cr3: not with the no-flush bit). A PAE or 32-bit guest's roots are
+        dropped instead (fast_pgd_switch refuses the pae_root): mmu_load builds them from
         the PDPTE registers just loaded."""
         vm = self.vm
         with vm.mmu_lock.write():
@@ -325,11 +324,66 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 if old.role.invalid or old.role.special:
                     self._put_root(old, invalid)
                 else:
-                    st.prev.insert(0, old)
-                    while len(st.prev) > KVM_MMU_NUM_PREV_ROOTS:
-                        self._put_root(st.prev.pop(), invalid)
+                    st.prev.insert(0, (old, st.pgd))
             self._drop_roots(st, invalid, prev=False)
+            if not self._pae_mode(vcpu):
+                key = R.root_key(self._context(vcpu), vm.root_levels(vcpu))
+                for i, (sp, pgd) in enumerate(st.prev):
+                    if pgd == cr3 and sp.key == key and not sp.role.invalid \
+                            and not fastzap.is_obsolete_sp(self, sp):
+                        del st.prev[i]
+                        st.root, st.pgd = sp, cr3
+                        self.stats["prev_root_hits"] += 1
+                        break
+            while len(st.prev) > KVM_MMU_NUM_PREV_ROOTS:
+                self._put_root(st.prev.pop()[0], invalid)
             self._commit_zap(invalid)
+        if st.root is not None:
+            vcpu.mmu_root = st.root.pfn
+
+    @hookimpl
+    def mmu_invalidate_pcid(self, vcpu, pcid):
+        """kvm_invalidate_pcid: free the previous roots whose CR3 has `pcid`."""
+        st = self.vroots.get(vcpu.id)
+        if self.direct or st is None:
+            return
+        drop = [(sp, pgd) for sp, pgd in st.prev if pgd & P.CR3_PCID_MASK == pcid]
+        if drop:
+            self._free_prev_roots(st, drop)
+
+    @hookimpl
+    def mmu_sync_prev_roots(self, vcpu):
+        """kvm_mmu_sync_prev_roots: "sync prev_roots by simply freeing them", those with an
+        unsync page below them (is_unsync_root)."""
+        st = self.vroots.get(vcpu.id)
+        if self.direct or st is None:
+            return
+        drop = [(sp, pgd) for sp, pgd in st.prev if sp.unsync or sp.unsync_children]
+        if drop:
+            self._free_prev_roots(st, drop)
+
+    def _free_prev_roots(self, st: VcpuRoots, drop: list[tuple[ShadowPage, int]]) -> None:
+        """kvm_mmu_free_roots for some of the previous roots."""
+        with self.vm.mmu_lock.write():
+            invalid: list[ShadowPage] = []
+            for entry in drop:
+                st.prev.remove(entry)
+                self._put_root(entry[0], invalid)
+            self._commit_zap(invalid)
+
+    @hookimpl
+    def mmu_invpcid_gva(self, vcpu, gva, pcid):
+        """kvm_mmu_invpcid_gva: resync gva in the current root if `pcid` is the current PCID
+        and in the previous roots whose CR3 has it."""
+        if self.direct:
+            return
+        st = self.vroots.get(vcpu.id)
+        if st is None:
+            return
+        roots = [sp for sp, pgd in st.prev if pgd & P.CR3_PCID_MASK == pcid]
+        if pcid == vcpu.pcid:
+            roots = self._roots_for_addr(st, gva) + roots
+        self._invalidate_roots_addr(vcpu, roots, gva)
 
     def _current_roots(self, st: VcpuRoots) -> list[ShadowPage]:
         if st.root is not None:
@@ -357,11 +411,19 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         st = self.vroots.get(vcpu.id)
         if st is None:
             return
+        self._invalidate_roots_addr(
+            vcpu, self._roots_for_addr(st, gva) + [sp for sp, _pgd in st.prev], gva)
+
+    @staticmethod
+    def _roots_for_addr(st: VcpuRoots, gva: int) -> list[ShadowPage]:
+        """The current root gva lies under: the root, or the one of the four PAE roots."""
         if st.root is None and st.pml4_root is not None and gva < (1 << 32):
-            current = [st.pae[(gva >> 30) & 3]]
-        else:
-            current = [st.root]
-        roots = [sp for sp in current + st.prev
+            return [st.pae[(gva >> 30) & 3]]
+        return [st.root]
+
+    def _invalidate_roots_addr(self, vcpu, roots: list, gva: int) -> None:
+        """kvm_mmu_invalidate_addr over `roots` (None entries skipped)."""
+        roots = [sp for sp in roots
                  if sp is not None and not sp.role.invalid and (sp.unsync_children or sp.unsync)]
         if not roots:
             return
