@@ -103,3 +103,23 @@ def test_an_alias_slot_must_lie_in_a_host_mapping():
         assert m.vm.memslots[1].by_id(DATA_SLOT) is None
     finally:
         m.vm.destroy()
+
+
+def test_rsm_brings_back_pcids_and_their_address_space():
+    """CR4.PCIDE and CR3's PCID are saved with the rest and restored at RSM (SMM itself runs
+    with CR4 clear): the guest reads the same memory after SMM in every configuration."""
+    def program(m):
+        smm_memslots(m.vm)
+        setup = m.paging
+        prog = (Program().write(data_gva(0), 5)
+                .mov_cr4(setup.cr4 | P.CR4_PCIDE).mov_cr3(setup.cr3 | 1).read(data_gva(0))
+                .smi().read(DATA_GPA).rsm()
+                .read(data_gva(0)).write(data_gva(1), 6).read(data_gva(1)))
+        return [prog.build()]
+
+    runs = run_everywhere(spec_for(P.MODE_4LEVEL), program)
+    assert len({digest for digest, _ in runs.values()}) == 1
+    res = runs["shadow"][1][0]
+    assert res[:, C.RES_VECTOR].tolist() == [0] * len(res)
+    values = res[:, C.RES_VALUE].tolist()
+    assert (values[3], values[5], values[7], values[9]) == (5, 5, 5, 6)
