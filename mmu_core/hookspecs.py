@@ -238,6 +238,33 @@ def mmu_track_write(vcpu, gpa, nbytes, new):
 
 
 @hookspec
+def mmu_write_protect_gfn(vm, as_id, gfn):
+    """Clear W and MMU-writable in every leaf SPTE of this backend that maps ``gfn``, at any
+    level (KVM: kvm_mmu_slot_gfn_write_protect with PG_LEVEL_4K: the rmaps and
+    kvm_tdp_mmu_write_protect_gfn). The core calls it on every backend instance of the VM
+    through ``vm.write_protect_gfn``, which the backend that shadows guest tables calls when
+    a gfn becomes shadowed or an unsync page is synced, so that a TDP MMU serving L1 beside
+    a shadow MMU serving nested roles keeps L1's mapping of an EPT12 table read-only too.
+    The caller holds the lock for write. Return True if a writable SPTE lost W (the caller
+    flushes). Optional: a backend that never maps a gfn some other backend shadows need not
+    implement it.
+    """
+
+
+@hookspec(firstresult=True)
+def mmu_try_to_unsync_pages(vm, as_id, gfn, can_unsync, prefetch):
+    """May ``gfn`` be mapped writable? (KVM: mmu_try_to_unsync_pages, called by make_spte
+    for every writable leaf.) False when it is write-tracked or shadowed by pages that may
+    not go unsync (``can_unsync`` False, or ``prefetch``); else True, after marking its
+    shadow pages unsync. The core calls it, through ``vm.mmu_try_to_unsync_pages``, on the
+    backend instances other than the caller's: a direct-role backend (the TDP MMU) asks
+    before it installs a writable leaf, and keeps the leaf read-only and not MMU-writable on
+    False (a write fault then returns ``Ret.EMULATE``: RET_PF_WRITE_PROTECTED). The caller
+    holds the lock (either mode); no switch point. Optional.
+    """
+
+
+@hookspec
 def mmu_invlpg(vcpu, gva):
     """INVLPG (intercepted under shadow paging). The core has flushed the vCPU's TLB entry;
     the backend drops or resyncs the SPTE that shadowed gva. No lock held.

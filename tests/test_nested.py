@@ -445,13 +445,15 @@ def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
         m.vm.destroy()
 
 
-def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
-    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only (a
-    last-level one) or write-tracked (above): an L1 program's first store to the last-level
-    table faults and unsyncs its EPT02 page (mmu_try_to_unsync_pages), and L2 sees the new
-    mapping after L1's INVEPT syncs it; a store to an upper-level table exits and is emulated
-    (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
-    m = _machine("legacy", vcpus=2)
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_an_l1_program_store_to_ept12_is_trapped(config):
+    """L0's own (direct) mapping of a shadowed EPT12 table, the TDP MMU's under tdp and the
+    legacy MMU's under legacy, is read-only (a last-level one) or write-tracked (above): an
+    L1 program's first store to the last-level table faults and unsyncs its EPT02 page
+    (mmu_try_to_unsync_pages), and L2 sees the new mapping after L1's INVEPT syncs it; a
+    store to an upper-level table exits and is emulated (make_spte's
+    RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
+    m = _machine(config, vcpus=2)
     try:
         vm = m.vm
         hv = L1Hypervisor(m.pts)
@@ -494,6 +496,103 @@ def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
         assert audit(vm) == []
     finally:
         m.vm.destroy()
+
+
+def _edit_ept12_from_an_l1_program(config, nested):
+    """L2 (or, with `nested` False, L1 itself) runs three programs on vCPU 0; between them an
+    L1 program on vCPU 1 edits the mapping of pages 0-3: in L2 by storing into EPT12 through
+    L1's own mapping of its page-table memory (page 0 remapped onto page 8, page 1 unmapped,
+    page 2 made read-only, all in the last-level table; then the level-2 entry switched to a
+    copy of that table in which page 3 maps page 9), each followed by INVEPT; in L1 by
+    storing its own PTEs (0 -> 8, 3 -> 9) and INVLPG. Unmapped and read-only pages come back
+    1:1 RWX through L1's handler of the reflected violations, so what L2 sees equals what
+    L1 sees with the two remaps. Returns the results, the memory digest, vCPU 1's fault
+    outcomes and the nested counters."""
+    from mmu_core.arch.x86 import paging as P
+    from mmu_core.guest import nested as N
+
+    m = _machine(config, vcpus=2)
+    try:
+        vm, pts = m.vm, m.pts
+        v0, v1 = vm.vcpus
+        for i in range(PAGES):
+            vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(i) >> 12)] = 0xC000 + i
+        # vCPU 0 invalidates what vCPU 1 remapped (INVLPG; in L2 the INVEPT flushes too)
+        p1, p2, p3 = Program(), Program().invlpg(_page(0)), Program().invlpg(_page(3))
+        for i in range(8):
+            p1.write(_page(i), 0x100 + i).read(_page(i))
+        for i in range(4):
+            p2.read(_page(i))
+        p2.write(_page(2), 0x222).read(_page(2)).write(_page(0), 0x200)
+        p3.read(_page(3)).write(_page(3), 0x333).read(_page(0)).read(_page(8)).read(_page(9))
+        idle = Program().build()
+        l2 = None
+        if nested:
+            hv = L1Hypervisor(pts)
+            l2 = hv.new_l2(prefault=[(0, pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+            v0.enter_l2(l2)
+        res = [m.run_programs([p1.build(), idle])[0]]
+
+        def l1(edits):
+            m.run_programs([idle, edits.build()])
+            if nested:
+                vm.engine.spawn("l1", v0.invept, l2.eptp)  # L1, on vCPU 0, INVEPTs
+                vm.engine.run()
+
+        flags = N.LEAF_FLAGS & ~E.EPT_RWX
+        edits = Program()
+        if nested:
+            e = [hv._entry_gpa(l2, _page(i), None, False) for i in range(4)]
+            edits.store_pte(pts.pt_gva_of(e[0]), _page(8) | flags | E.EPT_RWX)
+            edits.store_pte(pts.pt_gva_of(e[1]), 0)
+            edits.store_pte(pts.pt_gva_of(e[2]), _page(2) | flags | E.EPT_READ)
+        else:
+            gpte = pts.entry_gpa(_page(0), 1, create=False)
+            edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
+                _page(8), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
+        l1(edits)
+        res.append(m.run_programs([p2.build(), idle])[0])
+        edits = Program()
+        if nested:
+            table = hv._alloc_table()
+            for i in range(512):
+                hv._store(None, table + 8 * i, vm.read_guest_u64(0, (e[3] & ~0xFFF) + 8 * i))
+            hv._store(None, table + (e[3] & 0xFFF), _page(9) | flags | E.EPT_RWX)
+            up = hv._entry_gpa(l2, _page(3), None, False, leaf_level=2)
+            edits.store_pte(pts.pt_gva_of(up), table | N.NONLEAF_FLAGS)
+        else:
+            gpte = pts.entry_gpa(_page(3), 1, create=False)
+            edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
+                _page(9), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
+        l1(edits)
+        res.append(m.run_programs([p3.build(), idle])[0])
+        assert audit(vm) == []
+        counters = _nested_instance(m).nested_counters() if nested else {}
+        return [r[:, :2].tolist() for r in res], _digest(m), dict(v1.faults), counters, \
+            dict(v0.exits)
+    finally:
+        m.vm.destroy()
+
+
+def test_l1_program_edits_of_ept12_are_seen_by_l2_as_in_l1_under_tdp_and_legacy():
+    """An L1 program's stores to EPT12 (remap, unmap, read-only, and a switch one level up)
+    reach L2 identically under tdp and legacy, and L2 sees what L1 sees with the same remaps
+    of its own page tables: L0 traps every such store, whichever backend maps L1 (before,
+    under tdp, the TDP MMU let them through and L2 kept the old mappings after INVEPT)."""
+    l1 = _edit_ept12_from_an_l1_program("tdp", nested=False)
+    runs = {c: _edit_ept12_from_an_l1_program(c, nested=True) for c in ("tdp", "legacy")}
+    for config, (res, digest, faults, counters, exits) in runs.items():
+        assert res == l1[0], config
+        assert digest == l1[1], config
+        # the last-level table: its first store faulted and unsynced the EPT02 page; the
+        # level-2 one is write-tracked: the store was emulated, the EPT02 link zapped
+        assert faults.get("emulate", 0) >= 1, config
+        assert counters["ept02_pages"] >= 4, config
+        # unmapped page 1 and the write to read-only page 2 were reflected to L1
+        assert exits["reflected_to_l1"] == 2, config
+    p2, p3 = l1[0][1][1:], l1[0][2][1:]
+    assert [r[0] for r in p2[:4]] == [0xC008, 0x101, 0x102, 0x103]  # page 0 is page 8
+    assert [r[0] for r in p3] == [0xC009, 0, 0x200, 0x200, 0x333]  # page 3 is page 9
 
 
 @pytest.mark.parametrize("config", ["tdp", "legacy"])

@@ -353,7 +353,8 @@ class NestedMixin:
                 self._audit_ept02_tree(sp, sp.gfn << 12, sp, 0, bad)
         return BackendAudit(roots=tuple((0, EPT12_LEVELS, sp.pfn) for sp in roots),
                             held_tables=frozenset(sp.pfn for sp in pages),
-                            violations=tuple(bad), direct=False)
+                            violations=tuple(bad), direct=False,
+                            write_protected=self.write_protected_gfns())
 
     def _audit_ept02_tree(self, root, eptp: int, sp, base: int, bad) -> None:
         row = self.vm.spte_table(sp.pfn)
