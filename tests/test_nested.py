@@ -200,6 +200,46 @@ def test_two_l2_guests_on_two_vcpus(config):
         m.vm.destroy()
 
 
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_switching_eptps_reuses_cached_ept02_roots(config):
+    """L1 runs two L2 guests in turn on one vCPU: the nested VM entry's kvm_mmu_new_pgd keeps
+    the other guest's EPT02 root in the previous-roots cache (with its reference, so reclaim
+    leaves it) and takes it back at the next switch without a hash lookup; INVEPT of an EPTP
+    frees its cached root too."""
+    m = _machine(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        hv = L1Hypervisor(m.pts)
+        a, b = hv.new_l2(), hv.new_l2()
+        hv.map(b, _page(3), _page(9))
+        n = _nested_instance(m)
+        roots = {}
+        for k in range(6):
+            l2 = (a, b)[k % 2]
+            v0.enter_l2(l2)
+            res = m.run_programs([Program().write(_page(3), 0xA0 + k).read(_page(3)).build()])
+            assert res[0][1, 0] == 0xA0 + k
+            roots.setdefault(l2.eptp, set()).add(n.vroots[v0.id].nested.pfn)
+            v0.leave_l2()
+            if k == 1:
+                vm.set_nr_mmu_pages(64)
+                vm.mm.shrink_slab(64)  # reclaims what no vCPU holds as a root
+        c = n.nested_counters()
+        assert c["ept02_root_allocs"] == 2 and c["ept02_prev_root_hits"] == 4
+        assert all(len(r) == 1 for r in roots.values())  # the same root page each time
+        assert _digest(m)[3] == 0xA4 and _digest(m)[9] == 0xA5
+        st = n.vroots[v0.id]
+        assert [sp.key for sp in st.nested_prev] == [n.by_pfn[next(iter(roots[a.eptp]))].key]
+        v0.enter_l2(b)
+        vm.engine.spawn("l1", v0.invept, a.eptp)  # frees the cached root of a's EPTP
+        vm.engine.run()
+        assert st.nested_prev == [] and st.nested is not None
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
 def test_host_invalidation_zaps_ept02():
     m = _machine("tdp")
     try:
@@ -533,38 +573,40 @@ def _edit_ept12_from_an_l1_program(config, nested):
             v0.enter_l2(l2)
         res = [m.run_programs([p1.build(), idle])[0]]
 
-        def l1(edits):
+        def l1(ept12_edits, page, target):
+            """vCPU 1 runs an L1 program: `ept12_edits` in L2's case (then L1 INVEPTs on
+            vCPU 0), else the remap of `page` onto `target` in L1's own page tables."""
+            edits = Program()
+            if nested:
+                ept12_edits(edits)
+            else:
+                gpte = pts.entry_gpa(_page(page), 1, create=False)
+                edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
+                    _page(target), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
             m.run_programs([idle, edits.build()])
             if nested:
-                vm.engine.spawn("l1", v0.invept, l2.eptp)  # L1, on vCPU 0, INVEPTs
+                vm.engine.spawn("l1", v0.invept, l2.eptp)
                 vm.engine.run()
 
         flags = N.LEAF_FLAGS & ~E.EPT_RWX
-        edits = Program()
-        if nested:
-            e = [hv._entry_gpa(l2, _page(i), None, False) for i in range(4)]
+        e = [hv._entry_gpa(l2, _page(i), None, False) for i in range(4)] if nested else []
+
+        def last_level(edits):
             edits.store_pte(pts.pt_gva_of(e[0]), _page(8) | flags | E.EPT_RWX)
             edits.store_pte(pts.pt_gva_of(e[1]), 0)
             edits.store_pte(pts.pt_gva_of(e[2]), _page(2) | flags | E.EPT_READ)
-        else:
-            gpte = pts.entry_gpa(_page(0), 1, create=False)
-            edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
-                _page(8), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
-        l1(edits)
-        res.append(m.run_programs([p2.build(), idle])[0])
-        edits = Program()
-        if nested:
+
+        def one_level_up(edits):
             table = hv._alloc_table()
             for i in range(512):
                 hv._store(None, table + 8 * i, vm.read_guest_u64(0, (e[3] & ~0xFFF) + 8 * i))
             hv._store(None, table + (e[3] & 0xFFF), _page(9) | flags | E.EPT_RWX)
             up = hv._entry_gpa(l2, _page(3), None, False, leaf_level=2)
             edits.store_pte(pts.pt_gva_of(up), table | N.NONLEAF_FLAGS)
-        else:
-            gpte = pts.entry_gpa(_page(3), 1, create=False)
-            edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
-                _page(9), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
-        l1(edits)
+
+        l1(last_level, 0, 8)
+        res.append(m.run_programs([p2.build(), idle])[0])
+        l1(one_level_up, 3, 9)
         res.append(m.run_programs([p3.build(), idle])[0])
         assert audit(vm) == []
         counters = _nested_instance(m).nested_counters() if nested else {}
@@ -593,6 +635,103 @@ def test_l1_program_edits_of_ept12_are_seen_by_l2_as_in_l1_under_tdp_and_legacy(
     p2, p3 = l1[0][1][1:], l1[0][2][1:]
     assert [r[0] for r in p2[:4]] == [0xC008, 0x101, 0x102, 0x103]  # page 0 is page 8
     assert [r[0] for r in p3] == [0xC009, 0, 0x200, 0x200, 0x333]  # page 3 is page 9
+
+
+def _l2_with_page0_read_only(config):
+    """One vCPU in an L2 guest whose EPT12 maps L1's tables and data 1:1 (4K leaves), page 0
+    read-only: (machine, hypervisor, L2 guest, the nested shadow instance)."""
+    m = _machine(config)
+    pts = m.pts
+    hv = L1Hypervisor(pts)
+    l2 = hv.new_l2(prefault=[(0, pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+    hv.map(l2, _page(0), _page(0), perm=E.EPT_READ)
+    m.vm.vcpus[0].enter_l2(l2)
+    return m, hv, l2, _nested_instance(m)
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_invept_rebuilds_an_ept02_leaf_whose_target_is_unchanged(config):
+    """FNAME(sync_spte) for EPT: when L1 changes only the permissions of an EPT12 entry of an
+    unsync table and INVEPTs, the sync rebuilds the EPT02 leaf in place (no refault), with
+    fewer permissions as with more; a new target is still dropped and refaults."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+
+        def l2_exits():
+            return v0.exits.get("l2_ept_violation", 0)
+
+        def l1_edit(target, perm):
+            def run():
+                hv.map(l2, _page(0), _page(target), perm=perm, vcpu=v0)
+                v0.invept(l2.eptp)
+            vm.engine.spawn("l1", run)
+            vm.engine.run()
+
+        m.run_programs([Program().read(_page(0)).build()])  # EPT02 leaf: read-only
+        before, rebuilt = l2_exits(), n.stats["sync_rebuilt"]
+        l1_edit(0, E.EPT_RWX)  # more permissions, same target: the leaf becomes writable
+        assert n.stats["sync_rebuilt"] == rebuilt + 1
+        res = m.run_programs([Program().write(_page(0), 0x51).read(_page(0)).build()])[0]
+        assert res[1, 0] == 0x51 and l2_exits() == before  # no refault
+        l1_edit(0, E.EPT_READ)  # fewer: rebuilt read-only, a write is reflected to L1
+        assert n.stats["sync_rebuilt"] == rebuilt + 2
+        reflected = v0.exits.get("reflected_to_l1", 0)
+        m.run_programs([Program().read(_page(0)).build()])
+        assert l2_exits() == before
+        m.run_programs([Program().write(_page(0), 0x52).build()])
+        assert v0.exits["reflected_to_l1"] == reflected + 1
+        dropped = n.stats["sync_dropped"]
+        l1_edit(7, E.EPT_RWX)  # another target: dropped, the next access refaults
+        assert n.stats["sync_dropped"] == dropped + 1
+        exits = l2_exits()
+        res = m.run_programs([Program().read(_page(0)).build()])[0]
+        assert l2_exits() == exits + 1
+        assert res[0, 0] == int(vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(7) >> 12)])
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_a_reflected_fault_resyncs_its_ept02_entry(config):
+    """nested_ept_invalidate_addr: when L0 reflects an EPT violation because EPT12 maps the
+    page without the permission, the EPT02 entry of that address in an unsync page is
+    synced before L1 runs its handler, so a stale leaf (an older target) is gone at once;
+    a fault on a page EPT12 does not map resyncs nothing."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        m.run_programs([Program().read(_page(0)).read(_page(1)).build()])
+
+        def remap_without_invept():
+            hv.map(l2, _page(0), _page(6), perm=E.EPT_READ, vcpu=v0)  # the table goes unsync
+        vm.engine.spawn("l1", remap_without_invept)
+        vm.engine.run()
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.unsync for sp in leaf)
+        idx = (_page(0) >> 12) & 511
+        seen = []
+        handler = l2.handle_ept_violation
+
+        def l1_handler(vcpu, fault):  # what L0 left in EPT02 when L1 got the exit
+            seen.append([int(vm.spte_table(sp.pfn)[idx]) for sp in leaf])
+            handler(vcpu, fault)
+        l2.handle_ept_violation = l1_handler
+        synced = n.nested_counters()["reflect_synced"]
+        m.run_programs([Program().write(_page(0), 0x61).read(_page(0)).build()])
+        assert seen == [[0] * len(leaf)]  # the stale read-only leaf (page 0) was dropped
+        assert n.nested_counters()["reflect_synced"] == synced + 1
+        assert int(vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(0) >> 12)]) == 0x61
+        hv.unmap(l2, _page(2), None)  # not present in EPT12: reflected without a resync
+        m.run_programs([Program().read(_page(2)).build()])
+        assert len(seen) == 2 and n.nested_counters()["reflect_synced"] == synced + 1
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
 
 
 @pytest.mark.parametrize("config", ["tdp", "legacy"])

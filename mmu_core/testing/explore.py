@@ -1141,6 +1141,33 @@ def scenario_nested_reclaim(config: VMConfig, rng: random.Random) -> Run:
 SCENARIOS["nested-reclaim"] = scenario_nested_reclaim
 
 
+def _l2_with_two_tables(m, ref: Reference, x: int, targets: list[int]):
+    """An L2 guest over pages 1-4 (1:1) and x (on targets[0]), and a second last-level EPT12
+    table for x's 2 MiB region with the same entries but x on targets[1]: (hv, l2, x's gfn,
+    x's leaf entry gpa, its level-2 entry gpa, the two tables, their targets for x)."""
+    from mmu_core.guest import nested as N
+    from mmu_core.guest.nested import L1Hypervisor
+
+    vm = m.vm
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    page = _page(x) >> 12
+    ref.remappable(page)
+    for i in range(1, 5):
+        hv.map(l2, _page(i), _page(i))
+    hv.map(l2, _page(x), _page(targets[0]))
+    ref.target[page] = _page(targets[0]) >> 12
+    # a second last-level table for x's 2 MiB region: the same entries, x on another target
+    e1 = hv._entry_gpa(l2, _page(x), None, False)
+    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
+    tables = [e1 & ~0xFFF, hv._alloc_table()]
+    for i in range(512):
+        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
+    alt = [targets[0], targets[1]]
+    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    return hv, l2, page, e1, e2, tables, alt
+
+
 def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     """Unsync EPT02 pages (docs/nested.md): two vCPUs run one L2 guest and read page x while
     an L1 task edits x's mapping in two ways, each followed by INVEPT: in x's last-level EPT12
@@ -1151,7 +1178,6 @@ def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     drops, migrates and swaps the pages and reclaims shadow pages. The reference allows the
     old target between L1's store and its INVEPT. Under shadow paging the programs run in L1."""
     from mmu_core.guest import nested as N
-    from mmu_core.guest.nested import L1Hypervisor
 
     m, ref, vm, x, targets = _nested_machine(config, rng)
     progs = []
@@ -1169,22 +1195,7 @@ def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     slot = vm.memslots[0].by_id(DATA_SLOT)
     hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(8)]
     vm.mm.discard_listeners.append(ref.discard)
-    hv = L1Hypervisor(m.pts)
-    l2 = hv.new_l2()
-    page = _page(x) >> 12
-    ref.remappable(page)
-    for i in range(1, 5):
-        hv.map(l2, _page(i), _page(i))
-    hv.map(l2, _page(x), _page(targets[0]))
-    ref.target[page] = _page(targets[0]) >> 12
-    # a second last-level table for x's 2 MiB region: the same entries, x on another target
-    e1 = hv._entry_gpa(l2, _page(x), None, False)
-    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
-    tables = [e1 & ~0xFFF, hv._alloc_table()]
-    for i in range(512):
-        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
-    alt = [targets[0], targets[1]]
-    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    hv, l2, page, e1, e2, tables, alt = _l2_with_two_tables(m, ref, x, targets)
     for v in vm.vcpus:
         v.enter_l2(l2)
     edits = [(rng.randrange(1_000, 15_000), rng.random() < 0.5, targets[rng.randrange(3)])
@@ -1339,7 +1350,6 @@ def scenario_nested_l1_program(config: VMConfig, rng: random.Random) -> Run:
     in L1 and vCPU 1 only reads."""
     from mmu_core.arch.x86 import ept as E
     from mmu_core.guest import nested as N
-    from mmu_core.guest.nested import L1Hypervisor
 
     m, ref, vm, x, targets = _nested_machine(config, rng)
     l2prog = Program()
@@ -1351,22 +1361,7 @@ def scenario_nested_l1_program(config: VMConfig, rng: random.Random) -> Run:
     if not vm.params.ept:
         return Run(m, [l2prog.build(), Program().read(_page(1)).build()], ref)
     pts = m.pts
-    hv = L1Hypervisor(pts)
-    l2 = hv.new_l2()
-    page = _page(x) >> 12
-    ref.remappable(page)
-    for i in range(1, 5):
-        hv.map(l2, _page(i), _page(i))
-    hv.map(l2, _page(x), _page(targets[0]))
-    ref.target[page] = _page(targets[0]) >> 12
-    # a second last-level table for x's 2 MiB region: the same entries, x on another target
-    e1 = hv._entry_gpa(l2, _page(x), None, False)
-    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
-    tables = [e1 & ~0xFFF, hv._alloc_table()]
-    for i in range(512):
-        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
-    alt = [targets[0], targets[1]]
-    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    hv, l2, page, e1, e2, tables, alt = _l2_with_two_tables(m, ref, x, targets)
     # vCPU 1's program, in L1; the reference learns each remap as its store completes
     l1prog = Program().pause(rng.randrange(0, 3000))
     which = 0

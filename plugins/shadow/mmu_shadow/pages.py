@@ -89,11 +89,15 @@ class VcpuRoots:
     # The EPT02 root while the vCPU runs an L2 guest (KVM: vcpu->arch.guest_mmu's root;
     # mmu_shadow/nested.py).
     nested: ShadowPage | None = None
+    # guest_mmu's prev_roots: EPT02 roots of other EPTPs this vCPU ran L2 guests with, most
+    # recent first (nested.py, fast_pgd_switch on nested VM entry)
+    nested_prev: list[ShadowPage] = field(default_factory=list)
 
     def held(self) -> list[ShadowPage]:
         """Every page this vCPU holds a root reference on."""
         out = [self.root] if self.root is not None else []
         out += [self.nested] if self.nested is not None else []
+        out += self.nested_prev
         return out + self.prev + [sp for sp in self.pae if sp is not None]
 
 

@@ -212,6 +212,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             if st.nested is not None:  # kvm_mmu_unload frees guest_mmu's roots too
                 self._put_root(st.nested, invalid)
                 st.nested = None
+            for sp in st.nested_prev:
+                self._put_root(sp, invalid)
+            st.nested_prev = []
 
     def _load_pae_roots(self, vcpu, st: VcpuRoots, invalid: list[ShadowPage]) -> bool:
         """mmu_alloc_special_roots + mmu_alloc_shadow_roots for a PAE or 32-bit guest: the

@@ -511,7 +511,9 @@ class TdpMMU(DirtyLogging, HugePages):
         if mutants.on("tdp-wrprot-gfn-skipped"):
             return flush
         for root in [r for r in self.roots.values() if r.as_id == as_id]:
-            for it in TdpIter(vm, root.pfn, root.level, 1, gfn, gfn + 1):
+            # plain reads under the write lock (charged like the rmap walk beside it: only
+            # the stores), each change an xchg, which returns what the hardware left there
+            for it in TdpIter(vm, root.pfn, root.level, 1, gfn, gfn + 1, atomic=False):
                 old = it.old_spte
                 if not S.is_shadow_present_pte(old) or not S.is_last_spte(old, it.level):
                     continue
