@@ -735,6 +735,39 @@ def test_a_reflected_fault_resyncs_its_ept02_entry(config):
 
 
 @pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_ept02_prefetch_maps_the_neighbours_access_tracked(config):
+    """FNAME(pte_prefetch) for EPT02: a 4K fault maps the other entries of its group of
+    eight that EPT12 maps to pages the host has, access-tracked since EPT02 pages have no A/D
+    bits here, so each still costs L2 one EPT violation on first use (the guest-mode MMU has
+    no fast page fault) and is then rebuilt; a page the host lacks ends the prefetch."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        for i in range(8, 16):
+            if i != 12:  # the host has every page of the second group but 12
+                vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(i) >> 12)] = 0xD000 + i
+        prefetched = n.nested_counters()["ept02_prefetched"]
+        m.run_programs([Program().read(_page(8)).build()])
+        e_gpa = hv._entry_gpa(l2, _page(8), None, False)
+        sp = next(sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode)
+        row = vm.spte_table(sp.pfn)
+        first = (_page(8) >> 12) & 511
+        got = [int(row[first + k]) for k in range(8)]
+        assert all(got[k] for k in (1, 2, 3)) and not any(got[k] for k in (4, 5, 6, 7))
+        assert all(not got[k] & E.EPT_RWX for k in (1, 2, 3))  # access-tracked
+        assert n.nested_counters()["ept02_prefetched"] >= prefetched + 3
+        assert audit(vm) == []
+        before = v0.exits.get("l2_ept_violation", 0)
+        res = m.run_programs([Program().read(_page(9)).read(_page(10)).build()])[0]
+        assert [int(r[0]) for r in res] == [0xD009, 0xD00A]
+        assert v0.exits["l2_ept_violation"] == before + 2
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
 def test_invvpid_and_vpid_tagged_l2_translations(config):
     """SDM vol. 3C, INVVPID and 28.3.3.3: with a VPID for L2, L2's linear translations survive
     L1 <-> L2 switches (tagged apart from L1's), so a guest PTE L1 changed without

@@ -52,6 +52,7 @@ from mmu_core.arch.x86 import spte as S
 from mmu_shadow import ept12_walk as J
 from mmu_shadow import fastzap
 from mmu_shadow import role as R
+from mmu_shadow.direct_prefetch import PTE_PREFETCH_NUM
 from mmu_shadow.pages import KVM_MMU_NUM_PREV_ROOTS
 
 EPT12_LEVELS = 4
@@ -116,6 +117,7 @@ class NestedMixin:
                 "nested_retries": 0, "nested_spurious": 0, "nested_emulated": 0,
                 "ept12_writes": 0, "ept12_unsync": 0, "ept02_zapped": 0, "invept": 0,
                 "ept02_root_allocs": 0, "reflect_synced": 0, "ept02_prev_root_hits": 0,
+                "ept02_prefetched": 0,
                 "nested_mapped": [0, 0, 0, 0]}
 
     def nested_counters(self) -> dict[str, int]:
@@ -335,11 +337,62 @@ class NestedMixin:
             self._set_leaf(sp, idx, old, new, base_gfn, gpte, level)
             ns["nested_mapped"][level] += 1
             fault.level = level
+            self._ept02_prefetch(sp, idx)
         if fault.write and wrprot:
             ns["nested_emulated"] += 1
             return Ret.EMULATE  # RET_PF_WRITE_PROTECTED
         ns["nested_fixed"] += 1
         return Ret.FIXED
+
+    def _ept02_prefetch(self, sp, fault_idx: int) -> None:
+        """FNAME(pte_prefetch) after a 4K EPT02 leaf: the other entries of its aligned group
+        of PTE_PREFETCH_NUM that are not present are mapped while they can be, in order: in a
+        page shadowing an EPT12 table, each whose EPT12 entry is valid and readable
+        (FNAME(prefetch_gpte), prefetch_invalid_gpte), with EPT12's permissions; in a direct
+        page below a huge EPT12 leaf, the L1 gfns it covers (__direct_pte_prefetch), with the
+        leaf's (role.access). Only to pages the host already maps writable
+        (kvm_prefetch_pages: get_user_pages_fast_only, FOLL_WRITE), never in a READONLY slot
+        nor, for a writable access, a logged one (gfn_to_memslot_dirty_bitmap), not while an
+        MMU-notifier invalidation is in progress. Each is what make_spte builds for a
+        prefetch: writable only if no shadow page in sync shadows the gfn (a prefetch never
+        unsyncs), and, the page being A/D-disabled as all EPT02 pages are here (EPT12 without
+        A/D), marked for access tracking (mark_spte_for_access_track: R/W/X cleared), so
+        L2's first access to it still takes an EPT violation, which FNAME(page_fault) fixes
+        (the guest-mode MMU has no fast page fault). Lock held for write."""
+        vm = self.vm
+        if sp.role.level > 1 or vm.mmu_invalidate_in_progress:
+            return
+        row = vm.spte_table(sp.pfn)
+        base = fault_idx & ~(PTE_PREFETCH_NUM - 1)
+        for idx in range(base, base + PTE_PREFETCH_NUM):
+            if idx == fault_idx or S.is_shadow_present_pte(int(row[idx])):
+                continue
+            gpte = 0
+            if sp.gptes is not None:
+                gpte = self._read_gpte(sp, idx)
+                if not gpte & E.EPT_READ:
+                    break  # not present, a misconfiguration or execute-only
+                gfn = (gpte & _ADDR_MASK) >> 12
+                acc = sp.role.access & gpte & E.EPT_RWX
+            else:
+                gfn = sp.gfn + idx
+                acc = sp.role.access
+            slot = vm.memslots[0].find(gfn)
+            if slot is None or slot.readonly or (slot.log_dirty and acc & E.EPT_WRITE):
+                break
+            hva = slot.gfn_to_hva(gfn)
+            pfn = vm.mm.lookup(hva)
+            if pfn < 0 or not vm.host_writable(hva):
+                break
+            writable = bool(acc & E.EPT_WRITE) and self._try_unsync(0, gfn, True, True)
+            vm.engine.delay(vm.engine.cost.spte_build)
+            new = int(S.make_leaf_spte(pfn, 1, writable, bool(acc & E.EPT_EXEC)))
+            new = int(S.mark_spte_for_access_track((new & ~_AD_BITS) | S.SPTE_TDP_AD_DISABLED))
+            vm.spte_write(sp.pfn, idx, new)
+            if sp.gptes is not None:
+                sp.gptes[idx] = gpte
+            self._add_rmap(sp, idx, gfn)
+            self.nstats["ept02_prefetched"] += 1
 
     def _invalidate_reflected(self, vcpu, eptp: int, l2gpa: int) -> None:
         """kvm_inject_emulated_page_fault + nested_ept_invalidate_addr: a fault reflected to
