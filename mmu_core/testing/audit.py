@@ -36,7 +36,8 @@ shadowed-writable a present leaf of a direct root is writable over a gfn that is
                   backend: with tdp, L1's TDP MMU must keep the nested shadow MMU's EPT12
                   tables read-only unless their EPT02 pages are unsync), unless the MMU lock
                   is held for write (a page being shadowed or synced is write-protected
-                  under it)
+                  under it); invalid roots are left out, as kvm_tdp_mmu_write_protect_gfn
+                  walks only the valid ones (an invalid root is zapped before it is freed)
 backend:*         the backend's own invariants
 """
 
@@ -246,7 +247,7 @@ def audit(vm) -> list[Violation]:
                 continue
             if direct:
                 _check_direct_leaf(vm, as_id, first, npages, pfn, spte, bad, root in dead)
-                if protected and spte & int(_W):
+                if protected and spte & int(_W) and root not in info.invalid_roots:
                     _check_write_protected(as_id, first, npages, protected, table, idx, bad)
     # Page-table pages that nothing accounts for.
     owned = reachable | set(info.held_tables) | nested_held
