@@ -54,7 +54,11 @@ What a backend finds on the VM and the vCPU (every signature here is checked by 
 * MMIO and invalidation: ``vm.memslots_generation()``, ``vm.mmu_invalidate_seq``,
   ``vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn)``, ``vm.invalidating_gfn(as_id, gfn)``.
 * Write tracking (shadow paging): ``vm.track_gfn(as_id, gfn)``, ``vm.untrack_gfn(as_id,
-  gfn)``, ``vm.is_tracked(as_id, gfn)``, ``vm.track_write_in_flight(as_id, gfn)``.
+  gfn)``, ``vm.is_tracked(as_id, gfn)``, ``vm.track_write_in_flight(as_id, gfn)``,
+  ``vm.disallow_lpage(as_id, gfn)``, ``vm.allow_lpage(as_id, gfn)`` (no huge page over a
+  shadowed gfn), ``vm.write_protect_gfn(as_id, gfn)`` (every backend of the VM drops W on
+  it); for a direct-role backend beside one that shadows (nested EPT under the TDP MMU),
+  ``vm.mmu_try_to_unsync_pages(as_id, gfn)`` before it maps a gfn writable.
 * On a vCPU: ``vcpu.id``, ``vcpu.as_id`` (1 in SMM), ``vcpu.mode`` (the guest's paging
   mode), ``vcpu.mmu_root`` (the root pfn the hardware walks, or None) and
   ``vcpu.make_request(req)`` with ``REQ_MMU_RELOAD`` (drop the root before the next entry) or
