@@ -54,7 +54,11 @@ What a backend finds on the VM and the vCPU (every signature here is checked by 
 * MMIO and invalidation: ``vm.memslots_generation()``, ``vm.mmu_invalidate_seq``,
   ``vm.mmu_invalidate_retry_gfn(mmu_seq, as_id, gfn)``, ``vm.invalidating_gfn(as_id, gfn)``.
 * Write tracking (shadow paging): ``vm.track_gfn(as_id, gfn)``, ``vm.untrack_gfn(as_id,
-  gfn)``, ``vm.is_tracked(as_id, gfn)``, ``vm.track_write_in_flight(as_id, gfn)``.
+  gfn)``, ``vm.is_tracked(as_id, gfn)``, ``vm.track_write_in_flight(as_id, gfn)``,
+  ``vm.disallow_lpage(as_id, gfn)``, ``vm.allow_lpage(as_id, gfn)`` (no huge page over a
+  shadowed gfn), ``vm.write_protect_gfn(as_id, gfn)`` (every backend of the VM drops W on
+  it); for a direct-role backend beside one that shadows (nested EPT under the TDP MMU),
+  ``vm.mmu_try_to_unsync_pages(as_id, gfn)`` before it maps a gfn writable.
 * On a vCPU: ``vcpu.id``, ``vcpu.as_id`` (1 in SMM), ``vcpu.mode`` (the guest's paging
   mode), ``vcpu.mmu_root`` (the root pfn the hardware walks, or None) and
   ``vcpu.make_request(req)`` with ``REQ_MMU_RELOAD`` (drop the root before the next entry) or
@@ -266,6 +270,33 @@ def mmu_track_write(vcpu, gpa, nbytes, new):
     write-protected with ``vm.track_gfn`` (KVM: kvm_page_track_write -> kvm_mmu_pte_write).
     Called from the vCPU's task, no lock held; the new value is already in guest memory.
     Afterwards no SPTE may still reflect the overwritten guest entry.
+    """
+
+
+@hookspec
+def mmu_write_protect_gfn(vm, as_id, gfn):
+    """Clear W and MMU-writable in every leaf SPTE of this backend that maps ``gfn``, at any
+    level (KVM: kvm_mmu_slot_gfn_write_protect with PG_LEVEL_4K: the rmaps and
+    kvm_tdp_mmu_write_protect_gfn). The core calls it on every backend instance of the VM
+    through ``vm.write_protect_gfn``, which the backend that shadows guest tables calls when
+    a gfn becomes shadowed or an unsync page is synced, so that a TDP MMU serving L1 beside
+    a shadow MMU serving nested roles keeps L1's mapping of an EPT12 table read-only too.
+    The caller holds the lock for write. Return True if a writable SPTE lost W (the caller
+    flushes). Optional: a backend that never maps a gfn some other backend shadows need not
+    implement it.
+    """
+
+
+@hookspec(firstresult=True)
+def mmu_try_to_unsync_pages(vm, as_id, gfn, can_unsync, prefetch):
+    """May ``gfn`` be mapped writable? (KVM: mmu_try_to_unsync_pages, called by make_spte
+    for every writable leaf.) False when it is write-tracked or shadowed by pages that may
+    not go unsync (``can_unsync`` False, or ``prefetch``); else True, after marking its
+    shadow pages unsync. The core calls it, through ``vm.mmu_try_to_unsync_pages``, on the
+    backend instances other than the caller's: a direct-role backend (the TDP MMU) asks
+    before it installs a writable leaf, and keeps the leaf read-only and not MMU-writable on
+    False (a write fault then returns ``Ret.EMULATE``: RET_PF_WRITE_PROTECTED). The caller
+    holds the lock (either mode); no switch point. Optional.
     """
 
 

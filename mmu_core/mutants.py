@@ -39,6 +39,11 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "nested-ept12-write-ignored": (
         "L1's store to a shadowed EPT12 entry does not zap the EPT02 leaves built through it",
         "shadow: NestedMixin.mmu_nested_ept12_write"),
+    "tdp-wrprot-gfn-skipped": (
+        "the TDP MMU does not write-protect L1's mapping of a gfn the nested shadow MMU starts "
+        "to shadow or syncs (kvm_tdp_mmu_write_protect_gfn): L1 writes an in-sync EPT12 table "
+        "without L0 noticing",
+        "tdp: TdpMMU.mmu_write_protect_gfn"),
     "populate-no-recheck": (
         "gfn_to_pfn populates a missing page without looking again after its switch point",
         "core: VM.gfn_to_pfn"),

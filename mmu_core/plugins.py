@@ -256,8 +256,10 @@ class _NestedRouter:
 class _NestedSlotsRouter:
     """When the nested role has an instance of its own (tdp): its rmaps hold EPT02 leaves by
     L1 gfn, so they follow L1's memslots and dirty logging as L1's rmaps would (KVM has one
-    set of rmaps for both). The dirty-log hooks are registered only where the L1 backend has
-    them (else the core's fallback, a zap, reaches EPT02 through the zap router)."""
+    set of rmaps for both), and L1's emulated stores to the EPT12 tables it write-tracks
+    reach it (KVM has one kvm_mmu_track_write for both). The dirty-log hooks are registered
+    only where the L1 backend has them (else the core's fallback, a zap, reaches EPT02
+    through the zap router)."""
 
     def __init__(self, nested_pm: pluggy.PluginManager) -> None:
         self.hook = nested_pm.hook
@@ -265,6 +267,13 @@ class _NestedSlotsRouter:
     @hookspecs.hookimpl
     def mmu_memslot_changed(self, vm: Any, as_id: int, old: Any, new: Any, change: str) -> None:
         self.hook.mmu_memslot_changed(vm=vm, as_id=as_id, old=old, new=new, change=change)
+
+    @hookspecs.hookimpl
+    def mmu_track_write(self, vcpu: Any, gpa: int, nbytes: int, new: int) -> None:
+        """An L1 store to a write-tracked gfn (an EPT12 table the nested instance shadows
+        above the last level) that L1's backend kept read-only and the core emulated:
+        kvm_page_track_write -> kvm_mmu_track_write, the shadow MMU's."""
+        self.hook.mmu_track_write(vcpu=vcpu, gpa=gpa, nbytes=nbytes, new=new)
 
     @hookspecs.hookimpl(wrapper=True)
     def mmu_memory(self, vm: Any) -> Any:

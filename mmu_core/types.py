@@ -107,6 +107,11 @@ class BackendAudit:
     # zap), still walked until they are torn down; the dirty-log rule skips them once every
     # vCPU that has one loaded must reload first.
     invalid_roots: frozenset[int] = frozenset()
+    # (as_id, gfn) of guest tables it shadows with a page in sync: besides the write-tracked
+    # gfns (vm.is_tracked), no SPTE of any backend of the VM may map them writable (the
+    # audit checks the direct roots' leaves: with tdp, L1's TDP MMU beside the nested
+    # shadow MMU; docs/nested.md).
+    write_protected: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,46 @@ def test_two_l2_guests_on_two_vcpus(config):
         m.vm.destroy()
 
 
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_switching_eptps_reuses_cached_ept02_roots(config):
+    """L1 runs two L2 guests in turn on one vCPU: the nested VM entry's kvm_mmu_new_pgd keeps
+    the other guest's EPT02 root in the previous-roots cache (with its reference, so reclaim
+    leaves it) and takes it back at the next switch without a hash lookup; INVEPT of an EPTP
+    frees its cached root too."""
+    m = _machine(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        hv = L1Hypervisor(m.pts)
+        a, b = hv.new_l2(), hv.new_l2()
+        hv.map(b, _page(3), _page(9))
+        n = _nested_instance(m)
+        roots = {}
+        for k in range(6):
+            l2 = (a, b)[k % 2]
+            v0.enter_l2(l2)
+            res = m.run_programs([Program().write(_page(3), 0xA0 + k).read(_page(3)).build()])
+            assert res[0][1, 0] == 0xA0 + k
+            roots.setdefault(l2.eptp, set()).add(n.vroots[v0.id].nested.pfn)
+            v0.leave_l2()
+            if k == 1:
+                vm.set_nr_mmu_pages(64)
+                vm.mm.shrink_slab(64)  # reclaims what no vCPU holds as a root
+        c = n.nested_counters()
+        assert c["ept02_root_allocs"] == 2 and c["ept02_prev_root_hits"] == 4
+        assert all(len(r) == 1 for r in roots.values())  # the same root page each time
+        assert _digest(m)[3] == 0xA4 and _digest(m)[9] == 0xA5
+        st = n.vroots[v0.id]
+        assert [sp.key for sp in st.nested_prev] == [n.by_pfn[next(iter(roots[a.eptp]))].key]
+        v0.enter_l2(b)
+        vm.engine.spawn("l1", v0.invept, a.eptp)  # frees the cached root of a's EPTP
+        vm.engine.run()
+        assert st.nested_prev == [] and st.nested is not None
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
 def test_host_invalidation_zaps_ept02():
     m = _machine("tdp")
     try:
@@ -445,13 +485,15 @@ def test_the_jitted_ept12_walk_agrees_with_the_python_reading(seed):
         m.vm.destroy()
 
 
-def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
-    """Under legacy, L0's own (direct) mapping of a shadowed EPT12 table is read-only (a
-    last-level one) or write-tracked (above): an L1 program's first store to the last-level
-    table faults and unsyncs its EPT02 page (mmu_try_to_unsync_pages), and L2 sees the new
-    mapping after L1's INVEPT syncs it; a store to an upper-level table exits and is emulated
-    (make_spte's RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
-    m = _machine("legacy", vcpus=2)
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_an_l1_program_store_to_ept12_is_trapped(config):
+    """L0's own (direct) mapping of a shadowed EPT12 table, the TDP MMU's under tdp and the
+    legacy MMU's under legacy, is read-only (a last-level one) or write-tracked (above): an
+    L1 program's first store to the last-level table faults and unsyncs its EPT02 page
+    (mmu_try_to_unsync_pages), and L2 sees the new mapping after L1's INVEPT syncs it; a
+    store to an upper-level table exits and is emulated (make_spte's
+    RET_PF_WRITE_PROTECTED, kvm_mmu_track_write), zapping the EPT02 link."""
+    m = _machine(config, vcpus=2)
     try:
         vm = m.vm
         hv = L1Hypervisor(m.pts)
@@ -491,6 +533,235 @@ def test_an_l1_program_store_to_ept12_is_trapped_under_legacy():
         assert v1.faults.get("emulate", 0) >= 1
         res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
         assert res[0, 0] == 0xA5
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+def _edit_ept12_from_an_l1_program(config, nested):
+    """L2 (or, with `nested` False, L1 itself) runs three programs on vCPU 0; between them an
+    L1 program on vCPU 1 edits the mapping of pages 0-3: in L2 by storing into EPT12 through
+    L1's own mapping of its page-table memory (page 0 remapped onto page 8, page 1 unmapped,
+    page 2 made read-only, all in the last-level table; then the level-2 entry switched to a
+    copy of that table in which page 3 maps page 9), each followed by INVEPT; in L1 by
+    storing its own PTEs (0 -> 8, 3 -> 9) and INVLPG. Unmapped and read-only pages come back
+    1:1 RWX through L1's handler of the reflected violations, so what L2 sees equals what
+    L1 sees with the two remaps. Returns the results, the memory digest, vCPU 1's fault
+    outcomes and the nested counters."""
+    from mmu_core.arch.x86 import paging as P
+    from mmu_core.guest import nested as N
+
+    m = _machine(config, vcpus=2)
+    try:
+        vm, pts = m.vm, m.pts
+        v0, v1 = vm.vcpus
+        for i in range(PAGES):
+            vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(i) >> 12)] = 0xC000 + i
+        # vCPU 0 invalidates what vCPU 1 remapped (INVLPG; in L2 the INVEPT flushes too)
+        p1, p2, p3 = Program(), Program().invlpg(_page(0)), Program().invlpg(_page(3))
+        for i in range(8):
+            p1.write(_page(i), 0x100 + i).read(_page(i))
+        for i in range(4):
+            p2.read(_page(i))
+        p2.write(_page(2), 0x222).read(_page(2)).write(_page(0), 0x200)
+        p3.read(_page(3)).write(_page(3), 0x333).read(_page(0)).read(_page(8)).read(_page(9))
+        idle = Program().build()
+        l2 = None
+        if nested:
+            hv = L1Hypervisor(pts)
+            l2 = hv.new_l2(prefault=[(0, pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+            v0.enter_l2(l2)
+        res = [m.run_programs([p1.build(), idle])[0]]
+
+        def l1(ept12_edits, page, target):
+            """vCPU 1 runs an L1 program: `ept12_edits` in L2's case (then L1 INVEPTs on
+            vCPU 0), else the remap of `page` onto `target` in L1's own page tables."""
+            edits = Program()
+            if nested:
+                ept12_edits(edits)
+            else:
+                gpte = pts.entry_gpa(_page(page), 1, create=False)
+                edits.store_pte(pts.pt_gva_of(gpte), pts.leaf_value(
+                    _page(target), P.PT_PRESENT | P.PT_WRITABLE | P.PT_USER))
+            m.run_programs([idle, edits.build()])
+            if nested:
+                vm.engine.spawn("l1", v0.invept, l2.eptp)
+                vm.engine.run()
+
+        flags = N.LEAF_FLAGS & ~E.EPT_RWX
+        e = [hv._entry_gpa(l2, _page(i), None, False) for i in range(4)] if nested else []
+
+        def last_level(edits):
+            edits.store_pte(pts.pt_gva_of(e[0]), _page(8) | flags | E.EPT_RWX)
+            edits.store_pte(pts.pt_gva_of(e[1]), 0)
+            edits.store_pte(pts.pt_gva_of(e[2]), _page(2) | flags | E.EPT_READ)
+
+        def one_level_up(edits):
+            table = hv._alloc_table()
+            for i in range(512):
+                hv._store(None, table + 8 * i, vm.read_guest_u64(0, (e[3] & ~0xFFF) + 8 * i))
+            hv._store(None, table + (e[3] & 0xFFF), _page(9) | flags | E.EPT_RWX)
+            up = hv._entry_gpa(l2, _page(3), None, False, leaf_level=2)
+            edits.store_pte(pts.pt_gva_of(up), table | N.NONLEAF_FLAGS)
+
+        l1(last_level, 0, 8)
+        res.append(m.run_programs([p2.build(), idle])[0])
+        l1(one_level_up, 3, 9)
+        res.append(m.run_programs([p3.build(), idle])[0])
+        assert audit(vm) == []
+        counters = _nested_instance(m).nested_counters() if nested else {}
+        return [r[:, :2].tolist() for r in res], _digest(m), dict(v1.faults), counters, \
+            dict(v0.exits)
+    finally:
+        m.vm.destroy()
+
+
+def test_l1_program_edits_of_ept12_are_seen_by_l2_as_in_l1_under_tdp_and_legacy():
+    """An L1 program's stores to EPT12 (remap, unmap, read-only, and a switch one level up)
+    reach L2 identically under tdp and legacy, and L2 sees what L1 sees with the same remaps
+    of its own page tables: L0 traps every such store, whichever backend maps L1 (before,
+    under tdp, the TDP MMU let them through and L2 kept the old mappings after INVEPT)."""
+    l1 = _edit_ept12_from_an_l1_program("tdp", nested=False)
+    runs = {c: _edit_ept12_from_an_l1_program(c, nested=True) for c in ("tdp", "legacy")}
+    for config, (res, digest, faults, counters, exits) in runs.items():
+        assert res == l1[0], config
+        assert digest == l1[1], config
+        # the last-level table: its first store faulted and unsynced the EPT02 page; the
+        # level-2 one is write-tracked: the store was emulated, the EPT02 link zapped
+        assert faults.get("emulate", 0) >= 1, config
+        assert counters["ept02_pages"] >= 4, config
+        # unmapped page 1 and the write to read-only page 2 were reflected to L1
+        assert exits["reflected_to_l1"] == 2, config
+    p2, p3 = l1[0][1][1:], l1[0][2][1:]
+    assert [r[0] for r in p2[:4]] == [0xC008, 0x101, 0x102, 0x103]  # page 0 is page 8
+    assert [r[0] for r in p3] == [0xC009, 0, 0x200, 0x200, 0x333]  # page 3 is page 9
+
+
+def _l2_with_page0_read_only(config):
+    """One vCPU in an L2 guest whose EPT12 maps L1's tables and data 1:1 (4K leaves), page 0
+    read-only: (machine, hypervisor, L2 guest, the nested shadow instance)."""
+    m = _machine(config)
+    pts = m.pts
+    hv = L1Hypervisor(pts)
+    l2 = hv.new_l2(prefault=[(0, pts.end_gfn << 12), (DATA_GPA, PAGES * 4096)])
+    hv.map(l2, _page(0), _page(0), perm=E.EPT_READ)
+    m.vm.vcpus[0].enter_l2(l2)
+    return m, hv, l2, _nested_instance(m)
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_invept_rebuilds_an_ept02_leaf_whose_target_is_unchanged(config):
+    """FNAME(sync_spte) for EPT: when L1 changes only the permissions of an EPT12 entry of an
+    unsync table and INVEPTs, the sync rebuilds the EPT02 leaf in place (no refault), with
+    fewer permissions as with more; a new target is still dropped and refaults."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+
+        def l2_exits():
+            return v0.exits.get("l2_ept_violation", 0)
+
+        def l1_edit(target, perm):
+            def run():
+                hv.map(l2, _page(0), _page(target), perm=perm, vcpu=v0)
+                v0.invept(l2.eptp)
+            vm.engine.spawn("l1", run)
+            vm.engine.run()
+
+        m.run_programs([Program().read(_page(0)).build()])  # EPT02 leaf: read-only
+        before, rebuilt = l2_exits(), n.stats["sync_rebuilt"]
+        l1_edit(0, E.EPT_RWX)  # more permissions, same target: the leaf becomes writable
+        assert n.stats["sync_rebuilt"] == rebuilt + 1
+        res = m.run_programs([Program().write(_page(0), 0x51).read(_page(0)).build()])[0]
+        assert res[1, 0] == 0x51 and l2_exits() == before  # no refault
+        l1_edit(0, E.EPT_READ)  # fewer: rebuilt read-only, a write is reflected to L1
+        assert n.stats["sync_rebuilt"] == rebuilt + 2
+        reflected = v0.exits.get("reflected_to_l1", 0)
+        m.run_programs([Program().read(_page(0)).build()])
+        assert l2_exits() == before
+        m.run_programs([Program().write(_page(0), 0x52).build()])
+        assert v0.exits["reflected_to_l1"] == reflected + 1
+        dropped = n.stats["sync_dropped"]
+        l1_edit(7, E.EPT_RWX)  # another target: dropped, the next access refaults
+        assert n.stats["sync_dropped"] == dropped + 1
+        exits = l2_exits()
+        res = m.run_programs([Program().read(_page(0)).build()])[0]
+        assert l2_exits() == exits + 1
+        assert res[0, 0] == int(vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(7) >> 12)])
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_a_reflected_fault_resyncs_its_ept02_entry(config):
+    """nested_ept_invalidate_addr: when L0 reflects an EPT violation because EPT12 maps the
+    page without the permission, the EPT02 entry of that address in an unsync page is
+    synced before L1 runs its handler, so a stale leaf (an older target) is gone at once;
+    a fault on a page EPT12 does not map resyncs nothing."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        m.run_programs([Program().read(_page(0)).read(_page(1)).build()])
+
+        def remap_without_invept():
+            hv.map(l2, _page(0), _page(6), perm=E.EPT_READ, vcpu=v0)  # the table goes unsync
+        vm.engine.spawn("l1", remap_without_invept)
+        vm.engine.run()
+        e_gpa = hv._entry_gpa(l2, _page(0), None, False)
+        leaf = [sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode]
+        assert leaf and all(sp.unsync for sp in leaf)
+        idx = (_page(0) >> 12) & 511
+        seen = []
+        handler = l2.handle_ept_violation
+
+        def l1_handler(vcpu, fault):  # what L0 left in EPT02 when L1 got the exit
+            seen.append([int(vm.spte_table(sp.pfn)[idx]) for sp in leaf])
+            handler(vcpu, fault)
+        l2.handle_ept_violation = l1_handler
+        synced = n.nested_counters()["reflect_synced"]
+        m.run_programs([Program().write(_page(0), 0x61).read(_page(0)).build()])
+        assert seen == [[0] * len(leaf)]  # the stale read-only leaf (page 0) was dropped
+        assert n.nested_counters()["reflect_synced"] == synced + 1
+        assert int(vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(0) >> 12)]) == 0x61
+        hv.unmap(l2, _page(2), None)  # not present in EPT12: reflected without a resync
+        m.run_programs([Program().read(_page(2)).build()])
+        assert len(seen) == 2 and n.nested_counters()["reflect_synced"] == synced + 1
+        assert audit(vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["tdp", "legacy"])
+def test_ept02_prefetch_maps_the_neighbours_access_tracked(config):
+    """FNAME(pte_prefetch) for EPT02: a 4K fault maps the other entries of its group of
+    eight that EPT12 maps to pages the host has, access-tracked since EPT02 pages have no A/D
+    bits here, so each still costs L2 one EPT violation on first use (the guest-mode MMU has
+    no fast page fault) and is then rebuilt; a page the host lacks ends the prefetch."""
+    m, hv, l2, n = _l2_with_page0_read_only(config)
+    try:
+        vm = m.vm
+        v0 = vm.vcpus[0]
+        for i in range(8, 16):
+            if i != 12:  # the host has every page of the second group but 12
+                vm.host.tag[vm.gfn_to_pfn_nowait(0, _page(i) >> 12)] = 0xD000 + i
+        prefetched = n.nested_counters()["ept02_prefetched"]
+        m.run_programs([Program().read(_page(8)).build()])
+        e_gpa = hv._entry_gpa(l2, _page(8), None, False)
+        sp = next(sp for sp in n.by_gfn[(0, e_gpa >> 12)] if sp.role.guest_mode)
+        row = vm.spte_table(sp.pfn)
+        first = (_page(8) >> 12) & 511
+        got = [int(row[first + k]) for k in range(8)]
+        assert all(got[k] for k in (1, 2, 3)) and not any(got[k] for k in (4, 5, 6, 7))
+        assert all(not got[k] & E.EPT_RWX for k in (1, 2, 3))  # access-tracked
+        assert n.nested_counters()["ept02_prefetched"] >= prefetched + 3
+        assert audit(vm) == []
+        before = v0.exits.get("l2_ept_violation", 0)
+        res = m.run_programs([Program().read(_page(9)).read(_page(10)).build()])[0]
+        assert [int(r[0]) for r in res] == [0xD009, 0xD00A]
+        assert v0.exits["l2_ept_violation"] == before + 2
         assert audit(vm) == []
     finally:
         m.vm.destroy()

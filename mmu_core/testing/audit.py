@@ -33,6 +33,13 @@ dirty-log         a writable SPTE in a dirty-logged slot maps a gfn that is not 
                   its root is invalid and no vCPU can enter the guest through it)
 smm-only          a vCPU outside SMM caches a translation to memory only SMM slots map
 mmio-current      an MMIO SPTE of the current memslots generation names a gfn that has a slot
+shadowed-writable a present leaf of a direct root is writable over a gfn that is write-tracked
+                  or that a shadow page in sync shadows (BackendAudit.write_protected of either
+                  backend: with tdp, L1's TDP MMU must keep the nested shadow MMU's EPT12
+                  tables read-only unless their EPT02 pages are unsync), unless the MMU lock
+                  is held for write (a page being shadowed or synced is write-protected
+                  under it); invalid roots are left out, as kvm_tdp_mmu_write_protect_gfn
+                  walks only the valid ones (an invalid root is zapped before it is freed)
 backend:*         the backend's own invariants
 """
 
@@ -206,6 +213,9 @@ def audit(vm) -> list[Violation]:
     # first) keeps writable leaves in logged slots until it is zapped: no write reaches them.
     entered = {vcpu.mmu_root for vcpu in vm.vcpus if not vcpu.requests & REQ_MMU_RELOAD}
     dead = {r for r in info.invalid_roots if r not in entered}
+    protected = set() if locked else set(info.write_protected) | vm.tracked_gfns()
+    if nested is not None and not locked:
+        protected |= nested.write_protected
     for as_id, level, root, direct, what in roots:
         tables, entries = _walk_tree(host.pt, host.pt_slot, root, level)
         for pfn, lvl in tables.tolist():
@@ -240,6 +250,8 @@ def audit(vm) -> list[Violation]:
                 continue
             if direct:
                 _check_direct_leaf(vm, as_id, first, npages, pfn, spte, bad, root in dead)
+                if protected and spte & int(_W) and root not in info.invalid_roots:
+                    _check_write_protected(as_id, first, npages, protected, table, idx, bad)
     # Page-table pages that nothing accounts for.
     owned = reachable | set(info.held_tables) | nested_held
     tables_alloc = np.flatnonzero(frames.purpose == Purpose.MMU_PT).tolist()
@@ -296,6 +308,15 @@ def _check_direct_leaf(vm, as_id: int, gfn: int, npages: int, pfn: int, spte: in
         if not marked.all() and not vm.collecting_dirty(as_id, gfn):
             bad("dirty-log", f"as {as_id} gfn {gfn:#x} is writable in logged slot {slot.id} but "
                 "not marked dirty")
+
+
+def _check_write_protected(as_id: int, gfn: int, npages: int, protected: set, table: int,
+                           idx: int, bad) -> None:
+    hit = [g for a, g in protected if a == as_id and gfn <= g < gfn + npages] \
+        if npages > 1 else [gfn] if (as_id, gfn) in protected else []
+    if hit:
+        bad("shadowed-writable", f"as {as_id} gfn {hit[0]:#x}, write-tracked or shadowed by a "
+            f"shadow page in sync, is writable through SPTE {table:#x}[{idx}]")
 
 
 def _frame_owners(vm) -> dict[int, list[tuple[int, bool]]]:

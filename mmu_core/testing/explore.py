@@ -1153,6 +1153,33 @@ def scenario_nested_reclaim(config: VMConfig, rng: random.Random) -> Run:
 SCENARIOS["nested-reclaim"] = scenario_nested_reclaim
 
 
+def _l2_with_two_tables(m, ref: Reference, x: int, targets: list[int]):
+    """An L2 guest over pages 1-4 (1:1) and x (on targets[0]), and a second last-level EPT12
+    table for x's 2 MiB region with the same entries but x on targets[1]: (hv, l2, x's gfn,
+    x's leaf entry gpa, its level-2 entry gpa, the two tables, their targets for x)."""
+    from mmu_core.guest import nested as N
+    from mmu_core.guest.nested import L1Hypervisor
+
+    vm = m.vm
+    hv = L1Hypervisor(m.pts)
+    l2 = hv.new_l2()
+    page = _page(x) >> 12
+    ref.remappable(page)
+    for i in range(1, 5):
+        hv.map(l2, _page(i), _page(i))
+    hv.map(l2, _page(x), _page(targets[0]))
+    ref.target[page] = _page(targets[0]) >> 12
+    # a second last-level table for x's 2 MiB region: the same entries, x on another target
+    e1 = hv._entry_gpa(l2, _page(x), None, False)
+    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
+    tables = [e1 & ~0xFFF, hv._alloc_table()]
+    for i in range(512):
+        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
+    alt = [targets[0], targets[1]]
+    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    return hv, l2, page, e1, e2, tables, alt
+
+
 def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     """Unsync EPT02 pages (docs/nested.md): two vCPUs run one L2 guest and read page x while
     an L1 task edits x's mapping in two ways, each followed by INVEPT: in x's last-level EPT12
@@ -1163,7 +1190,6 @@ def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     drops, migrates and swaps the pages and reclaims shadow pages. The reference allows the
     old target between L1's store and its INVEPT. Under shadow paging the programs run in L1."""
     from mmu_core.guest import nested as N
-    from mmu_core.guest.nested import L1Hypervisor
 
     m, ref, vm, x, targets = _nested_machine(config, rng)
     progs = []
@@ -1181,22 +1207,7 @@ def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     slot = vm.memslots[0].by_id(DATA_SLOT)
     hvas = [slot.gfn_to_hva(_page(i) >> 12) for i in range(8)]
     vm.mm.discard_listeners.append(ref.discard)
-    hv = L1Hypervisor(m.pts)
-    l2 = hv.new_l2()
-    page = _page(x) >> 12
-    ref.remappable(page)
-    for i in range(1, 5):
-        hv.map(l2, _page(i), _page(i))
-    hv.map(l2, _page(x), _page(targets[0]))
-    ref.target[page] = _page(targets[0]) >> 12
-    # a second last-level table for x's 2 MiB region: the same entries, x on another target
-    e1 = hv._entry_gpa(l2, _page(x), None, False)
-    e2 = hv._entry_gpa(l2, _page(x), None, False, leaf_level=2)
-    tables = [e1 & ~0xFFF, hv._alloc_table()]
-    for i in range(512):
-        hv._store(None, tables[1] + 8 * i, vm.read_guest_u64(0, tables[0] + 8 * i))
-    alt = [targets[0], targets[1]]
-    hv._store(None, tables[1] + (e1 & 0xFFF), (_page(alt[1]) & ~0xFFF) | N.LEAF_FLAGS)
+    hv, l2, page, e1, e2, tables, alt = _l2_with_two_tables(m, ref, x, targets)
     for v in vm.vcpus:
         v.enter_l2(l2)
     edits = [(rng.randrange(1_000, 15_000), rng.random() < 0.5, targets[rng.randrange(3)])
@@ -1394,5 +1405,79 @@ def scenario_smm(config: VMConfig, rng: random.Random) -> Run:
 
 
 SCENARIOS["smm"] = scenario_smm
+
+
+def scenario_nested_l1_program(config: VMConfig, rng: random.Random) -> Run:
+    """An L1 *program* edits EPT12 while L2 runs on it (docs/nested.md): vCPU 0 runs one L2
+    guest that reads page x and writes others, while vCPU 1, in L1, runs a program that
+    stores, through L1's own mapping of its page-table memory, into x's last-level EPT12
+    table (x remapped among three targets, read-only or RWX) and into the table above
+    (switching x's 2 MiB region between two last-level tables), and an L1 task INVEPTs on
+    vCPU 0 now and then. L0 traps those stores under either L1 backend as KVM does: L1's
+    mapping of a last-level EPT12 table is write-protected, so the first store faults and
+    unsyncs its EPT02 page (the TDP MMU's or the legacy MMU's make_spte ->
+    mmu_try_to_unsync_pages) and later ones do not exit; the table above is write-tracked,
+    so its store is kept read-only, emulated and zaps the EPT02 link (kvm_mmu_track_write).
+    L2 may see any mapping x had since the last INVEPT began; the audit checks after every
+    step that no SPTE, TDP or shadow, maps a write-tracked EPT12 table, or one whose EPT02
+    pages are in sync, writable. Under shadow paging (no nested EPT) vCPU 0's program runs
+    in L1 and vCPU 1 only reads."""
+    from mmu_core.arch.x86 import ept as E
+    from mmu_core.guest import nested as N
+
+    m, ref, vm, x, targets = _nested_machine(config, rng)
+    l2prog = Program()
+    for k in range(40):
+        if k % 2:
+            l2prog.read(_page(x)).pause(rng.randrange(0, 1500))
+        else:
+            l2prog.write(_page(rng.randrange(1, 5)), _value(rng))
+    if not vm.params.ept:
+        return Run(m, [l2prog.build(), Program().read(_page(1)).build()], ref)
+    pts = m.pts
+    hv, l2, page, e1, e2, tables, alt = _l2_with_two_tables(m, ref, x, targets)
+    # vCPU 1's program, in L1; the reference learns each remap as its store completes
+    l1prog = Program().pause(rng.randrange(0, 3000))
+    which = 0
+    for _ in range(10):
+        if rng.random() < 0.3:  # one level up: the region's other last-level table
+            which ^= 1
+            ref.remap[(1, len(l1prog.rows))] = (page, _page(alt[which]) >> 12)
+            l1prog.store_pte(pts.pt_gva_of(e2), tables[which] | N.NONLEAF_FLAGS)
+        else:  # in the last-level table in use, x on a target, read-only or RWX
+            alt[which] = targets[rng.randrange(len(targets))]
+            perm = rng.choice((E.EPT_RWX, E.EPT_READ))
+            ref.remap[(1, len(l1prog.rows))] = (page, _page(alt[which]) >> 12)
+            l1prog.store_pte(pts.pt_gva_of(tables[which] + (e1 & 0xFFF)),
+                             (_page(alt[which]) & ~0xFFF) | (N.LEAF_FLAGS & ~E.EPT_RWX) | perm)
+        l1prog.read(_page(rng.randrange(1, 5))).pause(rng.randrange(0, 3000))
+    run = Run(m, [l2prog.build(), l1prog.build()], ref)
+    # The targets x had, in the order L1's stores completed (an INVEPT resets what L2 may
+    # see to those since it began).
+    history: list[int] = []
+    record = ref.ops_done
+
+    def ops_done(vcpu, prog, results, lo: int, hi: int) -> None:
+        record(vcpu, prog, results, lo, hi)
+        history.extend(ref.remap[(vcpu.id, pc)][1] for pc in range(lo, hi)
+                       if (vcpu.id, pc) in ref.remap)
+    ref.ops_done = ops_done
+    vm.vcpus[0].enter_l2(l2)
+    invepts = [rng.randrange(2_000, 12_000) for _ in range(4)]
+
+    def l1() -> None:
+        v0 = vm.vcpus[0]  # L1 runs on vCPU 0 between its L2 runs (as in the nested scenario)
+        for delay in invepts:
+            vm.engine.delay(delay)
+            n0, cur = len(history), ref.target[page]
+            v0.invept(l2.eptp)
+            ref.stale[(0, page)] = ({cur} | set(history[n0:])) - {ref.target[page]}
+    run.tasks.append(("l1", l1))
+    return run
+
+
+SCENARIOS["nested-l1-program"] = scenario_nested_l1_program
+
+
 # Scenarios kept in their own modules register themselves in SCENARIOS when imported.
 from mmu_core.testing import explore_pcid  # noqa: E402, F401

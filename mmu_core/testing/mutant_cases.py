@@ -10,6 +10,7 @@ MUTANT_CASES = [
     ("nested-ept12-write-ignored", "nested-unsync", "legacy", "random"),
     ("nested-skip-ept12-recheck", "nested-reclaim", "legacy", "random"),
     ("nested-unsync-never-synced", "nested-unsync", "legacy", "random"),
+    ("tdp-wrprot-gfn-skipped", "nested-l1-program", "tdp", "random"),
     ("populate-no-recheck", "first-touch-thp", "tdp", "random"),
     ("skip-invalidate-retry", "host-events", "shadow", "random"),
     ("no-flush-after-zap", "host-events", "tdp", "random"),

@@ -82,6 +82,7 @@ class VM:
         self._track_writes: list[tuple[int, int]] = []  # emulated writes awaiting track_write
         self._slot_updates: dict[tuple[int, int], Completion] = {}  # slots being deleted/moved
         self._tracked: list[dict[int, int]] = [{}, {}]
+        self._lpage_disallowed: list[dict[int, int]] = [{}, {}]  # gfn -> disallow count
         self.vcpus: list[Vcpu] = []
         self.backend_instances: dict[str, Any] = {}
         self.tlb_flushes = 0
@@ -91,6 +92,12 @@ class VM:
         self.role = Role.DIRECT if self.params.ept else Role.SHADOW
         self.backends = plugins.choose(self.params)
         self.managers = plugins.build_managers(self, self.backends)
+        # One plugin manager per backend instance (tdp: the TDP MMU's and the nested shadow
+        # MMU's; legacy and shadow: one), for the services every MMU of the VM must see.
+        seen: dict[str, Any] = {}
+        for r in (self.role, *Role):
+            seen.setdefault(self.backends[r].name, self.managers[r])
+        self._instance_managers = list(seen.values())
         self.observe = plugins.observer_manager().hook
         self.hook = self.managers[self.role].hook
         # The per-fault hooks, resolved once: the backend's bound methods when it alone
@@ -490,7 +497,7 @@ class VM:
             hva_pg = slot.userspace_addr >> 12
             aligned = (slot.base_gfn - hva_pg) % pages == 0
             if aligned and base >= slot.base_gfn and base + pages <= slot.end_gfn:
-                if not (slot.log_dirty or self._tracked_in(slot.as_id, base, base + pages)):
+                if not (slot.log_dirty or self._lpage_disallowed_in(slot.as_id, base, base + pages)):
                     return level
             level -= 1
         return 1
@@ -629,18 +636,52 @@ class VM:
             slot.dirty_bitmap[gfn - slot.base_gfn] = 1
 
     def track_gfn(self, as_id: int, gfn: int) -> None:
-        """kvm_write_track_add_gfn: guest writes to gfn must exit and be emulated."""
-        t = self._tracked[as_id]
-        t[gfn] = t.get(gfn, 0) + 1
+        """kvm_write_track_add_gfn: guest writes to gfn must exit and be emulated; no huge
+        page may map it (kvm_mmu_gfn_disallow_lpage)."""
+        _count_up(self._tracked[as_id], gfn)
+        self.disallow_lpage(as_id, gfn)
 
     def untrack_gfn(self, as_id: int, gfn: int) -> None:
         """Drop one reference taken by ``track_gfn``; writes stop exiting with the last."""
-        t = self._tracked[as_id]
-        n = t.get(gfn, 0) - 1
-        if n <= 0:
-            t.pop(gfn, None)
-        else:
-            t[gfn] = n
+        _count_down(self._tracked[as_id], gfn)
+        self.allow_lpage(as_id, gfn)
+
+    def disallow_lpage(self, as_id: int, gfn: int) -> None:
+        """kvm_mmu_gfn_disallow_lpage: ``max_mapping_level`` maps gfn at 4K only until the
+        matching ``allow_lpage`` (a guest table the shadow MMU shadows, write-tracked or
+        only write-protected: a huge SPTE over it would let writes to it through)."""
+        _count_up(self._lpage_disallowed[as_id], gfn)
+
+    def allow_lpage(self, as_id: int, gfn: int) -> None:
+        """kvm_mmu_gfn_allow_lpage: drop one ``disallow_lpage``."""
+        _count_down(self._lpage_disallowed[as_id], gfn)
+
+    def write_protect_gfn(self, as_id: int, gfn: int) -> bool:
+        """kvm_mmu_slot_gfn_write_protect: every backend of the VM clears W and MMU-writable
+        in its SPTEs mapping gfn (hook ``mmu_write_protect_gfn``: the shadow MMU's rmaps and
+        the TDP MMU's tables). For a backend that shadows guest tables (a shadowed gfn may be
+        mapped by another backend, as L1's TDP MMU maps the EPT12 tables the nested shadow
+        MMU shadows). The caller holds the MMU lock for write; True if a flush is due."""
+        flush = False
+        for pm in self._instance_managers:
+            flush |= any(pm.hook.mmu_write_protect_gfn(vm=self, as_id=as_id, gfn=gfn))
+        return flush
+
+    def mmu_try_to_unsync_pages(self, as_id: int, gfn: int, can_unsync: bool = True,
+                                prefetch: bool = False) -> bool:
+        """make_spte's mmu_try_to_unsync_pages for a backend that does not shadow guest
+        tables itself (the TDP MMU): whether gfn may be mapped writable. False if it is
+        write-tracked; otherwise every other backend that shadows it (the nested shadow
+        MMU) unsyncs its pages or says no (hook ``mmu_try_to_unsync_pages``). Under the MMU
+        lock, either mode; no switch point."""
+        if self.is_tracked(as_id, gfn):
+            return False
+        for pm in self._instance_managers[1:]:  # the L1 backend's own pages are its business
+            if pm.hook.mmu_try_to_unsync_pages(vm=self, as_id=as_id, gfn=gfn,
+                                               can_unsync=can_unsync,
+                                               prefetch=prefetch) is False:
+                return False
+        return True
 
     def track_write_in_flight(self, as_id: int, gfn: int) -> bool:
         """Whether an emulated write to tracked gfn has landed and mmu_track_write has not
@@ -652,8 +693,12 @@ class VM:
         writes to it and reports them through ``mmu_track_write``)."""
         return gfn in self._tracked[as_id]
 
-    def _tracked_in(self, as_id: int, start: int, end: int) -> bool:
-        t = self._tracked[as_id]
+    def tracked_gfns(self) -> frozenset[tuple[int, int]]:
+        """Every write-tracked (as_id, gfn), for audits."""
+        return frozenset((as_id, gfn) for as_id, t in enumerate(self._tracked) for gfn in t)
+
+    def _lpage_disallowed_in(self, as_id: int, start: int, end: int) -> bool:
+        t = self._lpage_disallowed[as_id]
         if end - start > len(t):
             return any(start <= g < end for g in t)
         return any(g in t for g in range(start, end))
@@ -715,3 +760,15 @@ class VM:
     # --- figures ---------------------------------------------------------------------------------
     def memory(self):
         return self.hook.mmu_memory(vm=self)
+
+
+def _count_up(counts: dict[int, int], key: int) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _count_down(counts: dict[int, int], key: int) -> None:
+    n = counts.get(key, 0) - 1
+    if n <= 0:
+        counts.pop(key, None)
+    else:
+        counts[key] = n

@@ -19,9 +19,11 @@ from mmu_core.backend import (
     PageFault,
     Ret,
     Role,
+    clear_writable,
     hookimpl,
     is_last_spte,
     is_shadow_present_pte,
+    is_writable_pte,
     make_leaf_spte,
     make_mmio_spte,
     make_nonleaf_spte,
@@ -119,17 +121,46 @@ class Backend:
             #     be READONLY, and in a dirty-logged slot only a write fault maps writable.
             slot = res.slot
             writable = res.writable and not slot.readonly and (not slot.log_dirty or fault.write)
+            # 3c. A gfn the shadow MMU beside us shadows (nested EPT: an EPT12 table of L1's)
+            #     may have to stay read-only; then a write to it is emulated (KVM: make_spte's
+            #     mmu_try_to_unsync_pages, RET_PF_WRITE_PROTECTED).
+            wrprot = writable and not vm.mmu_try_to_unsync_pages(as_id, gfn)
+            writable = writable and not wrprot
+            done = Ret.EMULATE if wrprot and fault.write else Ret.FIXED
             if writable and slot.log_dirty:
                 vm.mark_page_dirty(as_id, gfn)  # before the guest can write through it
             new = make_leaf_spte(res.pfn, 1, writable, True)
             if old == new:
-                return Ret.SPURIOUS  # another vCPU fixed it first
+                return Ret.SPURIOUS if done is Ret.FIXED else done  # (another vCPU was first)
             vm.spte_write(table, idx, new)
             self.counts["mapped_4k"] += 1
             if is_shadow_present_pte(old):
                 vm.flush_remote_tlbs()  # the old translation may be cached
             fault.level = 1
-        return Ret.FIXED
+        return done
+
+    @hookimpl
+    def mmu_write_protect_gfn(self, vm, as_id, gfn):
+        """The shadow MMU beside us starts to shadow gfn (nested EPT: an EPT12 table) or syncs
+        it: no leaf of ours may map it writable any more. The caller holds the lock for write
+        and flushes if we return True."""
+        flush = False
+        for (root_as, levels), root in self.roots.items():
+            if root_as != as_id:
+                continue
+            table = root
+            for level in range(levels, 1, -1):  # down to the level-1 table, if it exists
+                spte = int(vm.spte_table(table)[spte_index(gfn, level)])
+                if not is_shadow_present_pte(spte):
+                    break
+                table = spte_to_pfn(spte)
+            else:
+                idx = spte_index(gfn, 1)
+                spte = int(vm.spte_table(table)[idx])
+                if is_shadow_present_pte(spte) and is_writable_pte(spte):
+                    vm.spte_write(table, idx, clear_writable(spte))
+                    flush = True
+        return flush
 
     def _leaf_table(self, vcpu, gfn: int) -> int:
         """The level-1 table for gfn under the vCPU's root, linking missing tables."""

@@ -72,7 +72,9 @@ def _prefetch_many(mmu, sp, start: int, end: int) -> int:
     if not pfns:
         return -1
     for i, pfn in enumerate(pfns):
-        writable = not vm.is_tracked(as_id, gfn + i)
+        # make_spte with prefetch: a shadowed gfn (an EPT12 table) stays read-only; a
+        # prefetch never unsyncs (mmu_try_to_unsync_pages returns -EEXIST)
+        writable = mmu._try_unsync(as_id, gfn + i, True, True)
         vm.engine.delay(vm.engine.cost.spte_build)
         spte = make_direct_leaf(vm, pfn, 1, writable, True, writable, True)
         vm.spte_write(sp.pfn, start + i, S.mark_spte_for_access_track(spte))

@@ -50,7 +50,10 @@ from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_shadow import ept12_walk as J
+from mmu_shadow import fastzap
 from mmu_shadow import role as R
+from mmu_shadow.direct_prefetch import PTE_PREFETCH_NUM
+from mmu_shadow.pages import KVM_MMU_NUM_PREV_ROOTS
 
 EPT12_LEVELS = 4
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000
@@ -113,7 +116,8 @@ class NestedMixin:
         return {"nested_faults": 0, "nested_fixed": 0, "nested_reflected": 0,
                 "nested_retries": 0, "nested_spurious": 0, "nested_emulated": 0,
                 "ept12_writes": 0, "ept12_unsync": 0, "ept02_zapped": 0, "invept": 0,
-                "ept02_root_allocs": 0,
+                "ept02_root_allocs": 0, "reflect_synced": 0, "ept02_prev_root_hits": 0,
+                "ept02_prefetched": 0,
                 "nested_mapped": [0, 0, 0, 0]}
 
     def nested_counters(self) -> dict[str, int]:
@@ -132,8 +136,14 @@ class NestedMixin:
     # --- roots ----------------------------------------------------------------------------------
     @hookimpl
     def mmu_nested_load(self, vcpu, eptp):
-        """kvm_mmu_load for the guest-mode MMU (mmu_alloc_shadow_roots): the vCPU's EPT02
-        root, found in the hash by the EPT12 root's gfn or built, with a reference."""
+        """The vCPU's EPT02 root for eptp, with a reference. Another EPTP than the current
+        root's (L1 runs several L2 guests) is the nested VM entry's kvm_mmu_new_pgd: the
+        current root goes to the previous-roots cache (guest_mmu's prev_roots, three, most
+        recent first) and a cached root for eptp is taken back without a hash lookup or a
+        sync (fast_pgd_switch: KVM_REQ_LOAD_MMU_PGD only; unsync pages below it stay so until
+        L1's INVEPT, as the SDM lets cached mappings of an EP4TA survive EPTP switches);
+        else kvm_mmu_load (mmu_alloc_shadow_roots): found in the hash by the EPT12 root's gfn
+        or built, then synced (kvm_mmu_sync_roots)."""
         vm = self.vm
         st = self._vstate(vcpu)
         key = root_key(eptp)
@@ -142,9 +152,26 @@ class NestedMixin:
             return sp.pfn
         with vm.mmu_lock.write():
             invalid = []
+            # kvm_mmu_free_obsolete_roots: cached roots zapped meanwhile go
+            for old in [r for r in st.nested_prev if fastzap.is_obsolete_sp(self, r)]:
+                st.nested_prev.remove(old)
+                self._put_root(old, invalid)
             if st.nested is not None:
-                self._put_root(st.nested, invalid)
-                st.nested = None
+                old, st.nested = st.nested, None
+                if old.role.invalid or fastzap.is_obsolete_sp(self, old):
+                    self._put_root(old, invalid)
+                else:
+                    st.nested_prev.insert(0, old)
+            hit = next((r for r in st.nested_prev if r.key == key), None)
+            if hit is not None:
+                st.nested_prev.remove(hit)
+            while len(st.nested_prev) > KVM_MMU_NUM_PREV_ROOTS:
+                self._put_root(st.nested_prev.pop(), invalid)  # the least recent
+            if hit is not None:
+                st.nested = hit
+                self.nstats["ept02_prev_root_hits"] += 1
+                self._commit_zap(invalid)
+                return hit.pfn
             if not self.rmaps.allocated:  # mmu_first_shadow_root_alloc (beside the TDP MMU)
                 self._first_shadow_root()
                 if not self.n_requested:
@@ -170,24 +197,53 @@ class NestedMixin:
         self._flush_or_zap(invalid, flush)
 
     def _sync_ept_spte(self, sp, idx: int) -> int:
-        """FNAME(sync_spte) for an unsync EPT02 page: an entry whose EPT12 entry changed is
-        dropped (the next L2 access refaults and builds it from EPT12 as it is; KVM keeps or
-        rebuilds one whose target is unchanged). 1 if a present SPTE went."""
+        """FNAME(sync_spte) with PTTYPE_EPT for an unsync EPT02 page (level 1: only last-level
+        EPT12 tables go unsync). An entry whose EPT12 entry is unchanged stays; one whose
+        EPT12 entry no longer maps anything, is a misconfiguration or execute-only (which the
+        model reflects rather than shadows) or maps another L1 gfn is dropped
+        (prefetch_invalid_gpte, the gfn check), and the next L2 access refaults; one whose
+        target is unchanged is rebuilt with the new permissions (make_spte as for a
+        prefetch: writable only if EPT12, the host page and the slot allow it, never in a
+        logged slot, and only over a gfn no shadow page in sync shadows). Returns 1 if a
+        present SPTE lost a permission or went (a flush is due)."""
         self.stats["sync_spte"] += 1
-        if self._read_gpte(sp, idx) == int(sp.gptes[idx]):
+        gpte = self._read_gpte(sp, idx)
+        stored = int(sp.gptes[idx])
+        if gpte == stored:
             return 0
-        self.stats["sync_dropped"] += 1
-        return int(self._zap_spte(sp, idx))
+        vm = self.vm
+        old = int(vm.spte_table(sp.pfn)[idx])
+        perm = gpte & E.EPT_RWX
+        gfn = sp.leaf_gfn(idx)
+        if not perm & E.EPT_READ or not S.is_shadow_present_pte(old) \
+                or ((gpte & _ADDR_MASK) >> 12) != gfn:
+            self.stats["sync_dropped"] += 1
+            return int(self._zap_spte(sp, idx))
+        sp.gptes[idx] = gpte
+        acc = sp.role.access & perm
+        if acc == sp.role.access & stored & E.EPT_RWX:
+            return 0  # a bit beyond R/W/X changed (the memory type): the SPTE stands
+        slot = vm.memslots[0].find(gfn)
+        writable = bool(acc & E.EPT_WRITE) and slot is not None and not slot.readonly \
+            and not slot.log_dirty and vm.host_writable(slot.gfn_to_hva(gfn)) \
+            and self._try_unsync(0, gfn, True, True)
+        new = int(S.make_leaf_spte(S.spte_to_pfn(old), 1, writable, bool(acc & E.EPT_EXEC)))
+        new = (new & ~_AD_BITS) | S.SPTE_TDP_AD_DISABLED
+        self.stats["sync_rebuilt"] += 1
+        if new == old:
+            return 0
+        vm.spte_write(sp.pfn, idx, new)
+        return int(bool(old & ~new & E.EPT_RWX))
 
     @hookimpl
     def mmu_nested_invept(self, vcpu, eptp):
-        """handle_invept: free this vCPU's guest-mode root if it is the EPTP's (single
-        context) or always (all context); kvm_mmu_free_roots. EPT02 is in sync with EPT12
-        (every EPT12 write was trapped), so nothing else is stale; the vCPU reloads with a
-        flushed TLB."""
+        """handle_invept: free this vCPU's guest-mode roots of the EPTP (single context) or
+        all of them (all context), the current one and the cached previous ones
+        (kvm_mmu_free_roots with KVM_MMU_ROOT_CURRENT / KVM_MMU_ROOT_PREVIOUS(i)), after
+        syncing every EPT02 root of the EPTP in the hash; the vCPU reloads with a flushed
+        TLB if its current root went."""
         self.nstats["invept"] += 1
         st = self.vroots.get(vcpu.id)
-        sp = st.nested if st is not None else None
         with self.vm.mmu_lock.write():
             # The EPT02 pages are shared by every vCPU with that EPTP: syncing the roots in
             # the hash now (KVM syncs at this vCPU's reload) leaves no vCPU a stale entry.
@@ -195,14 +251,20 @@ class NestedMixin:
                          and r.role.level == EPT12_LEVELS and not r.role.direct
                          and (eptp is None or r.key == root_key(eptp))]:
                 self._sync_ept02(vcpu, root)
-            if sp is None or (eptp is not None and sp.key != root_key(eptp)):
+            if st is None:
                 return True
             invalid = []
-            if st.nested is sp:
+            for sp in [r for r in st.nested_prev if eptp is None or r.key == root_key(eptp)]:
+                st.nested_prev.remove(sp)
+                self._put_root(sp, invalid)
+            sp = st.nested
+            current = sp is not None and (eptp is None or sp.key == root_key(eptp))
+            if current:
                 self._put_root(sp, invalid)
                 st.nested = None
             self._commit_zap(invalid)
-        vcpu.request_nested_reload()
+        if current:
+            vcpu.request_nested_reload()
         return True
 
     # --- faults ---------------------------------------------------------------------------------
@@ -218,6 +280,8 @@ class NestedMixin:
         if l1gpa is None or not perm & need or not perm & E.EPT_READ:
             # Execute-only EPT12 entries are not shadowed (make_leaf_spte sets R): reflected.
             ns["nested_reflected"] += 1
+            if l1gpa is not None:
+                self._invalidate_reflected(vcpu, eptp, fault.gpa)
             return Ret.INJECT
         l1gfn = l1gpa >> 12
         l2gfn = fault.gpa >> 12
@@ -273,11 +337,89 @@ class NestedMixin:
             self._set_leaf(sp, idx, old, new, base_gfn, gpte, level)
             ns["nested_mapped"][level] += 1
             fault.level = level
+            self._ept02_prefetch(sp, idx)
         if fault.write and wrprot:
             ns["nested_emulated"] += 1
             return Ret.EMULATE  # RET_PF_WRITE_PROTECTED
         ns["nested_fixed"] += 1
         return Ret.FIXED
+
+    def _ept02_prefetch(self, sp, fault_idx: int) -> None:
+        """FNAME(pte_prefetch) after a 4K EPT02 leaf: the other entries of its aligned group
+        of PTE_PREFETCH_NUM that are not present are mapped while they can be, in order: in a
+        page shadowing an EPT12 table, each whose EPT12 entry is valid and readable
+        (FNAME(prefetch_gpte), prefetch_invalid_gpte), with EPT12's permissions; in a direct
+        page below a huge EPT12 leaf, the L1 gfns it covers (__direct_pte_prefetch), with the
+        leaf's (role.access). Only to pages the host already maps writable
+        (kvm_prefetch_pages: get_user_pages_fast_only, FOLL_WRITE), never in a READONLY slot
+        nor, for a writable access, a logged one (gfn_to_memslot_dirty_bitmap), not while an
+        MMU-notifier invalidation is in progress. Each is what make_spte builds for a
+        prefetch: writable only if no shadow page in sync shadows the gfn (a prefetch never
+        unsyncs), and, the page being A/D-disabled as all EPT02 pages are here (EPT12 without
+        A/D), marked for access tracking (mark_spte_for_access_track: R/W/X cleared), so
+        L2's first access to it still takes an EPT violation, which FNAME(page_fault) fixes
+        (the guest-mode MMU has no fast page fault). Lock held for write."""
+        vm = self.vm
+        if sp.role.level > 1 or vm.mmu_invalidate_in_progress:
+            return
+        row = vm.spte_table(sp.pfn)
+        base = fault_idx & ~(PTE_PREFETCH_NUM - 1)
+        for idx in range(base, base + PTE_PREFETCH_NUM):
+            if idx == fault_idx or S.is_shadow_present_pte(int(row[idx])):
+                continue
+            gpte = 0
+            if sp.gptes is not None:
+                gpte = self._read_gpte(sp, idx)
+                if not gpte & E.EPT_READ:
+                    break  # not present, a misconfiguration or execute-only
+                gfn = (gpte & _ADDR_MASK) >> 12
+                acc = sp.role.access & gpte & E.EPT_RWX
+            else:
+                gfn = sp.gfn + idx
+                acc = sp.role.access
+            slot = vm.memslots[0].find(gfn)
+            if slot is None or slot.readonly or (slot.log_dirty and acc & E.EPT_WRITE):
+                break
+            hva = slot.gfn_to_hva(gfn)
+            pfn = vm.mm.lookup(hva)
+            if pfn < 0 or not vm.host_writable(hva):
+                break
+            writable = bool(acc & E.EPT_WRITE) and self._try_unsync(0, gfn, True, True)
+            vm.engine.delay(vm.engine.cost.spte_build)
+            new = int(S.make_leaf_spte(pfn, 1, writable, bool(acc & E.EPT_EXEC)))
+            new = int(S.mark_spte_for_access_track((new & ~_AD_BITS) | S.SPTE_TDP_AD_DISABLED))
+            vm.spte_write(sp.pfn, idx, new)
+            if sp.gptes is not None:
+                sp.gptes[idx] = gpte
+            self._add_rmap(sp, idx, gfn)
+            self.nstats["ept02_prefetched"] += 1
+
+    def _invalidate_reflected(self, vcpu, eptp: int, l2gpa: int) -> None:
+        """kvm_inject_emulated_page_fault + nested_ept_invalidate_addr: a fault reflected to
+        L1 because EPT12 maps the page without the permission (a present entry; not for a
+        not-present or misconfigured one) syncs the EPT02 entries of the faulting address in
+        the vCPU's guest-mode roots for that EPTP (__kvm_mmu_invalidate_addr: in an unsync
+        page the entry is synced, FNAME(sync_spte)), as the EPT violation invalidates the
+        cached mappings of that address (SDM vol. 3C 29.4.3.1): after L1's handler L2 sees
+        EPT12 as it is there, not a stale leaf of an unsync table."""
+        st = self.vroots.get(vcpu.id)
+        roots = [sp for sp in self._nested_roots(st) if sp.key == root_key(eptp)]
+        if not roots:
+            return
+        with self.vm.mmu_lock.write():
+            invalid = []
+            flush = False
+            for root in roots:
+                if not root.role.invalid:
+                    self.nstats["reflect_synced"] += 1
+                    flush |= self._invalidate_addr(vcpu, root, l2gpa, invalid)
+            self._flush_or_zap(invalid, flush)
+
+    def _nested_roots(self, st) -> list:
+        """The vCPU's guest-mode roots: the current one and the cached previous ones."""
+        if st is None:
+            return []
+        return ([st.nested] if st.nested is not None else []) + st.nested_prev
 
     def _ept12_changed(self, path) -> bool:
         """FNAME(gpte_changed): an EPT12 entry the walk read holds something else now (L1's
@@ -353,7 +495,8 @@ class NestedMixin:
                 self._audit_ept02_tree(sp, sp.gfn << 12, sp, 0, bad)
         return BackendAudit(roots=tuple((0, EPT12_LEVELS, sp.pfn) for sp in roots),
                             held_tables=frozenset(sp.pfn for sp in pages),
-                            violations=tuple(bad), direct=False)
+                            violations=tuple(bad), direct=False,
+                            write_protected=self.write_protected_gfns())
 
     def _audit_ept02_tree(self, root, eptp: int, sp, base: int, bad) -> None:
         row = self.vm.spte_table(sp.pfn)

@@ -92,11 +92,15 @@ class VcpuRoots:
     # The EPT02 root while the vCPU runs an L2 guest (KVM: vcpu->arch.guest_mmu's root;
     # mmu_shadow/nested.py).
     nested: ShadowPage | None = None
+    # guest_mmu's prev_roots: EPT02 roots of other EPTPs this vCPU ran L2 guests with, most
+    # recent first (nested.py, fast_pgd_switch on nested VM entry)
+    nested_prev: list[ShadowPage] = field(default_factory=list)
 
     def held(self) -> list[ShadowPage]:
         """Every page this vCPU holds a root reference on."""
         out = [self.root] if self.root is not None else []
         out += [self.nested] if self.nested is not None else []
+        out += self.nested_prev
         return out + [sp for sp, _pgd in self.prev] + [sp for sp in self.pae if sp is not None]
 
 
@@ -127,20 +131,28 @@ class PagesMixin:
 
     def _account_shadowed(self, sp: ShadowPage) -> None:
         """account_shadowed: a guest table above level 1 is write-tracked (every guest write
-        to it exits and is emulated); a level-1 table is only write-protected through the
-        rmap, so that a guest write to it may unsync it instead (mmu_try_to_unsync_pages)."""
+        to it exits and is emulated); a level-1 table is only write-protected, so that a
+        guest write to it may unsync it instead (mmu_try_to_unsync_pages). Either way no
+        huge page may map it (kvm_mmu_gfn_disallow_lpage), and every SPTE that maps it
+        loses W, in this backend's rmaps and in any other backend of the VM: beside the TDP
+        MMU, L1's own mapping of an EPT12 table (kvm_mmu_slot_gfn_write_protect ->
+        kvm_tdp_mmu_write_protect_gfn)."""
         vm = self.vm
         as_id = sp.role.as_id
         if sp.role.level > 1:
             vm.track_gfn(as_id, sp.gfn)
+        else:
+            vm.disallow_lpage(as_id, sp.gfn)
         if mutants.on("no-write-protect-shadowed"):
             return
-        if self._write_protect_gfn(as_id, sp.gfn):
+        if vm.write_protect_gfn(as_id, sp.gfn):
             vm.flush_remote_tlbs()  # kvm_flush_remote_tlbs_gfn
 
     def _unaccount_shadowed(self, sp: ShadowPage) -> None:
         if sp.role.level > 1:
             self.vm.untrack_gfn(sp.role.as_id, sp.gfn)
+        else:
+            self.vm.allow_lpage(sp.role.as_id, sp.gfn)
         group = self.by_gfn.get((sp.role.as_id, sp.gfn))
         if group is not None:
             group.discard(sp)

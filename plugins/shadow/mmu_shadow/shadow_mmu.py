@@ -223,6 +223,9 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
             if st.nested is not None:  # kvm_mmu_unload frees guest_mmu's roots too
                 self._put_root(st.nested, invalid)
                 st.nested = None
+            for sp in st.nested_prev:
+                self._put_root(sp, invalid)
+            st.nested_prev = []
 
     def _load_pae_roots(self, vcpu, st: VcpuRoots, invalid: list[ShadowPage]) -> bool:
         """mmu_alloc_special_roots + mmu_alloc_shadow_roots for a PAE or 32-bit guest: the
@@ -876,21 +879,32 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         return Ret.FIXED
 
     # --- write protection and guest writes ------------------------------------------------------
-    def _write_protect_gfn(self, as_id: int, gfn: int) -> bool:
-        """Clear W and MMU-writable on every SPTE mapping gfn (KVM:
-        kvm_mmu_slot_gfn_write_protect, spte_write_protect with pt_protect): a read-only but
-        MMU-writable leaf (a logged slot's, under the legacy MMU) would otherwise be made
-        writable by the lockless fast page fault, past the write tracking. True when a
-        writable leaf lost W (a TLB may hold it)."""
-        vm = self.vm
+    @hookimpl
+    def mmu_write_protect_gfn(self, vm, as_id, gfn):
+        """The rmap part of kvm_mmu_slot_gfn_write_protect (rmap_write_protect with
+        pt_protect, every level from 4K): clear W and MMU-writable on every SPTE mapping gfn,
+        a huge one covering it included. A read-only but MMU-writable leaf (a logged slot's,
+        under the legacy MMU) would otherwise be made writable by the lockless fast page
+        fault, past the write tracking. Called through vm.write_protect_gfn, which reaches
+        the TDP MMU's SPTEs too. True when a writable leaf lost W (a TLB may hold it)."""
         flush = False
-        for p in self.rmaps.get(as_id, gfn, 1):
-            spte = int(vm.spte_table(p >> 9)[p & 511])
-            protected = int(S.clear_writable(spte))
-            if protected != spte:
-                vm.spte_write(p >> 9, p & 511, protected)
-                flush |= S.is_writable_pte(spte)
+        if not self.rmaps.allocated:
+            return flush  # kvm_memslots_have_rmaps
+        for level in (1, 2, 3):
+            for p in self.rmaps.get(as_id, gfn, level):
+                spte = int(vm.spte_table(p >> 9)[p & 511])
+                protected = int(S.clear_writable(spte))
+                if protected != spte:
+                    vm.spte_write(p >> 9, p & 511, protected)
+                    flush |= S.is_writable_pte(spte)
         return flush
+
+    @hookimpl
+    def mmu_try_to_unsync_pages(self, vm, as_id, gfn, can_unsync, prefetch):
+        """mmu_try_to_unsync_pages for another backend's make_spte (the TDP MMU's, beside
+        this instance serving nested roles): no switch point, so the unsync is atomic under
+        the caller's read lock as KVM's is under mmu_unsync_pages_lock (sync.py)."""
+        return self._try_unsync(as_id, gfn, can_unsync, prefetch)
 
     @staticmethod
     def _write_misaligned(sp: ShadowPage, gpa: int, nbytes: int) -> bool:
@@ -1032,7 +1046,14 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
         roots += tuple((vcpu.as_id, 4, self.vroots[vcpu.id].pml4_root) for vcpu in vm.vcpus
                        if vcpu.id in self.vroots and self.vroots[vcpu.id].pml4_root is not None)
         return BackendAudit(roots=roots, held_tables=frozenset(self.by_pfn) | frozenset(special),
-                            violations=tuple(bad), direct=self.direct)
+                            violations=tuple(bad), direct=self.direct,
+                            write_protected=self.write_protected_gfns())
+
+    def write_protected_gfns(self) -> frozenset[tuple[int, int]]:
+        """The gfns a shadow page in sync shadows: no SPTE of any backend may map them
+        writable (the audit checks the direct roots, the TDP MMU's with tdp)."""
+        return frozenset(key for key, sps in self.by_gfn.items()
+                         if any(not sp.unsync for sp in sps))
 
     def _audit_unsync(self, bad) -> None:
         for sp in self.by_pfn.values():

@@ -137,7 +137,7 @@ class SyncMixin:
         protected = False
         for sp in found.values():
             if not mutants.on("sync-no-write-protect"):
-                protected |= self._write_protect_gfn(sp.role.as_id, sp.gfn)
+                protected |= self.vm.write_protect_gfn(sp.role.as_id, sp.gfn)
         if protected:
             self._flush_or_zap(invalid, True)
         flush = False

@@ -90,7 +90,8 @@ class TdpMMU(DirtyLogging, HugePages):
                       "spurious": 0, "resched": 0, "tables_linked": 0, "tables_freed": 0,
                       "mapped": [0, 0, 0, 0], "fast_fixed": 0, "fast_spurious": 0,
                       "split_on_fault": 0, "eager_split": 0, "recovered": 0,
-                      "nx_split": 0, "nx_recovered": 0}
+                      "nx_split": 0, "nx_recovered": 0, "write_protected": 0,
+                      "gfn_write_protected": 0}
         HugePages.__init__(self)
 
     # --- identity -------------------------------------------------------------------------
@@ -452,6 +453,12 @@ class TdpMMU(DirtyLogging, HugePages):
         slot = res.slot
         base_pfn = res.pfn - (gfn - S.gfn_round_for_level(gfn, level))
         may_write = res.writable and not slot.readonly
+        # make_spte: mmu_try_to_unsync_pages. A gfn the shadow MMU beside us shadows (an
+        # EPT12 table of L1's, docs/nested.md) is write-tracked (kept read-only, neither
+        # writable nor MMU-writable, and a write to it emulated: RET_PF_WRITE_PROTECTED) or
+        # only write-protected (its shadow pages go unsync and the leaf is writable).
+        wrprot = may_write and not vm.mmu_try_to_unsync_pages(vcpu.as_id, gfn)
+        may_write = may_write and not wrprot
         # In a logged slot a read fault maps writable only if a later write will still be
         # logged: under PML the SPTE is clean and the hardware logs the D-bit update; with
         # write-protection logging it stays read-only, MMU-writable, and the first write
@@ -468,6 +475,8 @@ class TdpMMU(DirtyLogging, HugePages):
                 and S.is_last_spte(old, level) and self.access_allowed(fault, old):
             self.stats["spurious"] += 1
             return Ret.SPURIOUS
+        if wrprot and fault.write and new == old:
+            return self._write_protected(fault)  # nothing to store: emulate the write
         if writable and logging and fault.write and not mutants.on("skip-mark-dirty"):
             # Before the SPTE is installed, as make_spte does: once it is, the guest can write.
             vm.mark_page_dirty(vcpu.as_id, gfn)
@@ -480,7 +489,42 @@ class TdpMMU(DirtyLogging, HugePages):
             vm.flush_remote_tlbs()
         self.stats["mapped"][level] += 1
         fault.level = level
+        if wrprot and fault.write:
+            return self._write_protected(fault)
         return Ret.FIXED
+
+    def _write_protected(self, fault: PageFault) -> Ret:
+        """RET_PF_WRITE_PROTECTED: a write to a write-tracked gfn, mapped read-only; the
+        core emulates it and reports it through mmu_track_write (to the shadow MMU that
+        tracks the gfn)."""
+        self.stats["write_protected"] += 1
+        return Ret.EMULATE
+
+    @hookimpl
+    def mmu_write_protect_gfn(self, vm, as_id, gfn):
+        """kvm_tdp_mmu_write_protect_gfn (min_level 4K): in every valid root of as_id, clear
+        W and MMU-writable in the leaf that maps gfn, whatever its level, so that neither
+        the guest nor the fast page fault can write it. The shadow MMU beside us calls this
+        (through vm.write_protect_gfn) when it shadows an EPT12 table or syncs one; the
+        write lock is held. True if a writable leaf lost W."""
+        flush = False
+        if mutants.on("tdp-wrprot-gfn-skipped"):
+            return flush
+        for root in [r for r in self.roots.values() if r.as_id == as_id]:
+            # plain reads under the write lock (charged like the rmap walk beside it: only
+            # the stores), each change an xchg, which returns what the hardware left there
+            for it in TdpIter(vm, root.pfn, root.level, 1, gfn, gfn + 1, atomic=False):
+                old = it.old_spte
+                if not S.is_shadow_present_pte(old) or not S.is_last_spte(old, it.level):
+                    continue
+                new = int(S.clear_writable(old))
+                if new == old:
+                    break
+                table, idx = it.sptep
+                old = self._set_spte(table, idx, old, new, it.gfn, it.level)
+                flush |= S.is_writable_pte(old)
+                self.stats["gfn_write_protected"] += 1
+        return flush
 
     access_allowed = staticmethod(fastpf.is_access_allowed)
 
