@@ -668,7 +668,8 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 if st == V_RCU2:
                     E[E_RCU_SEQ] += 1  # rcu_read_lock registers the reader after its delay
                 req, arg = kernel(T[t, T_OP], t, ks, ksu, kg, kstats, mem, free1, free_slots,
-                                  pt, pt_slot, tag, mapcount, frame_state, log)
+                                  pt, pt_slot, tag, mapcount, frame_state, log, hva_pfn,
+                                  hva_writable)
                 T[t, T_STATE] = V_KERNEL
                 if req == R_DELAY:
                     running = _delay(E, HP, J, t, arg)
