@@ -543,3 +543,8 @@ class LegacyCompiled:
         st["direct_prefetched"] += int(kstats[S_PREFETCHED])
         if root is not None and kstats[S_ROOT_ALLOCS]:
             vm.observe.mmu_on_root_alloc(vm=vm, as_id=0, role=vm.role, root=root.pfn)
+        if kg[G_ERROR]:  # the loop stopped at the kernel's R_ERROR: say which state it was
+            from mmu_core.errors import BackendError
+
+            raise BackendError(f"compiled loop, legacy kernel: "
+                               f"{ERROR_TEXT.get(int(kg[G_ERROR]), 'error')}")
