@@ -225,6 +225,20 @@ def test_legacy_near_its_page_limit_runs_the_exact_engine():
         vm.destroy()
 
 
+def test_a_legacy_kernel_state_it_does_not_model_is_one_clear_error(monkeypatch):
+    # Were the page limit check bypassed, the kernel would reach reclaim, which it does not
+    # model: the run stops with an error naming it rather than run on without reclaiming
+    from mmu_core import MMUError
+    from mmu_shadow.compiled import LegacyCompiled
+    from mmu_shadow.shadow_mmu import ShadowMMU
+
+    monkeypatch.setattr(ShadowMMU, "default_mmu_pages", lambda self: 64)
+    monkeypatch.setattr(LegacyCompiled, "unsupported", lambda self, vm: None)
+    with pytest.raises(MMUError, match="page limit was reached"):
+        run_demand_paging(DemandPagingOptions(vcpus=1, bytes_per_vcpu=256 << 20, uffd=False,
+                                              engine="compiled"), configuration("legacy"))
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_auto_takes_the_compiled_loop_when_it_can(config):
     report = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096,

@@ -28,9 +28,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mmu_core import Ret, mutants
+from mmu_core import MMUError, Ret, mutants
 from mmu_core.arch.x86 import spte as S
-from mmu_core.direct_spte import make_direct_leaf
+from mmu_core.backend import make_direct_leaf
 from mmu_core.sim import fastloop as F
 from mmu_shadow import role as R
 from mmu_shadow.direct_prefetch import PTE_PREFETCH_NUM
@@ -544,7 +544,5 @@ class LegacyCompiled:
         if root is not None and kstats[S_ROOT_ALLOCS]:
             vm.observe.mmu_on_root_alloc(vm=vm, as_id=0, role=vm.role, root=root.pfn)
         if kg[G_ERROR]:  # the loop stopped at the kernel's R_ERROR: say which state it was
-            from mmu_core.errors import BackendError
-
-            raise BackendError(f"compiled loop, legacy kernel: "
+            raise MMUError(f"compiled loop, legacy kernel: "
                                f"{ERROR_TEXT.get(int(kg[G_ERROR]), 'error')}")
