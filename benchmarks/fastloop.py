@@ -1,6 +1,6 @@
 """Faults per wall second and host bytes per guest page, exact engine against the compiled loop
-(docs/fastloop.md), on demand paging under tdp, without userfaultfd or (--uffd) with one
-uffd and handler per vCPU.
+(docs/fastloop.md), on demand paging under tdp and legacy, without userfaultfd or (--uffd)
+with one uffd and handler per vCPU.
 
 Each run is a fresh process (so peak RSS is its own); bytes per guest page is the slope of
 peak RSS between each run and the smallest run of the same engine. The compiled loop's first
@@ -8,7 +8,7 @@ run in a process includes compiling the loop (about 5 s): each measured run foll
 warm-up run in its process.
 
     python benchmarks/fastloop.py                      # -v 8 -b 64M and -v 416 -b 4M
-    python benchmarks/fastloop.py --runs 8x64M 416x16M --engines compiled
+    python benchmarks/fastloop.py --runs 8x64M 416x16M --engines compiled --configs legacy
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _one(vcpus: int, size: str, engine: str, config: str, queue, uffd: bool = Fa
     # a small run first, so that compiling (the compiled loop's, about 5 s, or anything
     # numba's cache lacks) is not in the figures
     run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=1 << 20, uffd=uffd,
-                                          engine=engine), configuration(config))
+                                          engine=engine, host_cpus=host_cpus),
+                      configuration(config))
     opts = DemandPagingOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(size), uffd=uffd,
                                engine=engine, host_cpus=host_cpus)
     t0 = time.perf_counter()
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=["8x64M", "416x4M"],
                     help="VCPUSxSIZE, e.g. 8x64M")
     ap.add_argument("--engines", nargs="*", default=["exact", "compiled"])
+    ap.add_argument("--configs", nargs="*", default=["tdp", "legacy"],
+                    help="configurations with compiled kernels")
     ap.add_argument("--baseline", default="8x4M", help="the small run bytes/page is taken from")
     ap.add_argument("--uffd", action="store_true", help="serve the faults with userfaultfd "
                     "(one uffd and handler per vCPU)")
@@ -63,20 +66,22 @@ def main() -> None:
                     "loop needs at least as many CPUs as tasks: 2 per vCPU with --uffd)")
     args = ap.parse_args()
     extra = {"uffd": args.uffd, "host_cpus": args.host_cpus or None}
-    print(f"{'run':>10} {'engine':>9} {'faults':>11} {'wall s':>8} {'faults/s':>11} "
-          f"{'peak RSS':>9} {'B/page':>7} {'virtual ms':>11}  digest", flush=True)
-    for engine in args.engines:
-        v, s = args.baseline.split("x")
-        base = run(int(v), s, engine, **extra)
-        for spec in args.runs:
-            v, s = spec.split("x")
-            r = run(int(v), s, engine, **extra)
-            per_page = ((r["rss"] - base["rss"]) / (r["pages"] - base["pages"])
-                        if r["pages"] > base["pages"] else float("nan"))
-            print(f"{spec:>10} {r['engine']:>9} {r['faults']:>11,} {r['wall']:>8.1f} "
-                  f"{r['faults'] / r['wall']:>11,.0f} {r['rss'] / 2**30:>8.2f}G "
-                  f"{per_page:>7.0f} {r['total_ns'] / 1e6:>11.3f}  {r['digest'][:12]}",
-                  flush=True)
+    print(f"{'run':>10} {'config':>7} {'engine':>9} {'faults':>11} {'wall s':>8} "
+          f"{'faults/s':>11} {'peak RSS':>9} {'B/page':>7} {'virtual ms':>11}  digest",
+          flush=True)
+    for config in args.configs:
+        for engine in args.engines:
+            v, s = args.baseline.split("x")
+            base = run(int(v), s, engine, config, **extra)
+            for spec in args.runs:
+                v, s = spec.split("x")
+                r = run(int(v), s, engine, config, **extra)
+                per_page = ((r["rss"] - base["rss"]) / (r["pages"] - base["pages"])
+                            if r["pages"] > base["pages"] else float("nan"))
+                print(f"{spec:>10} {config:>7} {r['engine']:>9} {r['faults']:>11,} "
+                      f"{r['wall']:>8.1f} {r['faults'] / r['wall']:>11,.0f} "
+                      f"{r['rss'] / 2**30:>8.2f}G {per_page:>7.0f} "
+                      f"{r['total_ns'] / 1e6:>11.3f}  {r['digest'][:12]}", flush=True)
 
 
 if __name__ == "__main__":

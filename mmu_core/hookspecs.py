@@ -453,13 +453,16 @@ def mmu_compiled_kernels(vm):
 
     * ``name``: the backend's name, for the report;
     * ``kernel``: a numba-compiled function ``kernel(op, t, ks, ksu, kg, kstats, mem, free1,
-      free_slots, pt, pt_slot, tag, mapcount, frame_state, log) -> (request, arg)``, which
+      free_slots, pt, pt_slot, tag, mapcount, frame_state, log, hva_pfn, hva_writable) ->
+      (request, arg)``, which
       runs ``mmu_load`` (``op`` K_LOAD) or the part of ``mmu_page_fault`` after
       ``gfn_to_pfn`` (K_FAULT) of task ``t`` up to its next switch point and returns that
       switch point as a request (fastloop's R_* codes); it is called again, with its state in
       ``ks[t]``/``ksu[t]``, once the switch point has passed. It changes SPTEs only in
       ``pt`` (through ``pt_slot``) and allocates and frees table pages only with
-      ``fastloop.mem_alloc``/``mem_table``/``mem_free``;
+      ``fastloop.mem_alloc``/``mem_table``/``mem_free``; ``hva_pfn`` and ``hva_writable``
+      (the host mm's page table, indexed by ``(hva - HVA_BASE) >> 12``) are read-only for
+      it (the legacy MMU's prefetch looks up pages the host already maps);
     * ``unsupported(vm)``: None, or why this VM's configuration must run on the exact engine;
     * ``prepare(vm)``: its arrays ``(kg, kstats)``;
     * ``finish(vm, kg, kstats)``: write the run back into the backend's own state (roots,

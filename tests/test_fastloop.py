@@ -38,16 +38,22 @@ def _same(exact, compiled) -> None:
 GRID = [(1, 4), (2, 2), (2, 64), (4, 256), (8, 33), (8, 256)]
 
 
+#: the configurations with compiled kernels: the TDP MMU, and the legacy MMU with its rmap
+CONFIGS = ["tdp", "legacy"]
+
+
 @pytest.mark.parametrize("uffd", [False, True])
 @pytest.mark.parametrize(("vcpus", "pages"), GRID)
-def test_tdp_agrees_with_the_exact_engine(vcpus, pages, uffd):
-    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_agrees_with_the_exact_engine(config, vcpus, pages, uffd):
+    exact, compiled = _both(config, vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd)
     _same(exact, compiled)
     assert compiled.total_time_ns > 0
 
 
-def test_userfaults_with_a_handler_delay_agree():
-    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=32 * 4096, uffd=True,
+@pytest.mark.parametrize("config", CONFIGS)
+def test_userfaults_with_a_handler_delay_agree(config):
+    exact, compiled = _both(config, vcpus=4, bytes_per_vcpu=32 * 4096, uffd=True,
                             uffd_delay_ns=2_500)
     _same(exact, compiled)
     assert compiled.time.gup_ns > 0 and compiled.host.all_on_cpu_ns > compiled.host.vcpu_on_cpu_ns
@@ -56,8 +62,9 @@ def test_userfaults_with_a_handler_delay_agree():
 @pytest.mark.parametrize(("vcpus", "pages", "seed", "jitter_ns", "uffd"),
                          [(2, 64, 1, 100, False), (8, 64, 3, 100, False), (4, 33, 7, 500, False),
                           (4, 16, 2, 0, False), (4, 33, 5, 100, True), (8, 16, 9, 200, True)])
-def test_random_policy_agrees_with_the_exact_engine(vcpus, pages, seed, jitter_ns, uffd):
-    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
+@pytest.mark.parametrize("config", CONFIGS)
+def test_random_policy_agrees_with_the_exact_engine(config, vcpus, pages, seed, jitter_ns, uffd):
+    exact, compiled = _both(config, vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
                             policy="random", seed=seed, jitter_ns=jitter_ns)
     _same(exact, compiled)
 
@@ -89,25 +96,86 @@ def test_the_schedule_stream_is_left_where_the_exact_engine_leaves_it():
         assert engine._sched_rng.random() == reference.random()
 
 
-def test_finite_host_cpus_at_least_the_tasks_agree():
+@pytest.mark.parametrize("config", CONFIGS)
+def test_finite_host_cpus_at_least_the_tasks_agree(config):
     # As many CPUs as tasks: nobody waits in the run queue, as with unlimited CPUs
-    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
+    exact, compiled = _both(config, vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False, host_cpus=4)
     _same(exact, compiled)
-    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=True, host_cpus=8)
+    exact, compiled = _both(config, vcpus=4, bytes_per_vcpu=64 * 4096, uffd=True, host_cpus=8)
     _same(exact, compiled)
-    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False,
+    exact, compiled = _both(config, vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False,
                             host_cpus=None)
     _same(exact, compiled)
 
 
-def test_a_cost_model_other_than_the_default_agrees():
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_cost_model_other_than_the_default_agrees(config):
     from mmu_core.sim.cost import CostModel
 
-    cost = CostModel(lock_handoff=250, gup_present=7, host_page_alloc=3_333, quantum=64)
+    # (the legacy MMU's own costs too: hash lookup, SPTE store, rmap add)
+    cost = CostModel(lock_handoff=250, gup_present=7, host_page_alloc=3_333, quantum=64,
+                     sp_hash_lookup=37, spte_write=11, rmap_add=71, spte_build=29)
     reports = [run_demand_paging(DemandPagingOptions(vcpus=3, bytes_per_vcpu=40 * 4096,
                                                      uffd=False, engine=engine),
-                                 configuration("tdp"), cost) for engine in ("exact", "compiled")]
+                                 configuration(config), cost) for engine in ("exact", "compiled")]
     _same(*reports)
+
+
+def _legacy_state(vm) -> dict:
+    """The legacy MMU's structures after a run, as plain data: the shadow pages in hash,
+    by_pfn and active-list order with their parent links and root references, the vCPUs'
+    roots, the rmap entries, the page count and the statistics; with the audit's verdict."""
+    from mmu_core.testing.audit import audit
+
+    mmu = _shadow_mmu(vm)
+    pages = [(sp.pfn, sp.gfn, sp.role, sorted(sp.parent_ptes), sp.root_count, sp.unsync,
+              sp.mmu_valid_gen) for sp in mmu.by_pfn.values()]
+    return {
+        "violations": [str(v) for v in audit(vm)],
+        "pages": pages,
+        "hash": [(k, sp.pfn) for k, sp in mmu.pages.items()],
+        "active": list(mmu.active),
+        "roots": {vid: (st.root.pfn if st.root else None, [sp.pfn for sp in st.prev])
+                  for vid, st in mmu.vroots.items()},
+        "rmap": sorted(mmu.rmaps.all_entries()),
+        "rmap_bytes": mmu.rmaps.nbytes(),
+        "n_used": mmu.n_used,
+        "stats": mmu.counters(),
+        "tables": vm.host.pt[[int(vm.host.pt_slot[p]) for p, *_ in pages]].tolist(),
+    }
+
+
+def _shadow_mmu(vm):
+    from mmu_shadow.shadow_mmu import ShadowMMU
+
+    (mmu,) = [p for p in vm.managers[vm.role].get_plugins() if isinstance(p, ShadowMMU)]
+    return mmu
+
+
+@pytest.mark.parametrize(("vcpus", "pages", "uffd", "policy"),
+                         [(8, 256, True, "fifo"), (4, 64, False, "random"), (2, 33, True,
+                                                                              "random")])
+def test_legacy_structures_agree_and_pass_the_audit(monkeypatch, vcpus, pages, uffd, policy):
+    # The report agreeing is not all: the shadow pages, the rmap and the statistics the
+    # compiled run leaves must be the exact run's, and pass the invariant audit (rmap
+    # complete and not stale, root references, the page count, every leaf's pfn)
+    from mmu_core.vm.vm import VM
+
+    states = []
+    destroy = VM.destroy
+
+    def capture(vm):
+        states.append(_legacy_state(vm))
+        destroy(vm)
+
+    monkeypatch.setattr(VM, "destroy", capture)
+    exact, compiled = _both("legacy", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
+                            policy=policy, seed=4, jitter_ns=300)
+    _same(exact, compiled)
+    a, b = states
+    assert a["violations"] == [] and b["violations"] == []
+    assert a == b
+    assert b["stats"]["direct_prefetched"] >= 7 and b["rmap"] and len(b["pages"]) >= 5
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
@@ -116,20 +184,65 @@ def test_a_cost_model_other_than_the_default_agrees():
     ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
     ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
-    ("legacy", {"uffd": False}, "no compiled kernels"),
+    ("shadow", {"uffd": False}, "no compiled kernels"),
+    ("legacy", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
+    ("legacy", {"uffd": False, "policy": "pct"}, "policy pct"),
+    ("legacy", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
+    ("legacy", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
+    ("legacy-no-ad", {"uffd": False}, "ept_ad=0"),
 ])
 def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):
     kw = {"vcpus": 2, "bytes_per_vcpu": 8 * 4096, **kw}
-    report = run_demand_paging(DemandPagingOptions(**kw), configuration(config))
+    params = configuration(config.removesuffix("-no-ad"))
+    if config.endswith("-no-ad"):
+        params = params.model_copy(update={"ept_ad": False})
+    report = run_demand_paging(DemandPagingOptions(**kw), params)
     assert report.wall.engine == "exact"
     assert why in report.wall.engine_note
     with pytest.raises(InvalidConfig, match="compiled loop cannot run this"):
-        run_demand_paging(DemandPagingOptions(engine="compiled", **kw), configuration(config))
+        run_demand_paging(DemandPagingOptions(engine="compiled", **kw), params)
 
 
-def test_auto_takes_the_compiled_loop_when_it_can():
+def test_legacy_near_its_page_limit_runs_the_exact_engine():
+    # make_mmu_pages_available's reclaim is not compiled: a VM whose shadow page limit the
+    # run could reach is refused up front, not stopped halfway
+    from mmu_core.config import VMConfig
+    from mmu_core.guest.machine import MachineSpec, build_machine
+    from mmu_core.workloads.demand_paging import MODES
+    from mmu_shadow.compiled import LegacyCompiled, direct_tables_needed
+
+    spec = MachineSpec(vcpus=1, data_size=256 << 20, backing="anon", mode=MODES["4level"],
+                       userfault=False, uffd_shared=False)
+    vm = build_machine(spec, VMConfig(vcpus=1, params=configuration("legacy"))).vm
+    try:
+        kernels = LegacyCompiled(_shadow_mmu(vm))
+        assert kernels.unsupported(vm) is None
+        need = direct_tables_needed(vm.memslots[0].slots, vm.root_levels(vm.vcpus[0]))
+        assert need > 64
+        vm.hook.mmu_set_nr_mmu_pages(vm=vm, nr=64)
+        assert "page limit (64 pages) could be reached" in kernels.unsupported(vm)
+    finally:
+        vm.destroy()
+
+
+def test_a_legacy_kernel_state_it_does_not_model_is_one_clear_error(monkeypatch):
+    # Were the page limit check bypassed, the kernel would reach reclaim, which it does not
+    # model: the run stops with an error naming it rather than run on without reclaiming
+    from mmu_core import MMUError
+    from mmu_shadow.compiled import LegacyCompiled
+    from mmu_shadow.shadow_mmu import ShadowMMU
+
+    monkeypatch.setattr(ShadowMMU, "default_mmu_pages", lambda self: 64)
+    monkeypatch.setattr(LegacyCompiled, "unsupported", lambda self, vm: None)
+    with pytest.raises(MMUError, match="page limit was reached"):
+        run_demand_paging(DemandPagingOptions(vcpus=1, bytes_per_vcpu=256 << 20, uffd=False,
+                                              engine="compiled"), configuration("legacy"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_auto_takes_the_compiled_loop_when_it_can(config):
     report = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096,
-                                                   uffd=False), configuration("tdp"))
+                                                   uffd=False), configuration(config))
     assert report.wall.engine == "compiled" and report.wall.engine_note is None
     assert report.verified
 

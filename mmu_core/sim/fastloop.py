@@ -450,7 +450,10 @@ def _max_level(slots, gfn, host_level):
     return 1
 
 
-@njit(cache=True)
+# Not cached: numba's cache cannot serve a function taking another jitted function (each
+# process compiles it once anyway), and with two backends' kernels its index holds dispatcher
+# types from other processes that fail to pickle again ("underlying object has vanished")
+@njit
 def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, results, regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
@@ -668,7 +671,8 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 if st == V_RCU2:
                     E[E_RCU_SEQ] += 1  # rcu_read_lock registers the reader after its delay
                 req, arg = kernel(T[t, T_OP], t, ks, ksu, kg, kstats, mem, free1, free_slots,
-                                  pt, pt_slot, tag, mapcount, frame_state, log)
+                                  pt, pt_slot, tag, mapcount, frame_state, log, hva_pfn,
+                                  hva_writable)
                 T[t, T_STATE] = V_KERNEL
                 if req == R_DELAY:
                     running = _delay(E, HP, J, t, arg)

@@ -40,6 +40,7 @@ from mmu_shadow import fastzap, recover
 from mmu_shadow import role as R
 from mmu_shadow import split as dirty_split
 from mmu_shadow.aging import Aging
+from mmu_shadow.compiled import LegacyCompiled
 from mmu_shadow.direct_prefetch import direct_pte_prefetch
 from mmu_shadow.fastpf import FastPageFault, LocklessWalks
 from mmu_shadow.nested import NestedMixin
@@ -1153,6 +1154,12 @@ class ShadowMMU(PagesMixin, SyncMixin, FastPageFault, Aging, NestedMixin):
                 word & P.PT_WRITABLE or not role.cr0_wp)):  # CR0.WP=0: supervisor writes
             bad.append(("guest-disagrees", f"leaf {sp.pfn:#x}[{idx}] is writable, the guest "
                         f"entry at {egpa:#x} ({word:#x}) is not writable and dirty"))
+
+    # --- the compiled demand-paging loop (docs/fastloop.md) ---------------------------------
+    @hookimpl
+    def mmu_compiled_kernels(self, vm):
+        """The legacy MMU's kernel (compiled.py); shadow paging has none."""
+        return LegacyCompiled(self) if self.direct else None
 
     # --- statistics and memory -------------------------------------------------------------------
     @hookimpl

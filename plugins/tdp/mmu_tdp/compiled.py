@@ -80,7 +80,7 @@ def _cmpxchg(t, ks, ksu, kstats, pt, pt_slot, new):
 
 @njit(cache=True)
 def tdp_kernel(op, t, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
-               frame_state, log):
+               frame_state, log, hva_pfn, hva_writable):
     while True:
         st = ks[t, F.KS_STATE]
         if op == F.K_LOAD:
