@@ -72,9 +72,9 @@ LOG_FREE = 2
 
 # --- phases ------------------------------------------------------------------------------------
 PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP, PH_USERFAULT, PH_UFFD_WAIT, PH_UFFD_COPY, \
-    PH_UFFD_DELAY = range(9)
+    PH_UFFD_DELAY, PH_RUNQUEUE = range(10)
 PHASE_NAMES = ("other", "guest", "walk", "exit", "gup", "userfault", "uffd_wait", "uffd_copy",
-               "uffd_delay")
+               "uffd_delay", "runqueue")
 NPH = len(PHASE_NAMES)
 PSTACK = 8
 
@@ -83,7 +83,7 @@ PSTACK = 8
  T_LOCK_HELD, T_SWITCHES, T_ACQ, T_CONT, T_ATOMICS, T_CMPXFAIL, T_START, T_ENDT, T_FINISHED,
  T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
  T_LOCKID, T_RESUME, T_NOPRE, T_ONCPU, T_CPU_NS, T_KIND, T_UFFD, T_WOKEN, T_MSG, T_BLOCKED,
- T_OUT) = range(39)
+ T_SLICE, T_PSTATE, T_PNS, T_PPH, T_OUT) = range(43)
 NOUT = 5  # fault outcomes counted per Ret value
 T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
 T_SIZE = T_FIRST + NOUT
@@ -91,6 +91,9 @@ T_SIZE = T_FIRST + NOUT
 # --- engine fields ------------------------------------------------------------------------
 (E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_SEM_READERS, E_ERROR,
  E_ERROR_TASK) = range(9)
+# host CPUs (engine._free_cpus, the run queue's head and length in RQ, sched_slice,
+# context_switch)
+E_FREE, E_RQH, E_RQN, E_SLICE, E_CSW = range(9, 14)
 E_MODE = 24  # 0 fifo, 1 random
 E_DRAWN = 25  # random: draws of the schedule's stream consumed so far (J's ring index)
 E_RLIM = 26  # random: draws available in J (absolute count)
@@ -139,6 +142,9 @@ ERROR_TEXT = {
  V_KERNEL, V_KRESUME, V_ENTRY, V_ENTRY2, V_DONE) = range(13)
 # kernel-request continuations (the state to go to once the switch point is passed)
 (V_LOCK2, V_LOCK3, V_UNLOCK2, V_RCU2) = range(20, 24)
+# a delay that found the task past its slice with others waiting for a CPU: it leaves its
+# CPU (V_PREEMPT) and, given one back, makes the delay it was asked for (V_PREEMPTED)
+(V_PREEMPT, V_PREEMPTED) = range(24, 26)
 # userfaults: the vCPU's wait_for, and the handler's read and copy
 (V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE) = range(30, 37)
 (H_READ, H_LOOP, H_HELD, H_POLL, H_POLLED, H_GOT, H_COPY, H_COPY2, H_COPY3, H_COPY4, H_COPY5,
@@ -224,9 +230,31 @@ def _jitter(E, J):
 
 
 @njit(cache=True)
-def _delay(E, HP, J, t, ns):
+def _preempt_due(E, T, t, ns, phase):
+    """engine.delay's first check: a task past its slice (outside spinlocks) with others
+    waiting for a CPU leaves it before the delay. Then the delay (ns, phase: -1 for none) is
+    kept for when it runs again (V_PREEMPT, V_PREEMPTED) and True returned."""
+    if E[E_RQN] and E[E_NOW] - T[t, T_SLICE] >= E[E_SLICE] and not T[t, T_NOPRE]:
+        T[t, T_PSTATE] = T[t, T_STATE]
+        T[t, T_PNS] = ns
+        T[t, T_PPH] = phase
+        T[t, T_STATE] = V_PREEMPT
+        return True
+    return False
+
+
+@njit(cache=True)
+def _delay(E, HP, J, T, t, ns):
     """engine.delay(ns) under fifo or random: True if the caller keeps running (the fast
-    path: its key is below the head's)."""
+    path: its key is below the head's, or it is to leave its CPU first: V_PREEMPT)."""
+    if _preempt_due(E, T, t, ns, -1):
+        return True
+    return _delay_now(E, HP, J, t, ns)
+
+
+@njit(cache=True)
+def _delay_now(E, HP, J, t, ns):
+    """engine.delay(ns) past its preemption check."""
     E[E_STEPS] += 1
     target = E[E_NOW] + ns
     key = target + _jitter(E, J)
@@ -245,12 +273,20 @@ def _schedule(E, HP, J, when, t):
 
 @njit(cache=True)
 def _delay_phase(E, HP, J, T, PS, PH, t, ns, phase):
+    """engine.delay(ns, phase)."""
+    if _preempt_due(E, T, t, ns, phase):
+        return True
+    return _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase)
+
+
+@njit(cache=True)
+def _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
     T[t, T_DEPTH] = d
     PS[t, d] = phase
     T[t, T_POP] = 1  # popped when the task resumes (at the due time)
-    return _delay(E, HP, J, t, ns)
+    return _delay_now(E, HP, J, t, ns)
 
 
 @njit(cache=True)
@@ -312,7 +348,7 @@ def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
     else:
         op = cost[C_SPIN_ACQ]
     T[t, T_STATE] = V_LOCK2
-    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+    return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
 @njit(cache=True)
@@ -323,25 +359,48 @@ def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
     T[t, T_RESUME] = resume
     op = cost[C_REL] if lk == LK_MMU else cost[C_SPIN_REL]
     T[t, T_STATE] = V_UNLOCK2
-    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+    return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
 @njit(cache=True)
-def _put_cpu(E, T, t):
+def _put_cpu(E, HP, J, T, PS, PH, RQ, t):
+    """engine._put_cpu: t leaves its CPU; the run queue's head gets it after a context
+    switch (its "runqueue" phase ends now), else the CPU is free."""
     if T[t, T_ONCPU]:
-        T[t, T_CPU_NS] += E[E_NOW] - T[t, T_CPU_SINCE]
+        now = E[E_NOW]
+        T[t, T_CPU_NS] += now - T[t, T_CPU_SINCE]
         T[t, T_ONCPU] = 0
+        if E[E_RQN]:
+            h = E[E_RQH]
+            nxt = RQ[h]
+            E[E_RQH] = (h + 1) % RQ.shape[0]
+            E[E_RQN] -= 1
+            _pop_phase(E, T, PS, PH, nxt)
+            T[nxt, T_ONCPU] = 1
+            T[nxt, T_CPU_SINCE] = now
+            T[nxt, T_SLICE] = now
+            _schedule(E, HP, J, now + E[E_CSW], nxt)
+        else:
+            E[E_FREE] += 1
 
 
 @njit(cache=True)
-def _block(E, T, PS, PH, t, phase):
+def _to_runqueue(E, T, PS, PH, RQ, t):
+    """t waits for a CPU at the back of the run queue, in phase "runqueue"."""
+    _push_phase(E, T, PS, PH, t, PH_RUNQUEUE)
+    RQ[(E[E_RQH] + E[E_RQN]) % RQ.shape[0]] = t
+    E[E_RQN] += 1
+
+
+@njit(cache=True)
+def _block(E, HP, J, T, PS, PH, RQ, t, phase):
     """engine.block(phase): parked until woken, its CPU given up (no spinlock held)."""
     _push_phase(E, T, PS, PH, t, phase)
     T[t, T_POP] = 1
     T[t, T_BLOCKED] = 1
     E[E_STEPS] += 1
     if not T[t, T_NOPRE]:
-        _put_cpu(E, T, t)
+        _put_cpu(E, HP, J, T, PS, PH, RQ, t)
     return False
 
 
@@ -451,7 +510,7 @@ def _max_level(slots, gfn, host_level):
 
 
 @njit(cache=True)
-def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, results, regs, tlbs,
+def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, results, regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
              mapcount, frame_state, log, max_steps):
@@ -471,8 +530,13 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
             if when > E[E_NOW]:
                 E[E_NOW] = when
             if not T[t, T_ONCPU]:
+                if not E[E_FREE]:
+                    _to_runqueue(E, T, PS, PH, RQ, t)  # every CPU is busy
+                    continue
+                E[E_FREE] -= 1
                 T[t, T_ONCPU] = 1
                 T[t, T_CPU_SINCE] = E[E_NOW]
+                T[t, T_SLICE] = E[E_NOW]
             T[t, T_STARTED] = 1
             T[t, T_SWITCHES] += 1
         running = True
@@ -494,7 +558,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         T[t, T_FINISHED] = 1
                         T[t, T_ENDT] = E[E_NOW]
                         T[t, T_STATE] = V_DONE
-                        _put_cpu(E, T, t)
+                        _put_cpu(E, HP, J, T, PS, PH, RQ, t)
                         E[E_LIVE] -= 1
                         running = False
                         continue
@@ -562,7 +626,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # after the exit: enter "gup" and charge GUP-fast
                 _push_phase(E, T, PS, PH, t, PH_GUP)
                 T[t, T_STATE] = V_GUP2
-                running = _delay(E, HP, J, t, cost[C_GUP])
+                running = _delay(E, HP, J, T, t, cost[C_GUP])
             elif st == V_GUP2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] >= 0 and (not ks[t, KS_WRITE] or hva_writable[i]):
@@ -571,7 +635,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # the slow path under the mmap lock held for read
                 T[t, T_LOCKW] = 0
                 T[t, T_STATE] = V_FAULTIN
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
             elif st == V_FAULTIN:
                 if T[t, T_LOCKW] == 0:
                     # just acquired: RWSem._free_for(read) (no writer in this workload)
@@ -584,17 +648,17 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         E[E_ERROR_TASK] = t
                         return E[E_LIVE]
                     T[t, T_STATE] = V_GUP3
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
                 elif U.shape[0] and _uffd_of(U, i) >= 0:
                     # missing in a userfault region: handle_userfault drops the mmap lock
                     T[t, T_UFFD] = _uffd_of(U, i)
                     T[t, T_STATE] = V_UF_REL
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
                 else:
                     T[t, T_STATE] = V_FAULTIN2
-                    running = _delay(E, HP, J, t, cost[C_ALLOC])
+                    running = _delay(E, HP, J, T, t, cost[C_ALLOC])
             elif st == V_FAULTIN2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] < 0:  # HostMM.populate of one 4 KiB page
@@ -615,7 +679,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                     # the page is there: get_user_pages retakes the mmap lock and looks again
                     T[t, T_LOCKW] = 0
                     T[t, T_STATE] = V_FAULTIN
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
                 elif U[u, U_PEND] != i:
                     U[u, U_PEND] = i
@@ -649,7 +713,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 else:
                     U[u, U_WAITER] = t
                     T[t, T_STATE] = V_UF_WOKE
-                    running = _block(E, T, PS, PH, t, PH_USERFAULT)
+                    running = _block(E, HP, J, T, PS, PH, RQ, t, PH_USERFAULT)
             elif st == V_UF_WOKE:
                 U[T[t, T_UFFD], U_WAITING] -= 1
                 T[t, T_STATE] = V_UF_W0
@@ -671,13 +735,13 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                                   pt, pt_slot, tag, mapcount, frame_state, log)
                 T[t, T_STATE] = V_KERNEL
                 if req == R_DELAY:
-                    running = _delay(E, HP, J, t, arg)
+                    running = _delay(E, HP, J, T, t, arg)
                 elif req == R_READ:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, J, t, cost[C_ATOMIC_READ])
+                    running = _delay(E, HP, J, T, t, cost[C_ATOMIC_READ])
                 elif req == R_CMPXCHG:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, J, t, cost[C_CMPXCHG])
+                    running = _delay(E, HP, J, T, t, cost[C_CMPXCHG])
                 elif req == R_CMPXCHG_FAILED:
                     T[t, T_CMPXFAIL] += 1
                 elif req == R_RLOCK or req == R_WLOCK:
@@ -688,9 +752,9 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                                       1 if req == R_WUNLOCK else 0, V_KERNEL)
                 elif req == R_RCU_LOCK:
                     T[t, T_STATE] = V_RCU2
-                    running = _delay(E, HP, J, t, cost[C_RCU_LOCK])
+                    running = _delay(E, HP, J, T, t, cost[C_RCU_LOCK])
                 elif req == R_RCU_UNLOCK:
-                    running = _delay(E, HP, J, t, cost[C_RCU_UNLOCK])
+                    running = _delay(E, HP, J, T, t, cost[C_RCU_UNLOCK])
                 elif req == R_DONE:
                     if T[t, T_OP] == K_LOAD:
                         T[t, T_STATE] = V_LOOP
@@ -700,7 +764,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         T[t, T_OUT + arg] += 1
                         T[t, T_STATE] = V_ENTRY
                         if arg == 2:  # Ret.RETRY: yield_now(), delay(0) under fifo
-                            running = _delay(E, HP, J, t, 0)
+                            running = _delay(E, HP, J, T, t, 0)
                 else:
                     E[E_ERROR] = ERR_KERNEL
                     E[E_ERROR_TASK] = t
@@ -751,6 +815,20 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                     _grant(LK, T, lk, qt, qw)
                     _schedule(E, HP, J, E[E_NOW] + after, qt)
                 T[t, T_STATE] = T[t, T_RESUME]
+            elif st == V_PREEMPT:
+                # engine._preempt: the CPU to the run queue's head, this task to its back
+                _put_cpu(E, HP, J, T, PS, PH, RQ, t)
+                _to_runqueue(E, T, PS, PH, RQ, t)
+                T[t, T_STATE] = V_PREEMPTED
+                running = False
+            elif st == V_PREEMPTED:
+                # on a CPU again: the delay it was about to make, without a second check
+                T[t, T_STATE] = T[t, T_PSTATE]
+                if T[t, T_PPH] >= 0:
+                    running = _delay_phase_now(E, HP, J, T, PS, PH, t, T[t, T_PNS],
+                                               T[t, T_PPH])
+                else:
+                    running = _delay_now(E, HP, J, t, T[t, T_PNS])
             elif st == V_ENTRY:
                 T[t, T_STATE] = V_ENTRY2
                 running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
@@ -777,7 +855,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
             elif st == H_POLL:
                 if U[T[t, T_UFFD], U_POLLER] == t:
                     T[t, T_STATE] = H_POLLED
-                    running = _block(E, T, PS, PH, t, PH_UFFD_WAIT)
+                    running = _block(E, HP, J, T, PS, PH, RQ, t, PH_UFFD_WAIT)
                 else:
                     T[t, T_WOKEN] = 1
                     T[t, T_STATE] = H_LOOP
@@ -793,14 +871,14 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # Userfaultfd.copy: UFFDIO_COPY under the mmap lock held for read
                 _push_phase(E, T, PS, PH, t, PH_UFFD_COPY)
                 T[t, T_STATE] = H_COPY2
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
             elif st == H_COPY2:
                 E[E_SEM_READERS] += 1
                 T[t, T_STATE] = H_COPY3
-                running = _delay(E, HP, J, t, cost[C_UCOPY])
+                running = _delay(E, HP, J, T, t, cost[C_UCOPY])
             elif st == H_COPY3:
                 T[t, T_STATE] = H_COPY4
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
             elif st == H_COPY4:
                 E[E_SEM_READERS] -= 1
                 _pop_phase(E, T, PS, PH, t)
@@ -822,7 +900,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 u = T[t, T_UFFD]
                 T[t, T_STATE] = H_COPY6
                 if U[u, U_WAITING] > 1:
-                    running = _delay(E, HP, J, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
+                    running = _delay(E, HP, J, T, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
             elif st == H_COPY6:
                 u = T[t, T_UFFD]
                 if U[u, U_PEND] == T[t, T_MSG]:
@@ -869,8 +947,8 @@ def unsupported(vm, kernels) -> str | None:
         return f"policy {engine.policy} (the compiled loop runs fifo and random)"
     mm = vm.mm
     handlers = _handlers(vm)
-    if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus) + len(handlers):
-        return "fewer host CPUs than tasks (the run queue is not compiled yet)"
+    if engine._runqueue or engine._free_cpus != (engine.host_cpus or engine._free_cpus):
+        return "a host CPU is taken or a task waits for one"
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
         return "the run is traced, audited between steps or recorded"
     if engine.__dict__ or any(getattr(type(engine), name) is not fn
@@ -1133,6 +1211,10 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     Ea[E_LIVE] = nv
     Ea[E_RCU_SEQ] = vm.rcu._seq
     Ea[E_CUR] = -1
+    Ea[E_FREE] = engine._free_cpus  # (_NO_LIMIT when unlimited)
+    Ea[E_SLICE] = engine._slice_ns
+    Ea[E_CSW] = engine._switch_ns
+    RQ = np.zeros(ntask, dtype=np.int64)  # the run queue, a ring (every task at most once)
     draws = _Draws(engine, Ea)
     J = draws.ring
     draws.refill()
@@ -1164,7 +1246,7 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
-            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, res,
+            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, res,
                      regs, tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
@@ -1223,7 +1305,8 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         task.atomics = int(T[i, T_ATOMICS])
         task.cmpxchg_failures = int(T[i, T_CMPXFAIL])
         task.on_cpu = bool(T[i, T_ONCPU])
-        task.cpu_since = task.slice_start = int(T[i, T_CPU_SINCE])
+        task.cpu_since = int(T[i, T_CPU_SINCE])
+        task.slice_start = int(T[i, T_SLICE])
         task.cpu_ns = int(T[i, T_CPU_NS])
         task.nopreempt = int(T[i, T_NOPRE])
         task.blocked = "uffd_wait" if T[i, T_BLOCKED] and i >= nv else None
@@ -1231,6 +1314,9 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         key, seq, due, t = (int(x) for x in HP[n])
         engine._queue.append((key, seq, due, everyone[t]))
     heapq.heapify(engine._queue)
+    engine._free_cpus = int(Ea[E_FREE])
+    for k in range(int(Ea[E_RQN])):  # tasks still waiting for a CPU (handlers)
+        engine._runqueue.append(everyone[int(RQ[(Ea[E_RQH] + k) % ntask])])
     for k, u in enumerate(uffds):
         u.faults = int(U[k, U_FAULTS])
         u.copies = int(U[k, U_COPIES])
