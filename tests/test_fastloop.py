@@ -121,6 +121,22 @@ def test_fewer_host_cpus_than_tasks_agree(vcpus, pages, uffd, cpus, slice_ns, po
     assert reports[1].host.runqueue_ns > 0
 
 
+# -a: one userfaultfd for all vCPUs and a reader per vCPU: the message queue, the thundering
+# herd of readers woken from poll() (empty reads), wake_userfault visiting every waiter, the
+# wait-queue lock's line; with a handler delay, several faults pending at once
+@pytest.mark.parametrize(("vcpus", "pages", "delay_ns", "cpus", "policy"), [
+    (1, 8, 0, None, "fifo"), (2, 16, 0, None, "fifo"), (4, 33, 0, 448, "fifo"),
+    (8, 32, 2_500, 448, "fifo"), (8, 16, 0, 6, "fifo"), (4, 33, 1_000, None, "random"),
+])
+def test_one_shared_userfaultfd_agrees(vcpus, pages, delay_ns, cpus, policy):
+    exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=True,
+                            uffd_shared=True, uffd_delay_ns=delay_ns, host_cpus=cpus,
+                            policy=policy, seed=3)
+    _same(exact, compiled)
+    if vcpus > 2:
+        assert compiled.host.uffd_empty_reads > 0
+
+
 def test_a_cost_model_other_than_the_default_agrees():
     from mmu_core.sim.cost import CostModel
 
@@ -132,7 +148,6 @@ def test_a_cost_model_other_than_the_default_agrees():
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
-    ("tdp", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
     ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
     ("legacy", {"uffd": False}, "no compiled kernels"),

@@ -83,7 +83,8 @@ PSTACK = 8
  T_LOCK_HELD, T_SWITCHES, T_ACQ, T_CONT, T_ATOMICS, T_CMPXFAIL, T_START, T_ENDT, T_FINISHED,
  T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
  T_LOCKID, T_RESUME, T_NOPRE, T_ONCPU, T_CPU_NS, T_KIND, T_UFFD, T_WOKEN, T_MSG, T_BLOCKED,
- T_SLICE, T_PSTATE, T_PNS, T_PPH, T_OUT) = range(43)
+ T_SLICE, T_PSTATE, T_PNS, T_PPH, T_PNEXT, T_INPOLL, T_WNEXT, T_COMP, T_CDONE, T_CWH, T_CWT,
+ T_WL, T_OUT) = range(51)
 NOUT = 5  # fault outcomes counted per Ret value
 T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
 T_SIZE = T_FIRST + NOUT
@@ -110,10 +111,14 @@ LK_UFFD = 2  # + uffd index
  LK_ACC) = range(10)
 LK_SIZE = 10
 
-# --- userfaultfds (U rows, one handler each) -------------------------------------------------
-(U_START, U_END, U_MSGN, U_MSG, U_MSGW, U_POLLER, U_PEND, U_DONE, U_WAITER, U_WAITING,
- U_FAULTS, U_COPIES, U_EMPTY) = range(13)
-U_SIZE = 13
+# --- userfaultfds (U rows; one handler each, or a reader per vCPU with -a) --------------------
+# Messages wait in a ring per uffd (MQ rows: hva index, write); the readers asleep in poll()
+# are a list threaded through T_PNEXT (U_PHEAD .. U_PTAIL); a fault's Completion belongs to
+# the vCPU that reported the page (T_CPAGE, T_CDONE, its waiters threaded through T_WNEXT),
+# found from the page by an open-addressing table (HK keys, HV owners): uffd._pending.
+(U_START, U_END, U_MQH, U_MQN, U_PHEAD, U_PTAIL, U_NPOLL, U_WAITING, U_FAULTS, U_COPIES,
+ U_EMPTY) = range(11)
+U_SIZE = 11
 
 # --- cost fields -------------------------------------------------------------------------------
 (C_GUEST, C_WALK, C_EXIT, C_ENTRY, C_HANDOFF, C_RACQ, C_WACQ, C_REL, C_ATOMIC_READ, C_CMPXCHG,
@@ -146,7 +151,7 @@ ERROR_TEXT = {
 # CPU (V_PREEMPT) and, given one back, makes the delay it was asked for (V_PREEMPTED)
 (V_PREEMPT, V_PREEMPTED) = range(24, 26)
 # userfaults: the vCPU's wait_for, and the handler's read and copy
-(V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE) = range(30, 37)
+(V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE, V_UF_W2B) = range(30, 38)
 (H_READ, H_LOOP, H_HELD, H_POLL, H_POLLED, H_GOT, H_COPY, H_COPY2, H_COPY3, H_COPY4, H_COPY5,
  H_COPY6, H_COPY7) = range(40, 53)
 
@@ -413,12 +418,51 @@ def _wake(E, HP, J, T, t):
 
 
 @njit(cache=True)
-def _wake_from(E, HP, J, T, U, u, field):
-    """Wake the task uffd u keeps in `field` (its poller, or its fault's waiter), if any."""
-    w = U[u, field]
-    if w >= 0:
-        U[u, field] = -1
+def _wake_list(E, HP, J, T, head, link):
+    """engine.wake of each task of a list threaded through T[:, link], in order."""
+    w = head
+    while w >= 0:
+        nxt = T[w, link]
+        T[w, link] = -1
         _wake(E, HP, J, T, w)
+        w = nxt
+
+
+@njit(cache=True)
+def _hslot(HK, key):
+    """The slot of `key` in the open-addressing table, or the empty slot where it would go."""
+    m = HK.shape[0] - 1
+    h = (key * 0x9E3779B1) & m
+    while HK[h] != -1 and HK[h] != key:
+        h = (h + 1) & m
+    return h
+
+
+@njit(cache=True)
+def _hget(HK, HV, key):
+    h = _hslot(HK, key)
+    return HV[h] if HK[h] == key else -1
+
+
+@njit(cache=True)
+def _hdel(HK, HV, key):
+    """Remove `key` (linear probing's backward-shift deletion: no tombstones)."""
+    m = HK.shape[0] - 1
+    h = _hslot(HK, key)
+    if HK[h] != key:
+        return
+    j = h
+    while True:
+        j = (j + 1) & m
+        if HK[j] == -1:
+            break
+        k = (HK[j] * 0x9E3779B1) & m
+        if (h <= j and h < k <= j) or (h > j and (k > h or k <= j)):
+            continue  # its probe sequence does not pass through the hole
+        HK[h] = HK[j]
+        HV[h] = HV[j]
+        h = j
+    HK[h] = -1
 
 
 @njit(cache=True)
@@ -510,7 +554,7 @@ def _max_level(slots, gfn, host_level):
 
 
 @njit(cache=True)
-def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, results, regs, tlbs,
+def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, progs, results, regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
              mapcount, frame_state, log, max_steps):
@@ -681,37 +725,66 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, re
                     T[t, T_STATE] = V_FAULTIN
                     running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
-                elif U[u, U_PEND] != i:
-                    U[u, U_PEND] = i
-                    U[u, U_DONE] = 0
-                    U[u, U_FAULTS] += 1
-                    T[t, T_STATE] = V_UF_W1
-                    running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_NOTIFY],
-                                           PH_USERFAULT)
                 else:
-                    T[t, T_STATE] = V_UF_WAIT
+                    o = _hget(HK, HV, i)
+                    if o < 0:  # a new Completion for the page, this vCPU's
+                        h = _hslot(HK, i)
+                        HK[h] = i
+                        HV[h] = t
+                        T[t, T_CDONE] = 0
+                        T[t, T_CWH] = -1
+                        T[t, T_COMP] = t
+                        U[u, U_FAULTS] += 1
+                        T[t, T_STATE] = V_UF_W1
+                        running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_NOTIFY],
+                                               PH_USERFAULT)
+                    else:
+                        T[t, T_COMP] = o
+                        T[t, T_STATE] = V_UF_WAIT
             elif st == V_UF_W1:
                 _push_phase(E, T, PS, PH, t, PH_USERFAULT)
                 running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_UFFD + T[t, T_UFFD], 1,
                                 V_UF_W2)
             elif st == V_UF_W2:
                 u = T[t, T_UFFD]
-                U[u, U_MSGN] += 1
-                U[u, U_MSG] = T[t, T_HVAI]
-                U[u, U_MSGW] = ks[t, KS_WRITE]
-                _wake_from(E, HP, J, T, U, u, U_POLLER)  # _wake_pollers: one reader per uffd
-                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, V_UF_W3)
+                q = (U[u, U_MQH] + U[u, U_MQN]) % MQ.shape[1]
+                MQ[u, q, 0] = T[t, T_HVAI]
+                MQ[u, q, 1] = ks[t, KS_WRITE]
+                U[u, U_MQN] += 1
+                # _wake_pollers: the list is taken whole (off poll() at once), its readers
+                # visited, then woken in order
+                n = U[u, U_NPOLL]
+                T[t, T_WL] = U[u, U_PHEAD]
+                w = U[u, U_PHEAD]
+                while w >= 0:
+                    T[w, T_INPOLL] = 0
+                    w = T[w, T_PNEXT]
+                U[u, U_PHEAD] = U[u, U_PTAIL] = -1
+                U[u, U_NPOLL] = 0
+                T[t, T_STATE] = V_UF_W2B
+                if n > 1:
+                    running = _delay(E, HP, J, T, t, (n - 1) * 2 * cost[C_HANDOFF])
+            elif st == V_UF_W2B:
+                _wake_list(E, HP, J, T, T[t, T_WL], T_PNEXT)
+                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + T[t, T_UFFD], 1,
+                                  V_UF_W3)
             elif st == V_UF_W3:
                 _pop_phase(E, T, PS, PH, t)
                 T[t, T_STATE] = V_UF_WAIT
             elif st == V_UF_WAIT:
                 u = T[t, T_UFFD]
                 U[u, U_WAITING] += 1
-                if U[u, U_DONE]:
+                o = T[t, T_COMP]
+                if T[o, T_CDONE]:  # Completion.wait on a completed one: no sleep
                     U[u, U_WAITING] -= 1
                     T[t, T_STATE] = V_UF_W0
                 else:
-                    U[u, U_WAITER] = t
+                    T[t, T_WNEXT] = -1
+                    if T[o, T_CWH] < 0:
+                        T[o, T_CWH] = t
+                    else:
+                        T[T[o, T_CWT], T_WNEXT] = t
+                    T[o, T_CWT] = t
                     T[t, T_STATE] = V_UF_WOKE
                     running = _block(E, HP, J, T, PS, PH, RQ, t, PH_USERFAULT)
             elif st == V_UF_WOKE:
@@ -843,17 +916,25 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, re
                                 H_HELD)
             elif st == H_HELD:
                 u = T[t, T_UFFD]
-                if U[u, U_MSGN]:
-                    U[u, U_MSGN] -= 1
-                    T[t, T_MSG] = U[u, U_MSG]
+                if U[u, U_MQN]:
+                    T[t, T_MSG] = MQ[u, U[u, U_MQH], 0]
+                    U[u, U_MQH] = (U[u, U_MQH] + 1) % MQ.shape[1]
+                    U[u, U_MQN] -= 1
                     running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_GOT)
                 else:
                     if T[t, T_WOKEN]:
                         U[u, U_EMPTY] += 1
-                    U[u, U_POLLER] = t
+                    T[t, T_PNEXT] = -1  # on fd_wqh, at the back
+                    T[t, T_INPOLL] = 1
+                    if U[u, U_PHEAD] < 0:
+                        U[u, U_PHEAD] = t
+                    else:
+                        T[U[u, U_PTAIL], T_PNEXT] = t
+                    U[u, U_PTAIL] = t
+                    U[u, U_NPOLL] += 1
                     running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_POLL)
             elif st == H_POLL:
-                if U[T[t, T_UFFD], U_POLLER] == t:
+                if T[t, T_INPOLL]:
                     T[t, T_STATE] = H_POLLED
                     running = _block(E, HP, J, T, PS, PH, RQ, t, PH_UFFD_WAIT)
                 else:
@@ -903,10 +984,13 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, re
                     running = _delay(E, HP, J, T, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
             elif st == H_COPY6:
                 u = T[t, T_UFFD]
-                if U[u, U_PEND] == T[t, T_MSG]:
-                    U[u, U_PEND] = -1
-                    U[u, U_DONE] = 1  # done.complete(): its waiter runs now
-                    _wake_from(E, HP, J, T, U, u, U_WAITER)
+                o = _hget(HK, HV, T[t, T_MSG])
+                if o >= 0:  # _pending.pop(page).complete(): its waiters run now
+                    _hdel(HK, HV, T[t, T_MSG])
+                    T[o, T_CDONE] = 1
+                    w = T[o, T_CWH]
+                    T[o, T_CWH] = -1
+                    _wake_list(E, HP, J, T, w, T_WNEXT)
                 running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_COPY7)
             elif st == H_COPY7:
                 _pop_phase(E, T, PS, PH, t)
@@ -958,9 +1042,13 @@ def unsupported(vm, kernels) -> str | None:
         return "the engine's primitives are instrumented"
     if mm.mmap_lock is None:
         return "no mmap lock"
-    if len(handlers) != len(mm._uffds) or any(t.started for t in engine.tasks) \
+    uffds = _uffds(vm)
+    if (len(handlers) % len(uffds) if uffds else handlers) \
+            or any(t.started for t in engine.tasks) \
             or len(engine.tasks) != len(handlers) or len(engine._queue) != len(handlers):
-        return "a userfaultfd shared by several handlers (-a), or other tasks"
+        return "userfaultfd readers other than Machine.spawn_uffd_handlers's, or other tasks"
+    if any(u._msgs or u._pollers or u._pending or u._waiting for u in uffds):
+        return "a userfaultfd with messages, readers or faults pending"
     if any(r.backing.level != 1 for r in mm.regions):
         return "THP or hugetlb backing (not compiled yet)"
     if mm.hva_swapped.any():
@@ -1178,7 +1266,9 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     T[:, T_START] = now0
     T[:, T_STUCK_PC] = -1
     T[nv:, T_KIND] = 1
-    T[nv:, T_UFFD] = np.arange(nh)
+    # Machine.spawn_uffd_handlers: for each uffd, its readers (one, or one per vCPU with -a)
+    T[nv:, T_UFFD] = np.arange(nh) // max(1, nh // max(1, len(uffds)))
+    T[:, T_PNEXT] = T[:, T_WNEXT] = T[:, T_CWH] = -1
     T[nv:, T_STATE] = H_READ
     for k, task in enumerate(handlers):
         T[nv + k, T_MARK] = task._mark
@@ -1197,10 +1287,13 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         LK[r, LK_WAIT] = line.wait_ns
     LQ = np.zeros((len(lines), ntask + 1, 2), dtype=np.int64)
     U = np.zeros((len(uffds), U_SIZE), dtype=np.int64)
+    MQ = np.zeros((len(uffds), nv + 1, 2), dtype=np.int64)  # a vCPU has one message at most
+    HK = np.full(1 << max(4, (4 * ntask).bit_length()), -1, dtype=np.int64)
+    HV = np.zeros_like(HK)
     for k, u in enumerate(uffds):
         U[k, U_START] = mm.index(u.start)
         U[k, U_END] = mm.index(u.end)
-        U[k, U_POLLER] = U[k, U_PEND] = U[k, U_WAITER] = -1
+        U[k, U_PHEAD] = U[k, U_PTAIL] = -1
         U[k, U_FAULTS] = u.faults
         U[k, U_COPIES] = u.copies
         U[k, U_EMPTY] = u.empty_reads
@@ -1241,13 +1334,15 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     hwstats = np.stack([v.hw_stats for v in vcpus])
     cost = _cost_array(vm, uffd_delay_ns)
     from mmu_core.host.mm import HVA_BASE
+    from mmu_core.host.userfault import UffdMsg
 
     done_chunks = 0
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
-            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, cost, bounds, progs, res,
-                     regs, tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
+            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost,
+                     bounds, progs, res, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
+                     vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
             if progress is not None:
@@ -1322,7 +1417,15 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         u.copies = int(U[k, U_COPIES])
         u.empty_reads = int(U[k, U_EMPTY])
         u._waiting = int(U[k, U_WAITING])
-        u._pollers = [everyone[int(U[k, U_POLLER])]] if U[k, U_POLLER] >= 0 else []
+        pollers, w = [], int(U[k, U_PHEAD])
+        while w >= 0:
+            pollers.append(everyone[w])
+            w = int(T[w, T_PNEXT])
+        u._pollers = pollers
+        u._msgs.clear()
+        for q in range(int(U[k, U_MQN])):
+            i, write = MQ[k, (U[k, U_MQH] + q) % MQ.shape[1]]
+            u._msgs.append(UffdMsg(HVA_BASE + (int(i) << 12), bool(write)))
     for r, line in enumerate(lines):
         owner = int(LK[r, LK_OWNER])
         line.owner = everyone[owner] if owner >= 0 else None
