@@ -156,7 +156,7 @@ ERROR_TEXT = {
  H_COPY6, H_COPY7) = range(40, 53)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _account(E, T, PS, PH, t):
     now = E[E_NOW]
     dt = now - T[t, T_MARK]
@@ -170,12 +170,12 @@ def _account(E, T, PS, PH, t):
             PH[t, PS[t, T[t, T_DEPTH]]] += dt
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _less(HP, a, b):
     return HP[a, 0] < HP[b, 0] or (HP[a, 0] == HP[b, 0] and HP[a, 1] < HP[b, 1])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _swap(HP, a, b):
     for k in range(4):
         x = HP[a, k]
@@ -183,7 +183,7 @@ def _swap(HP, a, b):
         HP[b, k] = x
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _push(E, HP, key, due, t):
     E[E_SEQ] += 1
     i = E[E_HN]
@@ -201,7 +201,7 @@ def _push(E, HP, key, due, t):
             break
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pop(E, HP):
     """Remove the head (heapq order); returns its row index 0's task after moving it."""
     n = E[E_HN] - 1
@@ -223,7 +223,7 @@ def _pop(E, HP):
     return n  # the popped row now sits at index n
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _jitter(E, J):
     """random: the next draw of the schedule's stream, as int(random() * (jitter_ns + 1))
     (drawn in Python from the engine's own stream, in order)."""
@@ -234,7 +234,7 @@ def _jitter(E, J):
     return J[k % J.shape[0]]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _preempt_due(E, T, t, ns, phase):
     """engine.delay's first check: a task past its slice (outside spinlocks) with others
     waiting for a CPU leaves it before the delay. Then the delay (ns, phase: -1 for none) is
@@ -248,7 +248,7 @@ def _preempt_due(E, T, t, ns, phase):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _delay(E, HP, J, T, t, ns):
     """engine.delay(ns) under fifo or random: True if the caller keeps running (the fast
     path: its key is below the head's, or it is to leave its CPU first: V_PREEMPT)."""
@@ -257,7 +257,7 @@ def _delay(E, HP, J, T, t, ns):
     return _delay_now(E, HP, J, t, ns)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _delay_now(E, HP, J, t, ns):
     """engine.delay(ns) past its preemption check."""
     E[E_STEPS] += 1
@@ -270,13 +270,13 @@ def _delay_now(E, HP, J, t, ns):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _schedule(E, HP, J, when, t):
     """engine._schedule: runnable at `when` (spawn, wake, a lock's hand-over)."""
     _push(E, HP, when + _jitter(E, J), when, t)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _delay_phase(E, HP, J, T, PS, PH, t, ns, phase):
     """engine.delay(ns, phase)."""
     if _preempt_due(E, T, t, ns, phase):
@@ -284,7 +284,7 @@ def _delay_phase(E, HP, J, T, PS, PH, t, ns, phase):
     return _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
@@ -294,7 +294,7 @@ def _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase):
     return _delay_now(E, HP, J, t, ns)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _push_phase(E, T, PS, PH, t, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
@@ -302,13 +302,13 @@ def _push_phase(E, T, PS, PH, t, phase):
     PS[t, d] = phase
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pop_phase(E, T, PS, PH, t):
     _account(E, T, PS, PH, t)
     T[t, T_DEPTH] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _reserve(E, LK, lk, t, cost):
     """CacheLine.reserve of lock lk's line for task t; returns the wait until the line is in
     t's cache."""
@@ -325,7 +325,7 @@ def _reserve(E, LK, lk, t, cost):
     return LK[lk, LK_FREE] - now
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _grant(LK, T, lk, t, write):
     """_QueuedLock._grant of lock lk to task t (still waiting: no accounting change)."""
     if write:
@@ -338,7 +338,7 @@ def _grant(LK, T, lk, t, write):
         T[t, T_ACQ] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
     """_QueuedLock._acquire up to its switch point; V_LOCK2/V_LOCK3 go on, then `resume`."""
     T[t, T_LOCKID] = lk
@@ -356,7 +356,7 @@ def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
     return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
     """_QueuedLock._release up to its switch point; V_UNLOCK2 goes on, then `resume`."""
     T[t, T_LOCKID] = lk
@@ -367,7 +367,7 @@ def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
     return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _put_cpu(E, HP, J, T, PS, PH, RQ, t):
     """engine._put_cpu: t leaves its CPU; the run queue's head gets it after a context
     switch (its "runqueue" phase ends now), else the CPU is free."""
@@ -389,7 +389,7 @@ def _put_cpu(E, HP, J, T, PS, PH, RQ, t):
             E[E_FREE] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _to_runqueue(E, T, PS, PH, RQ, t):
     """t waits for a CPU at the back of the run queue, in phase "runqueue"."""
     _push_phase(E, T, PS, PH, t, PH_RUNQUEUE)
@@ -397,7 +397,7 @@ def _to_runqueue(E, T, PS, PH, RQ, t):
     E[E_RQN] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _block(E, HP, J, T, PS, PH, RQ, t, phase):
     """engine.block(phase): parked until woken, its CPU given up (no spinlock held)."""
     _push_phase(E, T, PS, PH, t, phase)
@@ -409,7 +409,7 @@ def _block(E, HP, J, T, PS, PH, RQ, t, phase):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _wake(E, HP, J, T, t):
     """engine.wake(t): runnable now if it is parked by block()."""
     if T[t, T_BLOCKED] and not T[t, T_WAITING] and not T[t, T_FINISHED]:
@@ -417,7 +417,7 @@ def _wake(E, HP, J, T, t):
         _schedule(E, HP, J, E[E_NOW], t)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _wake_list(E, HP, J, T, head, link):
     """engine.wake of each task of a list threaded through T[:, link], in order."""
     w = head
@@ -428,23 +428,31 @@ def _wake_list(E, HP, J, T, head, link):
         w = nxt
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
+def _hhome(key, m):
+    """The home slot of `key`: Fibonacci hashing with the product's high half folded in, since
+    the keys (hva page indexes) of vCPUs faulting in step differ only in their high bits."""
+    x = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64((x ^ (x >> np.uint64(32))) & np.uint64(m))
+
+
+@njit(cache=True, _nrt=False)
 def _hslot(HK, key):
     """The slot of `key` in the open-addressing table, or the empty slot where it would go."""
     m = HK.shape[0] - 1
-    h = (key * 0x9E3779B1) & m
+    h = _hhome(key, m)
     while HK[h] != -1 and HK[h] != key:
         h = (h + 1) & m
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _hget(HK, HV, key):
     h = _hslot(HK, key)
     return HV[h] if HK[h] == key else -1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _hdel(HK, HV, key):
     """Remove `key` (linear probing's backward-shift deletion: no tombstones)."""
     m = HK.shape[0] - 1
@@ -456,7 +464,7 @@ def _hdel(HK, HV, key):
         j = (j + 1) & m
         if HK[j] == -1:
             break
-        k = (HK[j] * 0x9E3779B1) & m
+        k = _hhome(HK[j], m)
         if (h <= j and h < k <= j) or (h > j and (k > h or k <= j)):
             continue  # its probe sequence does not pass through the hole
         HK[h] = HK[j]
@@ -465,7 +473,7 @@ def _hdel(HK, HV, key):
     HK[h] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _uffd_of(U, i):
     """The userfaultfd registered over hva index i, or -1 (a bisection: U rows are sorted)."""
     lo, hi = 0, U.shape[0]
@@ -482,7 +490,7 @@ def _uffd_of(U, i):
 
 
 # --- host memory (HostMemory.alloc / free / table for one frame) --------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
     """HostMemory.alloc(purpose, 1): the free stack first, else the bump pointer."""
     if mem[M_NFREE1]:
@@ -505,7 +513,7 @@ def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
     return base
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_table(mem, free_slots, pt_slot, pfn):
     """HostMemory.table(pfn): give the frame a (zeroed) row of table entries."""
     if pt_slot[pfn] == NO_SLOT:
@@ -513,7 +521,7 @@ def mem_table(mem, free_slots, pt_slot, pfn):
         pt_slot[pfn] = free_slots[mem[M_NSLOTS]]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_free(mem, free1, free_slots, pt, pt_slot, mapcount, frame_state, log, base):
     """HostMemory.free(base) of a one-frame allocation."""
     slot = pt_slot[base]
@@ -535,7 +543,7 @@ def mem_free(mem, free1, free_slots, pt, pt_slot, mapcount, frame_state, log, ba
     mem[M_LOGN] = n + 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _max_level(slots, gfn, host_level):
     """vm.max_mapping_level for a slot without dirty logging or write tracking."""
     level = min(host_level, 3)
@@ -553,7 +561,7 @@ def _max_level(slots, gfn, host_level):
     return 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, progs, results, regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
@@ -1121,7 +1129,7 @@ def _cost_array(vm, uffd_delay_ns: int = 0) -> np.ndarray:
     return cost
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _apply_log(order, log, n):
     """The allocator's orders after the loop's allocations and frees of single frames, in
     the order they happened (HostMemory.order: 0 at a one-frame allocation, -1 once freed)."""
