@@ -8,6 +8,7 @@ transfers, the fault outcomes and the backend's statistics and memory.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mmu_core.errors import InvalidConfig
@@ -171,3 +172,35 @@ def test_auto_takes_the_compiled_loop_when_it_can():
 def test_bad_engine_name_is_one_clear_error():
     with pytest.raises(ValueError, match="engine"):
         DemandPagingOptions(engine="fast")
+
+
+def test_streamed_results_put_the_unexpected_ones_in_their_places():
+    # The loop keeps only results unlike the expected ones (vCPU, op, the 3 words); the
+    # sequence the report and the digest read rebuilds each vCPU's array from both
+    import numpy as np
+
+    from mmu_core.sim import fastloop as F
+
+    def expected(i):
+        return np.full((4, 3), i, dtype=np.int64)
+
+    kept = np.array([[1, 2, 7, 8, 9], [0, 0, 5, 0, 0]], dtype=np.int64)
+    res = F.StreamedResults(expected, kept, 2)
+    assert len(res) == 2
+    assert res[0].tolist() == [[5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert res[1].tolist() == [[1, 1, 1], [1, 1, 1], [7, 8, 9], [1, 1, 1]]
+    with pytest.raises(IndexError):
+        res[2]
+
+
+def test_programs_are_made_per_vcpu_and_expect_the_patterns():
+    from mmu_core.guest.machine import DATA_GPA, page_patterns
+    from mmu_core.hw import cpu as C
+    from mmu_core.workloads.demand_paging import Programs
+
+    progs = Programs(DemandPagingOptions(vcpus=3, bytes_per_vcpu=4 * 4096, uffd=False))
+    assert len(progs) == 3 and progs[2].shape == (8, 3)
+    assert progs[1][0].tolist() == [C.OP_WRITE, DATA_GPA + 4 * 4096,
+                                    int(page_patterns(np.array([(DATA_GPA >> 12) + 4]))[0])]
+    exp = progs.expected_results(1)
+    assert (exp[:4] == 0).all() and (exp[4:, 0] == progs[1][:4, 2]).all()

@@ -16,6 +16,8 @@ What it supports is decided by `unsupported()`: anything else runs on the exact 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -84,7 +86,7 @@ PSTACK = 8
  T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
  T_LOCKID, T_RESUME, T_NOPRE, T_ONCPU, T_CPU_NS, T_KIND, T_UFFD, T_WOKEN, T_MSG, T_BLOCKED,
  T_SLICE, T_PSTATE, T_PNS, T_PPH, T_PNEXT, T_INPOLL, T_WNEXT, T_COMP, T_CDONE, T_CWH, T_CWT,
- T_WL, T_OUT) = range(51)
+ T_WL, T_WBASE, T_OUT) = range(52)
 NOUT = 5  # fault outcomes counted per Ret value
 T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
 T_SIZE = T_FIRST + NOUT
@@ -95,6 +97,7 @@ T_SIZE = T_FIRST + NOUT
 # host CPUs (engine._free_cpus, the run queue's head and length in RQ, sched_slice,
 # context_switch)
 E_FREE, E_RQH, E_RQN, E_SLICE, E_CSW = range(9, 14)
+E_NMIS = 14  # rows of MIS in use
 E_MODE = 24  # 0 fifo, 1 random
 E_DRAWN = 25  # random: draws of the schedule's stream consumed so far (J's ring index)
 E_RLIM = 26  # random: draws available in J (absolute count)
@@ -133,6 +136,7 @@ ERR_WRITE_PROTECTED = 3  # a write to a page the host maps read-only
 ERR_KERNEL = 4  # the kernel returned R_ERROR
 ERR_STUCK = 5  # MAX_FAULTS_PER_OP faults on one op
 ERR_SEM = 6  # the mmap lock was not free for read (a writer: not in this workload)
+ERR_MISMATCHES = 7  # more results unlike the expected ones than MIS can keep
 ERROR_TEXT = {
     ERR_EXIT_KIND: "the CPU loop exited for something other than an EPT violation",
     ERR_NO_SLOT: "a fault outside every memslot (MMIO)",
@@ -140,6 +144,8 @@ ERROR_TEXT = {
     ERR_KERNEL: "the backend's kernel reached a state it does not model",
     ERR_STUCK: "no progress: one op faulted more than MAX_FAULTS_PER_OP times",
     ERR_SEM: "the mmap lock was not free for read",
+    ERR_MISMATCHES: "too many guest accesses gave unexpected results to stream them "
+                    "(run it with --engine exact)",
 }
 
 # --- vCPU states -----------------------------------------------------------------------------
@@ -489,6 +495,73 @@ def _uffd_of(U, i):
     return -1
 
 
+# --- streamed programs and results (StreamSpec) -----------------------------------------------
+G_PAGES, G_WRITES, G_BASE = 0, 1, 2  # gen: pages per vCPU, writes first, then each vCPU's gva
+WINDOW = 256  # program rows per vCPU made at a time
+(MIS_TASK, MIS_PC, MIS_ROW) = (0, 1, 2)  # MIS rows: vCPU, op, its 3 result words
+MIS_SIZE = MIS_ROW + 3
+PATTERN_MUL = 0x9E3779B97F4A7C15  # guest.machine.page_patterns
+PATTERN_MASK = 0x7FFFFFFFFFFFFFFF
+
+
+@njit(cache=True, _nrt=False)
+def _pattern(gfn):
+    """guest.machine.page_patterns of one gfn."""
+    g = np.uint64(gfn) + np.uint64(1)
+    return np.int64((g * np.uint64(PATTERN_MUL)) & np.uint64(PATTERN_MASK))
+
+
+@njit(cache=True, _nrt=False)
+def _op_at(gen, t, k):
+    """vCPU t's op k (demand_paging.Programs): (op, gva, value)."""
+    pages = gen[G_PAGES]
+    page = k
+    op = C.OP_READ
+    if gen[G_WRITES]:
+        if k < pages:
+            op = C.OP_WRITE
+        else:
+            page = k - pages
+    gva = gen[G_BASE + t] + (page << 12)
+    return op, gva, _pattern(gva >> 12) if op == C.OP_WRITE else 0
+
+
+@njit(cache=True, _nrt=False)
+def _fill_window(gen, t, base, WP, WR):
+    """vCPU t's program rows from op `base` on, and empty result rows."""
+    nops = gen[G_PAGES] * (2 if gen[G_WRITES] else 1)
+    for j in range(WP.shape[1]):
+        for c in range(3):
+            WR[t, j, c] = 0
+        k = base + j
+        if k < nops:
+            op, gva, value = _op_at(gen, t, k)
+            WP[t, j, 0] = op
+            WP[t, j, 1] = gva
+            WP[t, j, 2] = value
+
+
+@njit(cache=True, _nrt=False)
+def _fold_results(E, gen, t, base, lo, hi, WR, MIS):
+    """Ops [lo, hi) of vCPU t are done: each result the expected one (Programs.
+    expected_results: a read gives its page's pattern) is dropped, any other is kept in MIS;
+    False when MIS is full."""
+    for k in range(lo, hi):
+        op, gva, _v = _op_at(gen, t, k)
+        want = _pattern(gva >> 12) if op == C.OP_READ else 0
+        j = k - base
+        if WR[t, j, 0] != want or WR[t, j, 1] != 0 or WR[t, j, 2] != 0:
+            n = E[E_NMIS]
+            if n >= MIS.shape[0]:
+                return False
+            MIS[n, MIS_TASK] = t
+            MIS[n, MIS_PC] = k
+            for c in range(3):
+                MIS[n, MIS_ROW + c] = WR[t, j, c]
+            E[E_NMIS] = n + 1
+    return True
+
+
 # --- host memory (HostMemory.alloc / free / table for one frame) --------------------------
 @njit(cache=True, _nrt=False)
 def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
@@ -562,7 +635,8 @@ def _max_level(slots, gfn, host_level):
 
 
 @njit(cache=True, _nrt=False)
-def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, progs, results, regs, tlbs,
+def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, gen, WP, WR, MIS,
+             regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
              mapcount, frame_state, log, max_steps):
@@ -624,10 +698,30 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bound
                     continue
                 before_ops = hwstats[t, C.ST_OPS]
                 before_reads = hwstats[t, C.ST_WALK_READS]
-                T[t, T_PC] = C.run_ops(
-                    progs[t], pc, T[t, T_END], results[t], pt, pt_slot, tag, regs[t], True,
-                    ept_ad, ks[t, KS_ROOT], root_levels, tlbs[t], W.NO_PML, xinfos[t],
-                    hwstats[t], cost[C_BUDGET])
+                # One Vcpu.run_ops call of `budget` ops, over the streamed program's window
+                # (refilled where it ends: the calls' sum is the one call)
+                end = T[t, T_END]
+                budget = cost[C_BUDGET]
+                while True:
+                    base = T[t, T_WBASE]
+                    if pc < base or pc >= base + WP.shape[1]:
+                        base = pc
+                        _fill_window(gen, t, base, WP, WR)
+                        T[t, T_WBASE] = base
+                    wend = min(end, base + WP.shape[1])
+                    npc = base + C.run_ops(
+                        WP[t], pc - base, wend - base, WR[t], pt, pt_slot, tag, regs[t], True,
+                        ept_ad, ks[t, KS_ROOT], root_levels, tlbs[t], W.NO_PML, xinfos[t],
+                        hwstats[t], budget)
+                    if not _fold_results(E, gen, t, base, pc, npc, WR, MIS):
+                        E[E_ERROR] = ERR_MISMATCHES
+                        E[E_ERROR_TASK] = t
+                        return E[E_LIVE]
+                    budget -= npc - pc
+                    pc = npc
+                    if xinfos[t, C.XI_KIND] != C.X_NONE or pc >= end or budget <= 0:
+                        break
+                T[t, T_PC] = pc
                 T[t, T_RET] = hwstats[t, C.ST_WALK_READS] - before_reads  # reads, for later
                 T[t, T_STATE] = V_AFTER_GUEST
                 running = _delay_phase(E, HP, J, T, PS, PH, t,
@@ -1011,6 +1105,56 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bound
 SLICE_STEPS = 100_000
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """The demand-paging programs as the loop makes them (demand_paging.Programs): vCPU i's
+    region starts at gva `bases[i]` and has `pages` pages; with `writes` it writes each page's
+    pattern then reads them all, else it only reads. `expected(i)` gives vCPU i's results
+    when every access does what it should."""
+
+    bases: np.ndarray
+    pages: int
+    writes: bool
+    expected: Callable[[int], np.ndarray]
+
+
+class PerVcpu(Sequence):
+    """A sequence of one array per vCPU, each made when asked for (`_make(i)`), so that
+    nothing holds them all at once."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._make(i)
+
+    def _make(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class StreamedResults(PerVcpu):
+    """The vCPUs' results of a streamed run, each made when asked for: the expected results
+    with the unexpected ones the loop kept (rows vCPU, op, result words) in their places."""
+
+    def __init__(self, expected: Callable[[int], np.ndarray], kept: np.ndarray, n: int) -> None:
+        super().__init__(n)
+        self._expected = expected
+        self._kept = kept
+
+    def _make(self, i: int) -> np.ndarray:
+        res = self._expected(i)
+        for row in self._kept[self._kept[:, MIS_TASK] == i]:
+            res[row[MIS_PC]] = row[MIS_ROW:MIS_ROW + 3]
+        return res
+
+
 def _engine_primitives() -> dict:
     from mmu_core.sim.engine import Engine
 
@@ -1236,13 +1380,15 @@ class _Draws:
             self.rng.random()
 
 
-def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
-                 uffd_delay_ns: int = 0) -> list:
+def run_compiled(vm, kernels, stream: StreamSpec, chunks: int, progress=None,
+                 uffd_delay_ns: int = 0) -> tuple[list, StreamedResults]:
     """Run each vCPU's program (as demand_paging's vcpu_body would, in `chunks` calls of
     Vcpu.run) on the compiled loop, then write everything back: SPTEs and host memory are
     the VM's own arrays already; the allocator's bookkeeping, the backend's roots and
     statistics, the vCPUs' TLBs and counters, the engine's clock, the lock lines and one
-    finished Task record per vCPU. Returns those tasks."""
+    finished Task record per vCPU. The programs are made in the loop from `stream`, a
+    window at a time, and their results checked as they complete. Returns those tasks and
+    the results (made when asked for, from the expected ones and the unexpected ones kept)."""
     from mmu_core.sim.engine import Task
     from mmu_core.vm.vcpu import _OUTCOMES
 
@@ -1267,7 +1413,8 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     nh = len(handlers)
     ntask = nv + nh
     T = np.zeros((ntask, T_SIZE), dtype=np.int64)
-    bounds = np.stack([np.linspace(0, len(p), chunks + 1).astype(np.int64) for p in programs])
+    nops = stream.pages * (2 if stream.writes else 1)
+    bounds = np.tile(np.linspace(0, nops, chunks + 1).astype(np.int64), (nv, 1))
     T[:nv, T_PC] = bounds[:, 0]
     T[:nv, T_END] = bounds[:, 1]
     T[:, T_MARK] = now0
@@ -1330,12 +1477,11 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
     ks[:, KS_ROOT] = -1
     ksu = np.zeros((nv, KSU_SIZE), dtype=np.uint64)
-    # One array each for all vCPUs; the caller's lists become views of them, so nothing is
-    # copied back and no second copy of the programs outlives this line
-    progs = np.stack(programs)
-    programs[:] = list(progs)
-    res = np.stack(results)
-    results[:] = list(res)
+    gen = np.concatenate(([stream.pages, int(stream.writes)], stream.bases)).astype(np.int64)
+    WP = np.zeros((nv, WINDOW, 3), dtype=np.int64)
+    WR = np.zeros((nv, WINDOW, 3), dtype=np.int64)
+    T[:nv, T_WBASE] = -WINDOW  # no window yet
+    MIS = np.zeros((1024, MIS_SIZE), dtype=np.int64)
     regs = np.stack([v.regs for v in vcpus])
     tlbs = np.stack([v.tlb for v in vcpus])
     xinfos = np.stack([v.xinfo for v in vcpus])
@@ -1349,7 +1495,7 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
             run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost,
-                     bounds, progs, res, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
+                     bounds, gen, WP, WR, MIS, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
                      vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
@@ -1440,4 +1586,4 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         line.free_at = int(LK[r, LK_FREE])
         line.transfers = int(LK[r, LK_TRANS])
         line.wait_ns = int(LK[r, LK_WAIT])
-    return tasks
+    return tasks, StreamedResults(stream.expected, MIS[:int(Ea[E_NMIS])].copy(), nv)
