@@ -204,3 +204,15 @@ def test_programs_are_made_per_vcpu_and_expect_the_patterns():
                                     int(page_patterns(np.array([(DATA_GPA >> 12) + 4]))[0])]
     exp = progs.expected_results(1)
     assert (exp[:4] == 0).all() and (exp[4:, 0] == progs[1][:4, 2]).all()
+
+
+def test_a_small_allocation_log_flushed_between_slices_agrees(monkeypatch):
+    # The loop pauses when its allocation log is nearly full and Python replays it into
+    # HostMemory.order: with 128 rows that happens every few dozen allocations
+    from mmu_core.sim import fastloop as F
+
+    monkeypatch.setattr(F, "LOG_ROWS", 128)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=2, bytes_per_vcpu=64 * 4096, uffd=True)
+    _same(exact, compiled)

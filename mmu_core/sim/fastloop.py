@@ -71,6 +71,8 @@ M_PEAK = 12  # frames_peak[purpose]
 M_SIZE = 16
 LOG_ALLOC = 1
 LOG_FREE = 2
+LOG_ROWS = 1 << 16  # the allocation log's rows; the loop pauses for a flush near the end
+LOG_MARGIN = 64  # more than one step's allocations and frees
 
 # --- phases ------------------------------------------------------------------------------------
 PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP, PH_USERFAULT, PH_UFFD_WAIT, PH_UFFD_COPY, \
@@ -667,7 +669,8 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bound
             T[t, T_SWITCHES] += 1
         running = True
         while running:
-            if E[E_STEPS] >= stop or (E[E_MODE] and E[E_RLIM] - E[E_DRAWN] < J_MARGIN):
+            if E[E_STEPS] >= stop or (E[E_MODE] and E[E_RLIM] - E[E_DRAWN] < J_MARGIN) \
+                    or mem[M_LOGN] > log.shape[0] - LOG_MARGIN:
                 E[E_CUR] = t  # back to Python (progress, Ctrl-C, more draws) and on
                 return E[E_LIVE]
             if T[t, T_POP]:
@@ -1303,7 +1306,8 @@ class _Memory:
         old_free = host._free.get(1, [])
         self.free1 = np.zeros(len(old_free) + tables + 1, dtype=np.int64)
         self.free1[:len(old_free)] = old_free
-        self.log = np.zeros((frames + 3 * tables + 16, 3), dtype=np.int64)
+        # replayed and emptied between slices (flush_log), so it holds one slice's
+        self.log = np.zeros((LOG_ROWS, 3), dtype=np.int64)
         self.mem = np.zeros(M_SIZE, dtype=np.int64)
         self.mem[M_NEXT] = host._next_pfn
         self.mem[M_NFREE1] = len(old_free)
@@ -1317,7 +1321,19 @@ class _Memory:
         return (self.mem, self.free1, self.free_slots, h.pt, h.pt_slot, h.tag, h.mapcount,
                 h.frame_state, self.log)
 
+    def flush_log(self) -> None:
+        """Replay the log's allocations and frees into HostMemory.order, in order, and
+        empty it (nothing reads the orders during the loop)."""
+        h, mem = self.host, self.mem
+        n = int(mem[M_LOGN])
+        if n:
+            _apply_log(h.order, self.log, n)
+            if (self.log[:n, 0] == LOG_ALLOC).any():
+                h._sizes.add(1)
+        mem[M_LOGN] = 0
+
     def write_back(self) -> int:
+        self.flush_log()
         h, mem = self.host, self.mem
         h._next_pfn = int(mem[M_NEXT])
         nfree = int(mem[M_NFREE1])
@@ -1327,12 +1343,6 @@ class _Memory:
         k = len(h.frames_in_use)
         h.frames_in_use[:] = mem[M_INUSE:M_INUSE + k]
         h.frames_peak[:] = mem[M_PEAK:M_PEAK + k]
-        n = int(mem[M_LOGN])
-        if n:
-            _apply_log(h.order, self.log, n)
-            if (self.log[:n, 0] == LOG_ALLOC).any():
-                h._sizes.add(1)
-        mem[M_LOGN] = 0
         return int(mem[M_POP4K])
 
 
@@ -1499,6 +1509,7 @@ def run_compiled(vm, kernels, stream: StreamSpec, chunks: int, progress=None,
                      vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
+            memory.flush_log()
             if progress is not None:
                 now_done = int(T[:, T_CHUNK].sum() + T[:, T_FINISHED].sum())
                 for k in range(done_chunks + 1, now_done + 1):
