@@ -176,8 +176,9 @@ class Programs(fastloop.PerVcpu):
             pages=self.pages, writes=self.writes, expected=self.expected_results)
 
 
-def _programs(opts: DemandPagingOptions) -> Programs:
-    return Programs(opts)
+def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
+    """Every vCPU's program at once (for callers that edit them)."""
+    return list(Programs(opts))
 
 
 def _patterns(gvas: np.ndarray) -> np.ndarray:
@@ -260,7 +261,7 @@ def run_demand_paging(
         if opts.nested != "off":
             # L2's digest is L1's memory without L1's own EPT12 pages (docs/nested.md)
             hv = run_in_l2(machine, prefault=opts.nested == "eager").hv
-        programs = _programs(opts)
+        programs = Programs(opts)
         machine.spawn_uffd_handlers(opts.uffd_delay_ns)
         done = [0]
         chunks = PROGRESS_CHUNKS if progress else 1
