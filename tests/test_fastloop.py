@@ -127,7 +127,8 @@ def test_fewer_host_cpus_than_tasks_agree(vcpus, pages, uffd, cpus, slice_ns, po
 # wait-queue lock's line; with a handler delay, several faults pending at once
 @pytest.mark.parametrize(("vcpus", "pages", "delay_ns", "cpus", "policy"), [
     (1, 8, 0, None, "fifo"), (2, 16, 0, None, "fifo"), (4, 33, 0, 448, "fifo"),
-    (8, 32, 2_500, 448, "fifo"), (8, 16, 0, 6, "fifo"), (4, 33, 1_000, None, "random"),
+    (8, 32, 2_500, 448, "fifo"), (8, 16, 0, 6, "fifo"), (4, 16, 0, 2, "fifo"),
+    (4, 33, 1_000, None, "random"),
 ])
 def test_one_shared_userfaultfd_agrees(vcpus, pages, delay_ns, cpus, policy):
     exact, compiled = _both("tdp", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=True,
