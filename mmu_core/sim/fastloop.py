@@ -139,6 +139,7 @@ ERR_KERNEL = 4  # the kernel returned R_ERROR
 ERR_STUCK = 5  # MAX_FAULTS_PER_OP faults on one op
 ERR_SEM = 6  # the mmap lock was not free for read (a writer: not in this workload)
 ERR_MISMATCHES = 7  # more results unlike the expected ones than MIS can keep
+ERR_DEADLOCK = 8  # live tasks and nothing scheduled
 ERROR_TEXT = {
     ERR_EXIT_KIND: "the CPU loop exited for something other than an EPT violation",
     ERR_NO_SLOT: "a fault outside every memslot (MMIO)",
@@ -146,6 +147,7 @@ ERROR_TEXT = {
     ERR_KERNEL: "the backend's kernel reached a state it does not model",
     ERR_STUCK: "no progress: one op faulted more than MAX_FAULTS_PER_OP times",
     ERR_SEM: "the mmap lock was not free for read",
+    ERR_DEADLOCK: "deadlock: every live task is blocked",
     ERR_MISMATCHES: "too many guest accesses gave unexpected results to stream them "
                     "(run it with --engine exact)",
 }
@@ -652,6 +654,10 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bound
             E[E_CUR] = -1  # a task paused between two steps continues: no switch
         else:
             # the scheduler: pop the head, resume it at max(now, due) on a CPU
+            if E[E_HN] == 0:
+                E[E_ERROR] = ERR_DEADLOCK  # engine.Deadlock: live tasks, none scheduled
+                E[E_ERROR_TASK] = -1
+                return E[E_LIVE]
             row = _pop(E, HP)
             when = HP[row, 2]
             t = HP[row, 3]
@@ -1198,7 +1204,7 @@ def unsupported(vm, kernels) -> str | None:
     if mm.mmap_lock is None:
         return "no mmap lock"
     uffds = _uffds(vm)
-    if (len(handlers) % len(uffds) if uffds else handlers) \
+    if ((not handlers or len(handlers) % len(uffds)) if uffds else handlers) \
             or any(t.started for t in engine.tasks) \
             or len(engine.tasks) != len(handlers) or len(engine._queue) != len(handlers):
         return "userfaultfd readers other than Machine.spawn_uffd_handlers's, or other tasks"
@@ -1524,7 +1530,8 @@ def run_compiled(vm, kernels, stream: StreamSpec, chunks: int, progress=None,
     if Ea[E_ERROR]:
         from mmu_core.errors import BackendError
 
-        raise BackendError(f"compiled loop, vcpu{int(Ea[E_ERROR_TASK])}: "
+        who = f", vcpu{int(Ea[E_ERROR_TASK])}" if Ea[E_ERROR_TASK] >= 0 else ""
+        raise BackendError(f"compiled loop{who}: "
                            f"{ERROR_TEXT.get(int(Ea[E_ERROR]), 'error')}")
     for i, v in enumerate(vcpus):
         v.tlb[:] = tlbs[i]
