@@ -1,6 +1,6 @@
 """Faults per wall second and host bytes per guest page, exact engine against the compiled loop
 (docs/fastloop.md), on demand paging under tdp and legacy, without userfaultfd or (--uffd)
-with one uffd and handler per vCPU.
+with one uffd and handler per vCPU, or (--uffd-shared) one uffd shared by a reader per vCPU.
 
 Each run is a fresh process (so peak RSS is its own); bytes per guest page is the slope of
 peak RSS between each run and the smallest run of the same engine. The compiled loop's first
@@ -19,7 +19,7 @@ import time
 
 
 def _one(vcpus: int, size: str, engine: str, config: str, queue, uffd: bool = False,
-         host_cpus: int | None = 448) -> None:
+         host_cpus: int | None = 448, uffd_shared: bool = False) -> None:
     import resource
 
     from cli import parse_size
@@ -32,7 +32,7 @@ def _one(vcpus: int, size: str, engine: str, config: str, queue, uffd: bool = Fa
                                           engine=engine, host_cpus=host_cpus),
                       configuration(config))
     opts = DemandPagingOptions(vcpus=vcpus, bytes_per_vcpu=parse_size(size), uffd=uffd,
-                               engine=engine, host_cpus=host_cpus)
+                               engine=engine, host_cpus=host_cpus, uffd_shared=uffd_shared)
     t0 = time.perf_counter()
     r = run_demand_paging(opts, configuration(config))
     wall = time.perf_counter() - t0
@@ -42,10 +42,11 @@ def _one(vcpus: int, size: str, engine: str, config: str, queue, uffd: bool = Fa
 
 
 def run(vcpus: int, size: str, engine: str, config: str = "tdp", uffd: bool = False,
-        host_cpus: int | None = 448) -> dict:
+        host_cpus: int | None = 448, uffd_shared: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_one, args=(vcpus, size, engine, config, queue, uffd, host_cpus))
+    p = ctx.Process(target=_one, args=(vcpus, size, engine, config, queue, uffd, host_cpus,
+                                       uffd_shared))
     p.start()
     out = queue.get()
     p.join()
@@ -62,10 +63,12 @@ def main() -> None:
     ap.add_argument("--baseline", default="8x4M", help="the small run bytes/page is taken from")
     ap.add_argument("--uffd", action="store_true", help="serve the faults with userfaultfd "
                     "(one uffd and handler per vCPU)")
-    ap.add_argument("--host-cpus", type=int, default=448, help="0: unlimited (the compiled "
-                    "loop needs at least as many CPUs as tasks: 2 per vCPU with --uffd)")
+    ap.add_argument("--uffd-shared", action="store_true", help="one uffd for all vCPUs and a "
+                    "reader per vCPU (the selftest's -a)")
+    ap.add_argument("--host-cpus", type=int, default=448, help="0: unlimited")
     args = ap.parse_args()
-    extra = {"uffd": args.uffd, "host_cpus": args.host_cpus or None}
+    extra = {"uffd": args.uffd or args.uffd_shared, "host_cpus": args.host_cpus or None,
+             "uffd_shared": args.uffd_shared}
     print(f"{'run':>10} {'config':>7} {'engine':>9} {'faults':>11} {'wall s':>8} "
           f"{'faults/s':>11} {'peak RSS':>9} {'B/page':>7} {'virtual ms':>11}  digest",
           flush=True)

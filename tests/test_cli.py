@@ -105,7 +105,8 @@ def test_run_takes_the_engine():
     assert p.returncode == 0, p.stderr
     wall = json.loads(p.stdout)["wall"]
     assert wall["engine"] == "compiled" and wall["engine_note"] is None
-    p = mmu("run", "demand-paging", "-v", "2", "-b", "64K", "-a", "--engine", "compiled")
+    p = mmu("run", "demand-paging", "-v", "2", "-b", "64K", "--policy", "pct", "--engine",
+            "compiled")
     assert p.returncode == 2 and "compiled loop cannot run this" in p.stderr
     assert "Traceback" not in p.stderr
     p = mmu("run", "demand-paging", "--engine", "fast")

@@ -8,6 +8,7 @@ transfers, the fault outcomes and the backend's statistics and memory.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mmu_core.errors import InvalidConfig
@@ -108,6 +109,46 @@ def test_finite_host_cpus_at_least_the_tasks_agree(config):
     _same(exact, compiled)
 
 
+# Fewer host CPUs than tasks: the run queue, context switches, and (with a short slice)
+# preemption at a delay past the slice. With userfaultfd every fault sleeps (a new slice), so
+# only a slice shorter than a fault's path preempts there.
+@pytest.mark.parametrize(("vcpus", "pages", "uffd", "cpus", "slice_ns", "policy"), [
+    (4, 64, False, 1, 20_000, "fifo"), (4, 64, False, 3, 20_000, "fifo"),
+    (4, 64, True, 1, 3_000, "fifo"), (4, 64, True, 5, 3_000, "fifo"),
+    (8, 32, True, 5, 3_000_000, "fifo"), (4, 33, True, 3, 3_000, "random"),
+    (4, 33, False, 2, 20_000, "random"),
+])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fewer_host_cpus_than_tasks_agree(config, vcpus, pages, uffd, cpus, slice_ns, policy):
+    from mmu_core.sim.cost import CostModel
+
+    reports = [run_demand_paging(DemandPagingOptions(vcpus=vcpus, bytes_per_vcpu=pages * 4096,
+                                                     uffd=uffd, host_cpus=cpus, engine=engine,
+                                                     policy=policy, seed=5),
+                                 configuration(config), CostModel(sched_slice=slice_ns))
+               for engine in ("exact", "compiled")]
+    _same(*reports)
+    assert reports[1].host.runqueue_ns > 0
+
+
+# -a: one userfaultfd for all vCPUs and a reader per vCPU: the message queue, the thundering
+# herd of readers woken from poll() (empty reads), wake_userfault visiting every waiter, the
+# wait-queue lock's line; with a handler delay, several faults pending at once
+@pytest.mark.parametrize(("vcpus", "pages", "delay_ns", "cpus", "policy"), [
+    (1, 8, 0, None, "fifo"), (2, 16, 0, None, "fifo"), (4, 33, 0, 448, "fifo"),
+    (8, 32, 2_500, 448, "fifo"), (8, 16, 0, 6, "fifo"), (4, 16, 0, 2, "fifo"),
+    (4, 33, 1_000, None, "random"),
+])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_one_shared_userfaultfd_agrees(config, vcpus, pages, delay_ns, cpus, policy):
+    exact, compiled = _both(config, vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=True,
+                            uffd_shared=True, uffd_delay_ns=delay_ns, host_cpus=cpus,
+                            policy=policy, seed=3)
+    _same(exact, compiled)
+    if vcpus > 2:
+        assert compiled.host.uffd_empty_reads > 0
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_a_cost_model_other_than_the_default_agrees(config):
     from mmu_core.sim.cost import CostModel
@@ -179,16 +220,11 @@ def test_legacy_structures_agree_and_pass_the_audit(monkeypatch, vcpus, pages, u
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
-    ("tdp", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
-    ("tdp", {"uffd": True, "vcpus": 4, "host_cpus": 7}, "fewer host CPUs than tasks"),
     ("tdp", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("tdp", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
-    ("tdp", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
     ("shadow", {"uffd": False}, "no compiled kernels"),
-    ("legacy", {"uffd": True, "uffd_shared": True}, "shared by several handlers"),
     ("legacy", {"uffd": False, "policy": "pct"}, "policy pct"),
     ("legacy", {"uffd": False, "backing": "thp", "bytes_per_vcpu": 2 << 20}, "THP"),
-    ("legacy", {"uffd": False, "vcpus": 4, "host_cpus": 2}, "fewer host CPUs than tasks"),
     ("legacy-no-ad", {"uffd": False}, "ept_ad=0"),
 ])
 def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):
@@ -250,3 +286,47 @@ def test_auto_takes_the_compiled_loop_when_it_can(config):
 def test_bad_engine_name_is_one_clear_error():
     with pytest.raises(ValueError, match="engine"):
         DemandPagingOptions(engine="fast")
+
+
+def test_streamed_results_put_the_unexpected_ones_in_their_places():
+    # The loop keeps only results unlike the expected ones (vCPU, op, the 3 words); the
+    # sequence the report and the digest read rebuilds each vCPU's array from both
+    import numpy as np
+
+    from mmu_core.sim import fastloop as F
+
+    def expected(i):
+        return np.full((4, 3), i, dtype=np.int64)
+
+    kept = np.array([[1, 2, 7, 8, 9], [0, 0, 5, 0, 0]], dtype=np.int64)
+    res = F.StreamedResults(expected, kept, 2)
+    assert len(res) == 2
+    assert res[0].tolist() == [[5, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert res[1].tolist() == [[1, 1, 1], [1, 1, 1], [7, 8, 9], [1, 1, 1]]
+    with pytest.raises(IndexError):
+        res[2]
+
+
+def test_programs_are_made_per_vcpu_and_expect_the_patterns():
+    from mmu_core.guest.machine import DATA_GPA, page_patterns
+    from mmu_core.hw import cpu as C
+    from mmu_core.workloads.demand_paging import Programs
+
+    progs = Programs(DemandPagingOptions(vcpus=3, bytes_per_vcpu=4 * 4096, uffd=False))
+    assert len(progs) == 3 and progs[2].shape == (8, 3)
+    assert progs[1][0].tolist() == [C.OP_WRITE, DATA_GPA + 4 * 4096,
+                                    int(page_patterns(np.array([(DATA_GPA >> 12) + 4]))[0])]
+    exp = progs.expected_results(1)
+    assert (exp[:4] == 0).all() and (exp[4:, 0] == progs[1][:4, 2]).all()
+
+
+def test_a_small_allocation_log_flushed_between_slices_agrees(monkeypatch):
+    # The loop pauses when its allocation log is nearly full and Python replays it into
+    # HostMemory.order: with 128 rows that happens every few dozen allocations
+    from mmu_core.sim import fastloop as F
+
+    monkeypatch.setattr(F, "LOG_ROWS", 128)
+    exact, compiled = _both("tdp", vcpus=4, bytes_per_vcpu=64 * 4096, uffd=False)
+    _same(exact, compiled)
+    exact, compiled = _both("tdp", vcpus=2, bytes_per_vcpu=64 * 4096, uffd=True)
+    _same(exact, compiled)

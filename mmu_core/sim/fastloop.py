@@ -16,6 +16,8 @@ What it supports is decided by `unsupported()`: anything else runs on the exact 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -69,12 +71,14 @@ M_PEAK = 12  # frames_peak[purpose]
 M_SIZE = 16
 LOG_ALLOC = 1
 LOG_FREE = 2
+LOG_ROWS = 1 << 16  # the allocation log's rows; the loop pauses for a flush near the end
+LOG_MARGIN = 64  # more than one step's allocations and frees
 
 # --- phases ------------------------------------------------------------------------------------
 PH_OTHER, PH_GUEST, PH_WALK, PH_EXIT, PH_GUP, PH_USERFAULT, PH_UFFD_WAIT, PH_UFFD_COPY, \
-    PH_UFFD_DELAY = range(9)
+    PH_UFFD_DELAY, PH_RUNQUEUE = range(10)
 PHASE_NAMES = ("other", "guest", "walk", "exit", "gup", "userfault", "uffd_wait", "uffd_copy",
-               "uffd_delay")
+               "uffd_delay", "runqueue")
 NPH = len(PHASE_NAMES)
 PSTACK = 8
 
@@ -83,7 +87,8 @@ PSTACK = 8
  T_LOCK_HELD, T_SWITCHES, T_ACQ, T_CONT, T_ATOMICS, T_CMPXFAIL, T_START, T_ENDT, T_FINISHED,
  T_STARTED, T_CPU_SINCE, T_OP, T_HVAI, T_LOCKW, T_STUCK_PC, T_STUCK, T_EXITS, T_RET,
  T_LOCKID, T_RESUME, T_NOPRE, T_ONCPU, T_CPU_NS, T_KIND, T_UFFD, T_WOKEN, T_MSG, T_BLOCKED,
- T_OUT) = range(39)
+ T_SLICE, T_PSTATE, T_PNS, T_PPH, T_PNEXT, T_INPOLL, T_WNEXT, T_COMP, T_CDONE, T_CWH, T_CWT,
+ T_WL, T_WBASE, T_OUT) = range(52)
 NOUT = 5  # fault outcomes counted per Ret value
 T_FIRST = T_OUT + NOUT  # the step at which each outcome was first counted (dict order)
 T_SIZE = T_FIRST + NOUT
@@ -91,6 +96,10 @@ T_SIZE = T_FIRST + NOUT
 # --- engine fields ------------------------------------------------------------------------
 (E_NOW, E_SEQ, E_STEPS, E_HN, E_LIVE, E_RCU_SEQ, E_SEM_READERS, E_ERROR,
  E_ERROR_TASK) = range(9)
+# host CPUs (engine._free_cpus, the run queue's head and length in RQ, sched_slice,
+# context_switch)
+E_FREE, E_RQH, E_RQN, E_SLICE, E_CSW = range(9, 14)
+E_NMIS = 14  # rows of MIS in use
 E_MODE = 24  # 0 fifo, 1 random
 E_DRAWN = 25  # random: draws of the schedule's stream consumed so far (J's ring index)
 E_RLIM = 26  # random: draws available in J (absolute count)
@@ -107,10 +116,14 @@ LK_UFFD = 2  # + uffd index
  LK_ACC) = range(10)
 LK_SIZE = 10
 
-# --- userfaultfds (U rows, one handler each) -------------------------------------------------
-(U_START, U_END, U_MSGN, U_MSG, U_MSGW, U_POLLER, U_PEND, U_DONE, U_WAITER, U_WAITING,
- U_FAULTS, U_COPIES, U_EMPTY) = range(13)
-U_SIZE = 13
+# --- userfaultfds (U rows; one handler each, or a reader per vCPU with -a) --------------------
+# Messages wait in a ring per uffd (MQ rows: hva index, write); the readers asleep in poll()
+# are a list threaded through T_PNEXT (U_PHEAD .. U_PTAIL); a fault's Completion belongs to
+# the vCPU that reported the page (T_CPAGE, T_CDONE, its waiters threaded through T_WNEXT),
+# found from the page by an open-addressing table (HK keys, HV owners): uffd._pending.
+(U_START, U_END, U_MQH, U_MQN, U_PHEAD, U_PTAIL, U_NPOLL, U_WAITING, U_FAULTS, U_COPIES,
+ U_EMPTY) = range(11)
+U_SIZE = 11
 
 # --- cost fields -------------------------------------------------------------------------------
 (C_GUEST, C_WALK, C_EXIT, C_ENTRY, C_HANDOFF, C_RACQ, C_WACQ, C_REL, C_ATOMIC_READ, C_CMPXCHG,
@@ -125,6 +138,8 @@ ERR_WRITE_PROTECTED = 3  # a write to a page the host maps read-only
 ERR_KERNEL = 4  # the kernel returned R_ERROR
 ERR_STUCK = 5  # MAX_FAULTS_PER_OP faults on one op
 ERR_SEM = 6  # the mmap lock was not free for read (a writer: not in this workload)
+ERR_MISMATCHES = 7  # more results unlike the expected ones than MIS can keep
+ERR_DEADLOCK = 8  # live tasks and nothing scheduled
 ERROR_TEXT = {
     ERR_EXIT_KIND: "the CPU loop exited for something other than an EPT violation",
     ERR_NO_SLOT: "a fault outside every memslot (MMIO)",
@@ -132,6 +147,9 @@ ERROR_TEXT = {
     ERR_KERNEL: "the backend's kernel reached a state it does not model",
     ERR_STUCK: "no progress: one op faulted more than MAX_FAULTS_PER_OP times",
     ERR_SEM: "the mmap lock was not free for read",
+    ERR_DEADLOCK: "deadlock: every live task is blocked",
+    ERR_MISMATCHES: "too many guest accesses gave unexpected results to stream them "
+                    "(run it with --engine exact)",
 }
 
 # --- vCPU states -----------------------------------------------------------------------------
@@ -139,13 +157,16 @@ ERROR_TEXT = {
  V_KERNEL, V_KRESUME, V_ENTRY, V_ENTRY2, V_DONE) = range(13)
 # kernel-request continuations (the state to go to once the switch point is passed)
 (V_LOCK2, V_LOCK3, V_UNLOCK2, V_RCU2) = range(20, 24)
+# a delay that found the task past its slice with others waiting for a CPU: it leaves its
+# CPU (V_PREEMPT) and, given one back, makes the delay it was asked for (V_PREEMPTED)
+(V_PREEMPT, V_PREEMPTED) = range(24, 26)
 # userfaults: the vCPU's wait_for, and the handler's read and copy
-(V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE) = range(30, 37)
+(V_UF_REL, V_UF_W0, V_UF_W1, V_UF_W2, V_UF_W3, V_UF_WAIT, V_UF_WOKE, V_UF_W2B) = range(30, 38)
 (H_READ, H_LOOP, H_HELD, H_POLL, H_POLLED, H_GOT, H_COPY, H_COPY2, H_COPY3, H_COPY4, H_COPY5,
  H_COPY6, H_COPY7) = range(40, 53)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _account(E, T, PS, PH, t):
     now = E[E_NOW]
     dt = now - T[t, T_MARK]
@@ -159,12 +180,12 @@ def _account(E, T, PS, PH, t):
             PH[t, PS[t, T[t, T_DEPTH]]] += dt
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _less(HP, a, b):
     return HP[a, 0] < HP[b, 0] or (HP[a, 0] == HP[b, 0] and HP[a, 1] < HP[b, 1])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _swap(HP, a, b):
     for k in range(4):
         x = HP[a, k]
@@ -172,7 +193,7 @@ def _swap(HP, a, b):
         HP[b, k] = x
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _push(E, HP, key, due, t):
     E[E_SEQ] += 1
     i = E[E_HN]
@@ -190,7 +211,7 @@ def _push(E, HP, key, due, t):
             break
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pop(E, HP):
     """Remove the head (heapq order); returns its row index 0's task after moving it."""
     n = E[E_HN] - 1
@@ -212,7 +233,7 @@ def _pop(E, HP):
     return n  # the popped row now sits at index n
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _jitter(E, J):
     """random: the next draw of the schedule's stream, as int(random() * (jitter_ns + 1))
     (drawn in Python from the engine's own stream, in order)."""
@@ -223,10 +244,32 @@ def _jitter(E, J):
     return J[k % J.shape[0]]
 
 
-@njit(cache=True)
-def _delay(E, HP, J, t, ns):
+@njit(cache=True, _nrt=False)
+def _preempt_due(E, T, t, ns, phase):
+    """engine.delay's first check: a task past its slice (outside spinlocks) with others
+    waiting for a CPU leaves it before the delay. Then the delay (ns, phase: -1 for none) is
+    kept for when it runs again (V_PREEMPT, V_PREEMPTED) and True returned."""
+    if E[E_RQN] and E[E_NOW] - T[t, T_SLICE] >= E[E_SLICE] and not T[t, T_NOPRE]:
+        T[t, T_PSTATE] = T[t, T_STATE]
+        T[t, T_PNS] = ns
+        T[t, T_PPH] = phase
+        T[t, T_STATE] = V_PREEMPT
+        return True
+    return False
+
+
+@njit(cache=True, _nrt=False)
+def _delay(E, HP, J, T, t, ns):
     """engine.delay(ns) under fifo or random: True if the caller keeps running (the fast
-    path: its key is below the head's)."""
+    path: its key is below the head's, or it is to leave its CPU first: V_PREEMPT)."""
+    if _preempt_due(E, T, t, ns, -1):
+        return True
+    return _delay_now(E, HP, J, t, ns)
+
+
+@njit(cache=True, _nrt=False)
+def _delay_now(E, HP, J, t, ns):
+    """engine.delay(ns) past its preemption check."""
     E[E_STEPS] += 1
     target = E[E_NOW] + ns
     key = target + _jitter(E, J)
@@ -237,23 +280,31 @@ def _delay(E, HP, J, t, ns):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _schedule(E, HP, J, when, t):
     """engine._schedule: runnable at `when` (spawn, wake, a lock's hand-over)."""
     _push(E, HP, when + _jitter(E, J), when, t)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _delay_phase(E, HP, J, T, PS, PH, t, ns, phase):
+    """engine.delay(ns, phase)."""
+    if _preempt_due(E, T, t, ns, phase):
+        return True
+    return _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase)
+
+
+@njit(cache=True, _nrt=False)
+def _delay_phase_now(E, HP, J, T, PS, PH, t, ns, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
     T[t, T_DEPTH] = d
     PS[t, d] = phase
     T[t, T_POP] = 1  # popped when the task resumes (at the due time)
-    return _delay(E, HP, J, t, ns)
+    return _delay_now(E, HP, J, t, ns)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _push_phase(E, T, PS, PH, t, phase):
     _account(E, T, PS, PH, t)
     d = T[t, T_DEPTH] + 1
@@ -261,13 +312,13 @@ def _push_phase(E, T, PS, PH, t, phase):
     PS[t, d] = phase
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pop_phase(E, T, PS, PH, t):
     _account(E, T, PS, PH, t)
     T[t, T_DEPTH] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _reserve(E, LK, lk, t, cost):
     """CacheLine.reserve of lock lk's line for task t; returns the wait until the line is in
     t's cache."""
@@ -284,7 +335,7 @@ def _reserve(E, LK, lk, t, cost):
     return LK[lk, LK_FREE] - now
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _grant(LK, T, lk, t, write):
     """_QueuedLock._grant of lock lk to task t (still waiting: no accounting change)."""
     if write:
@@ -297,7 +348,7 @@ def _grant(LK, T, lk, t, write):
         T[t, T_ACQ] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
     """_QueuedLock._acquire up to its switch point; V_LOCK2/V_LOCK3 go on, then `resume`."""
     T[t, T_LOCKID] = lk
@@ -312,10 +363,10 @@ def _lock(E, HP, J, LK, T, PS, PH, cost, t, lk, write, resume):
     else:
         op = cost[C_SPIN_ACQ]
     T[t, T_STATE] = V_LOCK2
-    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+    return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
     """_QueuedLock._release up to its switch point; V_UNLOCK2 goes on, then `resume`."""
     T[t, T_LOCKID] = lk
@@ -323,29 +374,52 @@ def _unlock(E, HP, J, LK, T, cost, t, lk, write, resume):
     T[t, T_RESUME] = resume
     op = cost[C_REL] if lk == LK_MMU else cost[C_SPIN_REL]
     T[t, T_STATE] = V_UNLOCK2
-    return _delay(E, HP, J, t, _reserve(E, LK, lk, t, cost) + op)
+    return _delay(E, HP, J, T, t, _reserve(E, LK, lk, t, cost) + op)
 
 
-@njit(cache=True)
-def _put_cpu(E, T, t):
+@njit(cache=True, _nrt=False)
+def _put_cpu(E, HP, J, T, PS, PH, RQ, t):
+    """engine._put_cpu: t leaves its CPU; the run queue's head gets it after a context
+    switch (its "runqueue" phase ends now), else the CPU is free."""
     if T[t, T_ONCPU]:
-        T[t, T_CPU_NS] += E[E_NOW] - T[t, T_CPU_SINCE]
+        now = E[E_NOW]
+        T[t, T_CPU_NS] += now - T[t, T_CPU_SINCE]
         T[t, T_ONCPU] = 0
+        if E[E_RQN]:
+            h = E[E_RQH]
+            nxt = RQ[h]
+            E[E_RQH] = (h + 1) % RQ.shape[0]
+            E[E_RQN] -= 1
+            _pop_phase(E, T, PS, PH, nxt)
+            T[nxt, T_ONCPU] = 1
+            T[nxt, T_CPU_SINCE] = now
+            T[nxt, T_SLICE] = now
+            _schedule(E, HP, J, now + E[E_CSW], nxt)
+        else:
+            E[E_FREE] += 1
 
 
-@njit(cache=True)
-def _block(E, T, PS, PH, t, phase):
+@njit(cache=True, _nrt=False)
+def _to_runqueue(E, T, PS, PH, RQ, t):
+    """t waits for a CPU at the back of the run queue, in phase "runqueue"."""
+    _push_phase(E, T, PS, PH, t, PH_RUNQUEUE)
+    RQ[(E[E_RQH] + E[E_RQN]) % RQ.shape[0]] = t
+    E[E_RQN] += 1
+
+
+@njit(cache=True, _nrt=False)
+def _block(E, HP, J, T, PS, PH, RQ, t, phase):
     """engine.block(phase): parked until woken, its CPU given up (no spinlock held)."""
     _push_phase(E, T, PS, PH, t, phase)
     T[t, T_POP] = 1
     T[t, T_BLOCKED] = 1
     E[E_STEPS] += 1
     if not T[t, T_NOPRE]:
-        _put_cpu(E, T, t)
+        _put_cpu(E, HP, J, T, PS, PH, RQ, t)
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _wake(E, HP, J, T, t):
     """engine.wake(t): runnable now if it is parked by block()."""
     if T[t, T_BLOCKED] and not T[t, T_WAITING] and not T[t, T_FINISHED]:
@@ -353,16 +427,63 @@ def _wake(E, HP, J, T, t):
         _schedule(E, HP, J, E[E_NOW], t)
 
 
-@njit(cache=True)
-def _wake_from(E, HP, J, T, U, u, field):
-    """Wake the task uffd u keeps in `field` (its poller, or its fault's waiter), if any."""
-    w = U[u, field]
-    if w >= 0:
-        U[u, field] = -1
+@njit(cache=True, _nrt=False)
+def _wake_list(E, HP, J, T, head, link):
+    """engine.wake of each task of a list threaded through T[:, link], in order."""
+    w = head
+    while w >= 0:
+        nxt = T[w, link]
+        T[w, link] = -1
         _wake(E, HP, J, T, w)
+        w = nxt
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
+def _hhome(key, m):
+    """The home slot of `key`: Fibonacci hashing with the product's high half folded in, since
+    the keys (hva page indexes) of vCPUs faulting in step differ only in their high bits."""
+    x = np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)
+    return np.int64((x ^ (x >> np.uint64(32))) & np.uint64(m))
+
+
+@njit(cache=True, _nrt=False)
+def _hslot(HK, key):
+    """The slot of `key` in the open-addressing table, or the empty slot where it would go."""
+    m = HK.shape[0] - 1
+    h = _hhome(key, m)
+    while HK[h] != -1 and HK[h] != key:
+        h = (h + 1) & m
+    return h
+
+
+@njit(cache=True, _nrt=False)
+def _hget(HK, HV, key):
+    h = _hslot(HK, key)
+    return HV[h] if HK[h] == key else -1
+
+
+@njit(cache=True, _nrt=False)
+def _hdel(HK, HV, key):
+    """Remove `key` (linear probing's backward-shift deletion: no tombstones)."""
+    m = HK.shape[0] - 1
+    h = _hslot(HK, key)
+    if HK[h] != key:
+        return
+    j = h
+    while True:
+        j = (j + 1) & m
+        if HK[j] == -1:
+            break
+        k = _hhome(HK[j], m)
+        if (h <= j and h < k <= j) or (h > j and (k > h or k <= j)):
+            continue  # its probe sequence does not pass through the hole
+        HK[h] = HK[j]
+        HV[h] = HV[j]
+        h = j
+    HK[h] = -1
+
+
+@njit(cache=True, _nrt=False)
 def _uffd_of(U, i):
     """The userfaultfd registered over hva index i, or -1 (a bisection: U rows are sorted)."""
     lo, hi = 0, U.shape[0]
@@ -378,8 +499,75 @@ def _uffd_of(U, i):
     return -1
 
 
+# --- streamed programs and results (StreamSpec) -----------------------------------------------
+G_PAGES, G_WRITES, G_BASE = 0, 1, 2  # gen: pages per vCPU, writes first, then each vCPU's gva
+WINDOW = 256  # program rows per vCPU made at a time
+(MIS_TASK, MIS_PC, MIS_ROW) = (0, 1, 2)  # MIS rows: vCPU, op, its 3 result words
+MIS_SIZE = MIS_ROW + 3
+PATTERN_MUL = 0x9E3779B97F4A7C15  # guest.machine.page_patterns
+PATTERN_MASK = 0x7FFFFFFFFFFFFFFF
+
+
+@njit(cache=True, _nrt=False)
+def _pattern(gfn):
+    """guest.machine.page_patterns of one gfn."""
+    g = np.uint64(gfn) + np.uint64(1)
+    return np.int64((g * np.uint64(PATTERN_MUL)) & np.uint64(PATTERN_MASK))
+
+
+@njit(cache=True, _nrt=False)
+def _op_at(gen, t, k):
+    """vCPU t's op k (demand_paging.Programs): (op, gva, value)."""
+    pages = gen[G_PAGES]
+    page = k
+    op = C.OP_READ
+    if gen[G_WRITES]:
+        if k < pages:
+            op = C.OP_WRITE
+        else:
+            page = k - pages
+    gva = gen[G_BASE + t] + (page << 12)
+    return op, gva, _pattern(gva >> 12) if op == C.OP_WRITE else 0
+
+
+@njit(cache=True, _nrt=False)
+def _fill_window(gen, t, base, WP, WR):
+    """vCPU t's program rows from op `base` on, and empty result rows."""
+    nops = gen[G_PAGES] * (2 if gen[G_WRITES] else 1)
+    for j in range(WP.shape[1]):
+        for c in range(3):
+            WR[t, j, c] = 0
+        k = base + j
+        if k < nops:
+            op, gva, value = _op_at(gen, t, k)
+            WP[t, j, 0] = op
+            WP[t, j, 1] = gva
+            WP[t, j, 2] = value
+
+
+@njit(cache=True, _nrt=False)
+def _fold_results(E, gen, t, base, lo, hi, WR, MIS):
+    """Ops [lo, hi) of vCPU t are done: each result the expected one (Programs.
+    expected_results: a read gives its page's pattern) is dropped, any other is kept in MIS;
+    False when MIS is full."""
+    for k in range(lo, hi):
+        op, gva, _v = _op_at(gen, t, k)
+        want = _pattern(gva >> 12) if op == C.OP_READ else 0
+        j = k - base
+        if WR[t, j, 0] != want or WR[t, j, 1] != 0 or WR[t, j, 2] != 0:
+            n = E[E_NMIS]
+            if n >= MIS.shape[0]:
+                return False
+            MIS[n, MIS_TASK] = t
+            MIS[n, MIS_PC] = k
+            for c in range(3):
+                MIS[n, MIS_ROW + c] = WR[t, j, c]
+            E[E_NMIS] = n + 1
+    return True
+
+
 # --- host memory (HostMemory.alloc / free / table for one frame) --------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
     """HostMemory.alloc(purpose, 1): the free stack first, else the bump pointer."""
     if mem[M_NFREE1]:
@@ -402,7 +590,7 @@ def mem_alloc(mem, free1, tag, mapcount, frame_state, log, purpose):
     return base
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_table(mem, free_slots, pt_slot, pfn):
     """HostMemory.table(pfn): give the frame a (zeroed) row of table entries."""
     if pt_slot[pfn] == NO_SLOT:
@@ -410,7 +598,7 @@ def mem_table(mem, free_slots, pt_slot, pfn):
         pt_slot[pfn] = free_slots[mem[M_NSLOTS]]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def mem_free(mem, free1, free_slots, pt, pt_slot, mapcount, frame_state, log, base):
     """HostMemory.free(base) of a one-frame allocation."""
     slot = pt_slot[base]
@@ -432,7 +620,7 @@ def mem_free(mem, free1, free_slots, pt, pt_slot, mapcount, frame_state, log, ba
     mem[M_LOGN] = n + 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _max_level(slots, gfn, host_level):
     """vm.max_mapping_level for a slot without dirty logging or write tracking."""
     level = min(host_level, 3)
@@ -453,8 +641,9 @@ def _max_level(slots, gfn, host_level):
 # Not cached: numba's cache cannot serve a function taking another jitted function (each
 # process compiles it once anyway), and with two backends' kernels its index holds dispatcher
 # types from other processes that fail to pickle again ("underlying object has vanished")
-@njit
-def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, results, regs, tlbs,
+@njit(_nrt=False)
+def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, gen, WP, WR, MIS,
+             regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
              mapcount, frame_state, log, max_steps):
@@ -468,19 +657,29 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
             E[E_CUR] = -1  # a task paused between two steps continues: no switch
         else:
             # the scheduler: pop the head, resume it at max(now, due) on a CPU
+            if E[E_HN] == 0:
+                E[E_ERROR] = ERR_DEADLOCK  # engine.Deadlock: live tasks, none scheduled
+                E[E_ERROR_TASK] = -1
+                return E[E_LIVE]
             row = _pop(E, HP)
             when = HP[row, 2]
             t = HP[row, 3]
             if when > E[E_NOW]:
                 E[E_NOW] = when
             if not T[t, T_ONCPU]:
+                if not E[E_FREE]:
+                    _to_runqueue(E, T, PS, PH, RQ, t)  # every CPU is busy
+                    continue
+                E[E_FREE] -= 1
                 T[t, T_ONCPU] = 1
                 T[t, T_CPU_SINCE] = E[E_NOW]
+                T[t, T_SLICE] = E[E_NOW]
             T[t, T_STARTED] = 1
             T[t, T_SWITCHES] += 1
         running = True
         while running:
-            if E[E_STEPS] >= stop or (E[E_MODE] and E[E_RLIM] - E[E_DRAWN] < J_MARGIN):
+            if E[E_STEPS] >= stop or (E[E_MODE] and E[E_RLIM] - E[E_DRAWN] < J_MARGIN) \
+                    or mem[M_LOGN] > log.shape[0] - LOG_MARGIN:
                 E[E_CUR] = t  # back to Python (progress, Ctrl-C, more draws) and on
                 return E[E_LIVE]
             if T[t, T_POP]:
@@ -497,7 +696,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         T[t, T_FINISHED] = 1
                         T[t, T_ENDT] = E[E_NOW]
                         T[t, T_STATE] = V_DONE
-                        _put_cpu(E, T, t)
+                        _put_cpu(E, HP, J, T, PS, PH, RQ, t)
                         E[E_LIVE] -= 1
                         running = False
                         continue
@@ -511,10 +710,30 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                     continue
                 before_ops = hwstats[t, C.ST_OPS]
                 before_reads = hwstats[t, C.ST_WALK_READS]
-                T[t, T_PC] = C.run_ops(
-                    progs[t], pc, T[t, T_END], results[t], pt, pt_slot, tag, regs[t], True,
-                    ept_ad, ks[t, KS_ROOT], root_levels, tlbs[t], W.NO_PML, xinfos[t],
-                    hwstats[t], cost[C_BUDGET])
+                # One Vcpu.run_ops call of `budget` ops, over the streamed program's window
+                # (refilled where it ends: the calls' sum is the one call)
+                end = T[t, T_END]
+                budget = cost[C_BUDGET]
+                while True:
+                    base = T[t, T_WBASE]
+                    if pc < base or pc >= base + WP.shape[1]:
+                        base = pc
+                        _fill_window(gen, t, base, WP, WR)
+                        T[t, T_WBASE] = base
+                    wend = min(end, base + WP.shape[1])
+                    npc = base + C.run_ops(
+                        WP[t], pc - base, wend - base, WR[t], pt, pt_slot, tag, regs[t], True,
+                        ept_ad, ks[t, KS_ROOT], root_levels, tlbs[t], W.NO_PML, xinfos[t],
+                        hwstats[t], budget)
+                    if not _fold_results(E, gen, t, base, pc, npc, WR, MIS):
+                        E[E_ERROR] = ERR_MISMATCHES
+                        E[E_ERROR_TASK] = t
+                        return E[E_LIVE]
+                    budget -= npc - pc
+                    pc = npc
+                    if xinfos[t, C.XI_KIND] != C.X_NONE or pc >= end or budget <= 0:
+                        break
+                T[t, T_PC] = pc
                 T[t, T_RET] = hwstats[t, C.ST_WALK_READS] - before_reads  # reads, for later
                 T[t, T_STATE] = V_AFTER_GUEST
                 running = _delay_phase(E, HP, J, T, PS, PH, t,
@@ -565,7 +784,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # after the exit: enter "gup" and charge GUP-fast
                 _push_phase(E, T, PS, PH, t, PH_GUP)
                 T[t, T_STATE] = V_GUP2
-                running = _delay(E, HP, J, t, cost[C_GUP])
+                running = _delay(E, HP, J, T, t, cost[C_GUP])
             elif st == V_GUP2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] >= 0 and (not ks[t, KS_WRITE] or hva_writable[i]):
@@ -574,7 +793,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # the slow path under the mmap lock held for read
                 T[t, T_LOCKW] = 0
                 T[t, T_STATE] = V_FAULTIN
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
             elif st == V_FAULTIN:
                 if T[t, T_LOCKW] == 0:
                     # just acquired: RWSem._free_for(read) (no writer in this workload)
@@ -587,17 +806,17 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         E[E_ERROR_TASK] = t
                         return E[E_LIVE]
                     T[t, T_STATE] = V_GUP3
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
                 elif U.shape[0] and _uffd_of(U, i) >= 0:
                     # missing in a userfault region: handle_userfault drops the mmap lock
                     T[t, T_UFFD] = _uffd_of(U, i)
                     T[t, T_STATE] = V_UF_REL
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
                 else:
                     T[t, T_STATE] = V_FAULTIN2
-                    running = _delay(E, HP, J, t, cost[C_ALLOC])
+                    running = _delay(E, HP, J, T, t, cost[C_ALLOC])
             elif st == V_FAULTIN2:
                 i = T[t, T_HVAI]
                 if hva_pfn[i] < 0:  # HostMM.populate of one 4 KiB page
@@ -618,41 +837,70 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                     # the page is there: get_user_pages retakes the mmap lock and looks again
                     T[t, T_LOCKW] = 0
                     T[t, T_STATE] = V_FAULTIN
-                    running = _delay(E, HP, J, t,
+                    running = _delay(E, HP, J, T, t,
                                      _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
-                elif U[u, U_PEND] != i:
-                    U[u, U_PEND] = i
-                    U[u, U_DONE] = 0
-                    U[u, U_FAULTS] += 1
-                    T[t, T_STATE] = V_UF_W1
-                    running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_NOTIFY],
-                                           PH_USERFAULT)
                 else:
-                    T[t, T_STATE] = V_UF_WAIT
+                    o = _hget(HK, HV, i)
+                    if o < 0:  # a new Completion for the page, this vCPU's
+                        h = _hslot(HK, i)
+                        HK[h] = i
+                        HV[h] = t
+                        T[t, T_CDONE] = 0
+                        T[t, T_CWH] = -1
+                        T[t, T_COMP] = t
+                        U[u, U_FAULTS] += 1
+                        T[t, T_STATE] = V_UF_W1
+                        running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_NOTIFY],
+                                               PH_USERFAULT)
+                    else:
+                        T[t, T_COMP] = o
+                        T[t, T_STATE] = V_UF_WAIT
             elif st == V_UF_W1:
                 _push_phase(E, T, PS, PH, t, PH_USERFAULT)
                 running = _lock(E, HP, J, LK, T, PS, PH, cost, t, LK_UFFD + T[t, T_UFFD], 1,
                                 V_UF_W2)
             elif st == V_UF_W2:
                 u = T[t, T_UFFD]
-                U[u, U_MSGN] += 1
-                U[u, U_MSG] = T[t, T_HVAI]
-                U[u, U_MSGW] = ks[t, KS_WRITE]
-                _wake_from(E, HP, J, T, U, u, U_POLLER)  # _wake_pollers: one reader per uffd
-                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, V_UF_W3)
+                q = (U[u, U_MQH] + U[u, U_MQN]) % MQ.shape[1]
+                MQ[u, q, 0] = T[t, T_HVAI]
+                MQ[u, q, 1] = ks[t, KS_WRITE]
+                U[u, U_MQN] += 1
+                # _wake_pollers: the list is taken whole (off poll() at once), its readers
+                # visited, then woken in order
+                n = U[u, U_NPOLL]
+                T[t, T_WL] = U[u, U_PHEAD]
+                w = U[u, U_PHEAD]
+                while w >= 0:
+                    T[w, T_INPOLL] = 0
+                    w = T[w, T_PNEXT]
+                U[u, U_PHEAD] = U[u, U_PTAIL] = -1
+                U[u, U_NPOLL] = 0
+                T[t, T_STATE] = V_UF_W2B
+                if n > 1:
+                    running = _delay(E, HP, J, T, t, (n - 1) * 2 * cost[C_HANDOFF])
+            elif st == V_UF_W2B:
+                _wake_list(E, HP, J, T, T[t, T_WL], T_PNEXT)
+                running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + T[t, T_UFFD], 1,
+                                  V_UF_W3)
             elif st == V_UF_W3:
                 _pop_phase(E, T, PS, PH, t)
                 T[t, T_STATE] = V_UF_WAIT
             elif st == V_UF_WAIT:
                 u = T[t, T_UFFD]
                 U[u, U_WAITING] += 1
-                if U[u, U_DONE]:
+                o = T[t, T_COMP]
+                if T[o, T_CDONE]:  # Completion.wait on a completed one: no sleep
                     U[u, U_WAITING] -= 1
                     T[t, T_STATE] = V_UF_W0
                 else:
-                    U[u, U_WAITER] = t
+                    T[t, T_WNEXT] = -1
+                    if T[o, T_CWH] < 0:
+                        T[o, T_CWH] = t
+                    else:
+                        T[T[o, T_CWT], T_WNEXT] = t
+                    T[o, T_CWT] = t
                     T[t, T_STATE] = V_UF_WOKE
-                    running = _block(E, T, PS, PH, t, PH_USERFAULT)
+                    running = _block(E, HP, J, T, PS, PH, RQ, t, PH_USERFAULT)
             elif st == V_UF_WOKE:
                 U[T[t, T_UFFD], U_WAITING] -= 1
                 T[t, T_STATE] = V_UF_W0
@@ -675,13 +923,13 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                                   hva_writable)
                 T[t, T_STATE] = V_KERNEL
                 if req == R_DELAY:
-                    running = _delay(E, HP, J, t, arg)
+                    running = _delay(E, HP, J, T, t, arg)
                 elif req == R_READ:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, J, t, cost[C_ATOMIC_READ])
+                    running = _delay(E, HP, J, T, t, cost[C_ATOMIC_READ])
                 elif req == R_CMPXCHG:
                     T[t, T_ATOMICS] += 1
-                    running = _delay(E, HP, J, t, cost[C_CMPXCHG])
+                    running = _delay(E, HP, J, T, t, cost[C_CMPXCHG])
                 elif req == R_CMPXCHG_FAILED:
                     T[t, T_CMPXFAIL] += 1
                 elif req == R_RLOCK or req == R_WLOCK:
@@ -692,9 +940,9 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                                       1 if req == R_WUNLOCK else 0, V_KERNEL)
                 elif req == R_RCU_LOCK:
                     T[t, T_STATE] = V_RCU2
-                    running = _delay(E, HP, J, t, cost[C_RCU_LOCK])
+                    running = _delay(E, HP, J, T, t, cost[C_RCU_LOCK])
                 elif req == R_RCU_UNLOCK:
-                    running = _delay(E, HP, J, t, cost[C_RCU_UNLOCK])
+                    running = _delay(E, HP, J, T, t, cost[C_RCU_UNLOCK])
                 elif req == R_DONE:
                     if T[t, T_OP] == K_LOAD:
                         T[t, T_STATE] = V_LOOP
@@ -704,7 +952,7 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                         T[t, T_OUT + arg] += 1
                         T[t, T_STATE] = V_ENTRY
                         if arg == 2:  # Ret.RETRY: yield_now(), delay(0) under fifo
-                            running = _delay(E, HP, J, t, 0)
+                            running = _delay(E, HP, J, T, t, 0)
                 else:
                     E[E_ERROR] = ERR_KERNEL
                     E[E_ERROR_TASK] = t
@@ -755,6 +1003,20 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                     _grant(LK, T, lk, qt, qw)
                     _schedule(E, HP, J, E[E_NOW] + after, qt)
                 T[t, T_STATE] = T[t, T_RESUME]
+            elif st == V_PREEMPT:
+                # engine._preempt: the CPU to the run queue's head, this task to its back
+                _put_cpu(E, HP, J, T, PS, PH, RQ, t)
+                _to_runqueue(E, T, PS, PH, RQ, t)
+                T[t, T_STATE] = V_PREEMPTED
+                running = False
+            elif st == V_PREEMPTED:
+                # on a CPU again: the delay it was about to make, without a second check
+                T[t, T_STATE] = T[t, T_PSTATE]
+                if T[t, T_PPH] >= 0:
+                    running = _delay_phase_now(E, HP, J, T, PS, PH, t, T[t, T_PNS],
+                                               T[t, T_PPH])
+                else:
+                    running = _delay_now(E, HP, J, t, T[t, T_PNS])
             elif st == V_ENTRY:
                 T[t, T_STATE] = V_ENTRY2
                 running = _delay_phase(E, HP, J, T, PS, PH, t, cost[C_ENTRY], PH_EXIT)
@@ -769,19 +1031,27 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                                 H_HELD)
             elif st == H_HELD:
                 u = T[t, T_UFFD]
-                if U[u, U_MSGN]:
-                    U[u, U_MSGN] -= 1
-                    T[t, T_MSG] = U[u, U_MSG]
+                if U[u, U_MQN]:
+                    T[t, T_MSG] = MQ[u, U[u, U_MQH], 0]
+                    U[u, U_MQH] = (U[u, U_MQH] + 1) % MQ.shape[1]
+                    U[u, U_MQN] -= 1
                     running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_GOT)
                 else:
                     if T[t, T_WOKEN]:
                         U[u, U_EMPTY] += 1
-                    U[u, U_POLLER] = t
+                    T[t, T_PNEXT] = -1  # on fd_wqh, at the back
+                    T[t, T_INPOLL] = 1
+                    if U[u, U_PHEAD] < 0:
+                        U[u, U_PHEAD] = t
+                    else:
+                        T[U[u, U_PTAIL], T_PNEXT] = t
+                    U[u, U_PTAIL] = t
+                    U[u, U_NPOLL] += 1
                     running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_POLL)
             elif st == H_POLL:
-                if U[T[t, T_UFFD], U_POLLER] == t:
+                if T[t, T_INPOLL]:
                     T[t, T_STATE] = H_POLLED
-                    running = _block(E, T, PS, PH, t, PH_UFFD_WAIT)
+                    running = _block(E, HP, J, T, PS, PH, RQ, t, PH_UFFD_WAIT)
                 else:
                     T[t, T_WOKEN] = 1
                     T[t, T_STATE] = H_LOOP
@@ -797,14 +1067,14 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 # Userfaultfd.copy: UFFDIO_COPY under the mmap lock held for read
                 _push_phase(E, T, PS, PH, t, PH_UFFD_COPY)
                 T[t, T_STATE] = H_COPY2
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_RACQ])
             elif st == H_COPY2:
                 E[E_SEM_READERS] += 1
                 T[t, T_STATE] = H_COPY3
-                running = _delay(E, HP, J, t, cost[C_UCOPY])
+                running = _delay(E, HP, J, T, t, cost[C_UCOPY])
             elif st == H_COPY3:
                 T[t, T_STATE] = H_COPY4
-                running = _delay(E, HP, J, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
+                running = _delay(E, HP, J, T, t, _reserve(E, LK, LK_MMAP, t, cost) + cost[C_REL])
             elif st == H_COPY4:
                 E[E_SEM_READERS] -= 1
                 _pop_phase(E, T, PS, PH, t)
@@ -826,13 +1096,16 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
                 u = T[t, T_UFFD]
                 T[t, T_STATE] = H_COPY6
                 if U[u, U_WAITING] > 1:
-                    running = _delay(E, HP, J, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
+                    running = _delay(E, HP, J, T, t, (U[u, U_WAITING] - 1) * cost[C_HANDOFF])
             elif st == H_COPY6:
                 u = T[t, T_UFFD]
-                if U[u, U_PEND] == T[t, T_MSG]:
-                    U[u, U_PEND] = -1
-                    U[u, U_DONE] = 1  # done.complete(): its waiter runs now
-                    _wake_from(E, HP, J, T, U, u, U_WAITER)
+                o = _hget(HK, HV, T[t, T_MSG])
+                if o >= 0:  # _pending.pop(page).complete(): its waiters run now
+                    _hdel(HK, HV, T[t, T_MSG])
+                    T[o, T_CDONE] = 1
+                    w = T[o, T_CWH]
+                    T[o, T_CWH] = -1
+                    _wake_list(E, HP, J, T, w, T_WNEXT)
                 running = _unlock(E, HP, J, LK, T, cost, t, LK_UFFD + u, 1, H_COPY7)
             elif st == H_COPY7:
                 _pop_phase(E, T, PS, PH, t)
@@ -843,6 +1116,56 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, result
 # --- the Python side: which runs it can take, and running one ---------------------------------
 #: steps per call of run_loop: Python reports progress and sees a Ctrl-C between calls (about 0.1 s)
 SLICE_STEPS = 100_000
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """The demand-paging programs as the loop makes them (demand_paging.Programs): vCPU i's
+    region starts at gva `bases[i]` and has `pages` pages; with `writes` it writes each page's
+    pattern then reads them all, else it only reads. `expected(i)` gives vCPU i's results
+    when every access does what it should."""
+
+    bases: np.ndarray
+    pages: int
+    writes: bool
+    expected: Callable[[int], np.ndarray]
+
+
+class PerVcpu(Sequence):
+    """A sequence of one array per vCPU, each made when asked for (`_make(i)`), so that
+    nothing holds them all at once."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._make(i)
+
+    def _make(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class StreamedResults(PerVcpu):
+    """The vCPUs' results of a streamed run, each made when asked for: the expected results
+    with the unexpected ones the loop kept (rows vCPU, op, result words) in their places."""
+
+    def __init__(self, expected: Callable[[int], np.ndarray], kept: np.ndarray, n: int) -> None:
+        super().__init__(n)
+        self._expected = expected
+        self._kept = kept
+
+    def _make(self, i: int) -> np.ndarray:
+        res = self._expected(i)
+        for row in self._kept[self._kept[:, MIS_TASK] == i]:
+            res[row[MIS_PC]] = row[MIS_ROW:MIS_ROW + 3]
+        return res
 
 
 def _engine_primitives() -> dict:
@@ -873,8 +1196,8 @@ def unsupported(vm, kernels) -> str | None:
         return f"policy {engine.policy} (the compiled loop runs fifo and random)"
     mm = vm.mm
     handlers = _handlers(vm)
-    if engine.host_cpus is not None and engine.host_cpus < len(vm.vcpus) + len(handlers):
-        return "fewer host CPUs than tasks (the run queue is not compiled yet)"
+    if engine._runqueue or engine._free_cpus != (engine.host_cpus or engine._free_cpus):
+        return "a host CPU is taken or a task waits for one"
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
         return "the run is traced, audited between steps or recorded"
     if engine.__dict__ or any(getattr(type(engine), name) is not fn
@@ -884,9 +1207,13 @@ def unsupported(vm, kernels) -> str | None:
         return "the engine's primitives are instrumented"
     if mm.mmap_lock is None:
         return "no mmap lock"
-    if len(handlers) != len(mm._uffds) or any(t.started for t in engine.tasks) \
+    uffds = _uffds(vm)
+    if ((not handlers or len(handlers) % len(uffds)) if uffds else handlers) \
+            or any(t.started for t in engine.tasks) \
             or len(engine.tasks) != len(handlers) or len(engine._queue) != len(handlers):
-        return "a userfaultfd shared by several handlers (-a), or other tasks"
+        return "userfaultfd readers other than Machine.spawn_uffd_handlers's, or other tasks"
+    if any(u._msgs or u._pollers or u._pending or u._waiting for u in uffds):
+        return "a userfaultfd with messages, readers or faults pending"
     if any(r.backing.level != 1 for r in mm.regions):
         return "THP or hugetlb backing (not compiled yet)"
     if mm.hva_swapped.any():
@@ -959,7 +1286,7 @@ def _cost_array(vm, uffd_delay_ns: int = 0) -> np.ndarray:
     return cost
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _apply_log(order, log, n):
     """The allocator's orders after the loop's allocations and frees of single frames, in
     the order they happened (HostMemory.order: 0 at a one-frame allocation, -1 once freed)."""
@@ -989,7 +1316,8 @@ class _Memory:
         old_free = host._free.get(1, [])
         self.free1 = np.zeros(len(old_free) + tables + 1, dtype=np.int64)
         self.free1[:len(old_free)] = old_free
-        self.log = np.zeros((frames + 3 * tables + 16, 3), dtype=np.int64)
+        # replayed and emptied between slices (flush_log), so it holds one slice's
+        self.log = np.zeros((LOG_ROWS, 3), dtype=np.int64)
         self.mem = np.zeros(M_SIZE, dtype=np.int64)
         self.mem[M_NEXT] = host._next_pfn
         self.mem[M_NFREE1] = len(old_free)
@@ -1003,7 +1331,19 @@ class _Memory:
         return (self.mem, self.free1, self.free_slots, h.pt, h.pt_slot, h.tag, h.mapcount,
                 h.frame_state, self.log)
 
+    def flush_log(self) -> None:
+        """Replay the log's allocations and frees into HostMemory.order, in order, and
+        empty it (nothing reads the orders during the loop)."""
+        h, mem = self.host, self.mem
+        n = int(mem[M_LOGN])
+        if n:
+            _apply_log(h.order, self.log, n)
+            if (self.log[:n, 0] == LOG_ALLOC).any():
+                h._sizes.add(1)
+        mem[M_LOGN] = 0
+
     def write_back(self) -> int:
+        self.flush_log()
         h, mem = self.host, self.mem
         h._next_pfn = int(mem[M_NEXT])
         nfree = int(mem[M_NFREE1])
@@ -1013,12 +1353,6 @@ class _Memory:
         k = len(h.frames_in_use)
         h.frames_in_use[:] = mem[M_INUSE:M_INUSE + k]
         h.frames_peak[:] = mem[M_PEAK:M_PEAK + k]
-        n = int(mem[M_LOGN])
-        if n:
-            _apply_log(h.order, self.log, n)
-            if (self.log[:n, 0] == LOG_ALLOC).any():
-                h._sizes.add(1)
-        mem[M_LOGN] = 0
         return int(mem[M_POP4K])
 
 
@@ -1066,13 +1400,15 @@ class _Draws:
             self.rng.random()
 
 
-def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
-                 uffd_delay_ns: int = 0) -> list:
+def run_compiled(vm, kernels, stream: StreamSpec, chunks: int, progress=None,
+                 uffd_delay_ns: int = 0) -> tuple[list, StreamedResults]:
     """Run each vCPU's program (as demand_paging's vcpu_body would, in `chunks` calls of
     Vcpu.run) on the compiled loop, then write everything back: SPTEs and host memory are
     the VM's own arrays already; the allocator's bookkeeping, the backend's roots and
     statistics, the vCPUs' TLBs and counters, the engine's clock, the lock lines and one
-    finished Task record per vCPU. Returns those tasks."""
+    finished Task record per vCPU. The programs are made in the loop from `stream`, a
+    window at a time, and their results checked as they complete. Returns those tasks and
+    the results (made when asked for, from the expected ones and the unexpected ones kept)."""
     from mmu_core.sim.engine import Task
     from mmu_core.vm.vcpu import _OUTCOMES
 
@@ -1097,14 +1433,17 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     nh = len(handlers)
     ntask = nv + nh
     T = np.zeros((ntask, T_SIZE), dtype=np.int64)
-    bounds = np.stack([np.linspace(0, len(p), chunks + 1).astype(np.int64) for p in programs])
+    nops = stream.pages * (2 if stream.writes else 1)
+    bounds = np.tile(np.linspace(0, nops, chunks + 1).astype(np.int64), (nv, 1))
     T[:nv, T_PC] = bounds[:, 0]
     T[:nv, T_END] = bounds[:, 1]
     T[:, T_MARK] = now0
     T[:, T_START] = now0
     T[:, T_STUCK_PC] = -1
     T[nv:, T_KIND] = 1
-    T[nv:, T_UFFD] = np.arange(nh)
+    # Machine.spawn_uffd_handlers: for each uffd, its readers (one, or one per vCPU with -a)
+    T[nv:, T_UFFD] = np.arange(nh) // max(1, nh // max(1, len(uffds)))
+    T[:, T_PNEXT] = T[:, T_WNEXT] = T[:, T_CWH] = -1
     T[nv:, T_STATE] = H_READ
     for k, task in enumerate(handlers):
         T[nv + k, T_MARK] = task._mark
@@ -1123,10 +1462,13 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         LK[r, LK_WAIT] = line.wait_ns
     LQ = np.zeros((len(lines), ntask + 1, 2), dtype=np.int64)
     U = np.zeros((len(uffds), U_SIZE), dtype=np.int64)
+    MQ = np.zeros((len(uffds), nv + 1, 2), dtype=np.int64)  # a vCPU has one message at most
+    HK = np.full(1 << max(4, (4 * ntask).bit_length()), -1, dtype=np.int64)
+    HV = np.zeros_like(HK)
     for k, u in enumerate(uffds):
         U[k, U_START] = mm.index(u.start)
         U[k, U_END] = mm.index(u.end)
-        U[k, U_POLLER] = U[k, U_PEND] = U[k, U_WAITER] = -1
+        U[k, U_PHEAD] = U[k, U_PTAIL] = -1
         U[k, U_FAULTS] = u.faults
         U[k, U_COPIES] = u.copies
         U[k, U_EMPTY] = u.empty_reads
@@ -1137,6 +1479,10 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     Ea[E_LIVE] = nv
     Ea[E_RCU_SEQ] = vm.rcu._seq
     Ea[E_CUR] = -1
+    Ea[E_FREE] = engine._free_cpus  # (_NO_LIMIT when unlimited)
+    Ea[E_SLICE] = engine._slice_ns
+    Ea[E_CSW] = engine._switch_ns
+    RQ = np.zeros(ntask, dtype=np.int64)  # the run queue, a ring (every task at most once)
     draws = _Draws(engine, Ea)
     J = draws.ring
     draws.refill()
@@ -1151,27 +1497,29 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     ks = np.zeros((nv, KS_SIZE), dtype=np.int64)
     ks[:, KS_ROOT] = -1
     ksu = np.zeros((nv, KSU_SIZE), dtype=np.uint64)
-    # One array each for all vCPUs; the caller's lists become views of them, so nothing is
-    # copied back and no second copy of the programs outlives this line
-    progs = np.stack(programs)
-    programs[:] = list(progs)
-    res = np.stack(results)
-    results[:] = list(res)
+    gen = np.concatenate(([stream.pages, int(stream.writes)], stream.bases)).astype(np.int64)
+    WP = np.zeros((nv, WINDOW, 3), dtype=np.int64)
+    WR = np.zeros((nv, WINDOW, 3), dtype=np.int64)
+    T[:nv, T_WBASE] = -WINDOW  # no window yet
+    MIS = np.zeros((1024, MIS_SIZE), dtype=np.int64)
     regs = np.stack([v.regs for v in vcpus])
     tlbs = np.stack([v.tlb for v in vcpus])
     xinfos = np.stack([v.xinfo for v in vcpus])
     hwstats = np.stack([v.hw_stats for v in vcpus])
     cost = _cost_array(vm, uffd_delay_ns)
     from mmu_core.host.mm import HVA_BASE
+    from mmu_core.host.userfault import UffdMsg
 
     done_chunks = 0
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
-            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, U, cost, bounds, progs, res,
-                     regs, tlbs, xinfos, hwstats, vm.params.ept_ad, vm.root_levels(vcpus[0]),
+            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost,
+                     bounds, gen, WP, WR, MIS, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
+                     vm.root_levels(vcpus[0]),
                      slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
                      kg, kstats, *memory.args(), SLICE_STEPS)
+            memory.flush_log()
             if progress is not None:
                 now_done = int(T[:, T_CHUNK].sum() + T[:, T_FINISHED].sum())
                 for k in range(done_chunks + 1, now_done + 1):
@@ -1186,7 +1534,8 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
     if Ea[E_ERROR]:
         from mmu_core.errors import BackendError
 
-        raise BackendError(f"compiled loop, vcpu{int(Ea[E_ERROR_TASK])}: "
+        who = f", vcpu{int(Ea[E_ERROR_TASK])}" if Ea[E_ERROR_TASK] >= 0 else ""
+        raise BackendError(f"compiled loop{who}: "
                            f"{ERROR_TEXT.get(int(Ea[E_ERROR]), 'error')}")
     for i, v in enumerate(vcpus):
         v.tlb[:] = tlbs[i]
@@ -1227,7 +1576,8 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         task.atomics = int(T[i, T_ATOMICS])
         task.cmpxchg_failures = int(T[i, T_CMPXFAIL])
         task.on_cpu = bool(T[i, T_ONCPU])
-        task.cpu_since = task.slice_start = int(T[i, T_CPU_SINCE])
+        task.cpu_since = int(T[i, T_CPU_SINCE])
+        task.slice_start = int(T[i, T_SLICE])
         task.cpu_ns = int(T[i, T_CPU_NS])
         task.nopreempt = int(T[i, T_NOPRE])
         task.blocked = "uffd_wait" if T[i, T_BLOCKED] and i >= nv else None
@@ -1235,16 +1585,27 @@ def run_compiled(vm, kernels, programs, results, chunks: int, progress=None,
         key, seq, due, t = (int(x) for x in HP[n])
         engine._queue.append((key, seq, due, everyone[t]))
     heapq.heapify(engine._queue)
+    engine._free_cpus = int(Ea[E_FREE])
+    for k in range(int(Ea[E_RQN])):  # tasks still waiting for a CPU (handlers)
+        engine._runqueue.append(everyone[int(RQ[(Ea[E_RQH] + k) % ntask])])
     for k, u in enumerate(uffds):
         u.faults = int(U[k, U_FAULTS])
         u.copies = int(U[k, U_COPIES])
         u.empty_reads = int(U[k, U_EMPTY])
         u._waiting = int(U[k, U_WAITING])
-        u._pollers = [everyone[int(U[k, U_POLLER])]] if U[k, U_POLLER] >= 0 else []
+        pollers, w = [], int(U[k, U_PHEAD])
+        while w >= 0:
+            pollers.append(everyone[w])
+            w = int(T[w, T_PNEXT])
+        u._pollers = pollers
+        u._msgs.clear()
+        for q in range(int(U[k, U_MQN])):
+            i, write = MQ[k, (U[k, U_MQH] + q) % MQ.shape[1]]
+            u._msgs.append(UffdMsg(HVA_BASE + (int(i) << 12), bool(write)))
     for r, line in enumerate(lines):
         owner = int(LK[r, LK_OWNER])
         line.owner = everyone[owner] if owner >= 0 else None
         line.free_at = int(LK[r, LK_FREE])
         line.transfers = int(LK[r, LK_TRANS])
         line.wait_ns = int(LK[r, LK_WAIT])
-    return tasks
+    return tasks, StreamedResults(stream.expected, MIS[:int(Ea[E_NMIS])].copy(), nv)

@@ -132,12 +132,23 @@ def host_bytes_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
-    pages = opts.bytes_per_vcpu >> 12
-    progs = []
-    for i in range(opts.vcpus):
-        gvas = DATA_GPA + i * opts.bytes_per_vcpu + (np.arange(pages, dtype=np.int64) << 12)
-        if opts.uffd:
+class Programs(fastloop.PerVcpu):
+    """The vCPUs' guest programs, each made when asked for (`programs[i]`), so that a run
+    that streams them (the compiled loop, fastloop.StreamSpec) never holds them all: vCPU i
+    writes each page of its region with the page's pattern, then reads each back; with
+    userfaultfd it only reads (the handler supplies the pattern)."""
+
+    def __init__(self, opts: DemandPagingOptions) -> None:
+        super().__init__(opts.vcpus)
+        self.vcpus = opts.vcpus
+        self.bytes_per_vcpu = opts.bytes_per_vcpu
+        self.pages = opts.bytes_per_vcpu >> 12
+        self.writes = not opts.uffd
+
+    def _make(self, i: int) -> np.ndarray:
+        pages = self.pages
+        gvas = DATA_GPA + i * self.bytes_per_vcpu + (np.arange(pages, dtype=np.int64) << 12)
+        if not self.writes:
             prog = np.zeros((pages, 3), dtype=np.int64)
             prog[:, 0] = C.OP_READ
             prog[:, 1] = gvas
@@ -148,8 +159,26 @@ def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
             prog[:pages, 2] = _patterns(gvas)
             prog[pages:, 0] = C.OP_READ
             prog[pages:, 1] = gvas
-        progs.append(prog)
-    return progs
+        return prog
+
+    def expected_results(self, i: int) -> np.ndarray:
+        """vCPU i's results when every access did what it should: each read gives the
+        page's pattern, nothing faults into the guest."""
+        prog = self[i]
+        res = np.zeros((len(prog), C.RES_COLS), dtype=np.int64)
+        reads = prog[:, 0] == C.OP_READ
+        res[reads, C.RES_VALUE] = _patterns(prog[reads, 1])
+        return res
+
+    def stream(self) -> fastloop.StreamSpec:
+        return fastloop.StreamSpec(
+            bases=DATA_GPA + np.arange(self.vcpus, dtype=np.int64) * self.bytes_per_vcpu,
+            pages=self.pages, writes=self.writes, expected=self.expected_results)
+
+
+def _programs(opts: DemandPagingOptions) -> list[np.ndarray]:
+    """Every vCPU's program at once (for callers that edit them)."""
+    return list(Programs(opts))
 
 
 def _patterns(gvas: np.ndarray) -> np.ndarray:
@@ -232,9 +261,8 @@ def run_demand_paging(
         if opts.nested != "off":
             # L2's digest is L1's memory without L1's own EPT12 pages (docs/nested.md)
             hv = run_in_l2(machine, prefault=opts.nested == "eager").hv
-        programs = _programs(opts)
+        programs = Programs(opts)
         machine.spawn_uffd_handlers(opts.uffd_delay_ns)
-        results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
         done = [0]
         chunks = PROGRESS_CHUNKS if progress else 1
 
@@ -253,6 +281,8 @@ def run_demand_paging(
             raise InvalidConfig("engine", f"the compiled loop cannot run this: {why_not}")
         if opts.engine == "exact" or why_not is not None:
             engine_used = "exact"
+            programs = list(programs)
+            results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
             tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)
                      for v, p, r in zip(vm.vcpus, programs, results, strict=True)]
             with frozen_setup():
@@ -260,8 +290,8 @@ def run_demand_paging(
         else:
             engine_used = "compiled"
             with frozen_setup():
-                tasks = fastloop.run_compiled(vm, kernels, programs, results, chunks,
-                                               progress, opts.uffd_delay_ns)
+                tasks, results = fastloop.run_compiled(vm, kernels, programs.stream(), chunks,
+                                                        progress, opts.uffd_delay_ns)
         total_ns = vm.engine.now - start_ns
         pages = opts.bytes_per_vcpu >> 12
         mismatches = 0

@@ -57,12 +57,12 @@ ERR_HUGE_IN_THE_WAY = 2
 ERR_TABLE_REPLACED = 3
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _spte(pt, pt_slot, table, idx):
     return pt[pt_slot[table], idx]
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _cmpxchg(t, ks, ksu, kstats, pt, pt_slot, new):
     """vm.spte_cmpxchg of the iterator's SPTE from its old value to `new`, after the atomic's
     switch point: False (the old value refreshed, as try_cmpxchg64 does) if it changed."""
@@ -78,7 +78,7 @@ def _cmpxchg(t, ks, ksu, kstats, pt, pt_slot, new):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def tdp_kernel(op, t, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag, mapcount,
                frame_state, log, hva_pfn, hva_writable):
     while True:
