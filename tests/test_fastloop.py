@@ -239,6 +239,17 @@ def test_auto_runs_the_exact_engine_and_says_why(config, kw, why):
         run_demand_paging(DemandPagingOptions(engine="compiled", **kw), params)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_seeded_mutant_runs_on_the_exact_engine(config):
+    # the kernels implement the fixed code only: a mutant must not be silently ignored
+    from mmu_core import mutants
+
+    with mutants.enabled("no-flush-after-zap"):
+        report = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096),
+                                   configuration(config))
+    assert report.wall.engine == "exact" and "mutant" in report.wall.engine_note
+
+
 def test_legacy_near_its_page_limit_runs_the_exact_engine():
     # make_mmu_pages_available's reclaim is not compiled: a VM whose shadow page limit the
     # run could reach is refused up front, not stopped halfway

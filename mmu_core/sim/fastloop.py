@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from mmu_core import mutants
 from mmu_core.arch.x86 import ept as EPT
 from mmu_core.host.memory import FRAME_FREE, NO_SLOT, Purpose
 from mmu_core.hw import cpu as C
@@ -1236,6 +1237,8 @@ def unsupported(vm, kernels) -> str | None:
     if vm.mmu_lock.readers or vm.mmu_lock.write_held or mm.mmap_lock.readers \
             or mm.mmap_lock.writer:
         return "a lock is held"
+    if mutants.active():
+        return "a mutant is active (the kernels implement the fixed code only)"
     return kernels.unsupported(vm)
 
 

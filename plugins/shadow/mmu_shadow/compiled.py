@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mmu_core import MMUError, Ret, mutants
+from mmu_core import MMUError, Ret
 from mmu_core.arch.x86 import spte as S
 from mmu_core.backend import make_direct_leaf
 from mmu_core.sim import fastloop as F
@@ -439,8 +439,6 @@ class LegacyCompiled:
         if not vm.params.ept_ad:
             return "ept_ad=0 (A/D-disabled SPTEs: no prefetch, fast page faults on " \
                    "non-present SPTEs)"
-        if mutants.active():
-            return "a mutant is active"
         if mmu.by_pfn or mmu.vroots:
             return "the VM already has shadow pages or roots"
         if vm.mmu_invalidate_in_progress:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mmu_core import Ret, mutants
+from mmu_core import Ret
 from mmu_core.arch.x86 import spte as S
 from mmu_core.sim import fastloop as F
 
@@ -248,8 +248,6 @@ class TdpCompiled:
         mmu = self.mmu
         if not vm.params.ept_ad:
             return "ept_ad=0 (fast page faults on non-present SPTEs walk locklessly)"
-        if mutants.active():
-            return "a mutant is active"
         if mmu.all_roots:
             return "the VM already has a root"
         return None
