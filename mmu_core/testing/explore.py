@@ -666,6 +666,18 @@ def scenario_nx_recovery(config: VMConfig, rng: random.Random) -> Run:
     return run
 
 
+def _remap_reader(rng: random.Random, x: int) -> Program:
+    """Forty ops: reads of page x (the one the nested scenarios remap), each followed by a
+    pause, between writes to pages 1-4 (never remapped, so their writes race nothing)."""
+    prog = Program()
+    for k in range(40):
+        if k % 2:
+            prog.read(_page(x)).pause(rng.randrange(0, 1500))
+        else:
+            prog.write(_page(rng.randrange(1, 5)), _value(rng))
+    return prog
+
+
 def _nested_machine(config: VMConfig, rng: random.Random):
     """Two vCPUs, eight data pages, a reference; page x (0) will be remapped among the
     targets, which get distinct contents."""
@@ -1192,15 +1204,7 @@ def scenario_nested_unsync(config: VMConfig, rng: random.Random) -> Run:
     from mmu_core.guest import nested as N
 
     m, ref, vm, x, targets = _nested_machine(config, rng)
-    progs = []
-    for _ in range(2):
-        prog = Program()
-        for k in range(40):
-            if k % 2:
-                prog.read(_page(x)).pause(rng.randrange(0, 1500))
-            else:
-                prog.write(_page(rng.randrange(1, 5)), _value(rng))
-        progs.append(prog.build())
+    progs = [_remap_reader(rng, x).build() for _ in range(2)]
     run = Run(m, progs, ref)
     if not vm.params.ept:
         return run
@@ -1426,12 +1430,7 @@ def scenario_nested_l1_program(config: VMConfig, rng: random.Random) -> Run:
     from mmu_core.guest import nested as N
 
     m, ref, vm, x, targets = _nested_machine(config, rng)
-    l2prog = Program()
-    for k in range(40):
-        if k % 2:
-            l2prog.read(_page(x)).pause(rng.randrange(0, 1500))
-        else:
-            l2prog.write(_page(rng.randrange(1, 5)), _value(rng))
+    l2prog = _remap_reader(rng, x)
     if not vm.params.ept:
         return Run(m, [l2prog.build(), Program().read(_page(1)).build()], ref)
     pts = m.pts
