@@ -80,9 +80,10 @@ def test_bad_jobs_and_too_much_memory_are_one_line_each(capsys, monkeypatch):
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
         "mmu: error: --jobs: -1 is not a number of processes (0: one per CPU)"]
-    # About 550 MiB per configuration: one fits in 1 GiB, two at once do not.
+    # About 790 MiB per configuration on the compiled loop: one fits in 1 GiB, two at once
+    # do not.
     monkeypatch.setattr(demand_paging, "host_bytes_available", lambda: 1 << 30)
-    code, out, err = mmu_here(capsys, "compare", "demand-paging", "-b", "600M", "--configs",
+    code, out, err = mmu_here(capsys, "compare", "demand-paging", "-b", "8G", "--configs",
                               "tdp,legacy", "-j", "2")
     assert code == 2 and out == ""
     [line] = err.strip().splitlines()

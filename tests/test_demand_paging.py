@@ -273,3 +273,24 @@ def test_an_interrupted_vm_is_freed_and_an_uninterrupted_one_completes():
     assert left["outcome"] == "interrupted" and left["vm"]() is None
     left = interrupted_run("tdp", 10**9, "raise", uffd=False)
     assert (left["outcome"], left["pt_pages"]) == ("completed", 0)
+
+
+def test_the_page_table_slot_moves_above_data_it_cannot_fit_below(monkeypatch):
+    # Up to about 256 GiB of data the guest's page tables sit below it, at gpa 0 (the layout
+    # every other test pins). The seed's 416 x 4 GiB needs 7 GB of tables: they go above the
+    # data, and so does the guest's window onto them (PT_GVA_64 + gpa), clear of the data's
+    # identity map.
+    from mmu_core.guest.machine import DATA_GPA, pt_slot_gpa, pt_slot_size
+    from mmu_core.guest.pagetables import PT_GVA_64
+
+    small = 250 << 30
+    assert pt_slot_gpa(small, pt_slot_size(small >> 12)) == 0
+    for data in (300 << 30, 416 << 32):
+        size = pt_slot_size(data >> 12)
+        gpa = pt_slot_gpa(data, size)
+        assert size > DATA_GPA and gpa >= DATA_GPA + data and gpa % (1 << 30) == 0
+        assert PT_GVA_64 + gpa >= DATA_GPA + data  # the window lies above the data's map
+        assert PT_GVA_64 + gpa + size <= 1 << 47  # and is canonical under 4-level paging
+    monkeypatch.setattr(dp, "host_bytes_available", lambda: 1 << 45)
+    opts = DemandPagingOptions(vcpus=416, bytes_per_vcpu=4 << 30)  # accepted, not refused
+    assert opts.guest_bytes() == 416 << 32

@@ -1,7 +1,9 @@
 """A guest machine: a VM, the guest's page tables and memory layout, and vCPU tasks.
 
 Layout (guest-physical == guest-linear for data, as the selftests' identity maps):
-  slot 0  page tables, at gpa 0, mapped by the guest at PT_GVA_* for its own PTE stores
+  slot 0  page tables, at gpa 0 (above the data when their tables need more than the 1 GiB
+          below it: over about 256 GiB of data), mapped by the guest at PT_GVA_* + gpa for
+          its own PTE stores
   slot 1  data, at DATA_GPA (1 GiB, so 1 GiB pages can be aligned), optionally userfault
           registered in per-vCPU ranges (one handler each, like demand_paging_test), or as
           one range read by one handler per vCPU (uffd_shared, the selftest's -a)
@@ -19,7 +21,7 @@ import numpy as np
 
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import MemslotConfig, VMConfig, validate
-from mmu_core.guest.pagetables import GuestPageTables, PagingSetup
+from mmu_core.guest.pagetables import PT_GVA_64, GuestPageTables, PagingSetup
 from mmu_core.guest.program import new_results
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.vm.vm import VM, create_vm
@@ -44,6 +46,16 @@ def pt_slot_size(data_pages: int) -> int:
     leaf_tables = data_pages // 512 + 2
     size = (leaf_tables * 2 + 64) * 4096
     return (size + (2 << 20) - 1) & ~((2 << 20) - 1)
+
+
+def pt_slot_gpa(data_size: int, pt_size: int) -> int:
+    """Where the page-table slot goes: at gpa 0 when it fits below the data (every
+    configuration up to about 256 GiB of data, the layout the tests pin), else on the first
+    1 GiB boundary above the data, so that the guest's window onto it (PT_GVA_64 + gpa)
+    lies above the data's identity map too (the seed's 416 x 4 GiB needs 7 GB of tables)."""
+    if pt_size <= DATA_GPA and DATA_GPA + data_size <= PT_GVA_64:
+        return 0
+    return (DATA_GPA + data_size + (1 << 30) - 1) & ~((1 << 30) - 1)
 
 
 @dataclass
@@ -126,8 +138,9 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
     """Create the VM (config's memslots are replaced by the layout's) and the guest tables."""
     data_pages = spec.data_size >> 12
     pt_size = pt_slot_size(data_pages)
+    pt_gpa = pt_slot_gpa(spec.data_size, pt_size)
     slots = (
-        MemslotConfig(slot=PT_SLOT, gpa=0, size=pt_size),
+        MemslotConfig(slot=PT_SLOT, gpa=pt_gpa, size=pt_size),
         MemslotConfig(slot=DATA_SLOT, gpa=DATA_GPA, size=spec.data_size, backing=spec.backing,
                       log_dirty=spec.log_dirty, readonly=spec.readonly),
     )
@@ -135,7 +148,7 @@ def build_machine(spec: MachineSpec, config: VMConfig) -> Machine:
     validate(VMConfig, **config.model_dump())  # one InvalidConfig, not pydantic's report
     vm = create_vm(config)
     try:
-        pts = GuestPageTables(vm, spec.mode, 0, pt_size)
+        pts = GuestPageTables(vm, spec.mode, pt_gpa, pt_size)
         if spec.map_data and spec.mode != P.MODE_NONE:
             pts.map_range(DATA_GPA, DATA_GPA, data_pages, spec.data_flags)
             pts.map_range(MMIO_GPA, MMIO_GPA, MMIO_PAGES, spec.data_flags)

@@ -167,6 +167,12 @@ class _EventLock:
             self.held, self.owner = False, None
 
 
+def _grown(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=a.dtype)
+    out[:len(a)] = a
+    return out
+
+
 class HostMM:
     def __init__(self, memory: HostMemory, engine=None) -> None:
         """`engine` (optional) is where host work is charged: without one (a bare mm in a
@@ -219,11 +225,13 @@ class HostMM:
         self._next = start + size
         need = (self._next - HVA_BASE) >> 12
         if need > len(self.hva_pfn):
-            grow = need - len(self.hva_pfn)
-            self.hva_pfn = np.concatenate([self.hva_pfn, np.full(grow, NO_PFN, dtype=np.int64)])
-            self.hva_level = np.concatenate([self.hva_level, np.zeros(grow, dtype=np.int8)])
-            self.hva_writable = np.concatenate([self.hva_writable, np.zeros(grow, dtype=np.bool_)])
-            self.hva_swapped = np.concatenate([self.hva_swapped, np.zeros(grow, dtype=np.bool_)])
+            self.hva_pfn = np.concatenate([self.hva_pfn, np.full(need - len(self.hva_pfn),
+                                                                 NO_PFN, dtype=np.int64)])
+            # Zero-filled arrays grown by copying into np.zeros: the OS commits their pages
+            # only as entries are set (hva_swapped at the seed's scale: 436 MB never touched).
+            self.hva_level = _grown(self.hva_level, need)
+            self.hva_writable = _grown(self.hva_writable, need)
+            self.hva_swapped = _grown(self.hva_swapped, need)
         region = Region(start, size, backing, name=name)
         self.regions.append(region)
         self._region_starts.append(start)

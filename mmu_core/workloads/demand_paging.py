@@ -22,7 +22,14 @@ from pydantic import ConfigDict, Field, field_validator
 from mmu_core.arch.x86 import paging as P
 from mmu_core.config import ScheduleFields, VMConfig
 from mmu_core.errors import BackendError, InvalidConfig
-from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine, page_patterns, pt_slot_size
+from mmu_core.guest.machine import (
+    DATA_GPA,
+    MachineSpec,
+    build_machine,
+    page_patterns,
+    pt_slot_gpa,
+    pt_slot_size,
+)
 from mmu_core.guest.nested import run_in_l2
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name, report_params
@@ -83,23 +90,32 @@ class DemandPagingOptions(ScheduleFields):
             raise InvalidConfig("bytes_per_vcpu",
                 f"{self.bytes_per_vcpu} is not a multiple of the {self.backing} "
                 f"page size ({page})")
-        check_guest_memory("bytes_per_vcpu", self.vcpus * self.bytes_per_vcpu, self.mode)
+        check_guest_memory("bytes_per_vcpu", self.guest_bytes(), self.mode,
+                           streamed=self.engine != "exact", vcpus=self.vcpus)
+
+    def guest_bytes(self) -> int:
+        return self.vcpus * self.bytes_per_vcpu
+
+    def host_bytes(self) -> int:
+        """What the run needs at the least (on the compiled loop, unless the engine is
+        exact); a run that auto sends to the exact engine is checked again then."""
+        return host_bytes_needed(self.guest_bytes(), self.engine != "exact", self.vcpus)
 
 
-def check_guest_memory(field: str, total: int, mode: str = "4level") -> None:
+def check_guest_memory(field: str, total: int, mode: str = "4level", streamed: bool = False,
+                       vcpus: int = 1) -> None:
     """Refuse, naming `field`, `total` bytes of test memory that the layout cannot hold (the
-    paging mode's reach, MAXPHYADDR, the page-table slot) or this machine cannot model."""
+    paging mode's reach, MAXPHYADDR) or this machine cannot model. `streamed`: the run may
+    go to the compiled loop, which needs less (host_bytes_needed) with `vcpus` vCPUs."""
     end = DATA_GPA + total
     if mode in ("32bit", "pae", "none") and end > 0xC000_0000:
         raise InvalidConfig(field, "32-bit guests can address at most 2 GiB of test memory here")
+    pt_size = pt_slot_size(total >> 12)
+    end = max(end, pt_slot_gpa(total, pt_size) + pt_size)
     if end > 1 << GUEST_MAXPHYADDR:
-        raise InvalidConfig(field, f"{total >> 30} GiB of guest memory does not "
-                            f"fit below MAXPHYADDR ({GUEST_MAXPHYADDR} bits)")
-    if pt_slot_size(total >> 12) > DATA_GPA:
-        raise InvalidConfig(field, f"{total >> 30} GiB of guest memory needs more "
-                            f"page tables than the layout's {DATA_GPA >> 20} MiB below the "
-                            "data (at most about 256 GiB)")
-    need, have = host_bytes_needed(total), host_bytes_available()
+        raise InvalidConfig(field, f"{total >> 30} GiB of guest memory and its page tables "
+                            f"do not fit below MAXPHYADDR ({GUEST_MAXPHYADDR} bits)")
+    need, have = host_bytes_needed(total, streamed, vcpus), host_bytes_available()
     if need > have:
         raise InvalidConfig(field, f"this run needs about {need / 2**30:.1f} GiB "
                             f"of host memory for the model, and {have / 2**30:.1f} GiB is "
@@ -112,11 +128,26 @@ def check_guest_memory(field: str, total: int, mode: str = "4level") -> None:
 #: hold before any guest memory exists.
 HOST_BYTES_PER_PAGE = 1024
 HOST_BYTES_BASE = 400 << 20
+#: The same on the compiled loop, which streams programs and results (docs/fastloop.md,
+#: "Streaming"): what is left is the host model's arrays and the page tables. Measured as the
+#: peak-RSS slope between `-v 416 -b 64M` and `-b 256M` with userfaultfd: tdp 44.4 B, legacy
+#: 52.0 B (its rmap: 8 B per gfn); the larger serves both.
+HOST_BYTES_PER_PAGE_STREAMED = 52
+#: ... plus, at the end of a streamed run, one vCPU's program and results made whole for the
+#: verification and the digest (docs/fastloop.md), per page of that vCPU's region: up to two
+#: ops per page, three int64 columns each for the program, its copy in the expected results,
+#: and the results.
+STREAMED_BYTES_PER_VCPU_PAGE = 2 * 3 * 3 * 8
 GUEST_MAXPHYADDR = 46  # VMConfig's default: the guest physical address width of these runs
 
 
-def host_bytes_needed(guest_bytes: int) -> int:
-    return HOST_BYTES_BASE + HOST_BYTES_PER_PAGE * (guest_bytes >> 12)
+def host_bytes_needed(guest_bytes: int, streamed: bool = False, vcpus: int = 1) -> int:
+    """What a run over `guest_bytes` of test memory needs; `streamed`: on the compiled loop,
+    with the memory split among `vcpus`."""
+    if not streamed:
+        return HOST_BYTES_BASE + HOST_BYTES_PER_PAGE * (guest_bytes >> 12)
+    return (HOST_BYTES_BASE + HOST_BYTES_PER_PAGE_STREAMED * (guest_bytes >> 12)
+            + STREAMED_BYTES_PER_VCPU_PAGE * (guest_bytes // vcpus >> 12))
 
 
 def host_bytes_available() -> int:
@@ -281,6 +312,12 @@ def run_demand_paging(
             raise InvalidConfig("engine", f"the compiled loop cannot run this: {why_not}")
         if opts.engine == "exact" or why_not is not None:
             engine_used = "exact"
+            need = host_bytes_needed(spec.data_size)
+            if why_not is not None and need > host_bytes_available():
+                raise InvalidConfig("engine", f"the compiled loop cannot run this ({why_not}), "
+                                    f"and on the exact engine it needs about "
+                                    f"{need / 2**30:.1f} GiB of host memory for the model: "
+                                    f"{host_bytes_available() / 2**30:.1f} GiB is available")
             programs = list(programs)
             results = [np.zeros((len(p), C.RES_COLS), dtype=np.int64) for p in programs]
             tasks = [vm.engine.spawn(f"vcpu{v.id}", vcpu_body, v, p, r)

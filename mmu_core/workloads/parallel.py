@@ -50,13 +50,12 @@ class Job:
     kwargs: dict = field(default_factory=dict)
 
 
-def check_parallel_memory(guest_bytes: Sequence[int], workers: int, available: int,
+def check_parallel_memory(needs: Sequence[int], workers: int, available: int,
                           what: str = "points") -> None:
     """Each run alone fits (its options were validated); the `workers` largest of them at
-    once, each in its own process, must fit together in `available` bytes."""
-    from mmu_core.workloads.demand_paging import host_bytes_needed
-
-    at_once = sorted((host_bytes_needed(b) for b in guest_bytes), reverse=True)[:max(1, workers)]
+    once, each in its own process needing `needs[i]` bytes (host_bytes), must fit together
+    in `available` bytes."""
+    at_once = sorted(needs, reverse=True)[:max(1, workers)]
     need = sum(at_once)
     if len(at_once) > 1 and need > available:
         raise InvalidConfig("jobs", f"{len(at_once)} {what} at once need about "
@@ -72,6 +71,16 @@ def guest_bytes(opts: Any) -> int:
     if hasattr(opts, "bytes_per_vcpu"):
         return int(opts.vcpus * opts.bytes_per_vcpu)
     return 0
+
+
+def host_bytes(opts: Any) -> int:
+    """The host memory a run with `opts` needs for the model: its own estimate when the
+    workload has one (demand paging: less on the compiled loop), else by its test memory."""
+    from mmu_core.workloads.demand_paging import host_bytes_needed
+
+    if hasattr(opts, "host_bytes"):
+        return int(opts.host_bytes())
+    return host_bytes_needed(guest_bytes(opts))
 
 
 class _Rebuilt:
@@ -191,4 +200,4 @@ def _stop(procs: list) -> None:
             proc.join()
 
 
-__all__ = ["Job", "check_parallel_memory", "guest_bytes", "run_parallel"]
+__all__ = ["Job", "check_parallel_memory", "guest_bytes", "host_bytes", "run_parallel"]

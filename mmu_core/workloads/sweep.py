@@ -22,7 +22,7 @@ from mmu_core.workloads.demand_paging import (
     host_bytes_available,
     run_demand_paging,
 )
-from mmu_core.workloads.parallel import check_parallel_memory
+from mmu_core.workloads.parallel import check_parallel_memory, host_bytes
 
 CSV_SCHEMA = 1
 CSV_FIELDS = ("csv_schema", "report_schema", "configuration", "vcpus", "bytes_per_vcpu",
@@ -104,7 +104,7 @@ def sweep(configs: list[str | tuple[str, Params]], vcpu_counts: list[int],
 
     args = [(by_name[p.configuration].model_dump(), per_point[p.vcpus]) for p in todo]
     if not scheduler:  # on a Dask cluster the workers' machines decide
-        check_parallel_memory([p.vcpus * opts.bytes_per_vcpu for p in todo], workers,
+        check_parallel_memory([host_bytes(DemandPagingOptions(**per_point[p.vcpus])) for p in todo], workers,
                               host_bytes_available())
     if scheduler:
         try:
