@@ -78,6 +78,19 @@ def test_map_counts_free_a_frame_only_with_its_last_mapping():
     assert mem.frames_in_use[Purpose.GUEST_DATA] == 0
 
 
+def test_a_map_count_refuses_to_wrap_its_two_bytes():
+    from mmu_core.host.memory import MAPCOUNT_MAX
+
+    mem = HostMemory()
+    pfn = mem.alloc(Purpose.GUEST_DATA)
+    for _ in range(MAPCOUNT_MAX - 1):
+        mem.get(pfn)
+    assert int(mem.mapcount[pfn]) == MAPCOUNT_MAX
+    with pytest.raises(HostStateError, match=f"already mapped {MAPCOUNT_MAX} times"):
+        mem.get(pfn)
+    assert int(mem.mapcount[pfn]) == MAPCOUNT_MAX and mem.put(pfn) is False
+
+
 def test_frame_state_covers_every_frame_of_an_allocation_and_sees_frees():
     mem = HostMemory()
     base = mem.alloc(Purpose.GUEST_DATA, 512)
