@@ -84,7 +84,8 @@ def test_run_json_is_one_report_with_a_schema_version():
     p = mmu("run", "demand-paging", "-v", "2", "-b", "256K", "--json", "--seed", "4")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["schema_version"] == 5 and report["verified"] is True
+    assert report["schema_version"] == 6 and report["verified"] is True
+    assert 0 < report["wall"]["cpu_seconds"]
     assert report["test_time_ns"] == report["fixed"]["total_ns"] + report["total_time_ns"]
     assert report["host"]["host_cpus"] == 448 and report["uffd_shared"] is False
     assert report["configuration"] == "tdp"
@@ -94,7 +95,7 @@ def test_run_json_is_one_report_with_a_schema_version():
     assert report["schedule"] == {"policy": "fifo", "seed": 4, "jitter_ns": None,
                                   "pct_depth": None, "pct_steps": None,
                                   "steps": report["schedule"]["steps"]}
-    assert set(report["wall"]) == {"seconds", "sim_faults_per_sec", "peak_rss_bytes", "engine",
+    assert set(report["wall"]) == {"seconds", "sim_faults_per_sec", "peak_rss_bytes", "cpu_seconds", "engine",
                                    "engine_note"}
     assert report["wall"]["engine"] == "compiled" and report["wall"]["engine_note"] is None
 

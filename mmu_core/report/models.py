@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 # BackendStats gained reclaimed_pages, unsync_pages, syncs and emulated_pte_writes (optional,
 # None by default, so reports of 4 without them still load).
 # 5: `fixed` (the test's fixed phases) and `test_time_ns` in the demand-paging report.
-SCHEMA_VERSION = 5
+# 6: `wall.cpu_seconds` (optional: None in reports of 5).
+SCHEMA_VERSION = 6
 
 
 class Frozen(BaseModel):
@@ -92,6 +93,9 @@ class WallClock(Frozen):
     seconds: float
     sim_faults_per_sec: float
     peak_rss_bytes: int
+    #: the process's CPU time over the run (time.process_time): on a shared machine the wall
+    #: time moves with the other processes' load, this does not
+    cpu_seconds: float | None = None
     #: which engine ran the run (docs/fastloop.md): "exact" (greenlets) or "compiled"; both
     #: give the same report apart from this group
     engine: str = "exact"

@@ -12,8 +12,6 @@ reported apart.
 from __future__ import annotations
 
 import os
-import resource
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -40,8 +38,8 @@ from mmu_core.report.models import (
     ScheduleFigures,
     TimeSplit,
     VcpuFigures,
-    WallClock,
 )
+from mmu_core.report.wall import Stopwatch
 from mmu_core.sim import fastloop
 from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
@@ -276,7 +274,7 @@ def run_demand_paging(
     cost: CostModel | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DemandPagingReport:
-    wall0 = time.perf_counter()
+    stopwatch = Stopwatch()
     spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.vcpus * opts.bytes_per_vcpu,
                        backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd,
                        uffd_shared=opts.uffd_shared)
@@ -361,7 +359,6 @@ def run_demand_paging(
                              opts.vcpus + handlers)
     finally:
         vm.destroy()
-    wall = time.perf_counter() - wall0
     nfaults = sum(faults.values())
     return DemandPagingReport(
         configuration=configuration_name(params),
@@ -409,9 +406,5 @@ def run_demand_paging(
         fixed=fixed,
         test_time_ns=fixed.total_ns + total_ns,
         digest=digest,
-        wall=WallClock(
-            seconds=wall,
-            sim_faults_per_sec=nfaults / wall if wall else 0.0,
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            engine=engine_used, engine_note=why_not),
+        wall=stopwatch.figures(nfaults, engine=engine_used, engine_note=why_not),
     )

@@ -14,8 +14,6 @@ copy of the right one, is caught. Wall time is reported apart, as for demand pag
 
 from __future__ import annotations
 
-import resource
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +28,8 @@ from mmu_core.guest.machine import DATA_GPA, DATA_SLOT, MachineSpec, build_machi
 from mmu_core.host import Backing
 from mmu_core.hw import cpu as C
 from mmu_core.params import Params, configuration_name, report_params
-from mmu_core.report.models import NamedTime, TimeSplit, WallClock
+from mmu_core.report.models import NamedTime, TimeSplit
+from mmu_core.report.wall import Stopwatch
 from mmu_core.sim import Channel, Completion, CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.workloads.demand_paging import (
@@ -220,7 +219,7 @@ class Selftest:
 
     def __init__(self, opts: SelftestOptions, params: Params, cost: CostModel | None,
                  progress: Progress | None = None, rounds: int = 1, **vm_options) -> None:
-        self.wall0 = time.perf_counter()
+        self.stopwatch = Stopwatch()
         self.opts = opts
         self.params = params
         spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.test_bytes(), backing=opts.backing)
@@ -353,7 +352,6 @@ class Selftest:
                               for f in TimeSplit.model_fields})
         results = [np.concatenate(rows) if rows else np.zeros((0, C.RES_COLS), np.int64)
                    for rows in self.digest_rows]
-        wall = time.perf_counter() - self.wall0
         nfaults = sum(faults.values())
         return dict(
             configuration=configuration_name(self.params), params=report_params(self.params),
@@ -364,9 +362,7 @@ class Selftest:
             faults=faults, exits=exits, time=summed,
             mappings_by_level=mappings_by_level(stats), backend_stats=stats,
             tlb_flushes=vm.tlb_flushes, digest=guest_digest(vm, results),
-            wall=WallClock(seconds=wall, sim_faults_per_sec=nfaults / wall if wall else 0.0,
-                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                           * 1024))
+            wall=self.stopwatch.figures(nfaults))
 
     def close(self) -> None:
         self.vm.destroy()
