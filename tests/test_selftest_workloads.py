@@ -216,7 +216,8 @@ def test_other_schedules_do_not_change_what_the_guest_sees(policy):
     (["run", "dirty-log-perf", "-b", "lots"], "-b: cannot parse size 'lots'"),
     (["run", "dirty-log-perf", "-s", "thp", "-b", "1M"], "-b: 1048576 is not a multiple of the thp"),
     (["run", "dirty-log-perf", "-s", "shm"], "-s: String should match pattern"),
-    (["run", "dirty-log-perf", "-b", "100T"], "-b: 102400 GiB of guest memory and its page tables do not fit"),
+    (["run", "dirty-log-perf", "-b", "100T"], "-b: 102400 GiB of guest memory and its page "
+     "tables do not fit"),
     (["run", "access-tracking-perf", "-b", "0"], "-b: Input should be greater than 0"),
     (["run", "memslot-modification-stress", "-i", "0"], "-i: Input should be greater than or "
      "equal to 1"),

@@ -710,3 +710,13 @@ class Engine:
             cmpxchg_failures=total("cmpxchg_failures"), cpu_ns=total("cpu_ns"),
         )
         return EngineStats(now=self.now, tasks=per_task, totals=totals)
+
+
+#: The switch-point primitives as this module defines them, taken when it is loaded, before
+#: anything can wrap one (tests wrap `delay` to interrupt a run at a chosen step): the
+#: compiled loop reproduces exactly these, and leaves an engine whose class or instance has
+#: others to the exact engine (fastloop.unsupported). Taken here, not where the loop is
+#: imported, which may come after a wrapper is installed.
+SWITCH_PRIMITIVES = {name: Engine.__dict__[name] for name in
+                     ("delay", "block", "wake", "atomic", "yield_now", "_park", "_schedule",
+                      "_yield")}

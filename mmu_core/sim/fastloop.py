@@ -27,6 +27,7 @@ from mmu_core.arch.x86 import ept as EPT
 from mmu_core.host.memory import FRAME_FREE, NO_SLOT, Purpose
 from mmu_core.hw import cpu as C
 from mmu_core.hw import walker as W
+from mmu_core.sim.engine import SWITCH_PRIMITIVES
 
 _GUEST_DATA = int(Purpose.GUEST_DATA)
 MMU_PT = int(Purpose.MMU_PT)  # the purpose a kernel allocates table pages for
@@ -1169,17 +1170,6 @@ class StreamedResults(PerVcpu):
         return res
 
 
-def _engine_primitives() -> dict:
-    from mmu_core.sim.engine import Engine
-
-    return {name: getattr(Engine, name) for name in
-            ("delay", "block", "wake", "atomic", "yield_now", "_park", "_schedule", "_yield")}
-
-
-#: the engine's switch-point primitives as defined: the loop reproduces these, not a wrapper
-_PRIMITIVES = _engine_primitives()
-
-
 def kernels_of(vm):
     """The backend's compiled kernels (the mmu_compiled_kernels hook), or None."""
     if not vm.hook.mmu_compiled_kernels.get_hookimpls():
@@ -1202,7 +1192,7 @@ def unsupported(vm, kernels) -> str | None:
     if engine.trace_enabled or engine.step_hook is not None or vm.recorder is not None:
         return "the run is traced, audited between steps or recorded"
     if engine.__dict__ or any(getattr(type(engine), name) is not fn
-                              for name, fn in _PRIMITIVES.items()):
+                              for name, fn in SWITCH_PRIMITIVES.items()):
         # a primitive replaced on the instance or the class (tests wrap delay to interrupt a
         # run at a chosen switch point)
         return "the engine's primitives are instrumented"
