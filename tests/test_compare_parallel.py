@@ -124,8 +124,10 @@ def test_ctrl_c_stops_every_worker(after):
     """Ctrl-C (SIGINT to the whole foreground group) while the workers start up, and while
     they run: exit 130, one line, and no process of the command left."""
     proc = subprocess.Popen(
+        # the exact engine: 10-20 s per run, so the 6 s Ctrl-C lands inside it (the compiled
+        # loop may finish first on an idle machine)
         [sys.executable, "-m", "cli", "compare", "demand-paging", "-v", "8", "-b", "64M",
-         "--configs", "tdp,legacy", "-j", "2"],
+         "--configs", "tdp,legacy", "-j", "2", "--engine", "exact"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while len(_session(proc.pid)) < 3 and time.monotonic() < deadline:  # mmu + 2 workers
