@@ -58,7 +58,9 @@ class RecoveryWorker:
         self._stop = False
 
     def start(self) -> None:
-        if self.period_ns is None:
+        """Spawn the worker, once: a second start (a backend re-initialised on the same VM)
+        must not make a second worker zap at twice the rate."""
+        if self.period_ns is None or self.task is not None:
             return
         self.task = self.vm.engine.spawn("kvm-nx-lpage-recovery", self._loop, daemon=True)
 

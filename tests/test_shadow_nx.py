@@ -93,6 +93,17 @@ def test_the_recovery_worker_lets_the_legacy_mmu_map_huge_again():
         m.vm.destroy()
 
 
+def test_the_worker_starts_once():
+    m = _machine(True, nx_huge_pages_recovery_period_ms=1, nx_huge_pages_recovery_ratio=1)
+    try:
+        worker = _mmu(m).nx_worker
+        worker.start()  # again: no second worker zapping at twice the rate
+        names = [t.name for t in m.vm.engine.tasks]
+        assert names.count("kvm-nx-lpage-recovery") == 1 and worker.task.name in names
+    finally:
+        m.vm.destroy()
+
+
 def test_without_a_ratio_the_worker_does_not_run():
     m = _machine(True, nx_huge_pages_recovery_period_ms=1, nx_huge_pages_recovery_ratio=0)
     try:
