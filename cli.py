@@ -273,7 +273,7 @@ def _run_configs(chosen: list[tuple[str, Params]], jobs: int, runner, args, opts
     workers = min(_workers(jobs), len(chosen))
     if workers <= 1 or any(plugins.local_to_this_process(p) for _, p in chosen):
         return [in_process(name, p) for name, p in chosen]
-    parallel.check_parallel_memory([parallel.host_bytes(opts)] * len(chosen), workers,
+    parallel.check_parallel_memory([parallel.host_bytes(opts, p) for _, p in chosen], workers,
                                    demand_paging.host_bytes_available(), "configurations")
     # A runner that takes a progress callback always gets one, as _run_one gives it: the
     # demand-paging runner runs its vCPUs in more slices (more steps) when it has one.
@@ -901,7 +901,7 @@ def _render(reports: list[DemandPagingReport]) -> None:
                                              else ""))
     row("wall time", lambda r: f"{r.wall.seconds:.2f} s")
     row("simulated faults / wall s", lambda r: f"{r.wall.sim_faults_per_sec:,.0f}")
-    row("per fault: CPU, peak RSS / page", _per_fault)
+    row("per fault: CPU; process peak RSS / page", _per_fault)
     out.print(table)
 
 

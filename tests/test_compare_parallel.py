@@ -89,6 +89,13 @@ def test_bad_jobs_and_too_much_memory_are_one_line_each(capsys, monkeypatch):
     [line] = err.strip().splitlines()
     assert line.startswith("mmu: error: jobs: 2 configurations at once need about 1.")
     assert "use fewer --jobs" in line
+    # Shadow paging has no compiled kernels: it is planned at the exact engine's 1 KiB per
+    # page (656 MiB at 1 GiB), tdp at the compiled loop's (449 MiB): together too much.
+    code, out, err = mmu_here(capsys, "compare", "demand-paging", "-b", "1G", "--configs",
+                              "tdp,shadow", "-j", "2")
+    assert code == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith("mmu: error: jobs: 2 configurations at once need about 1.1 GiB")
 
 
 def test_an_error_inside_a_worker_is_the_serial_runs_one_line(capsys, tmp_path, spied):

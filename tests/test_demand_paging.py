@@ -277,7 +277,7 @@ def test_an_interrupted_vm_is_freed_and_an_uninterrupted_one_completes():
 
 def test_the_page_table_slot_moves_above_data_it_cannot_fit_below(monkeypatch):
     # Up to about 256 GiB of data the guest's page tables sit below it, at gpa 0 (the layout
-    # every other test pins). The seed's 416 x 4 GiB needs 7 GB of tables: they go above the
+    # every other test pins). The seed's 416 x 4 GiB needs a 7 GB slot for them: it goes above the
     # data, and so does the guest's window onto them (PT_GVA_64 + gpa), clear of the data's
     # identity map.
     from mmu_core.guest.machine import DATA_GPA, pt_slot_gpa, pt_slot_size
@@ -294,3 +294,20 @@ def test_the_page_table_slot_moves_above_data_it_cannot_fit_below(monkeypatch):
     monkeypatch.setattr(dp, "host_bytes_available", lambda: 1 << 45)
     opts = DemandPagingOptions(vcpus=416, bytes_per_vcpu=4 << 30)  # accepted, not refused
     assert opts.guest_bytes() == 416 << 32
+
+
+def test_a_run_planned_compiled_but_sent_to_the_exact_engine_is_checked_again(monkeypatch):
+    # With a mutant seeded the core refuses the compiled loop, which the options cannot show:
+    # the run is planned at the compiled loop's bytes per page, built, then refused with the
+    # exact engine's figure instead of running out of memory.
+    from mmu_core import mutants
+    from mmu_core.errors import InvalidConfig
+
+    opts = DemandPagingOptions(vcpus=1, bytes_per_vcpu=1 << 30, uffd=False)
+    assert dp.may_stream(opts, CONFIGURATIONS["tdp"])
+    have = (dp.host_bytes_needed(1 << 30, True) + dp.host_bytes_needed(1 << 30)) // 2
+    monkeypatch.setattr(dp, "host_bytes_available", lambda: have)
+    with mutants.enabled("no-flush-after-zap"), pytest.raises(InvalidConfig) as exc:
+        run_demand_paging(opts, CONFIGURATIONS["tdp"])
+    assert exc.value.field == "engine" and "a mutant is active" in str(exc.value)
+    assert "on the exact engine it needs about 0.6 GiB" in str(exc.value)

@@ -156,6 +156,22 @@ def test_ksm_shares_equal_pages_read_only_and_a_write_copies():
     assert_consistent(mm)
 
 
+def test_ksm_shares_a_page_at_most_max_page_sharing_times():
+    from mmu_core.host.mm import KSM_MAX_PAGE_SHARING
+
+    mm, mem, _ = new_mm()
+    r = mm.mmap((KSM_MAX_PAGE_SHARING + 2) * 4096)
+    pages = [r.start + 4096 * i for i in range(KSM_MAX_PAGE_SHARING + 1)]
+    pk = mm.populate(pages[0], tag=7)
+    for hva in pages[1:]:
+        mm.populate(hva, tag=7)
+    assert all(mm.ksm_merge(pages[0], hva) for hva in pages[1:-1])
+    assert int(mem.mapcount[pk]) == KSM_MAX_PAGE_SHARING
+    assert not mm.ksm_merge(pages[0], pages[-1])  # full: the page stays its own
+    assert mm.lookup(pages[-1]) != pk and int(mem.mapcount[pk]) == KSM_MAX_PAGE_SHARING
+    assert_consistent(mm)
+
+
 def test_ksm_refuses_pages_with_different_contents():
     mm, mem, rec = new_mm()
     r = mm.mmap(16 * 4096)

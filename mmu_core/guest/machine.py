@@ -52,7 +52,7 @@ def pt_slot_gpa(data_size: int, pt_size: int) -> int:
     """Where the page-table slot goes: at gpa 0 when it fits below the data (every
     configuration up to about 256 GiB of data, the layout the tests pin), else on the first
     1 GiB boundary above the data, so that the guest's window onto it (PT_GVA_64 + gpa)
-    lies above the data's identity map too (the seed's 416 x 4 GiB needs 7 GB of tables)."""
+    lies above the data's identity map too (the seed's 416 x 4 GiB needs a slot of 7 GB)."""
     if pt_size <= DATA_GPA and DATA_GPA + data_size <= PT_GVA_64:
         return 0
     return (DATA_GPA + data_size + (1 << 30) - 1) & ~((1 << 30) - 1)

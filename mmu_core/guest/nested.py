@@ -137,8 +137,12 @@ def run_in_l2(machine, prefault: bool = True) -> L2Guest:
     them (every first touch reflected to L1)."""
     from mmu_core.guest.machine import DATA_GPA  # machine imports nothing from here
 
+    pts = machine.pts
     ranges = [(0, 1 << 32), (DATA_GPA, machine.spec.data_size)] if prefault else None
-    l2 = L1Hypervisor(machine.pts).new_l2(prefault=ranges, level=3)
+    if prefault and pts.base_gfn << 12 >= 1 << 32:
+        # the guest's page tables sit above the data (over 256 GiB: machine.pt_slot_gpa)
+        ranges.append((pts.base_gfn << 12, (pts.end_gfn - pts.base_gfn) << 12))
+    l2 = L1Hypervisor(pts).new_l2(prefault=ranges, level=3)
     for vcpu in machine.vm.vcpus:
         vcpu.enter_l2(l2)
     return l2

@@ -69,7 +69,7 @@ class HostMemory:
         self.order = np.full(initial_frames, -1, dtype=np.int8)
         # Per frame, meaningful at an allocation's base: how many mappings hold it. Two bytes
         # (0.9 GB less at the seed's 436 M frames): a page is mapped once but for KSM, which
-        # Linux caps at max_page_sharing (256 by default); get() refuses to wrap.
+        # stops at max_page_sharing (256, HostMM.ksm_merge); get() refuses to wrap.
         self.mapcount = np.zeros(initial_frames, dtype=MAPCOUNT_DTYPE)
         # Per frame: the Purpose of the live allocation it belongs to, or FRAME_FREE.
         self.frame_state = np.full(initial_frames, FRAME_FREE, dtype=np.int8)

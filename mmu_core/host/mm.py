@@ -167,6 +167,11 @@ class _EventLock:
             self.held, self.owner = False, None
 
 
+#: /sys/kernel/mm/ksm/max_page_sharing's default (mm/ksm.c, ksm_max_page_sharing): the most
+#: mappings KSM lets share one page
+KSM_MAX_PAGE_SHARING = 256
+
+
 def _grown(a: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(n, dtype=a.dtype)
     out[:len(a)] = a
@@ -673,7 +678,7 @@ class HostMM:
                     raise UnsupportedHostEvent(f"ksm_merge({hva:#x}): KSM does not merge hugetlbfs")
             k, d = self.index(hva_keep), self.index(hva_dup)
             pk, pd = int(self.hva_pfn[k]), int(self.hva_pfn[d])
-            if k == d or NO_PFN in (pk, pd) or pk == pd or not self.memory.same_contents(pk, pd):
+            if k == d or not self._mergeable(pk, pd):
                 return False
             self._delay(self.cost.ksm_merge)
             for i in (k, d):
@@ -682,7 +687,7 @@ class HostMM:
             ranges = [(self.hva_at(k), self.hva_at(k) + 4096), (self.hva_at(d), self.hva_at(d) + 4096)]
             with self._invalidate(ranges, "ksm_merge"):
                 pk, pd = int(self.hva_pfn[k]), int(self.hva_pfn[d])
-                if NO_PFN in (pk, pd) or pk == pd or not self.memory.same_contents(pk, pd):
+                if not self._mergeable(pk, pd):
                     return False
                 self._unshare(pd, d)
                 self._sharers.setdefault(pk, {k}).add(d)
@@ -692,6 +697,13 @@ class HostMM:
                 self.memory.put(pd)
                 self.stats.ksm_merges += 1
             return True
+
+    def _mergeable(self, pk: int, pd: int) -> bool:
+        """Both mapped, distinct, equal in contents, and the kept page shared by fewer than
+        max_page_sharing mappings (KSM then starts another copy; the model does not merge)."""
+        return (NO_PFN not in (pk, pd) and pk != pd
+                and int(self.memory.mapcount[pk]) < KSM_MAX_PAGE_SHARING
+                and self.memory.same_contents(pk, pd))
 
     def split_huge_page(self, hva: int) -> bool:
         """Split the THP mapped huge at hva into 512 small mappings of the same frames

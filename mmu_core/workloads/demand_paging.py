@@ -94,10 +94,21 @@ class DemandPagingOptions(ScheduleFields):
     def guest_bytes(self) -> int:
         return self.vcpus * self.bytes_per_vcpu
 
-    def host_bytes(self) -> int:
-        """What the run needs at the least (on the compiled loop, unless the engine is
-        exact); a run that auto sends to the exact engine is checked again then."""
-        return host_bytes_needed(self.guest_bytes(), self.engine != "exact", self.vcpus)
+    def host_bytes(self, params: Params | None = None) -> int:
+        """What the run needs: on the compiled loop if it may take the run (may_stream;
+        without `params`, unless the engine is exact: the least the run could need)."""
+        streamed = may_stream(self, params) if params is not None else self.engine != "exact"
+        return host_bytes_needed(self.guest_bytes(), streamed, self.vcpus)
+
+
+def may_stream(opts: DemandPagingOptions, params: Params) -> bool:
+    """Whether the compiled loop may take a run, judged from its options and parameters
+    alone (docs/fastloop.md, Status: fifo or random, 4 KiB anonymous backing, no nesting,
+    the tdp or legacy kernel, EPT A/D bits on), for the memory it is planned with. The run
+    itself decides (fastloop.unsupported), and is checked again if it then goes exact."""
+    return (opts.engine != "exact" and opts.policy in ("fifo", "random")
+            and opts.backing == "anon" and opts.nested == "off" and params.ept
+            and params.ept_ad and params.backend in ("tdp", "shadow"))
 
 
 def check_guest_memory(field: str, total: int, mode: str = "4level", streamed: bool = False,
@@ -283,6 +294,8 @@ def run_demand_paging(
     if opts.nested != "off" and not params.ept:
         raise InvalidConfig("nested", "nested EPT needs EPT in L0: run it with the tdp or "
                             "legacy configuration (--configs tdp,legacy)")
+    if not may_stream(opts, params):  # planned for the exact engine: checked before building
+        check_guest_memory("bytes_per_vcpu", spec.data_size, opts.mode)
     machine = build_machine(spec, config)
     vm = machine.vm
     try:
@@ -311,7 +324,10 @@ def run_demand_paging(
         if opts.engine == "exact" or why_not is not None:
             engine_used = "exact"
             need = host_bytes_needed(spec.data_size)
-            if why_not is not None and need > host_bytes_available():
+            # Planned for the compiled loop, refused for a reason the options do not show:
+            # checked again (the machine is built by now, so this errs on the side of refusing)
+            if why_not is not None and may_stream(opts, params) \
+                    and need > host_bytes_available():
                 raise InvalidConfig("engine", f"the compiled loop cannot run this ({why_not}), "
                                     f"and on the exact engine it needs about "
                                     f"{need / 2**30:.1f} GiB of host memory for the model: "

@@ -73,13 +73,14 @@ def guest_bytes(opts: Any) -> int:
     return 0
 
 
-def host_bytes(opts: Any) -> int:
-    """The host memory a run with `opts` needs for the model: its own estimate when the
-    workload has one (demand paging: less on the compiled loop), else by its test memory."""
+def host_bytes(opts: Any, params: Any = None) -> int:
+    """The host memory a run with `opts` (under `params`) needs for the model: its own
+    estimate when the workload has one (demand paging: less on the compiled loop, when it
+    may take the run), else by its test memory."""
     from mmu_core.workloads.demand_paging import host_bytes_needed
 
     if hasattr(opts, "host_bytes"):
-        return int(opts.host_bytes())
+        return int(opts.host_bytes(params))
     return host_bytes_needed(guest_bytes(opts))
 
 

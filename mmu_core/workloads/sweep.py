@@ -104,7 +104,8 @@ def sweep(configs: list[str | tuple[str, Params]], vcpu_counts: list[int],
 
     args = [(by_name[p.configuration].model_dump(), per_point[p.vcpus]) for p in todo]
     if not scheduler:  # on a Dask cluster the workers' machines decide
-        check_parallel_memory([host_bytes(DemandPagingOptions(**per_point[p.vcpus])) for p in todo], workers,
+        check_parallel_memory([host_bytes(DemandPagingOptions(**per_point[p.vcpus]),
+                                          by_name[p.configuration]) for p in todo], workers,
                               host_bytes_available())
     if scheduler:
         try:
