@@ -272,7 +272,7 @@ def _run_configs(chosen: list[tuple[str, Params]], jobs: int, runner, args, opts
 
     workers = min(_workers(jobs), len(chosen))
     if workers <= 1 or any(plugins.local_to_this_process(p) for _, p in chosen):
-        return [_collected(in_process, name, p) for name, p in chosen]
+        return [in_process(name, p) for name, p in chosen]
     parallel.check_parallel_memory([parallel.host_bytes(opts, p) for _, p in chosen], workers,
                                    demand_paging.host_bytes_available(), "configurations")
     # A runner that takes a progress callback always gets one, as _run_one gives it: the
@@ -287,17 +287,6 @@ def _run_configs(chosen: list[tuple[str, Params]], jobs: int, runner, args, opts
         return parallel.run_parallel(
             jobs_, workers, lambda i, done, total: bar.update(tasks[i], completed=done,
                                                               total=total))
-
-
-def _collected(in_process, name, params):
-    """One configuration's run in this process, after a full collection: a finished run's VM
-    is garbage in reference cycles (engine, tasks, backend) that hold its arrays until the
-    collector's next full pass, and the next run must not start on top of them (at the
-    seed's scale, 20 GB)."""
-    import gc
-
-    gc.collect()
-    return in_process(name, params)
 
 
 def _compare_out(workload: str, reports: list, plot: Path | None, json: bool, render) -> None:

@@ -156,7 +156,7 @@ def test_ctrl_c_stops_every_worker(after):
 def test_in_process_runs_collect_the_previous_runs_garbage_first(capsys, monkeypatch):
     # A finished run's VM is garbage in reference cycles that hold its arrays until a full
     # collection: at 416 x 256 MiB, tdp then legacy peaked at 3.09 GB without one and at
-    # 1.88 GB (the larger run alone) with one before each run.
+    # 1.88 GB (the larger run alone) with one before each run (heap.collect_earlier_runs).
     import gc
 
     calls = []

@@ -45,7 +45,7 @@ from mmu_core.sim.cost import CostModel
 from mmu_core.testing.parity import guest_digest
 from mmu_core.types import MMUStats
 from mmu_core.workloads.fixed_phases import fixed_phases
-from mmu_core.workloads.heap import frozen_setup
+from mmu_core.workloads.heap import collect_earlier_runs, frozen_setup
 from mmu_core.workloads.host_figures import host_figures
 
 MODES = {name: i for i, name in enumerate(P.MODE_NAMES)}
@@ -285,6 +285,7 @@ def run_demand_paging(
     cost: CostModel | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DemandPagingReport:
+    collect_earlier_runs()
     stopwatch = Stopwatch()
     spec = MachineSpec(vcpus=opts.vcpus, data_size=opts.vcpus * opts.bytes_per_vcpu,
                        backing=opts.backing, mode=MODES[opts.mode], userfault=opts.uffd,

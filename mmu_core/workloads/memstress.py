@@ -40,7 +40,7 @@ from mmu_core.workloads.demand_paging import (
     schedule_figures,
     vcpu_counts,
 )
-from mmu_core.workloads.heap import frozen_setup
+from mmu_core.workloads.heap import collect_earlier_runs, frozen_setup
 
 DATA_GFN = DATA_GPA >> 12
 #: the selftests' names of the backing sources (vm_mem_backing_src_alias)
@@ -219,6 +219,7 @@ class Selftest:
 
     def __init__(self, opts: SelftestOptions, params: Params, cost: CostModel | None,
                  progress: Progress | None = None, rounds: int = 1, **vm_options) -> None:
+        collect_earlier_runs()
         self.stopwatch = Stopwatch()
         self.opts = opts
         self.params = params
