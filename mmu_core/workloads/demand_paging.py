@@ -295,7 +295,8 @@ def run_demand_paging(
     if opts.nested != "off" and not params.ept:
         raise InvalidConfig("nested", "nested EPT needs EPT in L0: run it with the tdp or "
                             "legacy configuration (--configs tdp,legacy)")
-    if not may_stream(opts, params):  # planned for the exact engine: checked before building
+    if opts.engine == "auto" and not may_stream(opts, params):
+        # planned for the exact engine: checked before anything is built
         check_guest_memory("bytes_per_vcpu", spec.data_size, opts.mode)
     machine = build_machine(spec, config)
     vm = machine.vm

@@ -29,7 +29,7 @@ from mmu_core.params import Params, configuration_name
 from mmu_core.report.models import Frozen, TimeSplit
 from mmu_core.testing.parity import guest_digest
 from mmu_core.workloads.demand_paging import _split
-from mmu_core.workloads.heap import frozen_setup
+from mmu_core.workloads.heap import collect_earlier_runs, frozen_setup
 
 _KINDS = {"I": (C.OP_FETCH,), "L": (C.OP_READ,), "S": (C.OP_WRITE,), "M": (C.OP_READ, C.OP_WRITE)}
 
@@ -94,6 +94,7 @@ def parse_lackey(path: str | Path, limit: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 def run_trace(path: str | Path, opts: TraceOptions, params: Params) -> TraceReport:
+    collect_earlier_runs()
     wall0 = time.perf_counter()
     ops, addrs, lines = parse_lackey(path, opts.limit)
     pages, index = np.unique(addrs >> 12, return_inverse=True)
