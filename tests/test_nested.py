@@ -417,6 +417,28 @@ def test_huge_ept02_leaves_follow_ept12_and_the_host(config):
         m.vm.destroy()
 
 
+def test_eager_ept12_covers_page_tables_above_the_data():
+    """Over about 256 GiB of data the guest's page tables sit above it (machine.pt_slot_gpa);
+    memstress_setup_ept's eager EPT12 must map that slot too, or every page-table page L2's
+    walks touch is a reflected EPT violation. 300 GiB of data (only the touched page is
+    backed; the machine's own tables take about 1.8 GB and 15 s to build)."""
+    from mmu_core.guest.nested import run_in_l2
+
+    size = 300 << 30
+    m = build_machine(MachineSpec(vcpus=1, data_size=size), VMConfig(params=CONFIGURATIONS["tdp"]))
+    try:
+        assert m.pts.base_gfn << 12 >= DATA_GPA + size  # the slot is above the data
+        l2 = run_in_l2(m, prefault=True)
+        p = Program()
+        p.write(DATA_GPA + size - 4096, 7)
+        p.read(DATA_GPA + size - 4096)
+        res = m.run_programs([p.build()])[0]
+        assert int(res[-1, 0]) == 7
+        assert l2.reflected == 0 and "reflected_to_l1" not in m.vm.vcpus[0].exits
+    finally:
+        m.vm.destroy()
+
+
 def _walk_ept12_python(vm, eptp, l2gpa):
     """The EPT12 walk read entry by entry through kvm_read_guest (the Python reading the
     jitted walk replaced): (l1 gpa or None, permissions, path)."""
