@@ -469,6 +469,9 @@ def mmu_compiled_kernels(vm):
       statistics), so that audits, reports and teardown see what the Python code would have
       left.
 
+    Define ``kernel`` at the top level of a module: the loop is generated with it imported by
+    name, so numba's disk cache keeps it (``fastloop._loop_module``).
+
     The kernel must reproduce the backend's Python fault path switch point by switch point:
     tests/test_fastloop.py runs both engines and compares every virtual time. Optional.
     """

@@ -341,3 +341,48 @@ def test_a_small_allocation_log_flushed_between_slices_agrees(monkeypatch):
     _same(exact, compiled)
     exact, compiled = _both("tdp", vcpus=2, bytes_per_vcpu=64 * 4096, uffd=True)
     _same(exact, compiled)
+
+
+def test_a_kernel_not_importable_by_name_runs_uncached(monkeypatch):
+    # A kernel defined in a function (a plugin author's experiment) cannot be named by the
+    # loop's generated module: the loop is compiled in-process with it as an argument.
+    from numba import njit
+
+    from mmu_core.sim import fastloop
+    from mmu_tdp import compiled as tdp_compiled
+
+    inner = tdp_compiled.tdp_kernel
+
+    @njit(_nrt=False)
+    def local_kernel(op, t, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
+                     mapcount, frame_state, log, hva_pfn, hva_writable):
+        return inner(op, t, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
+                     mapcount, frame_state, log, hva_pfn, hva_writable)
+
+    opts = dict(vcpus=2, bytes_per_vcpu=16 * 4096, uffd=True)
+    named = run_demand_paging(DemandPagingOptions(engine="compiled", **opts), configuration("tdp"))
+    monkeypatch.setattr(tdp_compiled.TdpCompiled, "kernel", staticmethod(local_kernel))
+    local = run_demand_paging(DemandPagingOptions(engine="compiled", **opts), configuration("tdp"))
+    assert None in fastloop._LOOP_MODULES  # the in-process loop ran
+    a, b = named.model_dump(exclude={"wall"}), local.model_dump(exclude={"wall"})
+    assert a == b and local.wall.engine == "compiled"
+
+
+def test_the_loop_comes_from_numbas_cache_in_a_new_process(tmp_path):
+    # The point of the generated loop module: a second process loads the compiled loop from
+    # disk instead of compiling it again (about 5 s). Each process reports its cache hits.
+    import subprocess
+    import sys
+
+    script = (
+        "from mmu_core.params import configuration\n"
+        "from mmu_core.sim import fastloop\n"
+        "from mmu_core.workloads.demand_paging import DemandPagingOptions, run_demand_paging\n"
+        "r = run_demand_paging(DemandPagingOptions(vcpus=2, bytes_per_vcpu=8 * 4096,"
+        " engine='compiled'), configuration('legacy'))\n"
+        "(m,) = [m for k, m in fastloop._LOOP_MODULES.items() if k is not None]\n"
+        "print(r.wall.engine, sum(m.run_loop.stats.cache_hits.values()), r.digest)\n")
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=600, check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == runs[1][0] == "compiled" and runs[0][2] == runs[1][2]
+    assert int(runs[1][1]) == 1  # the second process compiled nothing

@@ -16,6 +16,7 @@ What it supports is decided by `unsupported()`: anything else runs on the exact 
 from __future__ import annotations
 
 import heapq
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -640,11 +641,7 @@ def _max_level(slots, gfn, host_level):
     return 1
 
 
-# Not cached: numba's cache cannot serve a function taking another jitted function (each
-# process compiles it once anyway), and with two backends' kernels its index holds dispatcher
-# types from other processes that fail to pickle again ("underlying object has vanished")
-@njit(_nrt=False)
-def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, gen, WP, WR, MIS,
+def _run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, gen, WP, WR, MIS,
              regs, tlbs,
              xinfos, hwstats, ept_ad, root_levels, slots, hva_base, hva_pfn, hva_level,
              hva_writable, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slot, tag,
@@ -1115,6 +1112,88 @@ def run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bound
     return E[E_LIVE]
 
 
+_LOOP_MODULES: dict = {}
+
+
+def run_loop(kernel, *args):
+    """`_run_loop` with this kernel (see _loop_module)."""
+    fn = kernel.py_func
+    module = None
+    if "." not in fn.__qualname__ and fn.__module__ != "__main__":
+        try:
+            module = _loop_module(kernel)
+        except OSError:
+            pass  # the cache directory is not writable: as below
+    if module is None:
+        # not importable by name (defined in a function, or in a script): compiled in this
+        # process with the kernel as an argument, not cached
+        loop = _LOOP_MODULES.get(None)
+        if loop is None:
+            loop = _LOOP_MODULES[None] = njit(_nrt=False)(_run_loop)
+        return loop(kernel, *args)
+    return module.run_loop(*args)
+
+
+def _loop_module(kernel):
+    """A module whose `run_loop` is `_run_loop` with `kernel` bound as a global.
+
+    Passed as an argument, the kernel made numba specialise the loop on its dispatcher's type,
+    which the on-disk cache cannot key: every process compiled the loop afresh (about 5 s,
+    most of a small run's time). Typed as a first-class function instead it caches, but every
+    kernel call then goes through numba's C wrapper, 10-20% slower per fault. So each
+    backend's loop is written out as a module of its own (under numba's cache directory,
+    which is keyed by the core's sources) that imports its kernel by name: numba caches it like
+    any jitted function, and the kernel is called directly. The file's name carries a hash of
+    the loop's source and of every file of the kernel's package, so that a changed kernel
+    gets a new loop rather than stale machine code that may have inlined the old one.
+    """
+    fn = kernel.py_func
+    key = (fn.__module__, fn.__qualname__)
+    module = _LOOP_MODULES.get(key)
+    if module is not None:
+        return module
+    import hashlib
+    import importlib.util
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import numba
+
+    body = inspect.getsource(_run_loop)
+    assert body.startswith("def _run_loop(kernel, ")
+    body = "def run_loop(" + body[len("def _run_loop(kernel, "):]
+    digest = hashlib.sha256(body.encode())
+    package = Path(sys.modules[fn.__module__].__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.read_bytes())
+    name = f"mmu_loop_{fn.__module__.replace('.', '_')}_{fn.__name__}_{digest.hexdigest()[:16]}"
+    directory = Path(numba.config.CACHE_DIR or tempfile.gettempdir()) / "mmu_loops"
+    path = directory / f"{name}.py"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        text = (f'"""The compiled demand-paging loop with {fn.__module__}.{fn.__qualname__} '
+                f'as its kernel: written by\nmmu_core.sim.fastloop._loop_module; do not '
+                f'edit."""\n\n'
+                f"from numba import njit\n\n"
+                f"from mmu_core.sim import fastloop as _fastloop\n"
+                f"from {fn.__module__} import {fn.__qualname__} as kernel\n\n"
+                f"globals().update((k, v) for k, v in vars(_fastloop).items()\n"
+                f"                 if not k.startswith('__') and k != 'run_loop')\n\n\n"
+                f"@njit(cache=True, _nrt=False)\n{body}")
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)  # atomic: a concurrent process writes the same text
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # numba's cache finds the loop's globals by module name
+    spec.loader.exec_module(module)
+    _LOOP_MODULES[key] = module
+    return module
+
+
 # --- the Python side: which runs it can take, and running one ---------------------------------
 #: steps per call of run_loop: Python reports progress and sees a Ctrl-C between calls (about 0.1 s)
 SLICE_STEPS = 100_000
@@ -1507,11 +1586,11 @@ def run_compiled(vm, kernels, stream: StreamSpec, chunks: int, progress=None,
     try:
         while Ea[E_LIVE] and not Ea[E_ERROR]:
             draws.refill()
-            run_loop(kernels.kernel, Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost,
-                     bounds, gen, WP, WR, MIS, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
-                     vm.root_levels(vcpus[0]),
-                     slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level, mm.hva_writable, ks, ksu,
-                     kg, kstats, *memory.args(), SLICE_STEPS)
+            args = (Ea, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, bounds, gen, WP,
+                    WR, MIS, regs, tlbs, xinfos, hwstats, vm.params.ept_ad,
+                    vm.root_levels(vcpus[0]), slot_arr, HVA_BASE, mm.hva_pfn, mm.hva_level,
+                    mm.hva_writable, ks, ksu, kg, kstats, *memory.args(), SLICE_STEPS)
+            run_loop(kernels.kernel, *args)
             memory.flush_log()
             if progress is not None:
                 now_done = int(T[:, T_CHUNK].sum() + T[:, T_FINISHED].sum())
