@@ -21,12 +21,20 @@ import enum
 
 import numpy as np
 
-from mmu_core.errors import HostStateError, OutOfMemory
+from mmu_core.errors import HostStateError, InvalidConfig, OutOfMemory
 
 ENTRIES_PER_TABLE = 512
 NO_SLOT = -1
 FRAME_FREE = -1  # frame_state of a frame outside every live allocation (free or never used)
 
+
+#: A pfn as the host's page tables store it (HostMM.hva_pfn, one per 4 KiB of hva): 4 bytes,
+#: 1.7 GB less than 8 at the seed's 436 M pages. So a machine has at most PFN_LIMIT frames
+#: (8 TiB; HostMemory refuses more). Take a pfn out with int() before any arithmetic: a numpy
+#: int32 shifted left by 12 wraps silently (NumPy 2 keeps the array's type), and jitted code
+#: widens it with np.int64 where it reads one.
+PFN_DTYPE = np.int32
+PFN_LIMIT = 1 << 31
 
 MAPCOUNT_DTYPE = np.int16
 MAPCOUNT_MAX = int(np.iinfo(MAPCOUNT_DTYPE).max)
@@ -53,7 +61,10 @@ class HostMemory:
     that is still mapped. `split` turns a huge allocation into single-frame ones (THP split).
     """
 
-    def __init__(self, max_frames: int = 1 << 34, initial_frames: int = 1 << 12) -> None:
+    def __init__(self, max_frames: int = PFN_LIMIT, initial_frames: int = 1 << 12) -> None:
+        if not 0 < max_frames <= PFN_LIMIT:
+            raise InvalidConfig("max_frames", f"{max_frames} frames: pfns are 4 bytes "
+                                f"(PFN_DTYPE), so at most {PFN_LIMIT} (8 TiB)")
         self.max_frames = max_frames
         self.tag = np.zeros(initial_frames, dtype=np.uint64)
         self.pt_slot = np.full(initial_frames, NO_SLOT, dtype=np.int32)
@@ -86,8 +97,6 @@ class HostMemory:
         else:
             base = (self._next_pfn + count - 1) & ~(count - 1)
             end = base + count
-            if end > self.max_frames:
-                raise OutOfMemory(f"host memory limit of {self.max_frames} frames reached")
             self._grow(end)
             self._next_pfn = end
         self.tag[base : base + count] = 0
@@ -191,10 +200,15 @@ class HostMemory:
         return bool(np.array_equal(ta, tb))
 
     def _grow(self, end: int) -> None:
+        """Make room for frames below `end` (the one place frames are grown: the allocator,
+        and the compiled loop's growth up front)."""
+        if end > self.max_frames:
+            raise OutOfMemory(f"host memory limit of {self.max_frames} frames reached" + (
+                " (the most 4-byte pfns name: 8 TiB)" if self.max_frames == PFN_LIMIT else ""))
         size = len(self.tag)
         if end <= size:
             return
-        new = max(end, size * 2)
+        new = min(max(end, size * 2), self.max_frames)
         tag = np.zeros(new, dtype=np.uint64)
         tag[:size] = self.tag
         slot = np.full(new, NO_SLOT, dtype=np.int32)

@@ -15,7 +15,9 @@ import numpy as np
 
 #: Pages of a memslot taken at a time: the digest's temporaries are a few arrays of this
 #: length, not of the slot's (at the seed's 416 x 4 GiB, whole-slot arrays were 10 GB).
-DIGEST_CHUNK = 1 << 22
+#: About 50 bytes a page: 1 M pages is 50 MB above the run's arrays at any scale (4 M was
+#: 200 MB, the run's peak RSS: measured by phase, docs/fastloop.md).
+DIGEST_CHUNK = 1 << 20
 
 
 def guest_digest(vm, results: list[np.ndarray], exclude: frozenset[int] = frozenset()) -> str:
