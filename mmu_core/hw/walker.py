@@ -46,7 +46,7 @@ from numba import njit
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
-from mmu_core.host.memory import PFN_DTYPE
+from mmu_core.host.memory import NO_SLOT, PFN_DTYPE
 from mmu_core.hw.tlb import PSC_EPT, PSC_LINEAR, TLB_COLS, psc_enabled, psc_fill, psc_lookup
 
 # --- register block passed to the walker (int64 array) ------------------------------------
@@ -150,7 +150,7 @@ def table_word(pt, pt_slot, pfn, idx):
     if pfn < 0 or pfn >= pt_slot.shape[0]:
         return np.int64(0)
     slot = pt_slot[pfn]
-    if slot < 0:
+    if slot == NO_SLOT:
         return np.int64(0)
     return np.int64(pt[slot, idx])
 
