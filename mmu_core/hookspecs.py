@@ -461,7 +461,8 @@ def mmu_compiled_kernels(vm):
       ``ks[t]``/``ksu[t]``, once the switch point has passed. It changes SPTEs only in
       ``pt`` (through ``pt_slot``) and allocates and frees table pages only with
       ``fastloop.mem_alloc``/``mem_table``/``mem_free``; ``hva_pfn`` and ``hva_writable``
-      (the host mm's page table, indexed by ``(hva - HVA_BASE) >> 12``) are read-only for
+      (the host mm's page table, indexed by ``(hva - HVA_BASE) >> 12``; pfns in 4 bytes,
+      ``host.memory.PFN_DTYPE``: widen one with ``np.int64`` before arithmetic) are read-only for
       it (the legacy MMU's prefetch looks up pages the host already maps);
     * ``unsupported(vm)``: None, or why this VM's configuration must run on the exact engine;
     * ``prepare(vm)``: its arrays ``(kg, kstats)``;

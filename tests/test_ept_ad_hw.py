@@ -16,6 +16,7 @@ from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
 from mmu_core.guest.machine import build_machine
 from mmu_core.guest.program import Program
+from mmu_core.host.memory import NO_SLOT
 from mmu_core.hw import cpu as C
 from mmu_core.hw import tlb as T
 from mmu_core.hw import walker as W
@@ -89,7 +90,7 @@ def test_without_ept_ad_the_walk_sets_guest_a_d_and_leaves_every_ept_entry_alone
     out = hw_walk(w, acc, ept_ad=False)
     assert out[W.OUT_STATUS] == W.W_OK
     guest_pfns = set(w.g.tables.values())
-    changed = {int(p) for p in np.flatnonzero(w.mem.pt_slot >= 0)
+    changed = {int(p) for p in np.flatnonzero(w.mem.pt_slot != NO_SLOT)
                if not np.array_equal(w.mem.pt[w.mem.pt_slot[p]], before[w.mem.pt_slot[p]])}
     assert changed == guest_pfns  # every guest table got its A bit, no EPT table changed
     entries = w.g.all_entries()

@@ -16,7 +16,7 @@ from walker_util import MODE_NAME, UPPER, Ept, Guest
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
-from mmu_core.host.memory import HostMemory
+from mmu_core.host.memory import NO_SLOT, HostMemory
 from mmu_core.hw import walker as W
 
 R, WR, X = E.EPT_READ, E.EPT_WRITE, E.EPT_EXEC
@@ -66,7 +66,7 @@ class World:
 
     def changes_since(self, before: np.ndarray) -> list[str]:
         """Every table entry that changed, as 'pfn[idx]: old -> new'."""
-        slot_pfn = {int(s): pfn for pfn, s in enumerate(self.mem.pt_slot) if s >= 0}
+        slot_pfn = {int(s): pfn for pfn, s in enumerate(self.mem.pt_slot) if s != NO_SLOT}
         rows, cols = np.nonzero(self.mem.pt != before)
         return [f"pfn {slot_pfn[int(r)]}[{int(c)}]: {int(before[r, c]):#x} -> {int(self.mem.pt[r, c]):#x}"
                 for r, c in zip(rows, cols, strict=True)]

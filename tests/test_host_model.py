@@ -120,6 +120,30 @@ def test_split_makes_each_frame_its_own_allocation_with_contents_in_place():
     assert mem.tables_in_use() == 0
 
 
+def test_table_slots_survive_growth_and_a_frame_without_one_reads_zeros():
+    # pt_slot holds 0 (NO_SLOT) for "no table" and is grown by copying only the table
+    # frames' slots; row 0 of pt belongs to no table and stays zero
+    from mmu_core.host.memory import NO_SLOT
+
+    mem = HostMemory(initial_frames=16)
+    first = [mem.alloc(Purpose.MMU_PT) for _ in range(3)]
+    for k, pfn in enumerate(first):
+        mem.table(pfn)[k] = 100 + k
+    plain = mem.alloc(Purpose.GUEST_DATA)
+    many = [mem.alloc(Purpose.MMU_PT) for _ in range(200)]  # grows the frames and the rows
+    for pfn in many:
+        mem.table(pfn)[1] = pfn
+    assert len(mem.pt_slot) >= many[-1] and len(mem.pt) > 64
+    assert [int(mem.table(p)[k]) for k, p in enumerate(first)] == [100, 101, 102]
+    assert all(mem.read_u64((p << 12) + 8) == p for p in many)
+    assert not mem.has_table(plain) and int(mem.pt_slot[plain]) == NO_SLOT
+    assert mem.read_u64((plain << 12) + 8) == 0 and not mem.pt[NO_SLOT].any()
+    assert mem.tables_in_use() == 203 and NO_SLOT not in mem.pt_slot[first + many]
+    for pfn in first + many:
+        mem.free(pfn)
+    assert mem.tables_in_use() == 0 and not mem.pt_slot.any()
+
+
 def test_copy_and_same_contents_cover_tags_and_tables():
     mem = HostMemory()
     a, b = mem.alloc(Purpose.GUEST_DATA), mem.alloc(Purpose.GUEST_DATA)

@@ -28,7 +28,7 @@ import pytest
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
-from mmu_core.host.memory import HostMemory, Purpose
+from mmu_core.host.memory import NO_SLOT, HostMemory, Purpose
 from mmu_core.hw import cpu as C
 from mmu_core.hw import tlb as T
 from mmu_core.hw import walker as W
@@ -250,7 +250,7 @@ def test_freeze_subtree_matches_a_plain_dfs(seed, frozen):
     assert u.tolist() == want_u
     for t in want_tables:
         assert (mem.table(t) == np.uint64(S.FROZEN_SPTE)).all()
-    others = [int(s) for p, s in enumerate(mem.pt_slot) if s >= 0 and p not in set(want_tables)]
+    others = [int(s) for p, s in enumerate(mem.pt_slot) if s != NO_SLOT and p not in set(want_tables)]
     assert np.array_equal(mem.pt[others], before[others])
 
 

@@ -18,15 +18,27 @@ in one numpy expression that nothing still points at a freed frame.
 from __future__ import annotations
 
 import enum
+import mmap
 
 import numpy as np
 
-from mmu_core.errors import HostStateError, OutOfMemory
+from mmu_core.errors import HostStateError, InvalidConfig, OutOfMemory
 
 ENTRIES_PER_TABLE = 512
-NO_SLOT = -1
+#: pt_slot of a frame that holds no table. Row 0 of `pt` is never handed out and stays zero,
+#: so such a frame reads as 512 zero entries through it; and 0 is what an untouched page
+#: holds, so the OS commits pt_slot's pages only where tables are (HostMemory._grow).
+NO_SLOT = 0
 FRAME_FREE = -1  # frame_state of a frame outside every live allocation (free or never used)
 
+
+#: A pfn as the host's page tables store it (HostMM.hva_pfn, one per 4 KiB of hva): 4 bytes,
+#: 1.7 GB less than 8 at the seed's 436 M pages. So a machine has at most PFN_LIMIT frames
+#: (8 TiB; HostMemory refuses more). Take a pfn out with int() before any arithmetic: a numpy
+#: int32 shifted left by 12 wraps silently (NumPy 2 keeps the array's type), and jitted code
+#: widens it with np.int64 where it reads one.
+PFN_DTYPE = np.int32
+PFN_LIMIT = 1 << 31
 
 MAPCOUNT_DTYPE = np.int16
 MAPCOUNT_MAX = int(np.iinfo(MAPCOUNT_DTYPE).max)
@@ -53,12 +65,15 @@ class HostMemory:
     that is still mapped. `split` turns a huge allocation into single-frame ones (THP split).
     """
 
-    def __init__(self, max_frames: int = 1 << 34, initial_frames: int = 1 << 12) -> None:
+    def __init__(self, max_frames: int = PFN_LIMIT, initial_frames: int = 1 << 12) -> None:
+        if not 0 < max_frames <= PFN_LIMIT:
+            raise InvalidConfig("max_frames", f"{max_frames} frames: pfns are 4 bytes "
+                                f"(PFN_DTYPE), so at most {PFN_LIMIT} (8 TiB)")
         self.max_frames = max_frames
         self.tag = np.zeros(initial_frames, dtype=np.uint64)
-        self.pt_slot = np.full(initial_frames, NO_SLOT, dtype=np.int32)
+        self.pt_slot = _uncommitted(initial_frames, np.int32)
         self.pt = np.zeros((64, ENTRIES_PER_TABLE), dtype=np.uint64)
-        self._free_slots: list[int] = list(range(63, -1, -1))
+        self._free_slots: list[int] = list(range(63, NO_SLOT, -1))
         self._next_pfn = 1  # pfn 0 stays unused so that a zero entry never names a real frame
         self._free: dict[int, list[int]] = {}
         self.frames_in_use = np.zeros(len(Purpose), dtype=np.int64)
@@ -86,8 +101,6 @@ class HostMemory:
         else:
             base = (self._next_pfn + count - 1) & ~(count - 1)
             end = base + count
-            if end > self.max_frames:
-                raise OutOfMemory(f"host memory limit of {self.max_frames} frames reached")
             self._grow(end)
             self._next_pfn = end
         self.tag[base : base + count] = 0
@@ -191,14 +204,20 @@ class HostMemory:
         return bool(np.array_equal(ta, tb))
 
     def _grow(self, end: int) -> None:
+        """Make room for frames below `end` (the one place frames are grown: the allocator,
+        and the compiled loop's growth up front)."""
+        if end > self.max_frames:
+            raise OutOfMemory(f"host memory limit of {self.max_frames} frames reached" + (
+                " (the most 4-byte pfns name: 8 TiB)" if self.max_frames == PFN_LIMIT else ""))
         size = len(self.tag)
         if end <= size:
             return
-        new = max(end, size * 2)
+        new = min(max(end, size * 2), self.max_frames)
         tag = np.zeros(new, dtype=np.uint64)
         tag[:size] = self.tag
-        slot = np.full(new, NO_SLOT, dtype=np.int32)
-        slot[:size] = self.pt_slot
+        slot = _uncommitted(new, np.int32)
+        tables = np.flatnonzero(self.pt_slot)  # copying the zeros would commit every page
+        slot[tables] = self.pt_slot[tables]
         mapcount = np.zeros(new, dtype=MAPCOUNT_DTYPE)
         mapcount[:size] = self.mapcount
         state = np.full(new, FRAME_FREE, dtype=np.int8)
@@ -237,7 +256,7 @@ class HostMemory:
         return self._free_slots.pop()
 
     def tables_in_use(self) -> int:
-        return len(self.pt) - len(self._free_slots)
+        return len(self.pt) - 1 - len(self._free_slots)  # row NO_SLOT is never in use
 
     def read_u64(self, hpa: int) -> int:
         pfn = hpa >> 12
@@ -247,3 +266,12 @@ class HostMemory:
 
     def write_u64(self, hpa: int, value: int) -> None:
         self.table(hpa >> 12)[(hpa & 0xFFF) >> 3] = np.uint64(value & ((1 << 64) - 1))
+
+
+def _uncommitted(n: int, dtype) -> np.ndarray:
+    """n zeros in pages of their own that the OS commits only when written: an anonymous
+    mmap, as numpy's zeros would be but without its madvise(MADV_HUGEPAGE), which commits
+    2 MiB at the first write. For pt_slot: 4 bytes per frame, of which only table frames
+    (1 in 256, in clusters: docs/fastloop.md) are written, so about 1 page in 100 is."""
+    nbytes = max(1, n) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype, count=n)

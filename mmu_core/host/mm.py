@@ -48,7 +48,7 @@ import numpy as np
 
 from mmu_core import mutants
 from mmu_core.errors import HostStateError, InvalidConfig, MMUError
-from mmu_core.host.memory import HostMemory, Purpose
+from mmu_core.host.memory import PFN_DTYPE, HostMemory, Purpose
 from mmu_core.sim.cost import DEFAULT_COSTS, CostModel
 from mmu_core.sim.sync import RWSem
 
@@ -172,8 +172,10 @@ class _EventLock:
 KSM_MAX_PAGE_SHARING = 256
 
 
-def _grown(a: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, dtype=a.dtype)
+def _grown(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
+    """`a` grown to n entries, the new ones `fill`. With fill 0 the OS commits the new pages
+    only as entries are set (hva_swapped at the seed's scale: 436 MB never touched)."""
+    out = np.zeros(n, dtype=a.dtype) if fill == 0 else np.full(n, fill, dtype=a.dtype)
     out[:len(a)] = a
     return out
 
@@ -186,7 +188,7 @@ class HostMM:
         self.engine = engine
         self.regions: list[Region] = []
         self._next = HVA_BASE
-        self.hva_pfn = np.full(0, NO_PFN, dtype=np.int64)
+        self.hva_pfn = np.full(0, NO_PFN, dtype=PFN_DTYPE)
         self.hva_level = np.zeros(0, dtype=np.int8)
         self.hva_writable = np.zeros(0, dtype=np.bool_)
         self.hva_swapped = np.zeros(0, dtype=np.bool_)
@@ -230,10 +232,7 @@ class HostMM:
         self._next = start + size
         need = (self._next - HVA_BASE) >> 12
         if need > len(self.hva_pfn):
-            self.hva_pfn = np.concatenate([self.hva_pfn, np.full(need - len(self.hva_pfn),
-                                                                 NO_PFN, dtype=np.int64)])
-            # Zero-filled arrays grown by copying into np.zeros: the OS commits their pages
-            # only as entries are set (hva_swapped at the seed's scale: 436 MB never touched).
+            self.hva_pfn = _grown(self.hva_pfn, need, NO_PFN)
             self.hva_level = _grown(self.hva_level, need)
             self.hva_writable = _grown(self.hva_writable, need)
             self.hva_swapped = _grown(self.hva_swapped, need)
@@ -346,7 +345,7 @@ class HostMM:
             # Populating over a mapped page would orphan its frame: a caller's missed re-check.
             raise HostStateError(f"populate of {hva:#x} over pages that are mapped or swapped")
         base = self.memory.alloc(Purpose.GUEST_DATA, npages)
-        self.hva_pfn[first : first + npages] = np.arange(base, base + npages, dtype=np.int64)
+        self.hva_pfn[first : first + npages] = np.arange(base, base + npages, dtype=PFN_DTYPE)
         self.hva_level[first : first + npages] = level
         self.hva_writable[first : first + npages] = True
         if tag:
@@ -658,7 +657,7 @@ class HostMM:
                 if old in self._sharers:
                     self._sharers[new] = self._sharers.pop(old)
                 for m in mappers:
-                    self.hva_pfn[m : m + npages] = np.arange(new, new + npages, dtype=np.int64)
+                    self.hva_pfn[m : m + npages] = np.arange(new, new + npages, dtype=PFN_DTYPE)
                     mem.put(old)
                 self.stats.migrations += 1
             return new + (i - first)
@@ -771,7 +770,7 @@ class HostMM:
                             mem.table(new + off)[:] = entry.table
                 self.hva_swapped[first : first + _THP_PAGES] = False
                 self.hva_pfn[first : first + _THP_PAGES] = np.arange(new, new + _THP_PAGES,
-                                                                     dtype=np.int64)
+                                                                     dtype=PFN_DTYPE)
                 self.hva_level[first : first + _THP_PAGES] = PAGE_2M
                 self.hva_writable[first : first + _THP_PAGES] = True
                 self.stats.thp_collapses += 1

@@ -30,6 +30,7 @@ from numba import njit
 
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
+from mmu_core.host.memory import NO_SLOT
 from mmu_core.hw import walker as W
 from mmu_core.hw.tlb import (
     CTX_BITS,
@@ -257,13 +258,13 @@ def run_ops(prog, pc, end, res, pt, pt_slot, tag, regs, tdp, ept_ad, root, root_
             tag[pfn] = prog[pc, 2]
         else:
             slot = pt_slot[pfn]
-            if slot < 0 and op != OP_RPTE:
+            if slot == NO_SLOT and op != OP_RPTE:
                 xinfo[XI_KIND] = X_NEED_TABLE
                 xinfo[XI_PFN] = pfn
                 break
             word = (gva & 0xFFF) >> 3
             if op == OP_RPTE:
-                res[pc, RES_VALUE] = pt[slot, word] if slot >= 0 else 0
+                res[pc, RES_VALUE] = pt[slot, word] if slot != NO_SLOT else 0
             elif op == OP_WPTE:
                 pt[slot, word] = np.uint64(prog[pc, 2])
             else:

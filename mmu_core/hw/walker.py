@@ -46,6 +46,7 @@ from numba import njit
 from mmu_core.arch.x86 import ept as E
 from mmu_core.arch.x86 import errcode as EC
 from mmu_core.arch.x86 import paging as P
+from mmu_core.host.memory import NO_SLOT, PFN_DTYPE
 from mmu_core.hw.tlb import PSC_EPT, PSC_LINEAR, TLB_COLS, psc_enabled, psc_fill, psc_lookup
 
 # --- register block passed to the walker (int64 array) ------------------------------------
@@ -149,7 +150,7 @@ def table_word(pt, pt_slot, pfn, idx):
     if pfn < 0 or pfn >= pt_slot.shape[0]:
         return np.int64(0)
     slot = pt_slot[pfn]
-    if slot < 0:
+    if slot == NO_SLOT:
         return np.int64(0)
     return np.int64(pt[slot, idx])
 
@@ -335,7 +336,8 @@ def _xlate_read(pt, pt_slot, xl, ept_root, ept_levels, ept_ad, ms, hva_pfn, gpa,
     if i < 0:
         return W_NO_SLOT, 0, NO_PERM, 0, 0, 0, 1, 0
     page = (ms[i, MS_HVA] + ((gfn - ms[i, MS_BASE_GFN]) << 12) - HVA_BASE) >> 12
-    pfn = hva_pfn[page] if 0 <= page < hva_pfn.shape[0] else -1
+    # widened before the shift: hva_pfn holds 4-byte pfns (host/memory.py PFN_DTYPE)
+    pfn = np.int64(hva_pfn[page]) if 0 <= page < hva_pfn.shape[0] else -1
     if pfn < 0:
         return W_NEED_GFN, 0, NO_PERM, 0, 0, 0, 1, 0
     return W_OK, (pfn << 12) | (gpa & 0xFFF), E.EPT_RWX, 1, 0, 0, 1, 0
@@ -807,4 +809,4 @@ def new_regs() -> np.ndarray:
 
 
 EMPTY_MS = np.zeros((0, MS_COLS), dtype=np.int64)
-EMPTY_HVA = np.zeros(0, dtype=np.int64)
+EMPTY_HVA = np.zeros(0, dtype=PFN_DTYPE)  # HostMM.hva_pfn's type: one compiled walker

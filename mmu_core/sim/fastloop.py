@@ -908,7 +908,7 @@ def _run_loop(kernel, E, HP, J, T, PS, PH, LK, LQ, RQ, U, MQ, HK, HV, cost, boun
                     E[E_SEM_READERS] -= 1
                 _pop_phase(E, T, PS, PH, t)
                 i = T[t, T_HVAI]
-                ks[t, KS_PFN] = hva_pfn[i]
+                ks[t, KS_PFN] = np.int64(hva_pfn[i])  # 4 bytes in hva_pfn
                 ks[t, KS_LEVEL] = _max_level(slots, ks[t, KS_GFN], hva_level[i])
                 ks[t, KS_WRITABLE] = 1 if hva_writable[i] else 0
                 ks[t, KS_STATE] = 0

@@ -53,7 +53,7 @@ from numba import njit
 from mmu_core.arch.x86 import paging as P
 from mmu_core.arch.x86 import spte as S
 from mmu_core.errors import MMUError
-from mmu_core.host.memory import Purpose
+from mmu_core.host.memory import NO_SLOT, Purpose
 from mmu_core.host.mm import NO_PFN
 from mmu_core.hw import tlb as T
 from mmu_core.hw import walker as W
@@ -120,7 +120,7 @@ def _walk_tree(pt, pt_slot, root, root_level):
         tables[nt, 0] = pfn
         tables[nt, 1] = level
         nt += 1
-        if pfn < 0 or pfn >= pt_slot.shape[0] or pt_slot[pfn] < 0:
+        if pfn < 0 or pfn >= pt_slot.shape[0] or pt_slot[pfn] == NO_SLOT:
             tables[nt - 1, 1] = -1
             continue
         row = pt[pt_slot[pfn]]
@@ -194,6 +194,9 @@ def audit(vm) -> list[Violation]:
             bad(f"backend:{name}", detail)
     frames = _Frames(vm)
     host = vm.host
+    if host.pt[NO_SLOT].any():  # what every frame without a table reads through
+        bad("pt-zero-row", f"row {NO_SLOT} of the table array, no table's, holds entries at "
+            f"{np.flatnonzero(host.pt[NO_SLOT])[:8].tolist()}")
     gen = vm.memslots_generation() & S.MMIO_SPTE_GEN_MASK
     ept = info.direct
     reachable: set[int] = set()

@@ -13,9 +13,13 @@ import hashlib
 
 import numpy as np
 
+from mmu_core.host.memory import NO_SLOT
+
 #: Pages of a memslot taken at a time: the digest's temporaries are a few arrays of this
 #: length, not of the slot's (at the seed's 416 x 4 GiB, whole-slot arrays were 10 GB).
-DIGEST_CHUNK = 1 << 22
+#: About 50 bytes a page: 1 M pages is 50 MB above the run's arrays at any scale (4 M was
+#: 200 MB, the run's peak RSS: measured by phase, docs/fastloop.md).
+DIGEST_CHUNK = 1 << 20
 
 
 def guest_digest(vm, results: list[np.ndarray], exclude: frozenset[int] = frozenset()) -> str:
@@ -73,7 +77,7 @@ def _chunk_contents(vm, slot, exclude: frozenset[int], first: int, tables: bool 
     rows: list[tuple[int, np.ndarray]] = []
     mem_offs = held[in_mem]
     if tables:
-        for off in mem_offs[vm.host.pt_slot[pfns[mem_offs]] >= 0].tolist():
+        for off in mem_offs[vm.host.pt_slot[pfns[mem_offs]] != NO_SLOT].tolist():
             rows.append((first + off, vm.host.table(int(pfns[off]))))
     for k in np.flatnonzero(~in_mem).tolist():
         off = int(held[k])

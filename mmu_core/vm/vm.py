@@ -19,6 +19,7 @@ from mmu_core.arch.x86.spte import MMIO_SPTE_GEN_MASK
 from mmu_core.config import VMConfig
 from mmu_core.errors import InvalidConfig, MMUError, PluginError, UseAfterFree
 from mmu_core.host import NO_PFN, Backing, HostMemory, HostMM, Purpose
+from mmu_core.host.memory import NO_SLOT
 from mmu_core.host.userfault import Userfaultfd
 from mmu_core.params import Params
 from mmu_core.sim import RCU, Completion, Engine, RWLock
@@ -562,7 +563,7 @@ class VM:
         """The row holding table pfn's entries; a freed table has none, and touching it is
         the use-after-free that RCU-deferred freeing exists to prevent."""
         row = int(self.host.pt_slot[pfn])
-        if row < 0:
+        if row == NO_SLOT:
             raise UseAfterFree(f"SPTE access to page-table page {pfn:#x}, which is not a "
                                "table (freed)")
         return row

@@ -139,9 +139,9 @@ HOST_BYTES_PER_PAGE = 1024
 HOST_BYTES_BASE = 400 << 20
 #: The same on the compiled loop, which streams programs and results (docs/fastloop.md,
 #: "Streaming"): what is left is the host model's arrays and the page tables. Measured as the
-#: peak-RSS slope between `-v 416 -b 64M` and `-b 256M` with userfaultfd: tdp 44.4 B, legacy
-#: 52.0 B (its rmap: 8 B per gfn); the larger serves both.
-HOST_BYTES_PER_PAGE_STREAMED = 52
+#: peak-RSS slope between `-v 416 -b 64M` and `-b 256M` with userfaultfd (session 8): tdp
+#: 34.5 B, legacy 43.5 B (its rmap: 8 B per gfn); the larger serves both.
+HOST_BYTES_PER_PAGE_STREAMED = 44
 #: ... plus, at the end of a streamed run, one vCPU's program and results made whole for the
 #: verification and the digest (docs/fastloop.md), per page of that vCPU's region: up to two
 #: ops per page, three int64 columns each for the program, its copy in the expected results,

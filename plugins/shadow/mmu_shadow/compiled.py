@@ -347,7 +347,7 @@ def legacy_kernel(op, t, ks, ksu, kg, kstats, mem, free1, free_slots, pt, pt_slo
             if row >= 0 and first + (idx - start) <= kg[row + SL_BASE] + kg[row + SL_NPAGES]:
                 hvai = kg[row + SL_HVAI] + first - kg[row + SL_BASE]
                 while n < idx - start:
-                    pfn = hva_pfn[hvai + n]
+                    pfn = np.int64(hva_pfn[hvai + n])  # stored in 4 bytes
                     if pfn < 0 or not hva_writable[hvai + n]:
                         break
                     ks[t, _PF_PFNS + n] = pfn

@@ -51,7 +51,7 @@ def walk(pt, pt_slot, ms, hva_pfn, eptp, l2gpa, out):
         entry = np.int64(0)  # outside every memslot: kvm_read_guest reads nothing
         if i >= 0:
             page = (ms[i, W.MS_HVA] + ((gfn - ms[i, W.MS_BASE_GFN]) << 12) - W.HVA_BASE) >> 12
-            pfn = hva_pfn[page] if 0 <= page < hva_pfn.shape[0] else -1
+            pfn = np.int64(hva_pfn[page]) if 0 <= page < hva_pfn.shape[0] else -1  # 4 bytes
             if pfn < 0:
                 out[OUT_STATUS] = E12_NEED_GFN
                 out[OUT_ADDR] = table

@@ -222,7 +222,7 @@ class HugePages:
         vm = self.vm
         bad = []
         for table, (parent, idx, *_where) in self.nx_tables.items():
-            e = int(vm.spte_table(parent)[idx]) if vm.host.pt_slot[parent] >= 0 else 0
+            e = int(vm.spte_table(parent)[idx]) if vm.host.has_table(parent) else 0
             if not S.is_shadow_present_pte(e) or S.spte_to_pfn(e) != table:
                 bad.append(("nx-tracking", f"NX-split table {table:#x} is no longer linked "
                             f"at {parent:#x}[{idx}] but still tracked for recovery"))
