@@ -531,6 +531,11 @@ def test_an_l1_program_store_to_ept12_is_trapped(config):
         p1 = Program().store_pte(m.pts.pt_gva_of(top), word).build()
         m.run_programs([Program().build(), p1])
         assert v1.faults.get("emulate", 0) >= 1
+        if config == "tdp":  # the TDP MMU's part: W dropped from its leaf when the shadow
+            # MMU write-protected a gfn (mmu_write_protect_gfn), the store to a tracked
+            # table answered RET_PF_WRITE_PROTECTED
+            tdp = vm.backend_instances["tdp"].stats
+            assert tdp["gfn_write_protected"] >= 1 and tdp["write_protected"] == 1
         res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
         assert res[0, 0] == 0xA5
         assert audit(vm) == []

@@ -10,6 +10,7 @@ from mmu_core import InvalidConfig, VMConfig
 from mmu_core.arch.x86 import paging as P
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
+from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.audit import audit
 
@@ -296,6 +297,19 @@ def test_switching_between_two_address_spaces_reuses_cached_roots():
         st = sh.vroots[0]
         assert st.root.gfn == cr3_b >> 12 and [sp.gfn for sp, _pgd in st.prev] == [cr3_a >> 12]
         assert st.root.root_count == 1 and st.prev[0][0].root_count == 1
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+def test_a_fault_the_guest_tables_forbid_is_injected_and_counted_once():
+    # FNAME(page_fault): the guest walk fails, the backend counts it (injected) and the
+    # core injects #PF (the vCPU's inject outcome); a read of a mapped page is not one
+    m = _machine()
+    try:
+        res = m.run_programs([Program().read(_page(16 + 600)).read(_page(1)).build()])[0]
+        assert res[0, C.RES_VECTOR] == 14 and res[1, C.RES_VECTOR] == 0
+        assert _shadow(m).counters()["injected"] == m.vm.vcpus[0].faults["inject"] == 1
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
