@@ -299,7 +299,7 @@ def test_declared_read_lock_faults_take_the_lock_for_read(mmu_backend):
         m.run_programs([Program().write(DATA_GPA + 4096 * i, 1).build() for i in range(2)])
         modes = [d[1] for _t, task, ev, d in m.vm.engine.trace
                  if ev == "lock" and task.startswith("vcpu") and d[0] == "mmu_lock"]
-        assert modes.count("read") >= modes.count("write"), \
+        assert modes and modes.count("read") >= modes.count("write"), \
             f"fault_lock='read' declared, but vCPUs took the MMU lock as {modes}"
     finally:
         m.vm.destroy()
