@@ -122,6 +122,10 @@ def test_observers_see_root_allocations_and_tlb_flushes():
             self.events.append(("root", as_id, role.value))
 
         @hookimpl
+        def mmu_on_root_free(self, vm, as_id, role, root):
+            self.events.append(("root_free", as_id, role.value))
+
+        @hookimpl
         def mmu_on_tlb_flush(self, vm, nr_vcpus):
             self.events.append(("flush", nr_vcpus))
 
@@ -136,6 +140,8 @@ def test_observers_see_root_allocations_and_tlb_flushes():
         unregister_observer(counter)
     assert counter.events[0] == ("root", 0, "direct")
     assert ("flush", 1) in counter.events
+    # zap-all invalidated the root, the teardown freed it
+    assert counter.events.count(("root_free", 0, "direct")) == 1
 
 
 # --- discovery survives broken third-party entry points -----------------------------------------
