@@ -164,14 +164,17 @@ def test_a_cost_model_other_than_the_default_agrees(config):
 
 def _states_of_both(monkeypatch, state, config: str, **kw) -> list[dict]:
     """Run both engines (seed 4, jitter 300 ns), check their reports agree, and return
-    `state(vm)` of each VM as it is destroyed, both free of audit violations."""
+    `state(vm)` of each VM as it is destroyed, with the host mm's statistics ("mm"), both
+    free of audit violations."""
+    import dataclasses
+
     from mmu_core.vm.vm import VM
 
     states = []
     destroy = VM.destroy
 
     def capture(vm):
-        states.append(state(vm))
+        states.append({**state(vm), "mm": dataclasses.asdict(vm.mm.stats)})
         destroy(vm)
 
     monkeypatch.setattr(VM, "destroy", capture)
@@ -257,6 +260,7 @@ def test_tdp_structures_agree_and_pass_the_audit(monkeypatch, vcpus, pages, uffd
                            bytes_per_vcpu=pages * 4096, uffd=uffd, policy=policy)
     assert a == b
     assert b["stats"]["tables_linked"] >= 4 and b["roots"] and len(b["tables"]) >= 5
+    assert b["mm"]["populated_4k"] >= vcpus * pages  # written back by the compiled loop
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [
