@@ -162,6 +162,21 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
         assert vcpu.exits["reflected_to_l1"] == first
         assert audit(m.vm) == []
 
+        # L1 rewrites the (write-tracked) level-2 entry above L2's page 0: the store exits
+        # and zaps the EPT02 entry built from it (ept02_zapped); L2 refaults through it
+        zapped = n.nested_counters()["ept02_zapped"]
+
+        def rewrite_pde():
+            pde = hv._entry_gpa(l2, _page(0), None, False, leaf_level=2)
+            assert m.vm.is_tracked(0, pde >> 12)
+            vcpu.l1_store(pde, m.vm.read_guest_u64(0, pde))
+
+        m.vm.engine.spawn("l1", rewrite_pde)
+        m.vm.engine.run()
+        assert n.nested_counters()["ept02_zapped"] == zapped + 1
+        assert m.run_programs([Program().read(_page(0)).build()])[0][0, 0] == 0x777
+        assert audit(m.vm) == []
+
         # read-only in EPT12: L2's write is reflected; L1 makes it writable
         def read_only():
             hv.map(l2, _page(2), _page(2), perm=E.EPT_READ, vcpu=vcpu)
