@@ -188,6 +188,13 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
         assert vcpu.exits["reflected_to_l1"] == first + 1
         assert hv.lookup(l2, _page(2)) & E.EPT_WRITE
         assert audit(m.vm) == []
+        # the backend's count of each outcome is the vCPU's (the core counts what it got)
+        ns = n.nested_counters()
+        mine = [ns[f"nested_{k}"] for k in ("fixed", "reflected", "retries", "spurious",
+                                             "emulated")]
+        assert mine == [vcpu.faults.get(f"nested_{k}", 0)
+                        for k in ("fixed", "inject", "retry", "spurious", "emulate")]
+        assert ns["nested_faults"] == sum(mine) and ns["nested_reflected"] == first + 1
     finally:
         m.vm.destroy()
 
