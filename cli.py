@@ -945,7 +945,10 @@ def explore(
         raise InvalidConfig("--policy", f"unknown policy '{policy}' (fifo, random, pct)")
     jobs_plan = plan(scenario or list(SCENARIOS), config or list(CONFIGURATIONS), policy, seed,
                      schedules, tuple(mutant or ()), host_cpus or None)
-    if trace and len(jobs_plan) == 1:
+    if trace and len(jobs_plan) != 1:
+        raise InvalidConfig("--trace", f"prints one schedule, not {len(jobs_plan)}: name one "
+                            "--scenario and one --config, with --schedules 1")
+    if trace:
         events: list = []
         j = jobs_plan[0]
         outcome = run_schedule(j.scenario, j.config, j.policy, j.seed, mutant_names=j.mutants,

@@ -159,7 +159,8 @@ def mmu_destroy_vm(vm):
 
 @hookspec
 def mmu_init_vcpu(vcpu):
-    """A vCPU was created (before it first runs). No lock."""
+    """A vCPU was created (before it first runs). No lock. Optional: for per-vCPU state
+    (neither in-tree backend keeps any here)."""
 
 
 @hookspec

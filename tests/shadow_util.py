@@ -45,3 +45,23 @@ def leaves(m, page):
 
 def clean(m):
     assert audit(m.vm) == []
+
+
+def race_a_reader(vm, work) -> dict[str, int]:
+    """Run work() in a task while another asks for the MMU lock for read 1 ns later; the
+    virtual times at which work ended ("work_end") and the reader got the lock."""
+    times = {}
+
+    def worker():
+        work()
+        times["work_end"] = vm.engine.now
+
+    def reader():
+        vm.engine.delay(1)
+        with vm.mmu_lock.read():
+            times["reader_got_lock"] = vm.engine.now
+
+    vm.engine.spawn("worker", worker)
+    vm.engine.spawn("reader", reader)
+    vm.engine.run()
+    return times

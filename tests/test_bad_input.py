@@ -29,6 +29,7 @@ def files(tmp_path):
     (["params", "--config", "{d}/adir"], "is a directory"),
     (["params", "--config", "{d}/both.toml"], "backend='tdp' but tdp_mmu=False"),
     (["params", "--config", "{d}/missing.toml"], "does not exist"),
+    (["explore", "--scenario", "zap-all", "--trace"], "--trace: prints one schedule, not 300"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, files, argv, says):
     code, lines = run_cli(capsys, *[a.format(d=files) for a in argv])

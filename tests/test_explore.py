@@ -3,6 +3,7 @@ find, and the seeded mutants it must catch."""
 
 import numpy as np
 import pytest
+from shadow_util import race_a_reader
 
 from mmu_core import VMConfig, mutants
 from mmu_core.errors import InvalidConfig, UseAfterFree
@@ -182,25 +183,12 @@ def test_range_zap_charges_per_spte_and_yields_when_contended():
         prog[:, 1] = DATA_GPA + (np.arange(2048) << 12)
         m.run_programs([prog])
         assert audit(vm) == []  # 2048 leaves: the audit's jitted walk grows its buffers
-        times = {}
-
-        def zapper():
-            t0 = vm.engine.now
-            vm.zap_gfn_range(0, DATA_GPA >> 12, (DATA_GPA >> 12) + 2048)
-            times["zap"] = vm.engine.now - t0
-            times["zap_end"] = vm.engine.now
-
-        def reader():
-            vm.engine.delay(1)
-            with vm.mmu_lock.read():
-                times["reader_got_lock"] = vm.engine.now
-
-        vm.engine.spawn("zapper", zapper)
-        vm.engine.spawn("reader", reader)
-        vm.engine.run()
+        t0 = vm.engine.now
+        times = race_a_reader(vm, lambda: vm.zap_gfn_range(0, DATA_GPA >> 12,
+                                                           (DATA_GPA >> 12) + 2048))
         cost = vm.engine.cost
-        assert times["zap"] >= 2048 * (cost.spte_write + cost.atomic_read)
-        assert times["reader_got_lock"] < times["zap_end"]  # the zap yielded the lock midway
+        assert times["work_end"] - t0 >= 2048 * (cost.spte_write + cost.atomic_read)
+        assert times["reader_got_lock"] < times["work_end"]  # the zap yielded the lock midway
         assert vm.backend_instances["tdp"].stats["resched"] > 0
     finally:
         vm.destroy()

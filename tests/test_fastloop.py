@@ -162,6 +162,27 @@ def test_a_cost_model_other_than_the_default_agrees(config):
     _same(*reports)
 
 
+def _states_of_both(monkeypatch, state, config: str, **kw) -> list[dict]:
+    """Run both engines (seed 4, jitter 300 ns), check their reports agree, and return
+    `state(vm)` of each VM as it is destroyed, with the host mm's statistics ("mm"), both
+    free of audit violations."""
+    import dataclasses
+
+    from mmu_core.vm.vm import VM
+
+    states = []
+    destroy = VM.destroy
+
+    def capture(vm):
+        states.append({**state(vm), "mm": dataclasses.asdict(vm.mm.stats)})
+        destroy(vm)
+
+    monkeypatch.setattr(VM, "destroy", capture)
+    _same(*_both(config, seed=4, jitter_ns=300, **kw))
+    assert [s["violations"] for s in states] == [[], []]
+    return states
+
+
 def _legacy_state(vm) -> dict:
     """The legacy MMU's structures after a run, as plain data: the shadow pages in hash,
     by_pfn and active-list order with their parent links and root references, the vCPUs'
@@ -200,23 +221,46 @@ def test_legacy_structures_agree_and_pass_the_audit(monkeypatch, vcpus, pages, u
     # The report agreeing is not all: the shadow pages, the rmap and the statistics the
     # compiled run leaves must be the exact run's, and pass the invariant audit (rmap
     # complete and not stale, root references, the page count, every leaf's pfn)
-    from mmu_core.vm.vm import VM
-
-    states = []
-    destroy = VM.destroy
-
-    def capture(vm):
-        states.append(_legacy_state(vm))
-        destroy(vm)
-
-    monkeypatch.setattr(VM, "destroy", capture)
-    exact, compiled = _both("legacy", vcpus=vcpus, bytes_per_vcpu=pages * 4096, uffd=uffd,
-                            policy=policy, seed=4, jitter_ns=300)
-    _same(exact, compiled)
-    a, b = states
-    assert a["violations"] == [] and b["violations"] == []
+    a, b = _states_of_both(monkeypatch, _legacy_state, "legacy", vcpus=vcpus,
+                           bytes_per_vcpu=pages * 4096, uffd=uffd, policy=policy)
     assert a == b
     assert b["stats"]["direct_prefetched"] >= 7 and b["rmap"] and len(b["pages"]) >= 5
+
+
+def _tdp_state(vm) -> dict:
+    """The TDP MMU's structures after a run, as plain data: its roots, the page-size gauges,
+    every statistic it keeps (beyond the report's MMUStats: lost cmpxchgs, spurious faults,
+    tables linked), the table pages and their entries; with the audit's verdict."""
+    import hashlib
+
+    from mmu_core.testing.audit import audit
+    from mmu_tdp.tdp_mmu import TdpMMU
+
+    (mmu,) = [p for p in vm.managers[vm.role].get_plugins() if isinstance(p, TdpMMU)]
+    tables = np.flatnonzero(vm.host.pt_slot >= 0)
+    return {
+        "violations": [str(v) for v in audit(vm)],
+        "roots": sorted((k, r.pfn, r.refcount, r.invalid) for k, r in mmu.roots.items()),
+        "all_roots": sorted(mmu.all_roots),
+        "pages": list(mmu.pages),
+        "stats": {k: list(v) if isinstance(v, list) else v for k, v in mmu.stats.items()},
+        "tables": tables.tolist(),
+        "entries": hashlib.sha256(vm.host.pt[vm.host.pt_slot[tables]].tobytes()).hexdigest(),
+    }
+
+
+@pytest.mark.parametrize(("vcpus", "pages", "uffd", "policy"),
+                         [(8, 256, True, "fifo"), (2, 2, False, "fifo"),
+                          (4, 64, False, "random"), (2, 33, True, "random")])
+def test_tdp_structures_agree_and_pass_the_audit(monkeypatch, vcpus, pages, uffd, policy):
+    # The report holds MMUStats only: the TDP MMU's other statistics (cmpxchg_lost,
+    # spurious, tables_linked, which the kernel counts and finish() writes back), its roots
+    # and its tables must be the exact run's too
+    a, b = _states_of_both(monkeypatch, _tdp_state, "tdp", vcpus=vcpus,
+                           bytes_per_vcpu=pages * 4096, uffd=uffd, policy=policy)
+    assert a == b
+    assert b["stats"]["tables_linked"] >= 4 and b["roots"] and len(b["tables"]) >= 5
+    assert b["mm"]["populated_4k"] >= vcpus * pages  # written back by the compiled loop
 
 
 @pytest.mark.parametrize(("config", "kw", "why"), [

@@ -233,7 +233,7 @@ def test_swapping_out_every_page_including_guest_page_tables_is_invisible(name):
             prog.write(data_gva(p), value(p))
         mem = run_checked(m, prog, {})
         mm = m.vm.mm
-        tables = 0
+        tables = swapped = 0
         for slot_id in (PT_SLOT, DATA_SLOT):
             slot = m.vm.memslots[0].by_id(slot_id)
             for k in range(slot.npages):
@@ -242,7 +242,9 @@ def test_swapping_out_every_page_including_guest_page_tables_is_invisible(name):
                 if pfn != -1:
                     tables += m.vm.host.has_table(pfn)
                     assert mm.swap_out(hva)
+                    swapped += 1
         assert tables >= 4  # the guest's PML4, PDPT, PD and PT went to swap with the data
+        assert mm.stats.swap_outs == swapped >= 16 + 4
         assert_host_consistent(m)
         prog = Program()
         for p in range(16):

@@ -392,10 +392,11 @@ def test_dontneed_of_part_of_a_huge_thp_splits_and_drops_only_that_part():
     r = mm.mmap(MIB2, Backing.THP)
     base = mm.populate(r.start)
     mem.tag[base + 4] = 44
+    assert (mm.stats.populated_huge, mm.stats.populated_4k) == (1, 0)
     mm.madvise_dontneed(r.start + 3 * 4096, 4096)
     assert mm.is_missing(r.start + 3 * 4096)
     assert mm.tag_of(r.start + 4 * 4096) == 44
-    assert mem.frames_in_use[Purpose.GUEST_DATA] == 511
+    assert mem.frames_in_use[Purpose.GUEST_DATA] == 511 and mm.stats.unmapped_pages == 1
     assert_consistent(mm)
 
 

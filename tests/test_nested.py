@@ -162,6 +162,21 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
         assert vcpu.exits["reflected_to_l1"] == first
         assert audit(m.vm) == []
 
+        # L1 rewrites the (write-tracked) level-2 entry above L2's page 0: the store exits
+        # and zaps the EPT02 entry built from it (ept02_zapped); L2 refaults through it
+        zapped = n.nested_counters()["ept02_zapped"]
+
+        def rewrite_pde():
+            pde = hv._entry_gpa(l2, _page(0), None, False, leaf_level=2)
+            assert m.vm.is_tracked(0, pde >> 12)
+            vcpu.l1_store(pde, m.vm.read_guest_u64(0, pde))
+
+        m.vm.engine.spawn("l1", rewrite_pde)
+        m.vm.engine.run()
+        assert n.nested_counters()["ept02_zapped"] == zapped + 1
+        assert m.run_programs([Program().read(_page(0)).build()])[0][0, 0] == 0x777
+        assert audit(m.vm) == []
+
         # read-only in EPT12: L2's write is reflected; L1 makes it writable
         def read_only():
             hv.map(l2, _page(2), _page(2), perm=E.EPT_READ, vcpu=vcpu)
@@ -173,6 +188,13 @@ def test_ept12_writes_are_tracked_and_invept_drops_ept02(config):
         assert vcpu.exits["reflected_to_l1"] == first + 1
         assert hv.lookup(l2, _page(2)) & E.EPT_WRITE
         assert audit(m.vm) == []
+        # the backend's count of each outcome is the vCPU's (the core counts what it got)
+        ns = n.nested_counters()
+        mine = [ns[f"nested_{k}"] for k in ("fixed", "reflected", "retries", "spurious",
+                                             "emulated")]
+        assert mine == [vcpu.faults.get(f"nested_{k}", 0)
+                        for k in ("fixed", "inject", "retry", "spurious", "emulate")]
+        assert ns["nested_faults"] == sum(mine) and ns["nested_reflected"] == first + 1
     finally:
         m.vm.destroy()
 
@@ -553,6 +575,11 @@ def test_an_l1_program_store_to_ept12_is_trapped(config):
         p1 = Program().store_pte(m.pts.pt_gva_of(top), word).build()
         m.run_programs([Program().build(), p1])
         assert v1.faults.get("emulate", 0) >= 1
+        if config == "tdp":  # the TDP MMU's part: W dropped from its leaf when the shadow
+            # MMU write-protected a gfn (mmu_write_protect_gfn), the store to a tracked
+            # table answered RET_PF_WRITE_PROTECTED
+            tdp = vm.backend_instances["tdp"].stats
+            assert tdp["gfn_write_protected"] >= 1 and tdp["write_protected"] == 1
         res = m.run_programs([Program().read(_page(0)).build(), Program().build()])[0]
         assert res[0, 0] == 0xA5
         assert audit(vm) == []

@@ -45,7 +45,8 @@ def test_backend_with_unknown_hook_is_rejected():
         def mmu_page_fualt(self, vcpu, fault):
             return None
 
-    with pytest.raises(PluginError):
+    # for the typo, not for the required hooks it lacks too
+    with pytest.raises(PluginError, match="does not match the MMU interface.*mmu_page_fualt"):
         register_backend(Typo)
 
 
@@ -82,6 +83,9 @@ def test_core_imports_no_plugin_and_plugins_import_only_public_core():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parent.parent
+    # (the loops below check nothing if the paths found no file)
+    assert len(list((root / "mmu_core").rglob("*.py"))) > 50
+    assert all(len(list((root / "plugins" / p).rglob("*.py"))) > 5 for p in ("tdp", "shadow"))
     for path in (root / "mmu_core").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -118,6 +122,10 @@ def test_observers_see_root_allocations_and_tlb_flushes():
             self.events.append(("root", as_id, role.value))
 
         @hookimpl
+        def mmu_on_root_free(self, vm, as_id, role, root):
+            self.events.append(("root_free", as_id, role.value))
+
+        @hookimpl
         def mmu_on_tlb_flush(self, vm, nr_vcpus):
             self.events.append(("flush", nr_vcpus))
 
@@ -132,6 +140,8 @@ def test_observers_see_root_allocations_and_tlb_flushes():
         unregister_observer(counter)
     assert counter.events[0] == ("root", 0, "direct")
     assert ("flush", 1) in counter.events
+    # zap-all invalidated the root, the teardown freed it
+    assert counter.events.count(("root_free", 0, "direct")) == 1
 
 
 # --- discovery survives broken third-party entry points -----------------------------------------

@@ -4,7 +4,7 @@ every vCPU reloads), zaps the obsolete pages oldest first and frees them in one 
 guest then runs on pages of the new generation."""
 
 import pytest
-from shadow_util import clean, machine, shadow, touch
+from shadow_util import clean, machine, race_a_reader, shadow, touch
 
 from mmu_core.vm.vcpu import REQ_MMU_RELOAD
 
@@ -40,4 +40,19 @@ def test_an_obsolete_previous_root_is_not_reused(request):
     touch(m, [1], write=False)
     assert st.root is not root and st.root.mmu_valid_gen == 1
     assert all(sp is not root for sp in sh.by_pfn.values())  # dropped on reload and freed
+    clean(m)
+
+
+def test_zapping_obsolete_pages_yields_the_lock_to_a_waiter(request):
+    # kvm_zap_obsolete_pages: every BATCH_ZAP_PAGES pages it yields the lock if someone
+    # waits for it (fast_zap_yields counts it)
+    from mmu_shadow.fastzap import BATCH_ZAP_PAGES
+
+    m = machine(request, "legacy", pages=16 * 512)
+    touch(m, [512 * r for r in range(16)])  # one level-1 shadow page per 2 MiB
+    sh, vm = shadow(m), m.vm
+    assert len(sh.by_pfn) > 2 * BATCH_ZAP_PAGES
+    times = race_a_reader(vm, vm.zap_all)
+    assert times["reader_got_lock"] < times["work_end"]
+    assert sh.stats["fast_zap_yields"] >= 1 and sh.stats["fast_zaps"] == 1
     clean(m)

@@ -10,6 +10,7 @@ from mmu_core import InvalidConfig, VMConfig
 from mmu_core.arch.x86 import paging as P
 from mmu_core.guest.machine import DATA_GPA, MachineSpec, build_machine
 from mmu_core.guest.program import Program
+from mmu_core.hw import cpu as C
 from mmu_core.params import CONFIGURATIONS
 from mmu_core.testing.audit import audit
 
@@ -210,7 +211,10 @@ def test_reclaim_keeps_the_limit_and_the_guest_view(config):
         assert c["recycled"] > 0 and c["n_used_mmu_pages"] <= 64
         assert m.vm.memory().mmu_page_structs == c["n_used_mmu_pages"]
         freed = m.vm.hook.mmu_shrink_scan(vm=m.vm, nr_to_scan=10)
-        assert freed >= 10 and sh.counters()["n_used_mmu_pages"] == c["n_used_mmu_pages"] - freed
+        after = sh.counters()
+        assert freed >= 10 and after["n_used_mmu_pages"] == c["n_used_mmu_pages"] - freed
+        assert after["shrink_zapped"] == c["shrink_zapped"] + freed
+        assert after["recycled"] == c["recycled"] + freed  # reclaimed_pages counts it too
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()
@@ -293,6 +297,24 @@ def test_switching_between_two_address_spaces_reuses_cached_roots():
         st = sh.vroots[0]
         assert st.root.gfn == cr3_b >> 12 and [sp.gfn for sp, _pgd in st.prev] == [cr3_a >> 12]
         assert st.root.root_count == 1 and st.prev[0][0].root_count == 1
+        assert audit(m.vm) == []
+    finally:
+        m.vm.destroy()
+
+
+@pytest.mark.parametrize("config", ["shadow", "tdp"])
+def test_a_fault_the_guest_tables_forbid_is_injected_and_counted_once(config):
+    # Shadow paging: the guest walk in FNAME(page_fault) fails, the backend counts it
+    # (injected) and the core injects #PF (the vCPU's inject outcome). With TDP the hardware
+    # delivers it without an exit (ST_GUEST_PF). A read of a mapped page is neither.
+    m = _machine(config)
+    try:
+        res = m.run_programs([Program().read(_page(16 + 600)).read(_page(1)).build()])[0]
+        assert res[0, C.RES_VECTOR] == 14 and res[1, C.RES_VECTOR] == 0
+        vcpu = m.vm.vcpus[0]
+        injected = _shadow(m).counters()["injected"] if config == "shadow" else 0
+        assert (injected, vcpu.faults.get("inject", 0), int(vcpu.hw_stats[C.ST_GUEST_PF])) \
+            == ((1, 1, 0) if config == "shadow" else (0, 0, 1))
         assert audit(m.vm) == []
     finally:
         m.vm.destroy()

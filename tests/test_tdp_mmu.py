@@ -241,6 +241,11 @@ def test_zap_all_empties_invalid_roots_under_the_read_lock(closing):
                           Program().read(data_gva(1)).build()])
     assert [r[0, 0] for r in res] == [1, 2]
     clean(m)
+    # the zapped tables wait for an RCU grace period (longer than this run): every page,
+    # the old root's and the new one's, is freed through the RCU callback at teardown
+    held, mmu = m.vm.pt_pages_in_use(), tdp(m)
+    m.vm.destroy()
+    assert held >= 2 * 3 + 2 and mmu.stats["tables_freed"] == held
 
 
 def test_an_unknown_revert_is_one_error():

@@ -56,7 +56,6 @@ class L1Hypervisor:
     def __init__(self, pts: GuestPageTables) -> None:
         self.pts = pts
         self.vm = pts.vm
-        self.guests: list[L2Guest] = []
         self.tables: set[int] = set()  # gfns of every EPT12 table page: L1's own memory
 
     def _alloc_table(self) -> int:
@@ -73,7 +72,6 @@ class L1Hypervisor:
         for gpa, size in prefault or ():
             for page in range(gpa >> shift, (gpa + size + (1 << shift) - 1) >> shift):
                 self.map(l2, page << shift, page << shift, vcpu=None, level=level)
-        self.guests.append(l2)
         return l2
 
     def _read(self, gpa: int) -> int:

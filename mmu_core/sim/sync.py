@@ -510,7 +510,6 @@ class RCU:
         self._callbacks: deque[tuple[int, int, Callable[..., Any], tuple[Any, ...]]] = deque()
         self._worker: Task | None = None
         self._guard = _Guard(self.read_lock, self.read_unlock)
-        self.callbacks_run = 0
         engine._adopt(self)
 
     def _forget_tasks(self) -> None:
@@ -617,7 +616,6 @@ class RCU:
                 raise RuntimeError("rcu_barrier outside a task with readers inside")
             while self._callbacks:  # callbacks may queue more
                 _seq, _due, fn, args = self._callbacks.popleft()
-                self.callbacks_run += 1
                 fn(*args)
             return
         if self._callbacks:
@@ -647,7 +645,6 @@ class RCU:
                 engine.block(f"{self.name}_idle")  # woken when the readers it waits for leave
                 continue
             callbacks.popleft()
-            self.callbacks_run += 1
             if engine.trace_enabled:
                 engine._record(engine.current, f"{self.name}_callback", seq)
             fn(*args)

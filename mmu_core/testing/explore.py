@@ -60,7 +60,6 @@ class Reference:
         self.mem: dict[int, int] = {}
         # What a page never written holds: zero, or the handler's pattern in userfault ranges.
         self.initial: Callable[[int], int] = lambda idx: 0
-        self.written: set[int] = set()  # gfns written
         # The gfn of each write completed while `log_window` is open, in completion order: the
         # writes a dirty log must report (DirtyLogCheck). Scenarios whose logging goes on and
         # off close the window outside the time logging is guaranteed.
@@ -115,7 +114,6 @@ class Reference:
                 idx, ro = self._value(gfn, as_id)
                 if idx is not None and not ro:
                     self.mem[idx] = value
-                    self.written.add(gfn)
                     if self.log_window and not as_id:
                         self.logged.append(gfn)
             elif op in (C.OP_WPTE, C.OP_WPTE32):

@@ -41,11 +41,23 @@ def data_gva(i: int) -> int:
 
 def run_everywhere(spec: MachineSpec, build_program: Callable, seed: int = 0,
                    configs: Iterable[str] = tuple(CONFIGURATIONS)) -> dict[str, tuple[str, list]]:
-    """{config: (digest, results)}; build_program(machine) -> list of numpy programs."""
-    out = {}
+    """{config: (digest, results)}; build_program(machine) -> list of numpy programs.
+
+    Each configuration must run an MMU of its own (the role its VM serves and the backend
+    serving it): two that ran the same one would agree whatever that MMU does."""
+    configs = tuple(configs)
+    if len(set(configs)) != len(configs):
+        raise ValueError(f"a configuration is named twice: {', '.join(configs)}")
+    out: dict[str, tuple[str, list]] = {}
+    served: dict[tuple[str, str], str] = {}
     for name in configs:
         machine = build_machine(spec, VMConfig(seed=seed, params=configuration(name)))
         try:
+            mmu = (machine.vm.role.value, machine.vm.backend_name)
+            if mmu in served:
+                raise AssertionError(f"configurations {served[mmu]} and {name} both ran "
+                                     f"backend {mmu[1]!r} for the {mmu[0]} role")
+            served[mmu] = name
             results = machine.run_programs(build_program(machine))
             out[name] = (guest_digest(machine.vm, results), results)
         finally:
@@ -193,6 +205,9 @@ def pcid_kernel(seed: int, rounds: int = 40) -> Callable:
 def assert_parity(runs, reference: str = "tdp"):
     """Raise AssertionError naming the first op where a configuration differs from
     `reference`, or the digests if only memory, MMIO or dirty logs differ."""
+    if reference not in runs or len(runs) < 2:
+        raise AssertionError(f"parity needs {reference} and another configuration, got "
+                             f"{', '.join(runs) or 'none'}")
     digests = {name: d for name, (d, _) in runs.items()}
     if len(set(digests.values())) != 1:
         base = runs[reference][1][0]

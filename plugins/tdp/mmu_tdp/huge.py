@@ -33,9 +33,11 @@ class HugePages:
         self._nx_worker: NX.RecoveryWorker | None = None
 
     # --- splitting ----------------------------------------------------------------------------
-    def split_huge_spte(self, it: TdpIter, gfn: int, shared: bool, nx_track: bool = False) -> bool:
+    def split_huge_spte(self, it: TdpIter, nx_track: bool = False) -> bool:
         """Replace the huge leaf at it.sptep by a table mapping the same memory. False if the
-        SPTE changed meanwhile (it.old_spte then holds its new value)."""
+        SPTE changed meanwhile (it.old_spte then holds its new value). The link is a cmpxchg
+        whichever the lock mode: KVM's tdp_mmu_link_sp uses tdp_mmu_iter_set_spte under the
+        write lock, which cannot fail; the model charges the atomic either way."""
         vm = self.vm
         huge = it.old_spte
         exec_4k = it.level == 2 and vm.params.nx_huge_pages
@@ -64,7 +66,7 @@ class HugePages:
                     continue
                 while S.is_shadow_present_pte(it.old_spte) \
                         and S.is_last_spte(it.old_spte, it.level):
-                    if self.split_huge_spte(it, it.gfn, shared):
+                    if self.split_huge_spte(it):
                         self.stats["eager_split"] += 1
                         split = True
                         break

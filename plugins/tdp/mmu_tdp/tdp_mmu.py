@@ -344,7 +344,7 @@ class TdpMMU(DirtyLogging, HugePages):
                 if present and "split-on-fault" not in self.reverts:
                     # A huge leaf in the way of a smaller mapping: split it in place
                     # (tdp_mmu_split_huge_page), so the rest of it stays mapped.
-                    if not self.split_huge_spte(it, it.gfn, shared=True, nx_track=nx_track):
+                    if not self.split_huge_spte(it, nx_track=nx_track):
                         return self._retry()
                     self.stats["split_on_fault"] += 1
                     continue
