@@ -390,6 +390,8 @@ def test_a_small_allocation_log_flushed_between_slices_agrees(monkeypatch):
 def test_a_kernel_not_importable_by_name_runs_uncached(monkeypatch):
     # A kernel defined in a function (a plugin author's experiment) cannot be named by the
     # loop's generated module: the loop is compiled in-process with it as an argument.
+    import sys
+
     from numba import njit
 
     from mmu_core.sim import fastloop
@@ -410,6 +412,16 @@ def test_a_kernel_not_importable_by_name_runs_uncached(monkeypatch):
     assert None in fastloop._LOOP_MODULES  # the in-process loop ran
     a, b = named.model_dump(exclude={"wall"}), local.model_dump(exclude={"wall"})
     assert a == b and local.wall.engine == "compiled"
+    # a kernel claiming a module that cannot be imported: the same, and no module left behind
+    def unimportable(*args):
+        return inner(*args)
+
+    unimportable.__module__, unimportable.__qualname__ = "mmu_no_such_module", "kernel"
+    monkeypatch.setattr(tdp_compiled.TdpCompiled, "kernel",
+                        staticmethod(njit(_nrt=False)(unimportable)))
+    lost = run_demand_paging(DemandPagingOptions(engine="compiled", **opts), configuration("tdp"))
+    assert lost.model_dump(exclude={"wall"}) == a
+    assert not [m for m in sys.modules if "mmu_no_such_module" in m]
 
 
 def test_the_loop_comes_from_numbas_cache_in_a_new_process(tmp_path):

@@ -1122,8 +1122,8 @@ def run_loop(kernel, *args):
     if "." not in fn.__qualname__ and fn.__module__ != "__main__":
         try:
             module = _loop_module(kernel)
-        except OSError:
-            pass  # the cache directory is not writable: as below
+        except (OSError, ImportError):
+            pass  # the cache directory is not writable, or the kernel's module not importable
     if module is None:
         # not importable by name (defined in a function, or in a script): compiled in this
         # process with the kernel as an argument, not cached
@@ -1165,7 +1165,10 @@ def _loop_module(kernel):
     assert body.startswith("def _run_loop(kernel, ")
     body = "def run_loop(" + body[len("def _run_loop(kernel, "):]
     digest = hashlib.sha256(body.encode())
-    package = Path(sys.modules[fn.__module__].__file__).parent
+    source = getattr(importlib.import_module(fn.__module__), "__file__", None)
+    if source is None:
+        raise ImportError(f"{fn.__module__} has no source file")
+    package = Path(source).parent
     for path in sorted(package.rglob("*.py")):
         digest.update(path.read_bytes())
     name = f"mmu_loop_{fn.__module__.replace('.', '_')}_{fn.__name__}_{digest.hexdigest()[:16]}"
@@ -1189,7 +1192,11 @@ def _loop_module(kernel):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cache finds the loop's globals by module name
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     _LOOP_MODULES[key] = module
     return module
 
